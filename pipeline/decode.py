@@ -1,0 +1,177 @@
+"""Decoding sampled clips from one video: frame-index sampling, decord decoding of only those frames, resize+crop.
+
+Everything here works on one video without Ray; the ingest pipeline wraps it in Ray Data tasks and the scoring job
+reuses it.
+
+Short videos are padded, not refused: when a video has fewer frames than a clip needs, the missing positions repeat
+the last frame and the clip is marked `padded` (a 1-second clip of a 2-second action is still a usable example;
+readers that want only full clips filter on the column).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+SAMPLINGS = ("uniform", "dense")
+
+
+class VideoDecodeError(RuntimeError):
+    """This video cannot be turned into clips; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    frame_indices: np.ndarray  # [K, T] int32, indices into the video's frames
+    fps: float
+    num_video_frames: int
+    width: int
+    height: int
+    padded: bool
+
+
+def sample_frame_indices(
+    num_video_frames: int, frames: int, sampling: str = "uniform", stride: int = 16, clips_per_video: int = 1
+) -> tuple[np.ndarray, bool]:
+    """Frame indices `[K, T]` for K clips of T frames, and whether the video was too short (last frame repeated).
+
+    uniform: TSN sparse sampling. The video is cut into T equal segments and each clip takes one frame per segment,
+    at fraction (k + 0.5) / K of the segment: a single clip takes segment centres (deterministic), several clips are
+    spread evenly across every segment.
+    dense: T frames `stride` apart. K clip windows are spread evenly over the video (a single one is centred).
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, not {sampling!r}")
+    if frames < 1 or clips_per_video < 1 or stride < 1:
+        raise ValueError("frames, clips_per_video and stride must be >= 1")
+    if num_video_frames < 1:
+        raise VideoDecodeError("video has no frames")
+    n, t_steps, k_clips = num_video_frames, np.arange(frames), np.arange(clips_per_video)
+    if sampling == "uniform":
+        if n < frames:
+            row = np.minimum(t_steps, n - 1)
+            return np.tile(row, (clips_per_video, 1)).astype(np.int32), True
+        segment = n / frames
+        offsets = (k_clips + 0.5) / clips_per_video
+        indices = np.floor(segment * (t_steps[None, :] + offsets[:, None])).astype(np.int64)
+        return np.minimum(indices, n - 1).astype(np.int32), False
+    span = (frames - 1) * stride + 1
+    if n < span:
+        row = np.minimum(t_steps * stride, n - 1)
+        return np.tile(row, (clips_per_video, 1)).astype(np.int32), True
+    starts = np.floor((n - span) * (k_clips + 0.5) / clips_per_video).astype(np.int64)
+    return (starts[:, None] + t_steps[None, :] * stride).astype(np.int32), False
+
+
+def resize_center_crop(frames: np.ndarray, short_side: int) -> np.ndarray:
+    """`[T, H, W, 3]` -> `[T, S, S, 3]`: scale so the short side is S, then take the centre square.
+
+    Done in one PIL resize per frame with a source box: the centre square of the original frame maps exactly onto
+    the S x S output, which equals resize-then-crop and touches fewer pixels. PIL's bilinear filter widens its
+    support when shrinking, so large reductions (720p -> 256) do not alias.
+    """
+    from PIL import Image
+
+    _, height, width, _ = frames.shape
+    side = min(height, width)
+    left, top = (width - side) / 2, (height - side) / 2
+    box = (left, top, left + side, top + side)
+    out = np.empty((frames.shape[0], short_side, short_side, 3), dtype=np.uint8)
+    for index, frame in enumerate(frames):
+        image = Image.fromarray(frame)
+        out[index] = np.asarray(image.resize((short_side, short_side), Image.BILINEAR, box=box))
+    return out
+
+
+_DECORD_NOISE = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
+# decord's messages for common bad inputs, said plainly (its own are C++ checks or "Error reading N bytes...").
+_KNOWN_FAILURES = (
+    ("cannot find video stream", "no video stream in the container (audio-only, or a damaged header)"),
+    ("Error reading", "not a readable video container (truncated, corrupt, or not a video at all)"),
+    ("Invalid data found", "not a readable video container (truncated, corrupt, or not a video at all)"),
+    ("av_read_frame failed", "the frame data is cut short or damaged (truncated or corrupt file)"),
+    ("broken metadata", "no frame count or duration (an image or other non-video file, or damaged metadata)"),
+)
+
+
+def _describe(error: Exception) -> str:
+    """One plain line for a decord error: a known cause when recognised, else decord's message without the C++
+    source positions and stack traces."""
+    text = str(error)
+    for pattern, meaning in _KNOWN_FAILURES:
+        if pattern in text:
+            return meaning
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if _DECORD_NOISE.match(line):
+            return _DECORD_NOISE.sub("", line)
+    return lines[0] if lines else type(error).__name__
+
+
+def decode_clips(
+    video: bytes | str | os.PathLike,
+    frames: int,
+    short_side: int,
+    sampling: str = "uniform",
+    stride: int = 16,
+    clips_per_video: int = 1,
+    num_threads: int = 1,
+) -> tuple[np.ndarray, ClipInfo]:
+    """Decode K clips `[K, T, S, S, 3]` uint8 from one video given as bytes (decoded from memory) or a local path.
+
+    Only the frames the clips need are decoded (decord `get_batch` seeks to the nearest key frame). `num_threads`
+    is decord's decoder threads; one per task is right when every CPU runs its own task.
+    Raises VideoDecodeError with a one-line reason for anything that is not a decodable video.
+    """
+    import decord
+
+    if isinstance(video, (bytes, bytearray, memoryview)):
+        if len(video) == 0:
+            raise VideoDecodeError("empty file (0 bytes)")
+    elif os.path.getsize(video) == 0:
+        raise VideoDecodeError("empty file (0 bytes)")
+
+    def open_reader(**size):
+        source = io.BytesIO(video) if isinstance(video, (bytes, bytearray, memoryview)) else os.fspath(video)
+        try:
+            return decord.VideoReader(source, num_threads=num_threads, **size)
+        except (decord.DECORDError, RuntimeError) as error:
+            raise VideoDecodeError(f"cannot open as a video: {_describe(error)}") from None
+
+    reader = open_reader()
+    num_video_frames = len(reader)
+    fps = float(reader.get_avg_fps())
+    indices, padded = sample_frame_indices(num_video_frames, frames, sampling, stride, clips_per_video)
+    wanted = np.unique(indices).tolist()
+    try:
+        decoded = reader.get_batch(wanted).asnumpy()
+    except (decord.DECORDError, RuntimeError, IndexError) as error:
+        if "DECORDArrayCopyFromTo" not in str(error):
+            raise VideoDecodeError(f"cannot decode frames {wanted}: {_describe(error)}") from None
+        decoded = None
+    height, width = None, None
+    if decoded is None or decoded.ndim != 4 or decoded.shape[-1] != 3:
+        # decord mistakes the row padding of some narrow frames (e.g. 16 or 48 pixels wide) for extra channels.
+        # Height and width of its output are still right; let its scaler produce a width that is a multiple of 64,
+        # which it copies correctly, and resize from there.
+        height, width = reader[wanted[0]].shape[:2]
+        scaled_width = -(-width // 64) * 64
+        scaled_height = max(2, round(height * scaled_width / width / 2) * 2)
+        del reader
+        reader = open_reader(width=scaled_width, height=scaled_height)
+        try:
+            decoded = reader.get_batch(wanted).asnumpy()
+        except (decord.DECORDError, RuntimeError, IndexError) as error:
+            raise VideoDecodeError(f"cannot decode frames {wanted}: {_describe(error)}") from None
+    del reader
+    if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
+        raise VideoDecodeError(f"decoder returned frames of shape {decoded.shape}, expected [{len(wanted)}, H, W, 3]")
+    if height is None:
+        height, width = decoded.shape[1:3]
+    resized = resize_center_crop(decoded, short_side)
+    clips = resized[np.searchsorted(np.asarray(wanted), indices)]  # [K, T, S, S, 3]
+    return clips, ClipInfo(indices, fps, num_video_frames, width, height, padded)

@@ -1,0 +1,390 @@
+"""The ingest pipeline: plan which videos need decoding, decode them into shards with Ray Data, commit a manifest.
+
+    plan_ingest      (driver)   list + labels + previous manifest -> groups of pending videos, one shard each
+    ingest_group     (any CPU)  read -> decode -> sample -> resize/crop -> one atomically written shard
+    build_dataset    (Ray Data) ingest_group over all groups, streaming and parallel across the cluster
+    commit_ingest    (driver)   results -> copy-on-write of changed videos' old shards -> errors table -> manifest
+
+Killed runs: a shard's name is a hash of its sampling parameters and its exact sources (key, fingerprint, label), and
+its footer says what it holds. A re-run plans the same groups for the same pending videos, finds the shards that
+were already published and adopts them without decoding; the manifest, written last, is the only thing that makes
+shards visible to readers. Shards never listed by a manifest are invisible leftovers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import pyarrow.parquet as pq
+
+from pipeline.decode import decode_clips
+from pipeline.listing import SourceVideo, extend_class_map
+from pipeline.manifest import (
+    ERRORS_DIR,
+    SHARDS_DIR,
+    Manifest,
+    SamplingParams,
+    ShardEntry,
+)
+from pipeline.schema import ErrorRecord, errors_table
+from pipeline.shards import ShardWriter, file_sha256, read_shard_description
+from pipeline.storage import Location, Storage, parse_uri
+
+DEFAULT_MAX_SHARD_BYTES = 256 * 1024 * 1024
+# Enough groups for this many CPUs to share the work while shards stay small only where the data is small.
+_MIN_GROUPS_FOR_PARALLELISM = 256
+
+
+class IngestConfigError(ValueError):
+    """The run's parameters conflict with the dataset already at the destination."""
+
+
+@dataclass
+class IngestPlan:
+    root: Location
+    source: Location
+    sampling: SamplingParams
+    labels_mode: str
+    class_map: dict[str, int]
+    previous: Manifest | None
+    listed: list[SourceVideo]
+    already_done: list[SourceVideo]
+    groups: list[dict]
+    label_errors: list[ErrorRecord]
+    # video ids ingested before whose fingerprint or label changed: their old clips leave the dataset
+    superseded: set[str] = field(default_factory=set)
+
+    @property
+    def num_pending(self) -> int:
+        return sum(len(group["videos"]) for group in self.groups)
+
+
+def _source_record(video: SourceVideo, class_map: dict[str, int]) -> dict:
+    label = class_map[video.label_name] if video.label_name is not None else None
+    return {
+        "uri": video.uri,
+        "video_id": video.video_id,
+        "etag": video.etag,
+        "size": video.size,
+        "label_name": video.label_name,
+        "label": label,
+    }
+
+
+def shard_name(sampling: SamplingParams, sources: list[dict]) -> str:
+    identity = json.dumps(
+        [sampling.to_dict(), [[s["video_id"], s["etag"], s["size"], s["label_name"], s["label"]] for s in sources]],
+        ensure_ascii=False,
+    )
+    return f"part-{hashlib.sha256(identity.encode('utf-8')).hexdigest()[:24]}.parquet"
+
+
+def plan_ingest(
+    dst: str,
+    src: str,
+    listed: list[SourceVideo],
+    labelled: list[SourceVideo],
+    label_errors: list[ErrorRecord],
+    labels_mode: str,
+    sampling: SamplingParams,
+    previous: Manifest | None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> IngestPlan:
+    """Decide what this run decodes. `labelled` are the listed videos that got a label (all of them when unlabeled)."""
+    if previous is not None:
+        if previous.sampling != sampling:
+            raise IngestConfigError(
+                f"{dst} holds clips made with {previous.sampling.to_dict()}, this run asks for "
+                f"{sampling.to_dict()}; write to a new --out"
+            )
+        if previous.labels != labels_mode:
+            raise IngestConfigError(
+                f"{dst} was ingested with labels from {previous.labels!r}, this run uses {labels_mode!r}; "
+                "write to a new --out"
+            )
+    done_sources = previous.sources if previous else {}
+    already_done, pending = [], []
+    for video in labelled:
+        known = done_sources.get(video.video_id)
+        unchanged = known is not None and (known["etag"], known["size"], known["label_name"]) == (
+            video.etag,
+            video.size,
+            video.label_name,
+        )
+        (already_done if unchanged else pending).append(video)
+    superseded = {video.video_id for video in pending if video.video_id in done_sources}
+    class_map = extend_class_map(
+        previous.class_map if previous else {}, [v.label_name for v in pending if v.label_name is not None]
+    )
+
+    per_shard_cap = max(1, max_shard_bytes // (sampling.clip_bytes * sampling.clips_per_video))
+    # Depends only on the pending set, so a re-run after a kill plans the same groups (and shard names).
+    videos_per_group = min(per_shard_cap, max(1, math.ceil(len(pending) / _MIN_GROUPS_FOR_PARALLELISM)))
+    groups = []
+    for start in range(0, len(pending), videos_per_group):
+        sources = [_source_record(video, class_map) for video in pending[start : start + videos_per_group]]
+        groups.append({"shard": f"{SHARDS_DIR}/{shard_name(sampling, sources)}", "videos": sources})
+    return IngestPlan(
+        root=parse_uri(dst),
+        source=parse_uri(src),
+        sampling=sampling,
+        labels_mode=labels_mode,
+        class_map=class_map,
+        previous=previous,
+        listed=listed,
+        already_done=already_done,
+        groups=groups,
+        label_errors=label_errors,
+        superseded=superseded,
+    )
+
+
+@contextmanager
+def _fetched(storage: Storage, source: dict):
+    """The video as something decode_clips takes: the path of a local file as is, a small S3 object as bytes, a
+    large one spilled to a local temporary file (decord copies a file-like input whole, a path it streams)."""
+    location = parse_uri(source["uri"])
+    if location.scheme == "file":
+        yield location.path
+        return
+    if source["size"] <= storage.spill_threshold_bytes:
+        yield storage.read_bytes(location)
+        return
+    handle, spill_path = tempfile.mkstemp(suffix=".video")
+    os.close(handle)
+    try:
+        storage.download(location, spill_path)
+        yield spill_path
+    finally:
+        os.unlink(spill_path)
+
+
+def ingest_group(group: dict, storage: Storage, sampling: SamplingParams, root_uri: str) -> dict:
+    """Decode every video of a group into one shard. Never raises for a bad video: it becomes an error record.
+
+    Returns a JSON-able result: the shard entry (None when no video gave clips), per-video clip counts, errors, and
+    whether an already published shard (from a killed run) was adopted instead of decoding again.
+    """
+    root = parse_uri(root_uri)
+    final = root.join(group["shard"])
+    if storage.exists(final):
+        adopted = read_shard_description(storage, final)
+        if adopted is not None:
+            rows, description = adopted
+            size, digest = _measure(storage, final)
+            shard = {"path": group["shard"], "rows": rows, "sha256": digest, "bytes": size}
+            return {**description, "shard": shard, "adopted": True}
+
+    writer = ShardWriter(storage, final, sampling.frames, sampling.short_side)
+    videos, errors = [], []
+    try:
+        for source in group["videos"]:
+            stage = "read"
+            try:
+                with _fetched(storage, source) as video:
+                    stage = "decode"
+                    clips, info = decode_clips(
+                        video,
+                        frames=sampling.frames,
+                        short_side=sampling.short_side,
+                        sampling=sampling.sampling,
+                        stride=sampling.stride,
+                        clips_per_video=sampling.clips_per_video,
+                    )
+            except Exception as error:  # one bad input must not lose the others
+                errors.append(_error(source, stage, error))
+                continue
+            writer.add_video(
+                clips,
+                info.frame_indices,
+                video_id=source["video_id"],
+                source_uri=source["uri"],
+                source_etag=source["etag"],
+                label=source["label"],
+                label_name=source["label_name"],
+                fps=info.fps,
+                padded=info.padded,
+            )
+            videos.append({**source, "clips": int(clips.shape[0]), "padded": info.padded})
+        result = {"videos": videos, "errors": [error.to_dict() for error in errors], "adopted": False}
+        if writer.rows == 0:
+            writer.abort()
+            return {**result, "shard": None}
+        entry = {"path": group["shard"], "rows": writer.rows}
+        size, digest = writer.commit({**result, "shard": entry})
+        return {**result, "shard": {**entry, "sha256": digest, "bytes": size}}
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _measure(storage: Storage, location: Location) -> tuple[int, str]:
+    """(bytes, sha256) of a published file; downloads it when it is remote (only adopted shards need this)."""
+    if location.scheme == "file":
+        return os.path.getsize(location.path), file_sha256(location.path)
+    handle, local = tempfile.mkstemp(suffix=".parquet")
+    os.close(handle)
+    try:
+        storage.download(location, local)
+        return os.path.getsize(local), file_sha256(local)
+    finally:
+        os.unlink(local)
+
+
+def _error(source: dict, stage: str, error: Exception) -> ErrorRecord:
+    message = " ".join(str(error).split()) or type(error).__name__
+    return ErrorRecord(source["uri"], source["etag"], stage, type(error).__name__, message[:2000])
+
+
+def build_dataset(plan: IngestPlan, storage: Storage):
+    """A Ray Dataset with one row per group: `{"result": json}`, produced as groups finish (streaming)."""
+    import ray
+    import ray.data
+
+    sampling, root_uri = plan.sampling, plan.root.uri
+
+    def run_group(row: dict) -> dict:
+        result = ingest_group(json.loads(row["group"]), storage, sampling, root_uri)
+        result["node_id"] = ray.get_runtime_context().get_node_id()
+        return {"result": json.dumps(result, ensure_ascii=False)}
+
+    items = [{"group": json.dumps(group, ensure_ascii=False)} for group in plan.groups]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return dataset.map(run_group, num_cpus=1)
+
+
+@dataclass
+class IngestOutcome:
+    manifest: Manifest | None  # None when nothing changed since the previous version
+    listed: int
+    ingested: int
+    already_done: int
+    errored: int
+    labels_missing: int
+    clips_written: int
+    shards_written: int
+    shards_adopted: int
+    errors: list[ErrorRecord]
+
+
+def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> IngestOutcome:
+    """Turn group results into a new manifest version (written last) plus this run's errors table."""
+    previous = plan.previous
+    errors = list(plan.label_errors)
+    new_sources: dict[str, dict] = {}
+    new_shards: list[ShardEntry] = []
+    adopted = 0
+    for result in results:
+        errors.extend(ErrorRecord(**error) for error in result["errors"])
+        if result["shard"] is None:
+            continue
+        shard = ShardEntry(**{key: result["shard"][key] for key in ("path", "rows", "sha256", "bytes")})
+        adopted += bool(result.get("adopted"))
+        new_shards.append(shard)
+        for video in result["videos"]:
+            new_sources[video["video_id"]] = {
+                "uri": video["uri"],
+                "etag": video["etag"],
+                "size": video["size"],
+                "label_name": video["label_name"],
+                "clips": video["clips"],
+                "shard": shard.path,
+            }
+
+    kept_shards = list(previous.shards) if previous else []
+    kept_sources = dict(previous.sources) if previous else {}
+    if plan.superseded:
+        kept_shards, kept_sources = _drop_superseded(plan, kept_shards, kept_sources, storage)
+
+    listed_uris = {video.uri for video in plan.listed}
+    errored_uris = {error.source_uri for error in errors if error.source_uri in listed_uris}
+    ingested_ids = set(new_sources)
+    counts = {
+        "listed": len(plan.listed),
+        "ingested": len(ingested_ids),
+        "already_done": len(plan.already_done),
+        "errored": len(errored_uris),
+        "labels_missing": sum(1 for error in errors if error.error_type == "MissingVideo"),
+        "clips_written": sum(shard.rows for shard in new_shards),
+    }
+    if counts["listed"] != counts["ingested"] + counts["already_done"] + counts["errored"]:
+        raise RuntimeError(f"ingest lost track of inputs: {counts}")  # a bug, not bad input
+
+    outcome = IngestOutcome(
+        manifest=None,
+        listed=counts["listed"],
+        ingested=counts["ingested"],
+        already_done=counts["already_done"],
+        errored=counts["errored"],
+        labels_missing=counts["labels_missing"],
+        clips_written=counts["clips_written"],
+        shards_written=len(new_shards) - adopted,
+        shards_adopted=adopted,
+        errors=errors,
+    )
+    if previous is not None and not new_shards and not errors and not plan.superseded:
+        return outcome  # nothing changed: the previous version still describes the dataset
+
+    version = (previous.version if previous else 0) + 1
+    errors_path = None
+    if errors:
+        errors_path = f"{ERRORS_DIR}/v{version:06d}.parquet"
+        _write_table_atomically(storage, plan.root.join(errors_path), errors_table(errors))
+    sources = {**kept_sources, **new_sources}
+    outcome.manifest = Manifest(
+        version=version,
+        source=plan.source.uri,
+        sampling=plan.sampling,
+        labels=plan.labels_mode,
+        class_map=plan.class_map,
+        shards=kept_shards + new_shards,
+        sources=dict(sorted(sources.items())),
+        counts=counts,
+        errors=errors_path,
+        previous_version=previous.version if previous else None,
+    )
+    return outcome
+
+
+def _write_table_atomically(storage: Storage, location: Location, table) -> None:
+    staging = storage.staging_path(location)
+    pq.write_table(table, staging)
+    storage.commit_staged(staging, location)
+
+
+def _drop_superseded(
+    plan: IngestPlan, shards: list[ShardEntry], sources: dict[str, dict], storage: Storage
+) -> tuple[list[ShardEntry], dict[str, dict]]:
+    """Copy-on-write: rewrite each old shard holding clips of a changed video without them, so that every row of
+    every listed shard stays valid and readers need no filtering."""
+    affected = {sources[video_id]["shard"] for video_id in plan.superseded if video_id in sources}
+    sources = {video_id: entry for video_id, entry in sources.items() if video_id not in plan.superseded}
+    kept = []
+    for shard in shards:
+        if shard.path not in affected:
+            kept.append(shard)
+            continue
+        old = plan.root.join(shard.path)
+        table = pq.read_table(storage.arrow_path(old), filesystem=storage.arrow_filesystem(old))
+        mask = [video_id not in plan.superseded for video_id in table.column("video_id").to_pylist()]
+        remaining = table.filter(mask)
+        if remaining.num_rows == 0:
+            continue
+        remaining_ids = sorted(set(remaining.column("video_id").to_pylist()))
+        identity = json.dumps([shard.path, remaining_ids], ensure_ascii=False).encode("utf-8")
+        path = f"{SHARDS_DIR}/part-{hashlib.sha256(identity).hexdigest()[:24]}.parquet"
+        location = plan.root.join(path)
+        staging = storage.staging_path(location)
+        pq.write_table(remaining, staging, compression="zstd")
+        size, digest = os.path.getsize(staging), file_sha256(staging)
+        storage.commit_staged(staging, location)
+        kept.append(ShardEntry(path, remaining.num_rows, digest, size))
+        for video_id in remaining_ids:
+            sources[video_id] = {**sources[video_id], "shard": path}
+    return kept, sources

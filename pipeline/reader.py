@@ -1,0 +1,117 @@
+"""Reading a clip dataset version: as a Ray Dataset (training, scoring) or a plain pyarrow iterator (no Ray).
+
+Both check first that every shard the manifest lists exists with the recorded row count, so a reader never
+silently trains on part of a version.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.manifest import Manifest, ManifestError, load_manifest, parse_dataset_ref
+from pipeline.schema import clip_schema, frames_to_numpy
+from pipeline.storage import Storage, parse_uri
+
+
+def _shard_paths(dst: str, manifest: Manifest, storage: Storage) -> list[str]:
+    root = parse_uri(dst)
+    return [storage.arrow_path(root.join(shard.path)) for shard in manifest.shards]
+
+
+def verify_shards(dst: str, manifest: Manifest, storage: Storage) -> list[str]:
+    """Arrow paths of the manifest's shards; raises ManifestError naming every missing or mismatched shard."""
+    root = parse_uri(dst)
+    filesystem = storage.arrow_filesystem(root)
+    paths = _shard_paths(dst, manifest, storage)
+
+    def check(item) -> str | None:
+        shard, path = item
+        try:
+            rows = pq.read_metadata(path, filesystem=filesystem).num_rows
+        except FileNotFoundError:
+            return f"{shard.path}: missing"
+        except (OSError, pa.ArrowInvalid) as error:
+            return f"{shard.path}: unreadable ({' '.join(str(error).split())[:200]})"
+        return None if rows == shard.rows else f"{shard.path}: {rows} rows, manifest says {shard.rows}"
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        problems = [problem for problem in pool.map(check, zip(manifest.shards, paths)) if problem]
+    if problems:
+        listing = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        raise ManifestError(
+            f"dataset {dst} version {manifest.version} is incomplete: {len(problems)} of {len(paths)} shards do "
+            f"not match the manifest:\n  {listing}"
+        )
+    return paths
+
+
+def _open(dst: str, version: int | None, endpoint_url: str | None, verify: bool):
+    dst, ref_version = parse_dataset_ref(dst)
+    version = version if version is not None else ref_version
+    manifest = load_manifest(dst, version, endpoint_url=endpoint_url)
+    storage = Storage(endpoint_url)
+    paths = verify_shards(dst, manifest, storage) if verify else _shard_paths(dst, manifest, storage)
+    return dst, manifest, storage, paths
+
+
+def read_clips(
+    dst: str,
+    version: int | None = None,
+    columns: list[str] | None = None,
+    endpoint_url: str | None = None,
+    verify: bool = True,
+    **read_parquet_args,
+):
+    """A `ray.data.Dataset` of one dataset version (`dst` may be `DST@version`), one row per clip.
+
+    `frames` comes out of `iter_batches`/`iter_torch_batches` as uint8 `[B, T, S, S, 3]`.
+    """
+    import ray.data
+
+    dst, manifest, storage, paths = _open(dst, version, endpoint_url, verify)
+    if not paths:
+        schema = clip_schema(manifest.sampling.frames, manifest.sampling.short_side)
+        empty = schema.empty_table()
+        return ray.data.from_arrow(empty.select(columns) if columns else empty)
+    filesystem = storage.arrow_filesystem(parse_uri(dst))
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, **read_parquet_args)
+
+
+def iter_clip_batches(
+    dst: str,
+    version: int | None = None,
+    columns: list[str] | None = None,
+    batch_size: int = 32,
+    endpoint_url: str | None = None,
+    verify: bool = True,
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of one dataset version with plain pyarrow, shard by shard, in manifest order."""
+    dst, manifest, storage, paths = _open(dst, version, endpoint_url, verify)
+    filesystem = storage.arrow_filesystem(parse_uri(dst))
+    for path in paths:
+        with filesystem.open_input_file(path) as handle:
+            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def iter_clips(
+    dst: str,
+    version: int | None = None,
+    columns: list[str] | None = None,
+    endpoint_url: str | None = None,
+    verify: bool = True,
+) -> Iterator[dict]:
+    """Rows of one dataset version as dicts; `frames` as a uint8 numpy array `[T, S, S, 3]`."""
+    for batch in iter_clip_batches(dst, version, columns, endpoint_url=endpoint_url, verify=verify):
+        names = batch.schema.names
+        frames = frames_to_numpy(batch.column("frames")) if "frames" in names else None
+        plain = {name: batch.column(name).to_pylist() for name in names if name != "frames"}
+        for index in range(batch.num_rows):
+            row = {name: values[index] for name, values in plain.items()}
+            if frames is not None:
+                row["frames"] = np.asarray(frames[index])
+            yield row

@@ -1,0 +1,107 @@
+"""Writing one Parquet shard of clips atomically, with a self-description in its footer.
+
+The footer's key-value metadata (`uniformer.ingest`) records the sources the shard was made from, their clip counts
+and the errors met while making it. A shard left behind by a killed run is therefore a complete, verifiable unit that
+a re-run can adopt instead of decoding its videos again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.schema import clip_schema, frames_array
+from pipeline.storage import Location, Storage
+
+FOOTER_KEY = b"uniformer.ingest"
+# Row groups of about this size keep the writer's memory flat and still read efficiently.
+_ROW_GROUP_BYTES = 64 * 1024 * 1024
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ShardWriter:
+    """Appends clips of one video at a time to a staged Parquet file; `commit` publishes it under its final name."""
+
+    def __init__(self, storage: Storage, final: Location, frames: int, short_side: int):
+        self.storage = storage
+        self.final = final
+        self.schema = clip_schema(frames, short_side)
+        self.staging = storage.staging_path(final)
+        self._writer = pq.ParquetWriter(self.staging, self.schema, compression="zstd")
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_bytes = 0
+        self.rows = 0
+
+    def add_video(
+        self,
+        clips: np.ndarray,
+        frame_indices: np.ndarray,
+        video_id: str,
+        source_uri: str,
+        source_etag: str,
+        label: int | None,
+        label_name: str | None,
+        fps: float,
+        padded: bool,
+    ) -> None:
+        count = clips.shape[0]
+        batch = pa.RecordBatch.from_arrays(
+            [
+                pa.array([video_id] * count, pa.string()),
+                pa.array([source_uri] * count, pa.string()),
+                pa.array([source_etag] * count, pa.string()),
+                pa.array(np.arange(count, dtype=np.int32)),
+                pa.array([label] * count, pa.int32()),
+                pa.array([label_name] * count, pa.string()),
+                frames_array(clips),
+                pa.array([row.tolist() for row in frame_indices], pa.list_(pa.int32())),
+                pa.array([fps] * count, pa.float32()),
+                pa.array([padded] * count, pa.bool_()),
+            ],
+            schema=self.schema,
+        )
+        self._pending.append(batch)
+        self._pending_bytes += clips.nbytes
+        self.rows += count
+        if self._pending_bytes >= _ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending, schema=self.schema))
+            self._pending, self._pending_bytes = [], 0
+
+    def commit(self, description: dict) -> tuple[int, str]:
+        """Close, publish atomically, and return (bytes, sha256) of the published file."""
+        self._flush()
+        self._writer.add_key_value_metadata({FOOTER_KEY: json.dumps(description, ensure_ascii=False)})
+        self._writer.close()
+        size, digest = os.path.getsize(self.staging), file_sha256(self.staging)
+        self.storage.commit_staged(self.staging, self.final)
+        return size, digest
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            if os.path.exists(self.staging):
+                os.unlink(self.staging)
+
+
+def read_shard_description(storage: Storage, location: Location) -> tuple[int, dict] | None:
+    """(rows, footer description) of a published shard, or None when its footer has no description."""
+    metadata = pq.read_metadata(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))
+    raw = (metadata.metadata or {}).get(FOOTER_KEY)
+    return (metadata.num_rows, json.loads(raw)) if raw else None
