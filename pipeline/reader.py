@@ -79,7 +79,8 @@ def read_clips(
         empty = schema.empty_table()
         return ray.data.from_arrow(empty.select(columns) if columns else empty)
     filesystem = storage.arrow_filesystem(parse_uri(dst))
-    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, **read_parquet_args)
+    dataset = ray.data.read_parquet(paths, filesystem=filesystem, **read_parquet_args)
+    return dataset.select_columns(columns) if columns else dataset
 
 
 def iter_clip_batches(

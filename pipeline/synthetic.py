@@ -129,6 +129,7 @@ def write_motion_video(
     """One synthetic video of class `direction`; `size` is (width, height)."""
     rng = np.random.default_rng(seed)
     frames = render_motion_frames(direction, size[0], size[1], num_frames, rng)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     frame_times = None
     if variable_frame_rate:
         # Frame intervals between half and one and a half of the nominal one.

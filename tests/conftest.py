@@ -62,7 +62,10 @@ class S3Server:
     def require_credentials(self, enabled: bool) -> None:
         """Make the server check signatures against its IAM users (no user exists, so every key is rejected)."""
         request = urllib.request.Request(
-            f"{self.endpoint_url}/moto-api/reset-auth", data=b"0" if enabled else b"inf", method="POST"
+            f"{self.endpoint_url}/moto-api/reset-auth",
+            data=b"0" if enabled else b"inf",
+            method="POST",
+            headers={"Content-Type": "text/plain"},  # a form content type would hide the body from moto
         )
         urllib.request.urlopen(request, timeout=5).read()
 

@@ -1,0 +1,159 @@
+"""`uniformer ingest`: videos in object storage -> sharded Parquet clip dataset + versioned manifest.
+
+Wires the pipeline steps: fail-fast storage checks, labels, listing, the incremental plan, the Ray Data run,
+the manifest commit and the end summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pipeline.ingest import (
+    DEFAULT_MAX_SHARD_BYTES,
+    build_dataset,
+    commit_ingest,
+    plan_ingest,
+)
+from pipeline.listing import attach_labels, list_videos, read_labels_csv
+from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, write_manifest
+from pipeline.schema import ErrorRecord
+from pipeline.storage import DEFAULT_SPILL_THRESHOLD_BYTES, Storage, parse_uri
+
+
+@dataclass
+class IngestSummary:
+    source: str
+    destination: str
+    manifest_version: int | None  # the version that describes the dataset after this run
+    manifest_written: bool  # False when nothing changed and the previous version still holds
+    listed: int
+    ingested: int
+    already_done: int
+    errored: int
+    labels_missing: int
+    clips_written: int
+    shards_written: int
+    shards_adopted: int
+    nodes_used: int  # Ray nodes that decoded groups in this run
+    seconds: float
+    errors_uri: str | None = None
+    errors: list[ErrorRecord] = field(default_factory=list)
+
+
+def run_ingest(
+    src: str,
+    out: str,
+    labels_csv: str | None = None,
+    labels_from_dirs: bool = False,
+    frames: int = 8,
+    size: int = 224,
+    short_side: int = 256,
+    clips_per_video: int = 1,
+    sampling: str = "uniform",
+    stride: int = 16,
+    endpoint_url: str | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES,
+    echo: Callable[[str], None] = print,
+) -> IngestSummary:
+    """Ingest every video under `src` not yet in the dataset at `out`; see the module docstring of pipeline.ingest."""
+    started = time.monotonic()
+    params = SamplingParams(frames, short_side, size, sampling, stride, clips_per_video)
+    if labels_csv and labels_from_dirs:
+        raise ValueError("use either a labels CSV or labels from folders, not both")
+    storage = Storage(endpoint_url, spill_threshold_bytes=spill_threshold_bytes)
+    source, root = parse_uri(src), parse_uri(out)
+    storage.check_access(source)
+    storage.check_access(root, must_exist=False)
+
+    labels = read_labels_csv(labels_csv, storage) if labels_csv else None  # refuses unsafe paths before any work
+    listed = list_videos(source, storage)
+    labelled, label_errors = attach_labels(listed, source, labels_csv=labels, labels_from_dirs=labels_from_dirs)
+    labels_mode = "csv" if labels_csv else "dirs" if labels_from_dirs else "none"
+    previous = latest_manifest(root, storage)
+    plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, max_shard_bytes)
+    storage.remove_stale_staging(root.join(SHARDS_DIR))
+    echo(
+        f"ingest {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already done, "
+        f"{plan.num_pending} to decode in {len(plan.groups)} shards"
+    )
+
+    results = []
+    if plan.groups:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
+        last_report = 0.0
+        for row in build_dataset(plan, storage).iter_rows():
+            results.append(_decoded(row))
+            if time.monotonic() - last_report >= 2.0 or len(results) == len(plan.groups):
+                echo(_progress_line(results, len(plan.groups)))
+                last_report = time.monotonic()
+
+    outcome = commit_ingest(plan, results, storage)
+    if outcome.manifest is not None:
+        write_manifest(root, outcome.manifest, storage)
+    version = outcome.manifest.version if outcome.manifest else (previous.version if previous else None)
+    errors_path = outcome.manifest.errors if outcome.manifest else None
+    summary = IngestSummary(
+        source=source.uri,
+        destination=root.uri,
+        manifest_version=version,
+        manifest_written=outcome.manifest is not None,
+        listed=outcome.listed,
+        ingested=outcome.ingested,
+        already_done=outcome.already_done,
+        errored=outcome.errored,
+        labels_missing=outcome.labels_missing,
+        clips_written=outcome.clips_written,
+        shards_written=outcome.shards_written,
+        shards_adopted=outcome.shards_adopted,
+        nodes_used=len({result["node_id"] for result in results}),
+        seconds=time.monotonic() - started,
+        errors_uri=root.join(errors_path).uri if errors_path else None,
+        errors=outcome.errors,
+    )
+    echo(format_summary(summary))
+    return summary
+
+
+def _decoded(row: dict) -> dict:
+    return json.loads(row["result"])
+
+
+def _progress_line(results: list[dict], total: int) -> str:
+    clips = sum(result["shard"]["rows"] for result in results if result["shard"])
+    errors = sum(len(result["errors"]) for result in results)
+    return f"  shards {len(results)}/{total}  clips {clips}  errors {errors}"
+
+
+def format_summary(summary: IngestSummary, max_errors: int = 10) -> str:
+    state = "written" if summary.manifest_written else "unchanged"
+    version = f"v{summary.manifest_version:06d}" if summary.manifest_version else "none"
+    rows = [
+        ("listed", summary.listed),
+        ("ingested", summary.ingested),
+        ("already done", summary.already_done),
+        ("errored", summary.errored),
+        ("clips written", summary.clips_written),
+        ("shards written", summary.shards_written),
+        ("Ray nodes used", summary.nodes_used),
+    ]
+    if summary.shards_adopted:
+        rows.append(("shards adopted", summary.shards_adopted))
+    if summary.labels_missing:
+        rows.append(("CSV rows without video", summary.labels_missing))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"ingest summary  {summary.destination}  manifest {version} ({state})  {summary.seconds:.1f} s"]
+    lines += [f"  {name:<{width}}  {value:>8}" for name, value in rows]
+    if summary.errors:
+        lines.append(f"  errors ({summary.errors_uri}):")
+        for error in summary.errors[:max_errors]:
+            lines.append(f"    {error.stage:<7} {error.error_type:<18} {error.source_uri}: {error.message[:120]}")
+        if len(summary.errors) > max_errors:
+            lines.append(f"    ... {len(summary.errors) - max_errors} more")
+    return "\n".join(lines)

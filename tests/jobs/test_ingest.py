@@ -1,0 +1,331 @@
+"""The ingest job end to end on real components: local Ray, real mp4 files, a local folder or moto S3 over HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.ingest import run_ingest
+from pipeline import (
+    LabelsError,
+    ManifestError,
+    StorageError,
+    iter_clips,
+    load_manifest,
+    read_clips,
+    write_motion_video,
+)
+from pipeline.ingest import IngestConfigError
+
+pytestmark = pytest.mark.integration
+
+SMALL = dict(frames=4, size=28, short_side=32)  # tiny clips keep the tests fast
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _rows(dst: str, **options) -> list[dict]:
+    return list(iter_clips(dst, **options))
+
+
+def _assert_each_clip_once(rows: list[dict]) -> None:
+    keys = Counter((row["video_id"], row["clip_index"]) for row in rows)
+    assert all(count == 1 for count in keys.values()), [key for key, count in keys.items() if count > 1]
+
+
+def test_local_folder_becomes_a_readable_clip_dataset(tmp_path, make_videos, ray_local):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    videos = make_videos(src, num_per_class=2)
+    summary = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+
+    assert (summary.listed, summary.ingested, summary.already_done, summary.errored) == (8, 8, 0, 0)
+    manifest = load_manifest(dst)
+    assert manifest.version == 1 and manifest.counts["listed"] == 8
+    assert manifest.class_map == {"down": 0, "left": 1, "right": 2, "up": 3}
+    assert manifest.sampling.size == 28 and manifest.sampling.short_side == 32
+    assert manifest.num_clips == 8 and len(manifest.sources) == 8
+
+    # A shard is plain Parquet with an Arrow-native fixed-shape tensor column.
+    shard = pq.read_table(os.path.join(dst, manifest.shards[0].path))
+    assert shard.schema.field("frames").type == pa.fixed_shape_tensor(pa.uint8(), [4, 32, 32, 3])
+    assert shard.schema.field("label").type == pa.int32()
+
+    rows = _rows(dst)
+    assert len(rows) == 8
+    _assert_each_clip_once(rows)
+    labels = dict(videos)
+    for row in rows:
+        assert row["frames"].shape == (4, 32, 32, 3) and row["frames"].dtype == np.uint8
+        assert manifest.class_names[row["label"]] == row["label_name"] == labels[row["source_uri"]]
+        assert row["frame_indices"] == [2, 6, 10, 14] and not row["padded"]
+        assert row["fps"] == pytest.approx(8.0)
+
+    dataset = read_clips(dst, columns=["frames", "label"])
+    batches = list(dataset.iter_torch_batches(batch_size=8))
+    assert len(batches) == 1
+    frames = batches[0]["frames"]
+    assert tuple(frames.shape) == (8, 4, 32, 32, 3) and str(frames.dtype) == "torch.uint8"
+
+
+def test_every_bad_input_is_accounted_for_and_nothing_else_is_lost(tmp_path, make_videos, broken_video, ray_local):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    make_videos(src, num_per_class=1, layout="flat", write_labels_csv=False)
+    good = sorted(path.name for path in src.iterdir())
+    broken_kinds = ["truncated", "truncated_faststart", "zero_byte", "text", "png", "audio_only", "corrupt_header"]
+    for kind in broken_kinds:
+        broken_video(src / "broken" / f"{kind}.mp4", kind)
+    odd_but_fine = {
+        "short.mp4": dict(num_frames=2),
+        "portrait.mp4": dict(size=(48, 96)),
+        "odd size.mp4": dict(size=(33, 17)),
+        "tiny.mp4": dict(size=(16, 16)),
+        "vfr.mp4": dict(variable_frame_rate=True),
+        "ünïcödé 名前.mp4": dict(),
+    }
+    for name, options in odd_but_fine.items():
+        write_motion_video(src / "unusual" / name, "up", **{"size": (64, 48), "num_frames": 16, **options})
+    labels = ["path,label"] + [f"{name},left" for name in good]
+    labels += [f"broken/{kind}.mp4,left" for kind in broken_kinds]
+    labels += [f"unusual/{name},up" for name in odd_but_fine]
+    labels += ["gone/never-uploaded.mp4,down"]
+    (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
+
+    summary = run_ingest(str(src), dst, labels_csv=str(tmp_path / "labels.csv"), **SMALL)
+
+    total = len(good) + len(broken_kinds) + len(odd_but_fine)
+    assert summary.listed == total
+    assert summary.ingested == len(good) + len(odd_but_fine)
+    assert summary.errored == len(broken_kinds)
+    assert summary.labels_missing == 1
+    errors = pq.read_table(summary.errors_uri).to_pylist()
+    by_name = {Path(error["source_uri"]).name: error for error in errors}
+    assert set(by_name) == {f"{kind}.mp4" for kind in broken_kinds} | {"never-uploaded.mp4"}
+    for kind in broken_kinds:
+        error = by_name[f"{kind}.mp4"]
+        assert error["stage"] == "decode" and error["error_type"] == "VideoDecodeError"
+        assert error["source_etag"] and "\n" not in error["message"] and ".cc:" not in error["message"]
+    assert "empty file" in by_name["zero_byte.mp4"]["message"]
+    assert "no video stream" in by_name["audio_only.mp4"]["message"]
+    assert by_name["never-uploaded.mp4"]["error_type"] == "MissingVideo"
+
+    rows = {row["video_id"]: row for row in _rows(dst, columns=["video_id", "clip_index", "padded", "frame_indices"])}
+    assert len(rows) == summary.ingested
+    assert rows["unusual/short.mp4"]["padded"] and rows["unusual/short.mp4"]["frame_indices"] == [0, 1, 1, 1]
+    assert "unusual/ünïcödé 名前.mp4" in rows and "unusual/odd size.mp4" in rows
+    assert not rows["unusual/portrait.mp4"]["padded"]
+
+
+def test_labels_csv_escaping_the_source_is_refused_before_any_work(tmp_path, make_videos):
+    src = tmp_path / "videos"
+    make_videos(src)
+    (tmp_path / "labels.csv").write_text("path,label\n../secrets/a.mp4,left\n")
+    with pytest.raises(LabelsError, match="'..'"):
+        run_ingest(str(src), str(tmp_path / "clips"), labels_csv=str(tmp_path / "labels.csv"), **SMALL)
+    assert not (tmp_path / "clips" / "manifests").exists()
+
+
+def test_incremental_run_decodes_only_new_and_changed_videos(tmp_path, make_videos, ray_local):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    make_videos(src, num_per_class=1, classes=("left", "right"))
+    first = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    assert first.ingested == 2 and first.manifest_version == 1
+    v1 = load_manifest(dst)
+
+    # The bucket grows (a new class among them) and one video is replaced by a different one.
+    write_motion_video(src / "left" / "new_left.mp4", "left", size=(64, 48), seed=101)
+    write_motion_video(src / "up" / "new_up.mp4", "up", size=(64, 48), seed=102)
+    changed = src / "right" / "right_0000.mp4"
+    write_motion_video(changed, "right", size=(64, 48), num_frames=20, seed=103)
+
+    second = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    assert (second.listed, second.ingested, second.already_done, second.errored) == (4, 3, 1, 0)
+    v2 = load_manifest(dst)
+    assert v2.version == 2 and v2.previous_version == 1
+    assert v2.class_map == {"left": 0, "right": 1, "up": 2}  # old ids kept, the new name appended
+    assert len(v2.sources) == 4
+    rows = _rows(dst)
+    assert len(rows) == 4
+    _assert_each_clip_once(rows)
+    changed_rows = [row for row in rows if row["video_id"] == "right/right_0000.mp4"]
+    assert changed_rows[0]["source_etag"] == v2.sources["right/right_0000.mp4"]["etag"]
+    assert changed_rows[0]["source_etag"] != v1.sources["right/right_0000.mp4"]["etag"]
+    # the earlier version is still readable as it was
+    assert len(_rows(f"{dst}@1")) == 2
+
+    third = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    assert (third.ingested, third.already_done, third.manifest_version, third.manifest_written) == (0, 4, 2, False)
+
+
+def test_changing_sampling_parameters_on_an_existing_dataset_is_refused(tmp_path, make_videos, ray_local):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    make_videos(src, classes=("left",))
+    run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    with pytest.raises(IngestConfigError, match="new --out"):
+        run_ingest(str(src), dst, labels_from_dirs=True, **{**SMALL, "frames": 8})
+
+
+def test_reader_refuses_a_version_with_a_missing_or_altered_shard(tmp_path, make_videos, ray_local):
+    src, dst = tmp_path / "videos", tmp_path / "clips"
+    make_videos(src, num_per_class=1)
+    run_ingest(str(src), str(dst), labels_from_dirs=True, **SMALL)
+    shards = load_manifest(str(dst)).shards
+    (dst / shards[0].path).unlink()
+    first = pq.read_table(dst / shards[1].path)
+    pq.write_table(pa.concat_tables([first, first]), dst / shards[1].path)
+    with pytest.raises(ManifestError) as caught:
+        list(iter_clips(str(dst)))
+    message = str(caught.value)
+    assert f"{shards[0].path}: missing" in message and f"{shards[1].path}: 2 rows, manifest says 1" in message
+    with pytest.raises(ManifestError, match="incomplete"):
+        read_clips(str(dst))
+
+
+def _shards(dst: Path) -> set[str]:
+    folder = dst / "shards"
+    return {path.name for path in folder.glob("part-*.parquet")} if folder.exists() else set()
+
+
+def test_killed_run_is_completed_by_a_rerun_without_duplicates_or_gaps(tmp_path, make_videos, ray_local):
+    src, dst = tmp_path / "videos", tmp_path / "clips"
+    make_videos(src, num_per_class=10)  # 40 videos, one shard each: the run takes a few seconds
+    address = ray_local.get_runtime_context().gcs_address
+    script = (
+        "import sys; from jobs.ingest import run_ingest; "
+        "run_ingest(sys.argv[1], sys.argv[2], labels_from_dirs=True, frames=4, size=28, short_side=32)"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(src), str(dst)],
+        env={**os.environ, "RAY_ADDRESS": address},
+        cwd=REPO_ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not _shards(dst) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver's own process group, started above
+    process.wait()
+    time.sleep(1.0)  # let Ray finish tearing down the dead driver's tasks
+    assert not (dst / "manifests").exists(), "the ingest finished before it could be killed"
+    published = _shards(dst)
+    assert 1 <= len(published) < 40
+
+    summary = run_ingest(str(src), str(dst), labels_from_dirs=True, **SMALL)
+    assert summary.ingested == 40 and summary.errored == 0
+    assert summary.shards_adopted >= len(published)
+    assert summary.shards_adopted + summary.shards_written == 40
+    manifest = load_manifest(str(dst))
+    assert {Path(shard.path).name for shard in manifest.shards} >= published
+    rows = _rows(str(dst), columns=["video_id", "clip_index"])
+    assert len(rows) == 40 and len({row["video_id"] for row in rows}) == 40
+    _assert_each_clip_once(rows)
+
+
+def test_s3_to_s3_with_dense_multi_clip_sampling_and_spilling(s3_server, s3_bucket, tmp_path, make_videos, ray_local):
+    local = tmp_path / "videos"
+    make_videos(local, num_per_class=1, num_frames=24)
+    write_motion_video(local / "left" / "a clip with spaces.mp4", "left", size=(64, 48), num_frames=24)
+    write_motion_video(local / "up" / "ビデオ ü.mp4", "up", size=(64, 48), num_frames=24)
+    s3_server.upload_folder(local, s3_bucket, "raw")
+    src, dst = f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/datasets/motion"
+
+    summary = run_ingest(
+        src,
+        dst,
+        labels_csv=f"s3://{s3_bucket}/raw/labels.csv",
+        endpoint_url=s3_server.endpoint_url,
+        sampling="dense",
+        stride=3,
+        clips_per_video=2,
+        spill_threshold_bytes=1,  # every object goes through a local spill file instead of memory
+        **SMALL,
+    )
+    # the two extra videos are not in labels.csv: listed, and errored as unlabelled
+    assert (summary.listed, summary.ingested, summary.errored) == (6, 4, 2)
+    manifest = load_manifest(dst, endpoint_url=s3_server.endpoint_url)
+    assert manifest.sampling.sampling == "dense" and manifest.num_clips == 8
+    keys = {item["Key"] for item in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]}
+    assert "datasets/motion/manifests/v000001.json" in keys
+    assert not [key for key in keys if "/.tmp-" in key]
+
+    rows = _rows(dst, endpoint_url=s3_server.endpoint_url, columns=["video_id", "clip_index", "frame_indices"])
+    _assert_each_clip_once(rows)
+    for row in rows:
+        assert np.diff(row["frame_indices"]).tolist() == [3, 3, 3]
+    starts = Counter(row["video_id"] for row in rows)
+    assert set(starts.values()) == {2}
+
+    dataset = read_clips(dst, endpoint_url=s3_server.endpoint_url, columns=["frames"])
+    assert dataset.count() == 8
+
+    # Unlabelled keys with spaces and unicode come through when labelled: add them to the CSV and re-run.
+    csv = s3_server.client().get_object(Bucket=s3_bucket, Key="raw/labels.csv")["Body"].read().decode()
+    csv += "left/a clip with spaces.mp4,left\nup/ビデオ ü.mp4,up\n"
+    s3_server.client().put_object(Bucket=s3_bucket, Key="raw/labels.csv", Body=csv.encode())
+    again = run_ingest(
+        src, dst, labels_csv=f"s3://{s3_bucket}/raw/labels.csv", endpoint_url=s3_server.endpoint_url,
+        sampling="dense", stride=3, clips_per_video=2, **SMALL,
+    )
+    assert (again.ingested, again.already_done, again.errored) == (2, 4, 0)
+    ids = {row["video_id"] for row in _rows(dst, endpoint_url=s3_server.endpoint_url, columns=["video_id"])}
+    assert {"left/a clip with spaces.mp4", "up/ビデオ ü.mp4"} <= ids
+
+
+def test_ingest_survives_an_s3_server_restart_mid_run(s3_server, s3_bucket, tmp_path, make_videos, ray_local):
+    local = tmp_path / "videos"
+    make_videos(local, num_per_class=6)
+    s3_server.upload_folder(local, s3_bucket, "raw")
+    client = s3_server.client()
+    observed = {}
+
+    def restart_after_first_shard():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            listing = client.list_objects_v2(Bucket=s3_bucket, Prefix="out/")
+            keys = [item["Key"] for item in listing.get("Contents", [])]
+            shards = [key for key in keys if "/shards/part-" in key]
+            if shards:
+                observed["shards_before_restart"] = len(shards)
+                observed["manifest_before_restart"] = any("/manifests/" in key for key in keys)
+                s3_server.restart(downtime_s=1.5)
+                observed["restarted"] = True
+                return
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=restart_after_first_shard)
+    watcher.start()
+    summary = run_ingest(
+        f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/out", labels_from_dirs=True,
+        endpoint_url=s3_server.endpoint_url, **SMALL,
+    )
+    watcher.join()
+    assert observed.get("restarted") and not observed["manifest_before_restart"]
+    assert observed["shards_before_restart"] < 24
+    assert (summary.listed, summary.ingested, summary.errored) == (24, 24, 0)
+    rows = _rows(f"s3://{s3_bucket}/out", endpoint_url=s3_server.endpoint_url, columns=["video_id", "clip_index"])
+    assert len(rows) == 24
+    _assert_each_clip_once(rows)
+
+
+def test_unreachable_endpoint_fails_the_job_fast(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=f"127.0.0.1:{port}"):
+        run_ingest("s3://videos/raw", "s3://clips/out", endpoint_url=f"http://127.0.0.1:{port}", **SMALL)
+    assert time.monotonic() - started < 15

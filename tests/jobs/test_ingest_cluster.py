@@ -1,0 +1,38 @@
+"""Ingest spreads its work over the nodes of a multi-node Ray cluster (two nodes on this machine)."""
+
+import pytest
+
+from jobs.ingest import run_ingest
+from pipeline import iter_clips
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def two_node_cluster(_ray_session_teardown):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # the session's local Ray, if any; the next test that needs it starts it again
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_ingest_uses_both_nodes_of_a_two_node_cluster(tmp_path, make_videos, two_node_cluster):
+    import ray
+
+    assert len([node for node in ray.nodes() if node["Alive"]]) == 2
+    make_videos(tmp_path / "videos", num_per_class=3)
+    summary = run_ingest(
+        str(tmp_path / "videos"), str(tmp_path / "clips"), labels_from_dirs=True, frames=4, size=28, short_side=32
+    )
+    assert (summary.listed, summary.ingested, summary.errored) == (12, 12, 0)
+    assert summary.nodes_used == 2
+    rows = list(iter_clips(str(tmp_path / "clips"), columns=["video_id"]))
+    assert len({row["video_id"] for row in rows}) == 12

@@ -1,0 +1,103 @@
+"""Storage against a real S3-compatible server (moto over HTTP on 127.0.0.1), reached as production reaches S3."""
+
+import socket
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.storage import Storage, StorageError, parse_uri
+
+pytestmark = pytest.mark.integration
+
+
+def test_parse_uri_forms(tmp_path):
+    assert parse_uri("s3://bucket/a/b").path == "a/b"
+    assert parse_uri("s3://bucket").path == ""
+    assert parse_uri(f"file://{tmp_path}").path == str(tmp_path)
+    assert parse_uri("relative/dir").path.endswith("relative/dir")
+    with pytest.raises(ValueError, match="unsupported"):
+        parse_uri("gs://bucket/x")
+    assert parse_uri("s3://b/videos").join("left", "a b.mp4").uri == "s3://b/videos/left/a b.mp4"
+
+
+def test_listing_gives_keys_sizes_and_etags(s3_server, s3_bucket):
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="raw/left/clip one.mp4", Body=b"12345")
+    client.put_object(Bucket=s3_bucket, Key="raw/日本/ビデオ.mp4", Body=b"abc")
+    client.put_object(Bucket=s3_bucket, Key="rawer/not-below.mp4", Body=b"x")
+    storage = Storage(s3_server.endpoint_url)
+    objects = list(storage.list_objects(parse_uri(f"s3://{s3_bucket}/raw")))
+    assert [o.location.path for o in objects] == ["raw/left/clip one.mp4", "raw/日本/ビデオ.mp4"]
+    head = client.head_object(Bucket=s3_bucket, Key="raw/left/clip one.mp4")
+    assert objects[0].size == 5 and objects[0].etag == head["ETag"].strip('"')
+    assert storage.read_bytes(objects[1].location) == b"abc"
+
+
+def test_endpoint_comes_from_the_environment(s3_server, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    storage = Storage()
+    assert storage.endpoint_url == s3_server.endpoint_url
+    storage.check_access(parse_uri(f"s3://{s3_bucket}"))
+
+
+def test_parquet_goes_through_pyarrow_s3_with_the_endpoint_override(s3_server, s3_bucket):
+    storage = Storage(s3_server.endpoint_url)
+    location = parse_uri(f"s3://{s3_bucket}/data/t.parquet")
+    staging = storage.staging_path(location)
+    pq.write_table(pa.table({"x": [1, 2, 3]}), staging)
+    storage.commit_staged(staging, location)
+    table = pq.read_table(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))
+    assert table.column("x").to_pylist() == [1, 2, 3]
+
+
+def test_put_if_absent_refuses_to_replace(s3_server, s3_bucket):
+    storage = Storage(s3_server.endpoint_url)
+    location = parse_uri(f"s3://{s3_bucket}/manifests/v000001.json")
+    storage.put_bytes(location, b"first", if_absent=True)
+    with pytest.raises(FileExistsError):
+        storage.put_bytes(location, b"second", if_absent=True)
+    assert storage.read_bytes(location) == b"first"
+
+
+def _unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_endpoint_fails_fast_naming_it_and_not_the_secret():
+    endpoint = f"http://127.0.0.1:{_unused_port()}"
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        Storage(endpoint).check_access(parse_uri("s3://videos/raw"))
+    assert time.monotonic() - started < 15
+    message = str(caught.value)
+    assert endpoint in message and "cannot reach" in message
+    assert "testing-secret-key" not in message
+
+
+def test_bad_credentials_fail_fast_naming_the_endpoint_and_not_the_secret(s3_server, s3_bucket, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-do-not-print")
+    s3_server.require_credentials(True)
+    try:
+        with pytest.raises(StorageError) as caught:
+            Storage(s3_server.endpoint_url).check_access(parse_uri(f"s3://{s3_bucket}/raw"))
+    finally:
+        s3_server.require_credentials(False)
+    message = str(caught.value)
+    assert "access denied" in message and s3_server.endpoint_url in message and s3_bucket in message
+    assert "wrong-secret-do-not-print" not in message
+
+
+def test_missing_bucket_is_named(s3_server):
+    with pytest.raises(StorageError, match="does not exist") as caught:
+        Storage(s3_server.endpoint_url).check_access(parse_uri("s3://no-such-bucket-here/raw"))
+    assert s3_server.endpoint_url in str(caught.value)
+
+
+def test_missing_local_source_is_named(tmp_path):
+    with pytest.raises(StorageError, match="does not exist"):
+        Storage().check_access(parse_uri(str(tmp_path / "nowhere")))
