@@ -68,23 +68,26 @@ def sample_frame_indices(
 
 
 def resize_center_crop(frames: np.ndarray, short_side: int) -> np.ndarray:
-    """`[T, H, W, 3]` -> `[T, S, S, 3]`: scale so the short side is S, then take the centre square.
+    """`[T, H, W, 3]` uint8 -> `[T, S, S, 3]`: scale so the short side is S, then take the centre square.
 
-    Done in one PIL resize per frame with a source box: the centre square of the original frame maps exactly onto
-    the S x S output, which equals resize-then-crop and touches fewer pixels. PIL's bilinear filter widens its
-    support when shrinking, so large reductions (720p -> 256) do not alias.
+    Crops the centre square first and scales only that (the same pixels as scaling then cropping, less work), with
+    torch's uint8 bilinear kernel with antialiasing: its filter widens when shrinking, so 720p -> 256 does not
+    alias, and it is several times faster than PIL on the same frames.
     """
-    from PIL import Image
+    import torch
 
     _, height, width, _ = frames.shape
     side = min(height, width)
-    left, top = (width - side) / 2, (height - side) / 2
-    box = (left, top, left + side, top + side)
-    out = np.empty((frames.shape[0], short_side, short_side, 3), dtype=np.uint8)
-    for index, frame in enumerate(frames):
-        image = Image.fromarray(frame)
-        out[index] = np.asarray(image.resize((short_side, short_side), Image.BILINEAR, box=box))
-    return out
+    top, left = (height - side) // 2, (width - side) // 2
+    channels_first = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # a view, no copy
+    square = channels_first[:, :, top : top + side, left : left + side]
+    if side == short_side:
+        resized = square
+    else:
+        resized = torch.nn.functional.interpolate(
+            square, size=(short_side, short_side), mode="bilinear", antialias=True, align_corners=False
+        )
+    return resized.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 _DECORD_NOISE = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")

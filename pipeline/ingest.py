@@ -33,7 +33,7 @@ from pipeline.manifest import (
     ShardEntry,
 )
 from pipeline.schema import ErrorRecord, errors_table
-from pipeline.shards import ShardWriter, file_sha256, read_shard_description
+from pipeline.shards import ShardWriter, file_sha256, parquet_write_options, read_shard_description
 from pipeline.storage import Location, Storage, parse_uri
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 1024 * 1024
@@ -242,21 +242,37 @@ def _error(source: dict, stage: str, error: Exception) -> ErrorRecord:
     return ErrorRecord(source["uri"], source["etag"], stage, type(error).__name__, message[:2000])
 
 
+# Videos per Ray task at least, so that scheduling a task costs little next to decoding; shards stay per group.
+_MIN_VIDEOS_PER_TASK = 8
+
+
 def build_dataset(plan: IngestPlan, storage: Storage):
-    """A Ray Dataset with one row per group: `{"result": json}`, produced as groups finish (streaming)."""
+    """A Ray Dataset with one row per group: `{"result": json}`, produced as groups finish (streaming).
+
+    Groups (shards) are dealt into tasks of at least `_MIN_VIDEOS_PER_TASK` videos, but into at least two tasks per
+    CPU of the cluster when there are enough groups, so that no CPU idles at the end. How groups share tasks does not
+    change what any shard holds.
+    """
     import ray
     import ray.data
 
     sampling, root_uri = plan.sampling, plan.root.uri
 
-    def run_group(row: dict) -> dict:
-        result = ingest_group(json.loads(row["group"]), storage, sampling, root_uri)
-        result["node_id"] = ray.get_runtime_context().get_node_id()
-        return {"result": json.dumps(result, ensure_ascii=False)}
+    def run_groups(batch: dict) -> dict:
+        node_id = ray.get_runtime_context().get_node_id()
+        results = []
+        for text in batch["group"]:
+            result = ingest_group(json.loads(text), storage, sampling, root_uri)
+            results.append(json.dumps({**result, "node_id": node_id}, ensure_ascii=False))
+        return {"result": results}
 
     items = [{"group": json.dumps(group, ensure_ascii=False)} for group in plan.groups]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return dataset.map(run_group, num_cpus=1)
+    videos_per_group = max(len(group["videos"]) for group in plan.groups) if plan.groups else 1
+    groups_per_task = max(1, math.ceil(_MIN_VIDEOS_PER_TASK / videos_per_group))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    tasks = max(1, math.ceil(len(items) / groups_per_task), min(len(items), 2 * cpus))
+    dataset = ray.data.from_items(items, override_num_blocks=tasks)
+    return dataset.map_batches(run_groups, batch_size=None, batch_format="numpy", num_cpus=1)
 
 
 @dataclass
@@ -381,7 +397,7 @@ def _drop_superseded(
         path = f"{SHARDS_DIR}/part-{hashlib.sha256(identity).hexdigest()[:24]}.parquet"
         location = plan.root.join(path)
         staging = storage.staging_path(location)
-        pq.write_table(remaining, staging, compression="zstd")
+        pq.write_table(remaining, staging, **parquet_write_options(remaining.schema))
         size, digest = os.path.getsize(staging), file_sha256(staging)
         storage.commit_staged(staging, location)
         kept.append(ShardEntry(path, remaining.num_rows, digest, size))

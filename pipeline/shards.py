@@ -31,6 +31,21 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def parquet_write_options(schema: pa.Schema) -> dict:
+    """How clip tables are written. Parquet stores uint8 as INT32; byte-stream-split lays each of the four bytes of
+    the values out as its own stream, so zstd (level 1) squeezes the three zero streams to nothing. Against the
+    default dictionary encoding this writes in ~60 % and reads in ~40 % of the CPU time, and is smaller. Min/max
+    statistics of millions of pixel values would cost time and serve no reader, so only small columns get them."""
+    small_columns = [name for name in schema.names if name != "frames"]
+    return {
+        "compression": "zstd",
+        "compression_level": 1,
+        "use_dictionary": small_columns,
+        "column_encoding": {"frames.list.element": "BYTE_STREAM_SPLIT"},
+        "write_statistics": small_columns,
+    }
+
+
 class ShardWriter:
     """Appends clips of one video at a time to a staged Parquet file; `commit` publishes it under its final name."""
 
@@ -39,7 +54,7 @@ class ShardWriter:
         self.final = final
         self.schema = clip_schema(frames, short_side)
         self.staging = storage.staging_path(final)
-        self._writer = pq.ParquetWriter(self.staging, self.schema, compression="zstd")
+        self._writer = pq.ParquetWriter(self.staging, self.schema, **parquet_write_options(self.schema))
         self._pending: list[pa.RecordBatch] = []
         self._pending_bytes = 0
         self.rows = 0
