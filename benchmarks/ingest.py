@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""Ingest throughput and memory; prints one JSON object.
+
+    python benchmarks/ingest.py [--quick] [--cpus N] [--output FILE]
+
+On one set of synthetic videos (several resolutions up to 720p and several lengths, made by pipeline.synthetic),
+producing the same clips (same frame indices, same resize + centre crop):
+- ingest: `jobs.ingest.run_ingest` on a local Ray with N CPUs (Ray already started; the time covers listing,
+  decoding, Parquet shards and the manifest), in clips/s;
+- decode-only limit: decord decoding the same frame indices of the same files in a pool of N processes, one decoder
+  thread each, and nothing else (no resize, no writing): the ceiling for any decord-based ingest;
+- read_videos: the same clips from a pipeline built on `ray.data.read_videos` (decodes every frame, keeps the
+  sampled ones, resizes them, groups them into clips per video, writes Parquet);
+- CPU time per clip of each side (all its processes: for ingest the driver, Ray's own processes and the workers),
+  which other load on a shared machine does not skew the way it skews wall time;
+- memory: the ingest job run as a fresh process (its own local Ray) on 10 and on 100 videos, sampling every 100 ms
+  the whole process tree (driver, Ray's own processes, workers): peak of summed PSS (shared object-store pages
+  counted once) and of summed RSS.
+Videos are generated once per distinct configuration and copied to reach the counts (decoding a copy costs the same
+as decoding a new video); they are cached in --work-dir between runs. Decoding cost, and so every ratio, depends on
+the key frame interval (`--gop`): the default is one key frame every 2 s; x264's own default, which many re-encoded
+datasets carry, is 250 frames, making decoding dearer and the fixed per-clip work of ingest relatively smaller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline.synthetic import write_motion_video  # noqa: E402
+
+# (width, height, frames, fps): a mix of resolutions and lengths
+FULL_CONFIGS = [(320, 240, 300, 30), (640, 360, 150, 30), (1280, 720, 90, 30)]
+QUICK_CONFIGS = [(320, 240, 60, 30), (640, 360, 45, 30), (1280, 720, 30, 30)]
+
+
+def make_videos(work_dir: Path, configs, unique_per_config: int, total: int, name: str, gop: int | None) -> Path:
+    """`total` videos under work_dir/name, cycling through the configurations (key frame every `gop` frames,
+    default every 2 s)."""
+    originals = work_dir / f"originals_gop{gop or 'default'}"
+    sources = []
+    for width, height, frames, fps in configs:
+        for index in range(unique_per_config):
+            path = originals / f"{width}x{height}_{frames}f_{index}.mp4"
+            if not path.exists():
+                write_motion_video(path, ("left", "right", "up", "down")[index % 4], size=(width, height),
+                                   fps=fps, num_frames=frames, seed=index, gop=gop)
+            sources.append(path)
+    folder = work_dir / f"{name}_gop{gop or 'default'}"
+    if folder.exists() and len(list(folder.glob("*.mp4"))) == total:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for index in range(total):
+        shutil.copyfile(sources[index % len(sources)], folder / f"video_{index:05d}.mp4")
+    return folder
+
+
+def wanted_indices(path: str, frames: int) -> list[int]:
+    import decord
+
+    from pipeline.decode import sample_frame_indices
+
+    indices, _ = sample_frame_indices(len(decord.VideoReader(path, num_threads=1)), frames)
+    return sorted(set(indices.ravel().tolist()))
+
+
+def _decode_only(job) -> int:
+    import decord
+
+    path, indices = job
+    decord.VideoReader(path, num_threads=1).get_batch(indices).asnumpy()
+    return 1
+
+
+def bench_decode_only(paths: list[str], indices: dict[str, list[int]], cpus: int) -> tuple[float, float]:
+    """(clips/s, CPU ms per clip)."""
+    with ProcessPoolExecutor(max_workers=cpus) as pool:
+        list(pool.map(_decode_only, [(paths[0], indices[paths[0]])] * cpus))  # start and warm the workers
+        with Measured() as measured:
+            clips = sum(pool.map(_decode_only, [(path, indices[path]) for path in paths]))
+    return clips / measured.wall, 1000 * measured.cpu / clips
+
+
+def bench_ingest(src: Path, dst: Path, frames: int, size: int, short_side: int) -> tuple[float, float, int]:
+    """(clips/s, CPU ms per clip of the whole job: driver, Ray's own processes, workers, clips)."""
+    from jobs.ingest import run_ingest
+
+    # Start and warm the Ray workers (imports, first decode) as the decode-only pool is warmed before timing.
+    warm_src = dst.parent / "warm-src"
+    warm_src.mkdir(parents=True, exist_ok=True)
+    first = sorted(src.glob("*.mp4"))[0]
+    for index in range(4):
+        shutil.copyfile(first, warm_src / f"warm_{index}.mp4")
+    shutil.rmtree(dst.parent / "warm-dst", ignore_errors=True)
+    run_ingest(str(warm_src), str(dst.parent / "warm-dst"), frames=frames, size=size, short_side=short_side,
+               echo=lambda _: None)
+    shutil.rmtree(dst, ignore_errors=True)
+    with Measured() as measured:
+        summary = run_ingest(str(src), str(dst), frames=frames, size=size, short_side=short_side,
+                             echo=lambda _: None)
+    assert summary.errored == 0, summary.errors
+    clips = summary.clips_written
+    return clips / measured.wall, 1000 * measured.cpu / clips, clips
+
+
+def bench_read_videos(paths: list[str], indices: dict[str, list[int]], dst: Path, frames: int, short_side: int):
+    import numpy as np
+    import ray.data
+
+    from pipeline.decode import resize_center_crop
+
+    shutil.rmtree(dst, ignore_errors=True)
+
+    def keep_sampled_frames(batch: dict) -> dict:
+        keep = [i for i, (path, index) in enumerate(zip(batch["path"], batch["frame_index"]))
+                if index in set(indices[path])]
+        # frames of differently sized videos may share a batch (a ragged object array), so resize one by one
+        resized = [resize_center_crop(np.asarray(batch["frame"][i])[None], short_side)[0] for i in keep]
+        empty = np.zeros((0, short_side, short_side, 3), np.uint8)
+        return {"path": np.asarray(batch["path"])[keep], "frame_index": np.asarray(batch["frame_index"])[keep],
+                "frame": np.stack(resized) if resized else empty}
+
+    def to_clip(group: dict) -> dict:
+        path = group["path"][0]
+        position = {int(index): i for i, index in enumerate(group["frame_index"])}
+        clip = np.asarray(group["frame"])[[position[index] for index in _clip_order(indices[path], frames)]]
+        return {"path": [path], "frames": clip[None]}
+
+    started = time.perf_counter()
+    dataset = (
+        ray.data.read_videos(paths, include_paths=True)
+        .map_batches(keep_sampled_frames, batch_format="numpy")
+        .groupby("path")
+        .map_groups(to_clip, batch_format="numpy")
+    )
+    dataset.write_parquet(str(dst))
+    elapsed = time.perf_counter() - started
+    clips = ray.data.read_parquet(str(dst)).count()
+    return clips / elapsed, clips
+
+
+def _clip_order(wanted: list[int], frames: int) -> list[int]:
+    """The clip's T frame indices from the sorted unique ones (the last repeats when a video is short)."""
+    return [wanted[min(i, len(wanted) - 1)] for i in range(frames)] if len(wanted) < frames else wanted[:frames]
+
+
+# ---- memory of a whole job ------------------------------------------------------------------------------------------
+def _tree(pid: int) -> list[int]:
+    pids, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        pids.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as handle:
+                    stack.extend(int(child) for child in handle.read().split())
+        except OSError:
+            continue
+    return pids
+
+
+def _memory_kb(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) in kB of one process; zeros when it has gone."""
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+    except OSError:
+        pass
+    return pss, rss
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants that are alive now."""
+    total = 0
+    for member in _tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class Measured:
+    """Wall time and CPU time of this process tree (Ray's processes and pool workers are its descendants)."""
+
+    def __enter__(self):
+        self.cpu, self.wall = tree_cpu_seconds(os.getpid()), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.cpu, self.wall = tree_cpu_seconds(os.getpid()) - self.cpu, time.perf_counter() - self.wall
+
+
+_JOB = """
+import sys, logging, ray
+ray.init(num_cpus=int(sys.argv[3]), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+from jobs.ingest import run_ingest
+s = run_ingest(sys.argv[1], sys.argv[2], frames=int(sys.argv[4]), size=int(sys.argv[5]), short_side=int(sys.argv[6]),
+               echo=lambda _: None)
+assert s.errored == 0 and s.ingested == s.listed, s
+"""
+
+
+def job_peak_memory(src: Path, dst: Path, cpus: int, frames: int, size: int, short_side: int) -> dict:
+    shutil.rmtree(dst, ignore_errors=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _JOB, str(src), str(dst), str(cpus), str(frames), str(size), str(short_side)],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    peak_pss = peak_rss = 0
+    peak_parts: dict[str, float] = {}
+    started = time.perf_counter()
+    while process.poll() is None:
+        samples = {pid: _memory_kb(pid) for pid in _tree(process.pid)}
+        pss = sum(sample[0] for sample in samples.values())
+        peak_rss = max(peak_rss, sum(sample[1] for sample in samples.values()))
+        if pss > peak_pss:
+            peak_pss, peak_parts = pss, {}
+            for pid, (part, _) in samples.items():
+                kind = "driver" if pid == process.pid else _process_kind(pid)
+                peak_parts[kind] = peak_parts.get(kind, 0) + part / 1024
+        time.sleep(0.1)
+    if process.returncode != 0:
+        raise RuntimeError(f"ingest job failed: {process.stderr.read().decode()[-3000:]}")
+    return {"peak_pss_mb": round(peak_pss / 1024, 1), "peak_rss_mb": round(peak_rss / 1024, 1),
+            "peak_pss_mb_by_process": {kind: round(mb, 1) for kind, mb in sorted(peak_parts.items())},
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _process_kind(pid: int) -> str:
+    """'ray workers' for Ray's worker processes (whatever task they run), else the executable's name."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as handle:
+            argv = handle.read().split("\0")
+    except OSError:
+        return "gone"
+    if argv[0].startswith("ray::"):
+        return "ray workers" if argv[0] in ("ray::IDLE",) or "MapBatches" in argv[0] or "run_groups" in argv[0] \
+            else argv[0]
+    return os.path.basename(argv[0]) if not argv[0].endswith("python") else os.path.basename(argv[1] or "python")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter videos and fewer of them")
+    parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--videos", type=int, default=None, help="videos in the throughput set (default 48, quick 9)")
+    parser.add_argument("--gop", type=int, default=None,
+                        help="key frame interval of the generated videos in frames (default 2 s; x264's own is 250)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--short-side", type=int, default=256)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rss-counts", type=int, nargs=2, default=[10, 100])
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of ingest and decode-only")
+    parser.add_argument("--skip-read-videos", action="store_true")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "uniformer-ingest-bench"))
+    parser.add_argument("--output", help="also write the JSON here")
+    args = parser.parse_args()
+
+    configs = QUICK_CONFIGS if args.quick else FULL_CONFIGS
+    unique = 1 if args.quick else 2
+    count = args.videos or (9 if args.quick else 48)
+    work = Path(args.work_dir) / ("quick" if args.quick else "full")
+    src = make_videos(work, configs, unique, count, f"throughput_{count}", args.gop)
+    paths = sorted(str(path) for path in src.glob("*.mp4"))
+    indices = {path: wanted_indices(path, args.frames) for path in paths}
+
+    import ray
+
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    scratch = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    try:
+        # Alternate the two and keep each one's best round, so that both see the same machine load.
+        decode_only = ingest = 0.0
+        decode_only_cpu = ingest_cpu = float("inf")
+        for _ in range(args.rounds):
+            rate, cpu_ms = bench_decode_only(paths, indices, args.cpus)
+            decode_only, decode_only_cpu = max(decode_only, rate), min(decode_only_cpu, cpu_ms)
+            rate, cpu_ms, clips = bench_ingest(src, scratch / "ingest", args.frames, args.size, args.short_side)
+            ingest, ingest_cpu = max(ingest, rate), min(ingest_cpu, cpu_ms)
+        result = {
+            "machine": {"cpus": args.cpus, "platform": platform.platform(), "python": platform.python_version()},
+            "videos": {"count": count, "configs": [f"{w}x{h} {n} frames @{f} fps" for w, h, n, f in configs],
+                       "key_frame_every": args.gop or "2 s",
+                       "bytes": sum(os.path.getsize(path) for path in paths)},
+            "clip": {"frames": args.frames, "short_side": args.short_side, "sampling": "uniform"},
+            "ingest_clips_per_s": round(ingest, 2),
+            "decode_only_clips_per_s": round(decode_only, 2),
+            "ingest_vs_decode_only": round(ingest / decode_only, 3),
+            "goal_ingest_vs_decode_only": 0.8,
+            # CPU time per clip, all processes of each side: insensitive to other load on a shared machine
+            "ingest_cpu_ms_per_clip": round(ingest_cpu, 1),
+            "decode_only_cpu_ms_per_clip": round(decode_only_cpu, 1),
+            "ingest_vs_decode_only_by_cpu_time": round(decode_only_cpu / ingest_cpu, 3),
+        }
+        if not args.skip_read_videos:
+            read_videos, read_clips = bench_read_videos(paths, indices, scratch / "read_videos", args.frames,
+                                                        args.short_side)
+            assert read_clips == clips, (read_clips, clips)
+            result.update({"read_videos_clips_per_s": round(read_videos, 2),
+                           "ingest_vs_read_videos": round(ingest / read_videos, 2),
+                           "goal_ingest_vs_read_videos": 3.0})
+        ray.shutdown()
+        memory = {}
+        for total in args.rss_counts:
+            folder = make_videos(work, configs, unique, total, f"memory_{total}", args.gop)
+            memory[f"videos_{total}"] = job_peak_memory(folder, scratch / f"memory_{total}", args.cpus,
+                                                        args.frames, args.size, args.short_side)
+        small, large = (memory[f"videos_{total}"] for total in args.rss_counts)
+        memory["pss_ratio"] = round(large["peak_pss_mb"] / small["peak_pss_mb"], 3)
+        memory["rss_ratio"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
+        memory["goal_ratio"] = 1.2
+        result["memory"] = memory
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
