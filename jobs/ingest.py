@@ -63,7 +63,7 @@ def run_ingest(
     started = time.monotonic()
     params = SamplingParams(frames, short_side, size, sampling, stride, clips_per_video)
     if labels_csv and labels_from_dirs:
-        raise ValueError("use either a labels CSV or labels from folders, not both")
+        raise ValueError("use either a labels CSV or labels from folders, not both")  # before any storage access
     storage = Storage(endpoint_url, spill_threshold_bytes=spill_threshold_bytes)
     source, root = parse_uri(src), parse_uri(out)
     storage.check_access(source)

@@ -33,7 +33,13 @@ from pipeline.manifest import (
     ShardEntry,
 )
 from pipeline.schema import ErrorRecord, errors_table
-from pipeline.shards import ShardWriter, file_sha256, parquet_write_options, read_shard_description
+from pipeline.shards import (
+    ShardWriter,
+    file_sha256,
+    parquet_write_options,
+    publish_table,
+    read_shard_description,
+)
 from pipeline.storage import Location, Storage, parse_uri
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 1024 * 1024
@@ -351,7 +357,7 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
     errors_path = None
     if errors:
         errors_path = f"{ERRORS_DIR}/v{version:06d}.parquet"
-        _write_table_atomically(storage, plan.root.join(errors_path), errors_table(errors))
+        publish_table(storage, plan.root.join(errors_path), errors_table(errors))
     sources = {**kept_sources, **new_sources}
     outcome.manifest = Manifest(
         version=version,
@@ -366,12 +372,6 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
         previous_version=previous.version if previous else None,
     )
     return outcome
-
-
-def _write_table_atomically(storage: Storage, location: Location, table) -> None:
-    staging = storage.staging_path(location)
-    pq.write_table(table, staging)
-    storage.commit_staged(staging, location)
 
 
 def _drop_superseded(
@@ -395,11 +395,8 @@ def _drop_superseded(
         remaining_ids = sorted(set(remaining.column("video_id").to_pylist()))
         identity = json.dumps([shard.path, remaining_ids], ensure_ascii=False).encode("utf-8")
         path = f"{SHARDS_DIR}/part-{hashlib.sha256(identity).hexdigest()[:24]}.parquet"
-        location = plan.root.join(path)
-        staging = storage.staging_path(location)
-        pq.write_table(remaining, staging, **parquet_write_options(remaining.schema))
-        size, digest = os.path.getsize(staging), file_sha256(staging)
-        storage.commit_staged(staging, location)
+        options = parquet_write_options(remaining.schema)
+        size, digest = publish_table(storage, plan.root.join(path), remaining, **options)
         kept.append(ShardEntry(path, remaining.num_rows, digest, size))
         for video_id in remaining_ids:
             sources[video_id] = {**sources[video_id], "shard": path}

@@ -115,6 +115,19 @@ class ShardWriter:
                 os.unlink(self.staging)
 
 
+def publish_table(storage: Storage, final: Location, table: pa.Table, **write_options) -> tuple[int, str]:
+    """Write a whole table atomically under `final`; returns (bytes, sha256) of the published file."""
+    staging = storage.staging_path(final)
+    try:
+        pq.write_table(table, staging, **write_options)
+        size, digest = os.path.getsize(staging), file_sha256(staging)
+    except BaseException:
+        os.unlink(staging)
+        raise
+    storage.commit_staged(staging, final)
+    return size, digest
+
+
 def read_shard_description(storage: Storage, location: Location) -> tuple[int, dict] | None:
     """(rows, footer description) of a published shard, or None when its footer has no description."""
     metadata = pq.read_metadata(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))

@@ -116,7 +116,7 @@ _clients_lock = threading.Lock()
 
 
 class Storage:
-    """Reads, lists and writes objects under s3:// or local URIs. Cheap to pickle: clients are made lazily per process."""
+    """Reads, lists and writes objects under s3:// or local URIs. Pickles small: clients live per process."""
 
     def __init__(self, endpoint_url: str | None = None, spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES):
         self.endpoint_url = resolve_endpoint_url(endpoint_url)

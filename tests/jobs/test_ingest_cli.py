@@ -20,9 +20,8 @@ def test_ingest_help_lists_the_options():
 def test_unsafe_labels_csv_exits_with_a_message(tmp_path, make_videos):
     make_videos(tmp_path / "videos")
     (tmp_path / "labels.csv").write_text("path,label\n/etc/passwd,left\n")
-    result = runner.invoke(
-        app, ["ingest", str(tmp_path / "videos"), "--out", str(tmp_path / "clips"), "--labels", str(tmp_path / "labels.csv")]
-    )
+    arguments = ["ingest", str(tmp_path / "videos"), "--out", str(tmp_path / "clips")]
+    result = runner.invoke(app, arguments + ["--labels", str(tmp_path / "labels.csv")])
     assert result.exit_code == 2
     assert "absolute path" in result.output
 

@@ -9,7 +9,10 @@ from pipeline.synthetic import MOTION_CLASSES, generate_motion_dataset, render_m
 
 def test_time_average_is_the_same_for_every_direction():
     # Same seed -> same background, window, texture; only the direction differs.
-    means = [render_motion_frames(d, 64, 48, 16, np.random.default_rng(7)).astype(float).mean(0) for d in MOTION_CLASSES]
+    means = [
+        render_motion_frames(direction, 64, 48, 16, np.random.default_rng(7)).astype(float).mean(0)
+        for direction in MOTION_CLASSES
+    ]
     for other in means[1:]:
         assert np.abs(other - means[0]).max() < 1.0  # uint8 rounding only
 
