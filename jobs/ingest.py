@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from pipeline.ingest import (
     DEFAULT_MAX_SHARD_BYTES,
+    IngestCounts,
     build_dataset,
     commit_ingest,
     plan_ingest,
@@ -24,19 +25,11 @@ from pipeline.storage import DEFAULT_SPILL_THRESHOLD_BYTES, Storage, parse_uri
 
 
 @dataclass
-class IngestSummary:
+class IngestSummary(IngestCounts):
     source: str
     destination: str
     manifest_version: int | None  # the version that describes the dataset after this run
     manifest_written: bool  # False when nothing changed and the previous version still holds
-    listed: int
-    ingested: int
-    already_done: int
-    errored: int
-    labels_missing: int
-    clips_written: int
-    shards_written: int
-    shards_adopted: int
     nodes_used: int  # Ray nodes that decoded groups in this run
     seconds: float
     errors_uri: str | None = None
@@ -104,14 +97,7 @@ def run_ingest(
         destination=root.uri,
         manifest_version=version,
         manifest_written=outcome.manifest is not None,
-        listed=outcome.listed,
-        ingested=outcome.ingested,
-        already_done=outcome.already_done,
-        errored=outcome.errored,
-        labels_missing=outcome.labels_missing,
-        clips_written=outcome.clips_written,
-        shards_written=outcome.shards_written,
-        shards_adopted=outcome.shards_adopted,
+        **asdict(outcome.counts),
         nodes_used=len({result["node_id"] for result in results}),
         seconds=time.monotonic() - started,
         errors_uri=root.join(errors_path).uri if errors_path else None,

@@ -282,16 +282,23 @@ def build_dataset(plan: IngestPlan, storage: Storage):
 
 
 @dataclass
-class IngestOutcome:
-    manifest: Manifest | None  # None when nothing changed since the previous version
+class IngestCounts:
+    """What one run did with its inputs: listed = ingested + already_done + errored."""
+
     listed: int
     ingested: int
     already_done: int
     errored: int
-    labels_missing: int
+    labels_missing: int  # labels CSV rows naming no listed video
     clips_written: int
     shards_written: int
-    shards_adopted: int
+    shards_adopted: int  # published by a killed earlier run, taken over without decoding
+
+
+@dataclass
+class IngestOutcome:
+    manifest: Manifest | None  # None when nothing changed since the previous version
+    counts: IngestCounts
     errors: list[ErrorRecord]
 
 
@@ -340,14 +347,7 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
 
     outcome = IngestOutcome(
         manifest=None,
-        listed=counts["listed"],
-        ingested=counts["ingested"],
-        already_done=counts["already_done"],
-        errored=counts["errored"],
-        labels_missing=counts["labels_missing"],
-        clips_written=counts["clips_written"],
-        shards_written=len(new_shards) - adopted,
-        shards_adopted=adopted,
+        counts=IngestCounts(**counts, shards_written=len(new_shards) - adopted, shards_adopted=adopted),
         errors=errors,
     )
     if previous is not None and not new_shards and not errors and not plan.superseded:
