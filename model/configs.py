@@ -42,9 +42,9 @@ def uniformerv2_l14_336() -> UniFormerV2Config:
 
 @register
 def uniformerv2_tiny() -> UniFormerV2Config:
-    """A few-hundred-thousand-parameter model with every UniFormerV2 part, for CPU demos and tests on 64 px clips."""
+    """A sub-million-parameter model with every UniFormerV2 part, for CPU demos and tests on 32 px clips."""
     return UniFormerV2Config(
-        input_resolution=64,
+        input_resolution=32,
         patch_size=8,
         width=96,
         layers=4,

@@ -16,7 +16,7 @@ def tiny(num_classes: int = 5, **overrides) -> UniFormerV2:
     return model.create_model("uniformerv2_tiny", num_classes=num_classes, **overrides)
 
 
-def clip_input(n: int = 2, frames: int = 8, size: int = 64) -> torch.Tensor:
+def clip_input(n: int = 2, frames: int = 8, size: int = 32) -> torch.Tensor:
     return torch.randn(n, 3, frames, size, size)
 
 
@@ -88,7 +88,7 @@ def test_fresh_model_is_the_image_vit_on_identical_frames():
     token on that frame, at every frame, with and without temporal downsampling. The reference is timm's CLIP ViT."""
     torch.manual_seed(0)
     vit = VisionTransformer(
-        img_size=64,
+        img_size=32,
         patch_size=8,
         embed_dim=96,
         depth=4,
@@ -97,7 +97,7 @@ def test_fresh_model_is_the_image_vit_on_identical_frames():
         act_layer="quick_gelu",
         norm_layer=torch.nn.LayerNorm,  # CLIP's eps (1e-5), as timm's CLIP configs set it
     ).eval()
-    image = torch.randn(2, 3, 64, 64)
+    image = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(image)))
         reference = vit.blocks(x)[:, 0]
@@ -159,9 +159,9 @@ def test_frame_count_is_read_from_the_input():
 @pytest.mark.parametrize(
     "bad, message",
     [
-        (torch.randn(2, 8, 3, 64, 64), r"expected video \[N, 3, T, H, W\]"),
-        (torch.randn(2, 3, 8, 64), r"expected video"),
-        (torch.randn(1, 3, 8, 96, 96), r"patch grid .* input_resolution=96"),
+        (torch.randn(2, 8, 3, 32, 32), r"expected video \[N, 3, T, H, W\]"),
+        (torch.randn(2, 3, 8, 32), r"expected video"),
+        (torch.randn(1, 3, 8, 48, 48), r"patch grid .* input_resolution=48"),
     ],
 )
 def test_bad_input_shapes_are_refused_clearly(bad, message):
@@ -177,7 +177,7 @@ def test_bad_input_shapes_are_refused_clearly(bad, message):
         (dict(n_dim=64), ValueError, r"n_dim=64 must equal width"),
         (dict(mlp_dropout=(0.1, 0.2, 0.3)), ValueError, r"mlp_dropout needs 2"),
         (dict(t_size=7), ValueError, r"must be even"),
-        (dict(input_resolution=60), ValueError, r"not a multiple of patch"),
+        (dict(input_resolution=36), ValueError, r"not a multiple of patch"),
         (dict(no_such_option=1), TypeError, r"no_such_option"),
     ],
 )
