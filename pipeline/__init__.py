@@ -1,8 +1,8 @@
 """Data: storage URIs, video listing, decord decoding and frame sampling, clip shards, manifests and readers.
 
-One-way chain: storage -> listing -> decode/sample -> clip transform -> shards/manifest. Each step is a function on
-one video usable without Ray; Ray Data wraps them at the edge (pipeline.ingest, pipeline.reader). Nothing here
-imports from `jobs`.
+One-way chain: storage -> listing -> decode/sample -> clip transform -> shards/manifest; scoring decodes multi-view
+test clips instead (pipeline.views). Each step is a function on one video usable without Ray; Ray Data wraps them at
+the edge (pipeline.ingest, pipeline.reader). Nothing here imports from `jobs`.
 """
 
 from pipeline.decode import (
@@ -10,6 +10,7 @@ from pipeline.decode import (
     ClipInfo,
     VideoDecodeError,
     decode_clips,
+    read_sampled_frames,
     resize_center_crop,
     sample_frame_indices,
 )
@@ -42,12 +43,14 @@ from pipeline.schema import (
 )
 from pipeline.storage import Location, ObjectInfo, Storage, StorageError, parse_uri
 from pipeline.synthetic import MOTION_CLASSES, generate_motion_dataset, write_motion_video
+from pipeline.views import decode_views, parse_views
 
 __all__ = [
     "SAMPLINGS",
     "ClipInfo",
     "VideoDecodeError",
     "decode_clips",
+    "read_sampled_frames",
     "resize_center_crop",
     "sample_frame_indices",
     "VIDEO_EXTENSIONS",
@@ -82,4 +85,6 @@ __all__ = [
     "MOTION_CLASSES",
     "generate_motion_dataset",
     "write_motion_video",
+    "decode_views",
+    "parse_views",
 ]

@@ -115,19 +115,19 @@ def _describe(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def decode_clips(
+def read_sampled_frames(
     video: bytes | str | os.PathLike,
     frames: int,
-    short_side: int,
     sampling: str = "uniform",
     stride: int = 16,
     clips_per_video: int = 1,
     num_threads: int = 1,
-) -> tuple[np.ndarray, ClipInfo]:
-    """Decode K clips `[K, T, S, S, 3]` uint8 from one video given as bytes (decoded from memory) or a local path.
+) -> tuple[np.ndarray, np.ndarray, ClipInfo]:
+    """The distinct frames that K sampled clips need, at decoded size: `(frames [U, H, W, 3] uint8, their sorted
+    frame indices [U], ClipInfo)`. `np.searchsorted(indices, info.frame_indices)` maps clip positions to rows.
 
-    Only the frames the clips need are decoded (decord `get_batch` seeks to the nearest key frame). `num_threads`
-    is decord's decoder threads; one per task is right when every CPU runs its own task.
+    Only those frames are decoded (decord `get_batch` seeks to the nearest key frame). `num_threads` is decord's
+    decoder threads; one per task is right when every CPU runs its own task.
     Raises VideoDecodeError with a one-line reason for anything that is not a decodable video.
     """
     import decord
@@ -175,6 +175,24 @@ def decode_clips(
         raise VideoDecodeError(f"decoder returned frames of shape {decoded.shape}, expected [{len(wanted)}, H, W, 3]")
     if height is None:
         height, width = decoded.shape[1:3]
+    return decoded, np.asarray(wanted), ClipInfo(indices, fps, num_video_frames, width, height, padded)
+
+
+def decode_clips(
+    video: bytes | str | os.PathLike,
+    frames: int,
+    short_side: int,
+    sampling: str = "uniform",
+    stride: int = 16,
+    clips_per_video: int = 1,
+    num_threads: int = 1,
+) -> tuple[np.ndarray, ClipInfo]:
+    """Decode K clips `[K, T, S, S, 3]` uint8 from one video given as bytes (decoded from memory) or a local path:
+    the sampled frames (`read_sampled_frames`), each scaled so its short side is S and centre-cropped to a square.
+
+    Raises VideoDecodeError with a one-line reason for anything that is not a decodable video.
+    """
+    decoded, wanted, info = read_sampled_frames(video, frames, sampling, stride, clips_per_video, num_threads)
     resized = resize_center_crop(decoded, short_side)
-    clips = resized[np.searchsorted(np.asarray(wanted), indices)]  # [K, T, S, S, 3]
-    return clips, ClipInfo(indices, fps, num_video_frames, width, height, padded)
+    clips = resized[np.searchsorted(wanted, info.frame_indices)]  # [K, T, S, S, 3]
+    return clips, info

@@ -16,9 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
@@ -35,7 +32,7 @@ from pipeline.manifest import (
 from pipeline.schema import ErrorRecord, errors_table
 from pipeline.shards import (
     ShardWriter,
-    file_sha256,
+    measure_published,
     parquet_write_options,
     publish_table,
     read_shard_description,
@@ -151,26 +148,6 @@ def plan_ingest(
     )
 
 
-@contextmanager
-def _fetched(storage: Storage, source: dict):
-    """The video as something decode_clips takes: the path of a local file as is, a small S3 object as bytes, a
-    large one spilled to a local temporary file (decord copies a file-like input whole, a path it streams)."""
-    location = parse_uri(source["uri"])
-    if location.scheme == "file":
-        yield location.path
-        return
-    if source["size"] <= storage.spill_threshold_bytes:
-        yield storage.read_bytes(location)
-        return
-    handle, spill_path = tempfile.mkstemp(suffix=".video")
-    os.close(handle)
-    try:
-        storage.download(location, spill_path)
-        yield spill_path
-    finally:
-        os.unlink(spill_path)
-
-
 def ingest_group(group: dict, storage: Storage, sampling: SamplingParams, root_uri: str) -> dict:
     """Decode every video of a group into one shard. Never raises for a bad video: it becomes an error record.
 
@@ -183,7 +160,7 @@ def ingest_group(group: dict, storage: Storage, sampling: SamplingParams, root_u
         adopted = read_shard_description(storage, final)
         if adopted is not None:
             rows, description = adopted
-            size, digest = _measure(storage, final)
+            size, digest = measure_published(storage, final)
             shard = {"path": group["shard"], "rows": rows, "sha256": digest, "bytes": size}
             return {**description, "shard": shard, "adopted": True}
 
@@ -193,7 +170,7 @@ def ingest_group(group: dict, storage: Storage, sampling: SamplingParams, root_u
         for source in group["videos"]:
             stage = "read"
             try:
-                with _fetched(storage, source) as video:
+                with storage.fetched(parse_uri(source["uri"]), source["size"]) as video:
                     stage = "decode"
                     clips, info = decode_clips(
                         video,
@@ -228,19 +205,6 @@ def ingest_group(group: dict, storage: Storage, sampling: SamplingParams, root_u
     except BaseException:
         writer.abort()
         raise
-
-
-def _measure(storage: Storage, location: Location) -> tuple[int, str]:
-    """(bytes, sha256) of a published file; downloads it when it is remote (only adopted shards need this)."""
-    if location.scheme == "file":
-        return os.path.getsize(location.path), file_sha256(location.path)
-    handle, local = tempfile.mkstemp(suffix=".parquet")
-    os.close(handle)
-    try:
-        storage.download(location, local)
-        return os.path.getsize(local), file_sha256(local)
-    finally:
-        os.unlink(local)
 
 
 def _error(source: dict, stage: str, error: Exception) -> ErrorRecord:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -133,3 +134,16 @@ def read_shard_description(storage: Storage, location: Location) -> tuple[int, d
     metadata = pq.read_metadata(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))
     raw = (metadata.metadata or {}).get(FOOTER_KEY)
     return (metadata.num_rows, json.loads(raw)) if raw else None
+
+
+def measure_published(storage: Storage, location: Location) -> tuple[int, str]:
+    """(bytes, sha256) of a published file; downloads it when it is remote (only adopted shards need this)."""
+    if location.scheme == "file":
+        return os.path.getsize(location.path), file_sha256(location.path)
+    handle, local = tempfile.mkstemp(suffix=".parquet")
+    os.close(handle)
+    try:
+        storage.download(location, local)
+        return os.path.getsize(local), file_sha256(local)
+    finally:
+        os.unlink(local)

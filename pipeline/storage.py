@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -247,6 +248,24 @@ class Storage:
     def download(self, location: Location, local_path: str) -> None:
         """Stream an object to a local file without holding it in memory."""
         self._client().download_file(location.bucket, location.path, local_path)
+
+    @contextmanager
+    def fetched(self, location: Location, size: int) -> Iterator[bytes | str]:
+        """The object as something a decoder takes: a local file's path as is, a small S3 object as bytes, a large
+        one spilled to a local temporary file (decord copies a file-like input whole, a path it streams)."""
+        if location.scheme == "file":
+            yield location.path
+            return
+        if size <= self.spill_threshold_bytes:
+            yield self.read_bytes(location)
+            return
+        handle, spill_path = tempfile.mkstemp(suffix=".video")
+        os.close(handle)
+        try:
+            self.download(location, spill_path)
+            yield spill_path
+        finally:
+            os.unlink(spill_path)
 
     def put_bytes(self, location: Location, data: bytes, if_absent: bool = False) -> None:
         """Write a small object atomically; with `if_absent`, raise FileExistsError instead of replacing one."""
