@@ -1,0 +1,366 @@
+"""`uniformer score`: batch inference over a video archive with a registered model -> sharded Parquet predictions.
+
+    resolve   (driver)        models:/NAME@ALIAS | models:/NAME/VERSION | models:/m-ID | PATH -> one pinned package
+    plan      (driver)        list (same fingerprints as ingest) minus videos already scored, minus adopted shards
+    decode    (CPU tasks)     fetch -> decode_views: T frames x temporal clips x spatial crops per video
+    predict   (actor pool)    the model, loaded once per actor (one GPU each with --gpu), averages the views' softmax
+    publish   (driver)        prediction rows (a few hundred bytes per video) grouped into shards as they stream out,
+                              each published atomically; then the errors table and the manifest, written last
+
+Ray Data streams the stages, so CPUs decode while the actors (GPUs) infer. `score_dataset` is the same Dataset
+without the publishing, for users composing their own pipelines.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
+from jobs.scoring.predict import ViewPredictor
+from jobs.scoring.results import (
+    DEFAULT_VIDEOS_PER_SHARD,
+    PREDICTIONS_DIR,
+    ScoreCounts,
+    ScoreParams,
+    ScorePlan,
+    commit_score,
+    identity_columns,
+    latest_score_manifest,
+    plan_score,
+    publish_shard,
+    write_score_manifest,
+)
+from pipeline.listing import SourceVideo, list_videos
+from pipeline.schema import ErrorRecord
+from pipeline.storage import Storage, parse_uri
+from pipeline.views import decode_views, parse_views
+
+# Videos per decoding task call: enough to amortise a task, few enough that a task's output (V views of T frames
+# per video, ~15 MB at 4x3 views of 8 x 224 x 224) stays a modest block.
+_VIDEOS_PER_DECODE_BATCH = 4
+# A decoder's working set besides its output (frames at source resolution, demuxer buffers), reserved per task.
+_DECODER_MEMORY_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class ScoreOptions:
+    """How to run the model; none of these changes a prediction (beyond bf16/fp16 rounding on GPUs)."""
+
+    batch_size: int = 4  # videos per model call; a forward pass sees batch_size x views clips
+    use_gpu: bool = False
+    actors: int | None = None  # model replicas; default: one per GPU with use_gpu, else 1
+    cpus_per_actor: float = 1.0  # also the actor's torch threads on CPU
+    precision: str = "fp32"  # bf16 / fp16 autocast apply on CUDA only
+    max_clips_per_forward: int | None = None
+
+
+def build_params(
+    card, views: str | tuple[int, int], top_k: int, full_probs: bool, short_side: int | None
+) -> ScoreParams:
+    temporal, spatial = parse_views(views) if isinstance(views, str) else views
+    if top_k < 1:
+        raise ValueError("top_k must be >= 1")
+    short = card.crop_size if short_side is None else short_side
+    if short < card.crop_size:
+        raise ValueError(f"short_side ({short}) must be >= the model's crop size ({card.crop_size})")
+    return ScoreParams(
+        frames=card.frames,
+        crop=card.crop_size,
+        short_side=short,
+        temporal_views=temporal,
+        spatial_views=spatial,
+        sampling="uniform",
+        stride=16,
+        top_k=min(top_k, card.num_classes),
+        full_probs=full_probs,
+    )
+
+
+def decode_batch(batch: dict[str, np.ndarray], storage: Storage, params: ScoreParams) -> dict[str, np.ndarray]:
+    """Fetch and decode the views of each video of a batch. A video that cannot be read or decoded keeps its row,
+    with zero views and its error, so that every input reaches the end of the pipeline."""
+    count = len(batch["source_uri"])
+    views = np.zeros(
+        (count, params.temporal_views * params.spatial_views, params.frames, params.crop, params.crop, 3), np.uint8
+    )
+    stages, types, messages = [""] * count, [""] * count, [""] * count
+    for row, (uri, size) in enumerate(zip(batch["source_uri"], batch["source_size"])):
+        stage = "read"
+        try:
+            with storage.fetched(parse_uri(str(uri)), int(size)) as video:
+                stage = "decode"
+                views[row], _ = decode_views(
+                    video,
+                    params.frames,
+                    params.crop,
+                    params.temporal_views,
+                    params.spatial_views,
+                    short_side=params.short_side,
+                    sampling=params.sampling,
+                    stride=params.stride,
+                )
+        except Exception as error:  # one bad input must not lose the others
+            stages[row], types[row] = stage, type(error).__name__
+            messages[row] = (" ".join(str(error).split()) or type(error).__name__)[:2000]
+    return {
+        **{key: batch[key] for key in ("video_id", "source_uri", "source_etag", "source_size", "shard")},
+        "views": views,
+        "error_stage": np.array(stages, dtype=object),
+        "error_type": np.array(types, dtype=object),
+        "error_message": np.array(messages, dtype=object),
+    }
+
+
+def _items(groups: list[dict]) -> list[dict]:
+    return [
+        {
+            "video_id": video["video_id"],
+            "source_uri": video["uri"],
+            "source_etag": video["etag"],
+            "source_size": int(video["size"]),
+            "shard": index,
+        }
+        for index, group in enumerate(groups)
+        for video in group["videos"]
+    ]
+
+
+def _build(items: list[dict], resolved: ResolvedModel, params: ScoreParams, storage: Storage, options: ScoreOptions):
+    """The Ray Dataset of prediction rows (plus `shard` and `error_*` columns) for the given videos."""
+    import ray
+    import ray.data
+
+    with open(resolved.weights_path, "rb") as handle:
+        weights = ray.put(handle.read())  # every actor fetches it from the object store, once
+    with open(resolved.config_path, encoding="utf-8") as handle:
+        config = handle.read()
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    blocks = max(1, min(len(items), max(2 * cpus, -(-len(items) // _VIDEOS_PER_DECODE_BATCH))))
+    # Decoding tasks reserve the memory their output and the decoder need. The reservation also keeps Ray Data
+    # from fusing decoding into the model actors, which it does for stages asking identical resources
+    # (ray-project/ray#54433) and which would serialise decoding behind inference in each actor.
+    view_bytes = params.temporal_views * params.spatial_views * params.frames * params.crop * params.crop * 3
+    decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        decode_batch,
+        fn_kwargs={"storage": storage, "params": params},
+        batch_size=_VIDEOS_PER_DECODE_BATCH,
+        batch_format="numpy",
+        num_cpus=1,
+        memory=2 * _VIDEOS_PER_DECODE_BATCH * view_bytes + _DECODER_MEMORY_BYTES,
+    )
+    actors = options.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if options.use_gpu else 1)
+    return decoded.map_batches(
+        ViewPredictor,
+        fn_constructor_kwargs={
+            "package": {"weights": weights, "config": config},
+            "top_k": params.top_k,
+            "full_probs": params.full_probs,
+            "identity_columns": identity_columns(resolved.identity),
+            "use_gpu": options.use_gpu,
+            "precision": options.precision,
+            "max_clips": options.max_clips_per_forward,
+            "torch_threads": None if options.use_gpu else max(1, int(options.cpus_per_actor)),
+        },
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if options.use_gpu else 0,
+        num_cpus=options.cpus_per_actor,
+    )
+
+
+def score_dataset(
+    src: str | list[SourceVideo],
+    model: str | ResolvedModel,
+    views: str | tuple[int, int] = "4x3",
+    top_k: int = 5,
+    full_probs: bool = False,
+    short_side: int | None = None,
+    options: ScoreOptions | None = None,
+    tracking_uri: str | None = None,
+    endpoint_url: str | None = None,
+):
+    """A `ray.data.Dataset` of one prediction row per video under `src` (a URI, or videos from
+    `pipeline.list_videos`) for users composing their own pipelines; nothing is written and nothing is skipped.
+
+    Rows have the columns of the predictions dataset; a video that could not be read or decoded has null
+    predictions and its `error_stage`, `error_type`, `error_message` (null otherwise). The model is resolved now,
+    once, so the rows say which version made them even if an alias moves while the dataset executes.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    storage = Storage(endpoint_url)
+    videos = list_videos(src, storage) if isinstance(src, str) else list(src)
+    items = _items([{"videos": [_record(video) for video in videos]}])
+    with tempfile.TemporaryDirectory() as directory:
+        resolved = resolve_model(model, directory, tracking_uri) if isinstance(model, str) else model
+        params = build_params(resolved.card, views, top_k, full_probs, short_side)
+        dataset = _build(items, resolved, params, storage, options or ScoreOptions())  # reads the package now
+    return dataset.drop_columns(["shard"])
+
+
+def _record(video: SourceVideo) -> dict:
+    return {"uri": video.uri, "video_id": video.video_id, "etag": video.etag, "size": video.size}
+
+
+# ---- the job -----------------------------------------------------------------------------------------------------
+@dataclass
+class ScoreSummary(ScoreCounts):
+    source: str
+    destination: str
+    model: ModelIdentity
+    views: str
+    manifest_version: int | None
+    manifest_written: bool  # False when nothing changed and the previous version still holds
+    seconds: float  # the whole job
+    videos_per_s: float  # videos decoded and scored by this run per second of its Ray phase
+    errors_uri: str | None = None
+    errors: list[ErrorRecord] = field(default_factory=list)
+
+
+def run_score(
+    src: str,
+    out: str,
+    model: str,
+    views: str | tuple[int, int] = "4x3",
+    top_k: int = 5,
+    full_probs: bool = False,
+    short_side: int | None = None,
+    options: ScoreOptions | None = None,
+    tracking_uri: str | None = None,
+    endpoint_url: str | None = None,
+    videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD,
+    echo: Callable[[str], None] = print,
+) -> ScoreSummary:
+    """Score every video under `src` not yet scored into `out` by the same model; see the module docstring."""
+    started = time.monotonic()
+    options = options or ScoreOptions()
+    views = parse_views(views) if isinstance(views, str) else views  # usage errors before any storage access
+    if top_k < 1 or options.batch_size < 1:
+        raise ValueError("top_k and batch_size must be >= 1")
+    storage = Storage(endpoint_url)
+    source, root = parse_uri(src), parse_uri(out)
+    storage.check_access(source)
+    storage.check_access(root, must_exist=False)
+    with tempfile.TemporaryDirectory() as download_dir:
+        resolved = resolve_model(model, download_dir, tracking_uri)
+        params = build_params(resolved.card, views, top_k, full_probs, short_side)
+        echo(f"score with {resolved.identity.describe()}, views {params.views}, {params.frames} frames")
+        listed = list_videos(source, storage)
+        previous = latest_score_manifest(root, storage)
+        plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard)
+        storage.remove_stale_staging(root.join(PREDICTIONS_DIR))
+        echo(
+            f"score {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already "
+            f"scored, {sum(len(r['videos']) + len(r['errors']) for r in plan.adopted)} in adopted shards, "
+            f"{plan.num_pending} to score in {len(plan.groups)} shards"
+        )
+        ray_started = time.monotonic()
+        results = _run_groups(plan, resolved, storage, options, echo) if plan.groups else []
+        ray_seconds = time.monotonic() - ray_started
+
+    processed = sum(len(r["videos"]) + len(r["errors"]) for r in results)
+    videos_per_s = processed / ray_seconds if processed and ray_seconds > 0 else 0.0
+    manifest, counts, errors = commit_score(
+        plan, results, resolved.card.class_names, time.monotonic() - started, videos_per_s, storage
+    )
+    if manifest is not None:
+        write_score_manifest(root, manifest, storage)
+    version = manifest.version if manifest else (previous.version if previous else None)
+    summary = ScoreSummary(
+        **asdict(counts),
+        source=source.uri,
+        destination=root.uri,
+        model=resolved.identity,
+        views=params.views,
+        manifest_version=version,
+        manifest_written=manifest is not None,
+        seconds=time.monotonic() - started,
+        videos_per_s=videos_per_s,
+        errors_uri=root.join(manifest.errors).uri if manifest and manifest.errors else None,
+        errors=errors,
+    )
+    echo(format_summary(summary))
+    return summary
+
+
+def _run_groups(
+    plan: ScorePlan, resolved: ResolvedModel, storage: Storage, options: ScoreOptions, echo: Callable[[str], None]
+) -> list[dict]:
+    """Stream prediction rows out of Ray Data and publish each group's shard as soon as all its videos are in."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
+    dataset = _build(_items(plan.groups), resolved, plan.params, storage, options)
+    waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
+    buffered: dict[int, list[pa.Table]] = defaultdict(list)
+    results, done, failed, last_report = [], 0, 0, 0.0
+    total = plan.num_pending
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for index in set(batch.column("shard").to_pylist()):
+            part = batch.filter(pc.equal(batch.column("shard"), index))
+            buffered[index].append(part)
+            waiting[index] -= part.num_rows
+            if waiting[index] == 0:
+                rows = pa.concat_tables(buffered.pop(index))
+                good, errors = _split_errors(rows)
+                results.append(
+                    publish_shard(storage, plan, plan.groups[index], good, errors, resolved.card.num_classes)
+                )
+                done += rows.num_rows
+                failed += len(errors)
+        if time.monotonic() - last_report >= 2.0 or done == total:
+            echo(f"  videos {done}/{total}  shards {len(results)}/{len(plan.groups)}  errors {failed}")
+            last_report = time.monotonic()
+    if any(waiting.values()):
+        raise RuntimeError(f"scoring lost rows of shards {[i for i, n in waiting.items() if n]}")  # a bug
+    return results
+
+
+def _split_errors(rows: pa.Table) -> tuple[pa.Table, list[ErrorRecord]]:
+    """Prediction rows, and error records for the rows of videos that could not be read or decoded."""
+    failed = rows.filter(rows.column("error_type").is_valid())
+    columns = ["source_uri", "source_etag", "error_stage", "error_type", "error_message"]
+    errors = [ErrorRecord(*row.values()) for row in failed.select(columns).to_pylist()]
+    return rows.filter(rows.column("error_type").is_null()), errors
+
+
+def format_summary(summary: ScoreSummary, max_errors: int = 10) -> str:
+    state = "written" if summary.manifest_written else "unchanged"
+    version = f"v{summary.manifest_version:06d}" if summary.manifest_version else "none"
+    rows = [
+        ("listed", summary.listed),
+        ("scored", summary.scored),
+        ("already scored", summary.already_done),
+        ("errored", summary.errored),
+        ("shards written", summary.shards_written),
+    ]
+    if summary.shards_adopted:
+        rows.append(("shards adopted", summary.shards_adopted))
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        f"score summary  {summary.destination}  manifest {version} ({state})  {summary.seconds:.1f} s  "
+        f"{summary.videos_per_s:.2f} videos/s",
+        f"  model {summary.model.describe()}  views {summary.views}",
+    ]
+    lines += [f"  {name:<{width}}  {value:>8}" for name, value in rows]
+    if summary.errors:
+        lines.append(f"  errors ({summary.errors_uri}):")
+        for error in summary.errors[:max_errors]:
+            lines.append(f"    {error.stage:<7} {error.error_type:<18} {error.source_uri}: {error.message[:120]}")
+        if len(summary.errors) > max_errors:
+            lines.append(f"    ... {len(summary.errors) - max_errors} more")
+    return "\n".join(lines)
+

@@ -1,0 +1,418 @@
+"""The predictions dataset: its schema, versioned manifests, the incremental plan, and atomic shard publishing.
+
+Layout under a destination DST (one model package and one set of scoring parameters per DST):
+    DST/manifests/v000001.json       one per run that changed something; written last, never overwritten
+    DST/predictions/part-<hash>.parquet
+    DST/errors/v000001.parquet       the errors of the run that wrote manifest v000001
+
+Like the clip dataset (pipeline.ingest): a shard's name is a hash of the model package, the parameters and its
+exact sources, and its footer says what it holds (sources and errors). A killed run leaves complete shards that no
+manifest lists; a re-run adopts those whose sources are still pending and unchanged instead of scoring them again,
+so it finishes without duplicates. Only manifest-listed shards are part of the dataset (`read_predictions`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.scoring.model_ref import ModelIdentity
+from jobs.scoring.predict import prediction_fields
+from pipeline.listing import SourceVideo
+from pipeline.manifest import ShardEntry, list_manifest_versions, manifest_location
+from pipeline.schema import ErrorRecord
+from pipeline.shards import measure_published, publish_table
+from pipeline.storage import Location, Storage
+
+PREDICTIONS_DIR = "predictions"
+ERRORS_DIR = "errors"
+FOOTER_KEY = b"uniformer.score"
+MANIFEST_KIND = "predictions"
+MANIFEST_SCHEMA_VERSION = 1
+DEFAULT_VIDEOS_PER_SHARD = 2000
+# Enough shards for many decoding CPUs to finish some early (resumable progress) while shards stay large.
+_MIN_SHARDS = 64
+
+
+class ScoreConfigError(ValueError):
+    """The run's model or parameters differ from the predictions already at the destination."""
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    """Everything besides the model that decides what a prediction row means."""
+
+    frames: int
+    crop: int
+    short_side: int
+    temporal_views: int
+    spatial_views: int
+    sampling: str
+    stride: int
+    top_k: int
+    full_probs: bool
+
+    @property
+    def views(self) -> str:
+        return f"{self.temporal_views}x{self.spatial_views}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+IDENTITY_FIELDS = [
+    pa.field("model_name", pa.string()),
+    pa.field("model_version", pa.int32()),
+    pa.field("model_alias", pa.string()),
+    pa.field("model_run_id", pa.string()),
+    pa.field("model_id", pa.string()),
+]
+
+
+def identity_columns(identity: ModelIdentity) -> dict:
+    """Constant columns naming the model, as {name: (value, Arrow type)}."""
+    values = [identity.name, identity.version, identity.alias, identity.run_id, identity.model_id]
+    return {f.name: (value, f.type) for f, value in zip(IDENTITY_FIELDS, values)}
+
+
+def predictions_schema(params: ScoreParams, num_classes: int) -> pa.Schema:
+    top_k = min(params.top_k, num_classes)
+    return pa.schema(
+        [
+            pa.field("video_id", pa.string(), nullable=False),
+            pa.field("source_uri", pa.string(), nullable=False),
+            pa.field("source_etag", pa.string(), nullable=False),
+            pa.field("source_size", pa.int64(), nullable=False),
+            *prediction_fields(top_k, num_classes, params.full_probs),
+            *IDENTITY_FIELDS,
+            pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    )
+
+
+@dataclass
+class ScoreManifest:
+    version: int
+    source: str
+    model: dict  # ModelIdentity.to_dict()
+    params: dict  # ScoreParams.to_dict()
+    class_names: list[str]
+    shards: list[ShardEntry]
+    # video_id -> {"uri", "etag", "size", "shard"}: the videos whose predictions this version holds
+    sources: dict[str, dict]
+    counts: dict[str, int]
+    throughput: dict[str, float]  # seconds, videos_per_s of the run that wrote this version
+    errors: str | None = None
+    previous_version: int | None = None
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    kind: str = MANIFEST_KIND
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+
+    @property
+    def num_rows(self) -> int:
+        return sum(shard.rows for shard in self.shards)
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        head = ("kind", "schema_version", "version", "previous_version", "created_at")
+        ordered = {key: body[key] for key in head}
+        ordered.update({key: value for key, value in body.items() if key not in ordered})
+        return json.dumps(ordered, indent=1, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "ScoreManifest":
+        body = json.loads(text)
+        if body.get("kind") != MANIFEST_KIND or body.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+            raise ScoreConfigError(
+                f"{where} is not a predictions manifest this version reads (kind {body.get('kind')!r}, schema "
+                f"{body.get('schema_version')}); write predictions to their own --out"
+            )
+        body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
+        return cls(**body)
+
+
+def latest_score_manifest(root: Location, storage: Storage) -> ScoreManifest | None:
+    versions = list_manifest_versions(root, storage)
+    if not versions:
+        return None
+    location = manifest_location(root, versions[-1])
+    return ScoreManifest.from_json(storage.read_bytes(location).decode("utf-8"), location.uri)
+
+
+def write_score_manifest(root: Location, manifest: ScoreManifest, storage: Storage) -> Location:
+    location = manifest_location(root, manifest.version)
+    try:
+        storage.put_bytes(location, manifest.to_json().encode("utf-8"), if_absent=True)
+    except FileExistsError:
+        raise ScoreConfigError(
+            f"manifest version {manifest.version} already exists at {location.uri}: another score run into the same "
+            "destination finished first; re-run to build on it"
+        ) from None
+    return location
+
+
+# ---- plan --------------------------------------------------------------------------------------------------------
+@dataclass
+class ScorePlan:
+    root: Location
+    source: Location
+    identity: ModelIdentity
+    params: ScoreParams
+    previous: ScoreManifest | None
+    listed: list[SourceVideo]
+    already_done: list[SourceVideo]
+    adopted: list[dict]  # results of shards a killed run published (see `shard_result`)
+    groups: list[dict]  # {"shard": relative path, "videos": [source records]}
+
+    @property
+    def num_pending(self) -> int:
+        return sum(len(group["videos"]) for group in self.groups)
+
+
+def source_record(video: SourceVideo) -> dict:
+    return {"uri": video.uri, "video_id": video.video_id, "etag": video.etag, "size": video.size}
+
+
+def shard_name(identity: ModelIdentity, params: ScoreParams, sources: list[dict]) -> str:
+    body = [identity.package_sha256, params.to_dict(), [[s["video_id"], s["etag"], s["size"]] for s in sources]]
+    digest = hashlib.sha256(json.dumps(body, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return f"{PREDICTIONS_DIR}/part-{digest[:24]}.parquet"
+
+
+def check_compatible(previous: ScoreManifest | None, identity: ModelIdentity, params: ScoreParams, dst: str) -> None:
+    if previous is None:
+        return
+    if previous.model["package_sha256"] != identity.package_sha256:
+        held = ModelIdentity(**previous.model).describe()
+        raise ScoreConfigError(
+            f"{dst} holds predictions of {held}; this run resolved {identity.uri} to {identity.describe()}. One "
+            "destination holds one model's predictions: write to a new --out"
+        )
+    if previous.params != params.to_dict():
+        raise ScoreConfigError(
+            f"{dst} holds predictions made with {previous.params}, this run asks for {params.to_dict()}; write to a "
+            "new --out"
+        )
+
+
+def plan_score(
+    root: Location,
+    source: Location,
+    listed: list[SourceVideo],
+    identity: ModelIdentity,
+    params: ScoreParams,
+    previous: ScoreManifest | None,
+    storage: Storage,
+    videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD,
+) -> ScorePlan:
+    """Decide what this run scores: listed videos not in the previous version with the same fingerprint, minus
+    those held by shards a killed run published (adopted whole when every source of theirs is still pending)."""
+    check_compatible(previous, identity, params, root.uri)
+    done = previous.sources if previous else {}
+    already_done, pending = [], {}
+    for video in listed:
+        known = done.get(video.video_id)
+        if known is not None and (known["etag"], known["size"]) == (video.etag, video.size):
+            already_done.append(video)
+        else:
+            pending[video.video_id] = video
+
+    adopted = []
+    listed_shards = {shard.path for shard in previous.shards} if previous else set()
+    for info in storage.list_objects(root.join(PREDICTIONS_DIR)):
+        relative = f"{PREDICTIONS_DIR}/{os.path.basename(info.location.path)}"
+        if not (relative.startswith(f"{PREDICTIONS_DIR}/part-") and relative.endswith(".parquet")):
+            continue  # staging files of a writer (maybe still running)
+        if relative in listed_shards:
+            continue
+        result = shard_result(storage, info.location, relative)
+        if result is None or result["model_sha256"] != identity.package_sha256 or result["params"] != params.to_dict():
+            continue
+        held = result["videos"] + [error["source"] for error in result["errors"]]
+        if held and all(_unchanged(pending.get(record["video_id"]), record) for record in held):
+            adopted.append(result)
+            for record in held:
+                del pending[record["video_id"]]
+
+    remaining = [source_record(video) for video in pending.values()]
+    # Depends only on the pending set, so a re-run after a kill plans the same groups and shard names.
+    per_shard = min(videos_per_shard, max(1, math.ceil(len(remaining) / _MIN_SHARDS)))
+    groups = []
+    for start in range(0, len(remaining), per_shard):
+        sources = remaining[start : start + per_shard]
+        groups.append({"shard": shard_name(identity, params, sources), "videos": sources})
+    return ScorePlan(
+        root=root, source=source, identity=identity, params=params, previous=previous, listed=listed,
+        already_done=already_done, adopted=adopted, groups=groups,
+    )
+
+
+def _unchanged(video: SourceVideo | None, source: dict) -> bool:
+    return video is not None and (video.etag, video.size) == (source["etag"], source["size"])
+
+
+# ---- shards ------------------------------------------------------------------------------------------------------
+def publish_shard(
+    storage: Storage, plan: ScorePlan, group: dict, rows: pa.Table, errors: list[ErrorRecord], num_classes: int
+) -> dict:
+    """Publish one group's predictions atomically (no file when every video of the group failed); returns the
+    group's result: the shard entry, the scored videos and the errors."""
+    by_uri = {source["uri"]: source for source in group["videos"]}
+    scored_uris = set(rows.column("source_uri").to_pylist())
+    result = {
+        "model_sha256": plan.identity.package_sha256,
+        "params": plan.params.to_dict(),
+        "videos": [source for source in group["videos"] if source["uri"] in scored_uris],
+        "errors": [
+            {"video_id": by_uri[error.source_uri]["video_id"], "source": by_uri[error.source_uri], **error.to_dict()}
+            for error in errors
+        ],
+        "shard": None,
+        "adopted": False,
+    }
+    if rows.num_rows == 0:
+        return result
+    schema = predictions_schema(plan.params, num_classes)
+    table = rows.select(schema.names).cast(schema).sort_by("video_id")
+    footer = {k: v for k, v in result.items() if k not in ("shard", "adopted")}
+    table = table.replace_schema_metadata({FOOTER_KEY: json.dumps(footer, ensure_ascii=False)})
+    size, digest = publish_table(storage, plan.root.join(group["shard"]), table, compression="zstd")
+    result["shard"] = asdict(ShardEntry(group["shard"], table.num_rows, digest, size))
+    return result
+
+
+def shard_result(storage: Storage, location: Location, relative: str) -> dict | None:
+    """The result a published shard describes in its footer, or None when it has no description."""
+    try:
+        metadata = pq.read_metadata(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))
+    except (OSError, pa.ArrowInvalid):
+        return None  # not a complete Parquet file: a leftover of some other writer
+    raw = (metadata.metadata or {}).get(FOOTER_KEY)
+    if not raw:
+        return None
+    size, digest = measure_published(storage, location)
+    return {**json.loads(raw), "shard": asdict(ShardEntry(relative, metadata.num_rows, digest, size)), "adopted": True}
+
+
+# ---- commit ------------------------------------------------------------------------------------------------------
+@dataclass
+class ScoreCounts:
+    """What one run did with its inputs: listed = scored + already_done + errored."""
+
+    listed: int
+    scored: int  # including videos of adopted shards
+    already_done: int
+    errored: int
+    shards_written: int
+    shards_adopted: int
+
+
+def commit_score(
+    plan: ScorePlan, results: list[dict], class_names: list[str], seconds: float, videos_per_s: float, storage: Storage
+) -> tuple[ScoreManifest | None, ScoreCounts, list[ErrorRecord]]:
+    """Results -> this run's errors table and a new manifest version (returned, not yet written; None when nothing
+    changed)."""
+    previous = plan.previous
+    results = plan.adopted + results
+    errors = [ErrorRecord(**{k: e[k] for k in ErrorRecord.__dataclass_fields__}) for r in results for e in r["errors"]]
+    new_shards = [ShardEntry(**result["shard"]) for result in results if result["shard"]]
+    new_sources = {
+        video["video_id"]: {**{key: video[key] for key in ("uri", "etag", "size")}, "shard": r["shard"]["path"]}
+        for r in results
+        if r["shard"]
+        for video in r["videos"]
+    }
+    kept_shards = list(previous.shards) if previous else []
+    kept_sources = dict(previous.sources) if previous else {}
+    superseded = set(new_sources) & set(kept_sources)
+    if superseded:
+        kept_shards, kept_sources = _drop_superseded(plan, superseded, kept_shards, kept_sources, storage)
+    counts = ScoreCounts(
+        listed=len(plan.listed),
+        scored=len(new_sources),
+        already_done=len(plan.already_done),
+        errored=len({error.source_uri for error in errors}),
+        shards_written=sum(1 for r in results if r["shard"] and not r["adopted"]),
+        shards_adopted=sum(1 for r in results if r["shard"] and r["adopted"]),
+    )
+    if counts.listed != counts.scored + counts.already_done + counts.errored:
+        raise RuntimeError(f"scoring lost track of inputs: {counts}")  # a bug, not bad input
+    if previous is not None and not new_shards and not errors:
+        return None, counts, errors
+
+    version = (previous.version if previous else 0) + 1
+    errors_path = None
+    if errors:
+        from pipeline.schema import errors_table
+
+        errors_path = f"{ERRORS_DIR}/v{version:06d}.parquet"
+        publish_table(storage, plan.root.join(errors_path), errors_table(errors))
+    manifest = ScoreManifest(
+        version=version,
+        source=plan.source.uri,
+        model=plan.identity.to_dict(),
+        params=plan.params.to_dict(),
+        class_names=class_names,
+        shards=kept_shards + new_shards,
+        sources=dict(sorted({**kept_sources, **new_sources}.items())),
+        counts=asdict(counts),
+        throughput={"seconds": round(seconds, 3), "videos_per_s": round(videos_per_s, 3)},
+        errors=errors_path,
+        previous_version=previous.version if previous else None,
+    )
+    return manifest, counts, errors
+
+
+def _drop_superseded(
+    plan: ScorePlan, superseded: set[str], shards: list[ShardEntry], sources: dict[str, dict], storage: Storage
+) -> tuple[list[ShardEntry], dict[str, dict]]:
+    """Copy-on-write: rewrite each old shard holding rows of a re-scored (changed) video without them, so that
+    every row of every listed shard stays current and readers need no filtering."""
+    affected = {sources[video_id]["shard"] for video_id in superseded}
+    sources = {video_id: entry for video_id, entry in sources.items() if video_id not in superseded}
+    kept = []
+    for shard in shards:
+        if shard.path not in affected:
+            kept.append(shard)
+            continue
+        old = plan.root.join(shard.path)
+        table = pq.read_table(storage.arrow_path(old), filesystem=storage.arrow_filesystem(old))
+        remaining = table.filter(pa.array([v not in superseded for v in table.column("video_id").to_pylist()]))
+        if remaining.num_rows == 0:
+            continue
+        remaining_ids = remaining.column("video_id").to_pylist()
+        identity = json.dumps([shard.path, remaining_ids], ensure_ascii=False).encode("utf-8")
+        path = f"{PREDICTIONS_DIR}/part-{hashlib.sha256(identity).hexdigest()[:24]}.parquet"
+        remaining = remaining.replace_schema_metadata(None)  # the old footer describes the old sources
+        size, digest = publish_table(storage, plan.root.join(path), remaining, compression="zstd")
+        kept.append(ShardEntry(path, remaining.num_rows, digest, size))
+        for video_id in remaining_ids:
+            sources[video_id] = {**sources[video_id], "shard": path}
+    return kept, sources
+
+
+def read_predictions(dst: str, storage: Storage | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The rows of the latest manifest version of a predictions destination (exactly the listed shards)."""
+    from pipeline.storage import parse_uri
+
+    storage = storage or Storage()
+    root = parse_uri(dst)
+    manifest = latest_score_manifest(root, storage)
+    if manifest is None:
+        raise ScoreConfigError(f"no predictions manifest under {root.uri}")
+    tables = []
+    for shard in manifest.shards:
+        location = root.join(shard.path)
+        tables.append(
+            pq.read_table(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location), columns=columns)
+        )
+    if not tables:
+        return pa.table({})
+    return pa.concat_tables(tables).replace_schema_metadata(None)
