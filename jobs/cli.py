@@ -69,6 +69,127 @@ def ingest_command(
         raise typer.Exit(code=2) from None
 
 
+@app.command("score")
+def score_command(
+    src: str = typer.Argument(..., help="Videos: s3://bucket/prefix or a local folder."),
+    model_ref: str = typer.Option(
+        ..., "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID, or a local package folder."
+    ),
+    out: str = typer.Option(..., "--out", help="Predictions: s3://bucket/prefix or a local folder (one model each)."),
+    views: str = typer.Option("4x3", help="Test views TEMPORALxSPATIAL: clips at spread offsets x crops."),
+    top_k: int = typer.Option(5, help="Classes kept per video, best first."),
+    full_probs: bool = typer.Option(False, "--full-probs", help="Also store every class's probability."),
+    short_side: int = typer.Option(None, help="Scale short sides to this before cropping; default: the crop size."),
+    batch_size: int = typer.Option(4, help="Videos per model call (each brings TEMPORALxSPATIAL clips)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per model actor."),
+    actors: int = typer.Option(None, help="Model actors; default: one per GPU with --gpu, else 1."),
+    cpus_per_actor: float = typer.Option(1.0, help="CPUs per model actor (its torch threads on CPU)."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast on GPU)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),
+    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+) -> None:
+    """Score every video under SRC not yet scored into --out by the same model: multi-view predictions as Parquet."""
+    from jobs.score import ScoreOptions, run_score
+    from jobs.scoring.model_ref import ModelReferenceError
+    from jobs.scoring.predict import PRECISIONS
+    from pipeline import StorageError
+
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"must be one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    options = ScoreOptions(batch_size, gpu, actors, cpus_per_actor, precision)
+    try:
+        run_score(
+            src, out, model_ref, views=views, top_k=top_k, full_probs=full_probs, short_side=short_side,
+            options=options, tracking_uri=tracking_uri, endpoint_url=endpoint_url, echo=typer.echo,
+        )
+    except (StorageError, ModelReferenceError, ValueError) as error:
+        typer.echo(f"score failed: {error}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    import ast
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
+@app.command("train")
+def train_command(
+    data: str = typer.Option(..., help="Clip dataset: DST or DST@VERSION (s3://... or a local folder)."),
+    model_name: str = typer.Option("uniformerv2_b16", "--model", help="Named configuration (see `uniformer models`)."),
+    overrides: list[str] = typer.Option([], "--set", help="Model option override KEY=VALUE, e.g. --set no_lmhra=True."),
+    pretrained: str = typer.Option(None, help="Initial weights: CLIP / timm / official / MMAction2 checkpoint file."),
+    val_data: str = typer.Option(None, "--val", help="Validation dataset DST[@VERSION]; default: a held-out split."),
+    val_fraction: float = typer.Option(0.2, help="Share of videos held out for validation when --val is not given."),
+    workers: int = typer.Option(1, help="Ray Train workers (one per GPU with --gpu)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, NCCL; otherwise CPU workers with gloo."),
+    cpus_per_worker: float = typer.Option(1.0, help="CPUs reserved per training worker."),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(8, help="Clips per worker per micro-step."),
+    grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step."),
+    lr: float = typer.Option(4e-4),
+    min_lr: float = typer.Option(1e-6),
+    weight_decay: float = typer.Option(0.05),
+    warmup_epochs: float = typer.Option(1.0),
+    label_smoothing: float = typer.Option(0.0),
+    hflip: bool = typer.Option(True, "--hflip/--no-hflip", help="Random horizontal flips (off for left/right classes)."),
+    grad_clip: float = typer.Option(1.0, help="Max gradient norm; 0 disables clipping."),
+    precision: str = typer.Option("bf16", help="bf16 | fp16 | fp32 (autocast applies on CUDA)."),
+    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(0, help="Optimizer steps between checkpoints; 0 = each epoch end."),
+    keep_checkpoints: int = typer.Option(2),
+    max_failures: int = typer.Option(3, help="Automatic restarts after worker or node loss (-1: forever)."),
+    max_steps: int = typer.Option(None, help="Stop after this many optimizer steps."),
+    storage: str = typer.Option("./runs", help="Checkpoint storage: local folder or s3://bucket/prefix."),
+    run_name: str = typer.Option(None, help="Ray Train run name; default derived from the options (same command = same run)."),
+    experiment: str = typer.Option("uniformerv2", help="MLflow experiment."),
+    register_as: str = typer.Option(None, help="Register the final model under this MLflow model name."),
+    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+) -> None:
+    """Train UniFormerV2 with Ray Train; resumes automatically from the last checkpoint in --storage."""
+    from jobs.train import run_train
+    from jobs.training.config import TrainConfig
+
+    config = TrainConfig(
+        data=data, model=model_name, model_overrides=_parse_overrides(overrides), pretrained=pretrained,
+        val_data=val_data, val_fraction=val_fraction, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+        epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, hflip=hflip, grad_clip=grad_clip, precision=precision,
+        activation_checkpointing=activation_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints, max_failures=max_failures, max_steps=max_steps, storage=storage,
+        run_name=run_name, experiment=experiment, register_as=register_as, endpoint_url=endpoint_url,
+    )
+    result = run_train(config)
+    typer.echo(f"run {result.run_name} (mlflow {result.mlflow_run_id}) checkpoint {result.checkpoint}")
+    if result.registered_version is not None:
+        typer.echo(f"registered {register_as} version {result.registered_version}")
+
+
+@app.command("register")
+def register_command(
+    run: str = typer.Option(..., help="Ray Train run name (printed by `uniformer train`)."),
+    storage: str = typer.Option("./runs", help="The checkpoint storage the run used."),
+    register_as: str = typer.Option(None, help="Model name; default: the run's --register-as."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the run's."),
+    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint for s3:// storage."),
+) -> None:
+    """Log and register the final model of a finished training run (after MLflow was unreachable at its end)."""
+    from jobs.train import register_run
+
+    model_uri, version = register_run(run, storage, register_as, tracking_uri, endpoint_url)
+    typer.echo(f"logged {model_uri}" + (f", registered version {version}" if version is not None else ""))
+
+
 def main() -> None:
     app()
 

@@ -295,6 +295,16 @@ class Storage:
                 raise FileExistsError(location.uri) from None
             raise
 
+    def delete(self, location: Location) -> None:
+        """Remove one object; a missing one is not an error."""
+        if location.scheme == "file":
+            try:
+                os.unlink(location.path)
+            except FileNotFoundError:
+                pass
+            return
+        self._client().delete_object(Bucket=location.bucket, Key=location.path)
+
     # ---- atomic file publishing ----------------------------------------------------------------------------------
     def staging_path(self, final: Location) -> str:
         """A local path to write `final`'s content to before `commit_staged`."""

@@ -65,9 +65,9 @@ def render_motion_frames(
     period = rng.uniform(0.5, 1.0) * min(width, height)  # pixels; the drift over the video equals one period
     base_colour = rng.uniform(70, 185, 3)
     num_waves = 3
-    freqs = rng.choice([-2, -1, 1, 2], size=(num_waves, 2))  # (fx, fy), never zero on either axis
+    freqs = rng.choice([-1, 1], size=(num_waves, 2))  # (fx, fy), never zero on either axis
     phases = rng.uniform(0, 2 * np.pi, num_waves)
-    amplitudes = rng.uniform(-1, 1, (num_waves, 3)) * (50 / num_waves) + rng.choice([-1, 1], (num_waves, 1)) * 12
+    amplitudes = rng.uniform(-1, 1, (num_waves, 3)) * (80 / num_waves) + rng.choice([-1, 1], (num_waves, 1)) * 24
 
     ys, xs = np.mgrid[0:win_h, 0:win_w].astype(np.float64)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)

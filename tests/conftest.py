@@ -98,7 +98,8 @@ def s3_bucket(s3_server) -> str:
 
 
 # ---- Ray ----------------------------------------------------------------------------------------------------------
-RAY_TEST_CPUS = 2
+# Logical CPUs: two training workers hold one each, and the Ray Data readers feeding them need room beside them.
+RAY_TEST_CPUS = 4
 
 
 def start_local_ray() -> None:
@@ -119,7 +120,7 @@ def _ray_session_teardown():
 
 @pytest.fixture
 def ray_local(_ray_session_teardown):
-    """A local Ray with 2 CPUs, started once and reused (a test that needs its own cluster shuts it down first,
+    """A local Ray with 4 logical CPUs, started once and reused (a test that needs its own cluster shuts it down first,
     and the next user restarts it)."""
     import ray
 
@@ -204,3 +205,58 @@ def write_broken_video(path: str | Path, kind: str, seed: int = 0) -> Path:
 def broken_video():
     """`broken_video(path, kind)` writes a deliberately broken file; kinds in BROKEN_KINDS."""
     return write_broken_video
+
+
+# ---- MLflow -------------------------------------------------------------------------------------------------------
+class MlflowServer:
+    """A real `mlflow server` process on 127.0.0.1 with a sqlite backend and proxied local artifacts."""
+
+    def __init__(self, root: Path):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = open(root / "mlflow-server.log", "wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination", str(root / "artifacts"),
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_healthy(timeout_s=120)
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).read()
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not become healthy in {timeout_s} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except Exception:
+            self.process.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One server per test session (a fresh sqlite file spends ~10 s migrating)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()

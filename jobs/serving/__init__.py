@@ -1,0 +1,1 @@
+"""How trained models leave training: MLflow logging/registration and the pyfunc that serves them."""

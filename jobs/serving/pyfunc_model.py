@@ -1,0 +1,36 @@
+"""MLflow "models from code" definition of a UniFormerV2 classifier.
+
+MLflow logs this file as source, not a pickled object: loading it rebuilds the network from `model_config.json`
+and `model.safetensors` (the artifacts logged beside it). Input: uint8 clips `[N, T, H, W, 3]` in the stored clip
+format (centre-cropped to the model's input size here); output: class probabilities `[N, num_classes]`.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+from mlflow.pyfunc import PythonModel
+
+
+class UniFormerV2Classifier(PythonModel):
+    def load_context(self, context) -> None:
+        import torch
+
+        from model.package import load_package
+
+        self.torch = torch
+        self.net, self.card = load_package(context.artifacts["weights"], context.artifacts["config"])
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        from model.transforms import eval_transform
+
+        torch = self.torch
+        clips = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.uint8)))
+        if clips.ndim != 5 or clips.shape[-1] != 3:
+            raise ValueError(f"expected uint8 clips [N, T, H, W, 3], got shape {tuple(clips.shape)}")
+        with torch.no_grad():
+            logits = self.net(eval_transform(clips, self.card.crop_size))
+        return torch.softmax(logits.float(), dim=-1).numpy()
+
+
+mlflow.models.set_model(UniFormerV2Classifier())

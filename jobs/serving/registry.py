@@ -1,0 +1,59 @@
+"""Logging a trained model to MLflow (weights + config + models-from-code pyfunc) and registering it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+
+import model
+from model.package import ModelCard
+
+PYFUNC_SOURCE = os.path.join(os.path.dirname(__file__), "pyfunc_model.py")
+MODEL_PACKAGE_DIR = os.path.dirname(model.__file__)
+
+
+def log_model(
+    run_id: str,
+    weights_path: str,
+    card: ModelCard,
+    tracking_uri: str,
+    register_as: str | None = None,
+    version_tags: dict | None = None,
+):
+    """Logs the model into run `run_id`; registers a new version of `register_as` when given.
+
+    Returns (model_uri, registered version number or None)."""
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri)
+    if register_as:
+        done = [v for v in client.search_model_versions(f"name='{register_as}'") if v.run_id == run_id]
+        if done:  # a re-run after a completed registration registers nothing new
+            return done[0].source, int(done[0].version)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, card.frames, card.short_side, card.short_side, 3), "clips")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, card.num_classes), "probabilities")]),
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        config_path = os.path.join(directory, model.package.CONFIG_FILE)
+        with open(config_path, "w", encoding="utf-8") as handle:
+            handle.write(card.to_json())
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=PYFUNC_SOURCE,
+                artifacts={"weights": weights_path, "config": config_path},
+                code_paths=[MODEL_PACKAGE_DIR],
+                signature=signature,
+                pip_requirements=["torch", "safetensors", "numpy", "mlflow"],
+            )
+    version = None
+    if register_as:
+        registered = mlflow.register_model(info.model_uri, register_as, tags=version_tags or {})
+        version = int(registered.version)
+    return info.model_uri, version

@@ -1,0 +1,261 @@
+"""`uniformer train`: Ray Train TorchTrainer over a clip dataset version, tracked and registered in MLflow.
+
+The driver pins the dataset version, opens (or reopens) the MLflow run, and starts the trainer; the workers run
+`jobs.training.loop.train_loop_per_worker`. Re-running the same command against the same storage resumes the same
+Ray Train run (and the same MLflow run) from its last checkpoint; a finished run only redoes what is missing, such
+as a registration that failed because MLflow was unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
+from jobs.training.checkpoint import WEIGHTS, read_progress
+from jobs.training.config import TrainConfig
+from model.package import ModelCard
+from pipeline import load_manifest, parse_dataset_ref, parse_uri
+from pipeline.storage import Storage
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RUN_RECORD = "uniformer_run.json"
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    mlflow_run_id: str
+    checkpoint: str
+    metrics: dict
+    model_uri: str | None = None
+    registered_version: int | None = None
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # workers may run in another working directory: make the file path absolute
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    return uri
+
+
+def pin_dataset_version(ref: str, endpoint_url: str | None) -> tuple[str, object]:
+    """`DST` or `DST@latest` -> `DST@<n>`, so that restarts and re-runs read the same data."""
+    dst, version = parse_dataset_ref(ref)
+    manifest = load_manifest(dst, version, endpoint_url=endpoint_url)
+    if manifest.labels == "none" or not manifest.class_map:
+        raise ValueError(f"dataset {ref} has no labels: training needs a labelled dataset (--labels or --labels-from-dirs)")
+    return f"{dst}@{manifest.version}", manifest
+
+
+def _storage_filesystem(storage_uri: str, endpoint_url: str | None):
+    location = parse_uri(storage_uri)
+    if location.scheme != "s3":
+        os.makedirs(location.path, exist_ok=True)
+        return location.path, None
+    return f"{location.bucket}/{location.path}".rstrip("/"), Storage(endpoint_url).arrow_filesystem(location)
+
+
+def _read_run_record(filesystem, path: str) -> dict | None:
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def _write_run_record(filesystem, path: str, record: dict) -> None:
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as handle:
+        handle.write(json.dumps(record, indent=1).encode("utf-8"))
+
+
+def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, manifest) -> str:
+    """The MLflow run of this training run: created once, then found again through the run record."""
+    import mlflow
+    from mlflow.entities import Param
+
+    record = _read_run_record(filesystem, record_path)
+    if record:
+        return record["mlflow_run_id"]
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.set_experiment(cfg.experiment)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(experiment.experiment_id, run_name=cfg.name, tags={"ray_train_run": cfg.name})
+    params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in cfg.to_dict().items()]
+    client.log_batch(run.info.run_id, params=params)
+    client.log_dict(run.info.run_id, cfg.to_dict(), "config/train_config.json")
+    client.set_tag(run.info.run_id, "dataset", cfg.data)
+    client.set_tag(run.info.run_id, "dataset_version", str(manifest.version))
+    client.set_tag(run.info.run_id, "dataset_fingerprint", dataset_fingerprint(manifest))
+    _write_run_record(filesystem, record_path, {"mlflow_run_id": run.info.run_id, "run_name": cfg.name})
+    return run.info.run_id
+
+
+def dataset_fingerprint(manifest) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for shard in manifest.shards:
+        digest.update(f"{shard.path}:{shard.sha256}:{shard.rows}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def build_trainer(cfg: TrainConfig, uri: str, run_id: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.training.loop import train_loop_per_worker
+
+    storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "mlflow_run_id": run_id,
+            "tracking_uri": uri,
+            # MLflow credentials and client settings (MLFLOW_TRACKING_TOKEN, retries, ...) follow the job to workers
+            "mlflow_env": {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+
+
+def ensure_ray(cfg: TrainConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # Locally, train workers each hold cpus_per_worker; leave room for the Ray Data readers feeding them.
+    needed = int(cfg.workers * cfg.cpus_per_worker) + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+
+
+def run_train(cfg: TrainConfig) -> TrainResult:
+    cfg.data, manifest = pin_dataset_version(cfg.data, cfg.endpoint_url)
+    if cfg.val_data:
+        cfg.val_data, _ = pin_dataset_version(cfg.val_data, cfg.endpoint_url)
+    uri = tracking_uri(cfg.tracking_uri)
+    cfg.tracking_uri = uri
+    ensure_ray(cfg)
+    storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
+    record_path = f"{storage_path}/{cfg.name}/{RUN_RECORD}"
+    run_id = open_mlflow_run(cfg, uri, record_path, filesystem, manifest)
+
+    result = build_trainer(cfg, uri, run_id).fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg.name} produced no checkpoint: {result.error}")
+    print(f"[train] finished {cfg.name}: {result.metrics} checkpoint {result.checkpoint.path}")
+    outcome = TrainResult(cfg.name, run_id, result.checkpoint.path, dict(result.metrics or {}))
+    outcome.model_uri, outcome.registered_version = finish_registration(
+        result.checkpoint, cfg, manifest, uri, run_id, outcome.metrics
+    )
+    return outcome
+
+
+def model_card(cfg: TrainConfig, manifest, metrics: dict, run_id: str) -> ModelCard:
+    from jobs.training.loop import model_overrides
+
+    return ModelCard(
+        model=cfg.model,
+        num_classes=len(manifest.class_map),
+        overrides=model_overrides(cfg, manifest.sampling.frames),
+        class_names=manifest.class_names,
+        frames=manifest.sampling.frames,
+        crop_size=manifest.sampling.size,
+        short_side=manifest.sampling.short_side,
+        extra={
+            "dataset": cfg.data,
+            "dataset_fingerprint": dataset_fingerprint(manifest),
+            "mlflow_run_id": run_id,
+            "val_accuracy": metrics.get("val_accuracy"),
+        },
+    )
+
+
+def finish_registration(checkpoint, cfg: TrainConfig, manifest, uri: str, run_id: str, metrics: dict):
+    """Logs the final model to the run and registers it; safe to repeat (`uniformer register`)."""
+    from jobs.serving.registry import log_model
+
+    with checkpoint.as_directory() as directory:
+        progress = read_progress(directory)
+        if not progress.finished:
+            raise RuntimeError(f"checkpoint {checkpoint.path} is not the end of training (epoch {progress.epoch})")
+        card = model_card(cfg, manifest, metrics, run_id)
+        with tempfile.TemporaryDirectory() as staging:
+            weights = os.path.join(staging, WEIGHTS)
+            with open(os.path.join(directory, WEIGHTS), "rb") as src, open(weights, "wb") as dst:
+                dst.write(src.read())
+            tags = {
+                "dataset": cfg.data,
+                "dataset_version": str(manifest.version),
+                "dataset_fingerprint": dataset_fingerprint(manifest),
+                **{f"val_{k}": str(v) for k, v in metrics.items() if k in ("val_accuracy", "val_loss")},
+            }
+            try:
+                return log_model(run_id, weights, card, uri, cfg.register_as, version_tags=tags)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"training finished and its checkpoint is safe at {checkpoint.path}, but logging the model to "
+                    f"MLflow at {uri} failed ({type(exc).__name__}: {exc}). Re-run the same command, or "
+                    f"`uniformer register --run {cfg.name} --storage {cfg.storage}`, once MLflow is reachable."
+                ) from exc
+
+
+def final_checkpoint(storage: str, run_name: str, endpoint_url: str | None = None):
+    """The finished checkpoint of a run in `storage`, found without Ray (for `uniformer register`)."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    storage_path, filesystem = _storage_filesystem(storage, endpoint_url)
+    fs = filesystem or pafs.LocalFileSystem()
+    run_dir = f"{storage_path}/{run_name}"
+    entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    best = None
+    for entry in entries:
+        name = entry.path.rsplit("/", 1)[-1]
+        if entry.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
+            continue
+        with fs.open_input_stream(f"{entry.path}/{PROGRESS_FILE}") as handle:
+            progress = json.loads(handle.read().decode("utf-8"))
+        if progress["finished"] and (best is None or progress["global_step"] > best[0]["global_step"]):
+            best = (progress, entry.path)
+    if best is None:
+        raise FileNotFoundError(f"no finished checkpoint of run {run_name} under {storage}: train it first")
+    return best[0], Checkpoint(best[1], filesystem=filesystem)
+
+
+def register_run(run_name: str, storage: str, register_as: str | None = None, tracking: str | None = None,
+                 endpoint_url: str | None = None) -> tuple[str, int | None]:
+    """Logs and registers the final model of a finished run whose end-of-run registration failed."""
+    progress, checkpoint = final_checkpoint(storage, run_name, endpoint_url)
+    cfg = TrainConfig.from_dict(progress["config"])
+    if register_as:
+        cfg.register_as = register_as
+    manifest = load_manifest(cfg.data, endpoint_url=cfg.endpoint_url)
+    uri = tracking_uri(tracking or cfg.tracking_uri)
+    run_id = progress["mlflow_run_id"]
+    import mlflow
+
+    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
+    return finish_registration(checkpoint, cfg, manifest, uri, run_id, metrics)

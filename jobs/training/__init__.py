@@ -1,0 +1,1 @@
+"""Training, layered by concern: config -> data plan -> optimisation -> checkpoint -> tracking -> the loop."""

@@ -1,0 +1,80 @@
+"""Everything a training run is made of, in one serialisable record (logged to MLflow, stored in checkpoints)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    data: str  # DST or DST@version
+    model: str = "uniformerv2_b16"
+    model_overrides: dict = field(default_factory=dict)
+    pretrained: str | None = None
+    val_data: str | None = None  # a second manifest; otherwise a held-out split of `data`
+    val_fraction: float = 0.2
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    epochs: int = 10
+    batch_size: int = 8  # per worker, per micro-step
+    grad_accum: int = 1
+    lr: float = 4e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    hflip: bool = True  # off for classes that depend on left/right
+    grad_clip: float = 1.0
+    activation_checkpointing: bool = False
+    precision: str = "bf16"  # bf16 | fp16 | fp32; autocast applies on CUDA only
+    seed: int = 0
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch only
+    keep_checkpoints: int = 2
+    max_failures: int = 3
+    storage: str = "./runs"
+    run_name: str | None = None
+    experiment: str = "uniformerv2"
+    tracking_uri: str | None = None
+    register_as: str | None = None
+    endpoint_url: str | None = None
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs, tests)
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        positive = dict(workers=self.workers, epochs=self.epochs, batch_size=self.batch_size,
+                        grad_accum=self.grad_accum, keep_checkpoints=self.keep_checkpoints)
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be bf16, fp16 or fp32, not {self.precision!r}")
+        if self.max_failures < -1:
+            raise ValueError("max_failures must be >= -1 (-1 retries forever)")
+
+    @property
+    def name(self) -> str:
+        """The Ray Train run name: the same command against the same storage resumes the same run."""
+        if self.run_name:
+            return self.run_name
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:10]
+        return f"{self.experiment}-{digest}"
+
+    def identity(self) -> dict:
+        """The fields that make two invocations the same run (not where they log or how often they retry)."""
+        ignored = {"max_failures", "tracking_uri", "register_as", "run_name", "storage", "log_every", "endpoint_url"}
+        return {k: v for k, v in self.to_dict().items() if k not in ignored}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        return cls(**values)

@@ -1,0 +1,128 @@
+"""MLflow from rank 0 of the training function: metrics, curves and confusion matrices.
+
+Step metrics are buffered and written only after the checkpoint that covers them is persisted: a run that fails
+and resumes from that checkpoint then logs each step exactly once, and the logged steps stay contiguous. An MLflow
+outage never stops training: what cannot be written stays buffered and goes out with the next flush.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class RunTracker:
+    def __init__(self, tracking_uri: str, run_id: str, enabled: bool):
+        self.enabled = enabled
+        self.run_id = run_id
+        self._pending: list = []
+        if enabled:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def step(self, step: int, **metrics: float) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        timestamp = _now_ms()
+        self._pending.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
+
+    def flush(self) -> None:
+        """Call after the checkpoint covering the buffered steps is persisted."""
+        if not self.enabled or not self._pending:
+            return
+        try:
+            while self._pending:
+                self.client.log_batch(self.run_id, metrics=self._pending[:1000])  # MLflow's log_batch limit
+                del self._pending[:1000]
+        except Exception as exc:  # noqa: BLE001 (any tracking failure must leave training running)
+            log.warning("MLflow unavailable, keeping %d metric points for later: %s", len(self._pending), exc)
+
+    def epoch(self, epoch: int, step: int, metrics: dict, confusion: np.ndarray, class_names: list[str]) -> None:
+        if not self.enabled:
+            return
+        self.step(step, **metrics)
+        self.flush()
+        self._try(self.client.log_image, self.run_id, _confusion_image(confusion, class_names),
+                  f"plots/confusion_epoch_{epoch:03d}.png")
+
+    def curves(self) -> None:
+        """Loss and accuracy curves from the run's own metric history."""
+        if not self.enabled:
+            return
+        self.flush()
+        history = self._try(
+            lambda: {key: self.client.get_metric_history(self.run_id, key) for key in ("train_loss", "val_accuracy", "val_loss")}
+        )
+        if history is not None:
+            self._try(self.client.log_image, self.run_id, _curves_image(history), "plots/curves.png")
+
+    def _try(self, call, *args):
+        try:
+            return call(*args)
+        except Exception as exc:  # noqa: BLE001 (plots are not worth failing a training run for)
+            log.warning("MLflow call failed, skipping: %s", exc)
+            return None
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def _figure_to_image(figure):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def _confusion_image(confusion: np.ndarray, class_names: list[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4, 0.4 * len(class_names))
+    figure, axis = plt.subplots(figsize=(size, size))
+    axis.imshow(confusion, cmap="Blues")
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    if len(class_names) <= 40:
+        axis.set_xticks(range(len(class_names)), class_names, rotation=90)
+        axis.set_yticks(range(len(class_names)), class_names)
+        for (i, j), count in np.ndenumerate(confusion):
+            axis.text(j, i, int(count), ha="center", va="center", fontsize=8)
+    image = _figure_to_image(figure)
+    plt.close(figure)
+    return image
+
+
+def _curves_image(history: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, axis in (("train_loss", loss_axis), ("val_loss", loss_axis), ("val_accuracy", accuracy_axis)):
+        points = sorted((m.step, m.value) for m in history[key])
+        if points:
+            steps, values = zip(*points)
+            axis.plot(steps, values, label=key, marker="o" if key.startswith("val") else None)
+    for axis, title in ((loss_axis, "loss"), (accuracy_axis, "validation accuracy")):
+        axis.set_xlabel("optimizer step")
+        axis.set_title(title)
+        axis.legend()
+    image = _figure_to_image(figure)
+    plt.close(figure)
+    return image
