@@ -190,6 +190,60 @@ def register_command(
     typer.echo(f"logged {model_uri}" + (f", registered version {version}" if version is not None else ""))
 
 
+@app.command("retrain")
+def retrain_command(
+    source: str = typer.Option(..., help="Raw videos (s3://... or a folder); what is new is ingested."),
+    dataset: str = typer.Option(..., help="The clip dataset to grow (DST)."),
+    model_name: str = typer.Option(..., help="Registered model name; its `champion` alias is gated."),
+    val: str = typer.Option(..., help="Fixed validation dataset DST[@VERSION] for candidate and champion."),
+    min_gain: float = typer.Option(0.0, help="Accuracy the candidate must gain over the champion to be promoted."),
+    init: str = typer.Option("champion", help="Candidate starts from the champion's weights or from --pretrained."),
+    labels: str = typer.Option(None, help="Labels CSV for the new videos."),
+    labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Labels from parent folder names."),
+    frames: int = typer.Option(8),
+    size: int = typer.Option(224),
+    short_side: int = typer.Option(256),
+    model_config: str = typer.Option("uniformerv2_b16", "--model", help="Named configuration of the candidate."),
+    overrides: list[str] = typer.Option([], "--set", help="Model option override KEY=VALUE."),
+    pretrained: str = typer.Option(None, help="Initial weights when --init pretrained (or no champion yet)."),
+    workers: int = typer.Option(1),
+    gpu: bool = typer.Option(False, "--gpu"),
+    epochs: int = typer.Option(10),
+    batch_size: int = typer.Option(8),
+    lr: float = typer.Option(4e-4),
+    hflip: bool = typer.Option(True, "--hflip/--no-hflip"),
+    storage: str = typer.Option("./runs", help="Checkpoints and the promotion lock (local folder or s3://)."),
+    experiment: str = typer.Option("uniformerv2-retrain"),
+    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+) -> None:
+    """Ingest new videos, train a candidate, promote it to `champion` only if it beats the champion."""
+    from jobs.retrain import run_retrain
+    from jobs.training.config import TrainConfig
+
+    train = TrainConfig(
+        data=dataset, model=model_config, model_overrides=_parse_overrides(overrides), pretrained=pretrained,
+        workers=workers, use_gpu=gpu, epochs=epochs, batch_size=batch_size, lr=lr, hflip=hflip, storage=storage,
+        experiment=experiment, endpoint_url=endpoint_url,
+    )
+    ingest = dict(labels_csv=labels, labels_from_dirs=labels_from_dirs, frames=frames, size=size, short_side=short_side)
+    result = run_retrain(source, dataset, model_name, val, min_gain=min_gain, init=init, train=train,
+                         ingest_options=ingest, endpoint_url=endpoint_url)
+    if result.decision is None:
+        typer.echo("nothing new to train on")
+
+
+@app.command("demo")
+def demo_command(
+    workdir: str = typer.Option("demo-output", help="Where videos, clips, runs, scores and mlflow.db go."),
+    size: str = typer.Option("default", help="default (shows learning) or small (a quick smoke run)."),
+    workers: int = typer.Option(2, help="Ray Train workers."),
+) -> None:
+    """Run ingest, train, register, score and a gated retrain end to end on embedded defaults."""
+    from jobs.demo import run_demo
+
+    run_demo(workdir, size, workers)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,226 @@
+"""`uniformer retrain`: ingest what is new, train a candidate, and promote it to `champion` only if it beats the
+current champion on the same fixed validation set.
+
+MLflow has no compare-and-set for aliases, so promotion runs under a lock object in storage (created with an
+if-absent write, which both local files and S3 conditional writes make atomic): holding it, a retrain reads the
+alias, re-evaluates the champion if it changed since the gate was computed, sets the alias and reads it back.
+Two retrains started at once therefore cannot both promote a model that the other has since beaten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from jobs.ingest import run_ingest
+from jobs.scoring.model_ref import ModelReferenceError, resolve_model
+from jobs.train import run_train, tracking_uri
+from jobs.training.config import TrainConfig
+from model.package import load_package
+from model.transforms import eval_transform
+from pipeline import iter_clip_batches, load_manifest, parse_dataset_ref, parse_uri
+from pipeline.schema import frames_to_numpy
+from pipeline.storage import Storage
+
+CHAMPION = "champion"
+
+
+@dataclass
+class GateDecision:
+    promoted: bool
+    reason: str
+    candidate_version: int
+    candidate_accuracy: float
+    champion_version: int | None
+    champion_accuracy: float | None
+
+
+@dataclass
+class RetrainResult:
+    dataset_version: int
+    new_videos: int
+    decision: GateDecision | None  # None when there was nothing new to train on
+    messages: list[str] = field(default_factory=list)
+
+
+def evaluate_accuracy(weights: str, config: str, val_ref: str, endpoint_url: str | None = None,
+                      batch_size: int = 32) -> float:
+    """Top-1 accuracy of a packaged model on every clip of a validation dataset version (labels matched by name)."""
+    net, card = load_package(weights, config)
+    index_of = {name: i for i, name in enumerate(card.class_names)}
+    correct = total = 0
+    for batch in iter_clip_batches(val_ref, columns=["frames", "label_name"], batch_size=batch_size,
+                                   endpoint_url=endpoint_url):
+        clips = torch.from_numpy(frames_to_numpy(batch.column("frames")).copy())
+        truth = np.array([index_of.get(name, -1) for name in batch.column("label_name").to_pylist()])
+        with torch.no_grad():
+            predicted = net(eval_transform(clips, card.crop_size)).argmax(dim=1).numpy()
+        correct += int((predicted == truth).sum())
+        total += len(truth)
+    if total == 0:
+        raise ValueError(f"validation dataset {val_ref} has no clips")
+    return correct / total
+
+
+class PromotionLock:
+    """A lease object in storage: acquired by an if-absent write, released by deleting it; expired leases (a
+    crashed holder) are taken over."""
+
+    def __init__(self, storage: Storage, location, ttl_s: float = 900, wait_s: float = 600):
+        self.storage, self.location, self.ttl_s, self.wait_s = storage, location, ttl_s, wait_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    def __enter__(self) -> PromotionLock:
+        deadline = time.monotonic() + self.wait_s
+        delay = 0.1
+        while True:
+            body = json.dumps({"owner": self.owner, "expires_at": time.time() + self.ttl_s}).encode()
+            try:
+                self.storage.put_bytes(self.location, body, if_absent=True)
+                return self
+            except FileExistsError:
+                self._take_over_if_expired()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"promotion lock {self.location.uri} is held by another retrain")
+            time.sleep(delay)
+            delay = min(2.0, delay * 2)
+
+    def _take_over_if_expired(self) -> None:
+        try:
+            holder = json.loads(self.storage.read_bytes(self.location))
+        except (FileNotFoundError, ValueError):
+            return
+        if holder.get("expires_at", 0) < time.time():
+            self.storage.delete(self.location)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            holder = json.loads(self.storage.read_bytes(self.location))
+        except FileNotFoundError:
+            return
+        if holder.get("owner") == self.owner:
+            self.storage.delete(self.location)
+
+
+def gate(candidate_accuracy: float, champion_accuracy: float | None, min_gain: float) -> tuple[bool, str]:
+    if champion_accuracy is None:
+        return True, "no champion yet: the first model becomes champion"
+    gain = candidate_accuracy - champion_accuracy
+    if gain > 0 and gain >= min_gain:
+        return True, f"candidate beats champion by {gain:+.4f} (>= {min_gain})"
+    return False, f"candidate does not beat champion by {min_gain} (gain {gain:+.4f})"
+
+
+def promote_if_better(model_name: str, candidate_version: int, candidate_accuracy: float, val_ref: str,
+                      min_gain: float, lock: PromotionLock, uri: str, endpoint_url: str | None = None) -> GateDecision:
+    """The guarded read-decide-set-verify of the champion alias."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(uri)
+    with lock, tempfile.TemporaryDirectory() as scratch:
+        try:
+            champion = client.get_model_version_by_alias(model_name, CHAMPION)
+        except MlflowException:
+            champion = None
+        champion_version = int(champion.version) if champion else None
+        champion_accuracy = None
+        if champion is not None and champion_version != candidate_version:
+            resolved = resolve_model(f"models:/{model_name}/{champion_version}", scratch, uri)
+            champion_accuracy = evaluate_accuracy(resolved.weights_path, resolved.config_path, val_ref, endpoint_url)
+        if champion_version == candidate_version:
+            return GateDecision(False, "candidate is already champion", candidate_version, candidate_accuracy,
+                                champion_version, candidate_accuracy)
+        promoted, reason = gate(candidate_accuracy, champion_accuracy, min_gain)
+        if promoted:
+            client.set_registered_model_alias(model_name, CHAMPION, str(candidate_version))
+            now = client.get_model_version_by_alias(model_name, CHAMPION)
+            if int(now.version) != candidate_version:
+                raise RuntimeError(f"alias {CHAMPION} reads back version {now.version}, not {candidate_version}")
+    decision = GateDecision(promoted, reason, candidate_version, candidate_accuracy, champion_version,
+                            champion_accuracy)
+    tags = {
+        "gate.decision": "promoted" if promoted else "rejected",
+        "gate.reason": reason,
+        "gate.val_dataset": val_ref,
+        "gate.candidate_accuracy": f"{candidate_accuracy:.6f}",
+        "gate.champion_version": str(champion_version),
+        "gate.champion_accuracy": "" if champion_accuracy is None else f"{champion_accuracy:.6f}",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, str(candidate_version), key, value)
+    return decision
+
+
+def run_retrain(
+    source: str,
+    dataset: str,
+    model_name: str,
+    val: str,
+    min_gain: float = 0.0,
+    init: str = "champion",
+    train: TrainConfig | None = None,
+    ingest_options: dict | None = None,
+    endpoint_url: str | None = None,
+    echo=print,
+) -> RetrainResult:
+    """One scheduled retraining cycle; see the module docstring."""
+    import mlflow
+
+    if init not in ("champion", "pretrained"):
+        raise ValueError(f"init must be 'champion' or 'pretrained', not {init!r}")
+    uri = tracking_uri(train.tracking_uri if train else None)
+    client = mlflow.MlflowClient(uri)
+    summary = run_ingest(source, dataset, endpoint_url=endpoint_url, echo=echo, **(ingest_options or {}))
+    manifest = load_manifest(dataset, endpoint_url=endpoint_url)
+    data_ref = f"{dataset}@{manifest.version}"
+    val_ref = f"{parse_dataset_ref(val)[0]}@{load_manifest(val, endpoint_url=endpoint_url).version}"
+
+    trained_on = {v.tags.get("dataset") for v in _versions(client, model_name)}
+    if data_ref in trained_on:
+        echo(f"[retrain] nothing new in {source}: {model_name} already has a model trained on {data_ref}")
+        return RetrainResult(manifest.version, summary.ingested, None, ["nothing new"])
+
+    cfg = train or TrainConfig(data=data_ref)
+    cfg.data, cfg.val_data, cfg.register_as, cfg.tracking_uri = data_ref, val_ref, model_name, uri
+    cfg.endpoint_url = cfg.endpoint_url or endpoint_url
+    with tempfile.TemporaryDirectory() as scratch:
+        if init == "champion":
+            try:
+                champion = resolve_model(f"models:/{model_name}@{CHAMPION}", scratch, uri)
+                # pinned by version: workers on other nodes fetch the same weights themselves
+                cfg.pretrained = f"models:/{model_name}/{champion.identity.version}"
+                echo(f"[retrain] candidate starts from {champion.identity.describe()}")
+            except ModelReferenceError:  # no champion yet: the normal first run
+                echo(f"[retrain] no champion of {model_name} yet: candidate starts from the configured weights")
+        result = run_train(cfg)
+        resolved = resolve_model(f"models:/{model_name}/{result.registered_version}", scratch, uri)
+        accuracy = evaluate_accuracy(resolved.weights_path, resolved.config_path, val_ref, cfg.endpoint_url)
+    lock_root = parse_uri(cfg.storage).join("locks", f"{model_name}.promotion.lock")
+    decision = promote_if_better(model_name, result.registered_version, accuracy, val_ref, min_gain,
+                                 PromotionLock(Storage(cfg.endpoint_url), lock_root), uri, cfg.endpoint_url)
+    for key, value in (("dataset", data_ref), ("val_dataset", val_ref), ("gate_decision", str(decision.promoted))):
+        client.set_tag(result.mlflow_run_id, f"retrain.{key}", value)
+    echo(
+        f"[retrain] {model_name} v{decision.candidate_version} accuracy {decision.candidate_accuracy:.4f} vs "
+        f"champion v{decision.champion_version} {decision.champion_accuracy}: "
+        f"{'PROMOTED' if decision.promoted else 'kept champion'} ({decision.reason})"
+    )
+    return RetrainResult(manifest.version, summary.ingested, decision)
+
+
+def _versions(client, model_name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.search_model_versions(f"name='{model_name}'")
+    except MlflowException:
+        return []

@@ -1,0 +1,116 @@
+"""The retraining gate against a real MLflow server and real registered models, evaluated on a real clip dataset."""
+
+from __future__ import annotations
+
+import threading
+
+import mlflow
+import pytest
+import torch
+
+import model
+from jobs.ingest import run_ingest
+from jobs.retrain import CHAMPION, PromotionLock, gate, promote_if_better
+from jobs.serving.registry import log_model
+from model.package import ModelCard, save_package
+from pipeline import generate_motion_dataset, parse_uri
+from pipeline.storage import Storage
+from tests.conftest import start_local_ray
+
+pytestmark = pytest.mark.integration
+CLASSES = ["down", "left", "right", "up"]
+
+
+@pytest.fixture(scope="module")
+def left_only_validation(tmp_path_factory) -> str:
+    """A validation set whose every clip is `left`: a model that always answers `left` scores 1.0, any other 0.0."""
+    root = tmp_path_factory.mktemp("gate")
+    generate_motion_dataset(root / "videos", 3, classes=("left",), size=(40, 40), num_frames=16, seed=4)
+    start_local_ray()
+    run_ingest(str(root / "videos"), str(root / "val"), labels_from_dirs=True, frames=8, size=32, short_side=40)
+    return str(root / "val") + "@1"
+
+
+def register_constant_model(name: str, answer: str, tracking_uri: str, tmp_path) -> int:
+    """A real registered tiny UniFormerV2 whose head always picks `answer`."""
+    net = model.create_model("uniformerv2_tiny", num_classes=4, t_size=8)
+    with torch.no_grad():
+        net.head.fc.weight.zero_()
+        net.head.fc.bias.copy_(torch.tensor([10.0 if c == answer else 0.0 for c in CLASSES]))
+    card = ModelCard(model="uniformerv2_tiny", num_classes=4, overrides={"t_size": 8}, class_names=CLASSES,
+                     frames=8, crop_size=32, short_side=40)
+    weights, _ = save_package(net, card, tmp_path / f"{answer}-{name}")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("gate-tests")
+    with mlflow.start_run() as run:
+        pass
+    return log_model(run.info.run_id, weights, card, tracking_uri, register_as=name)[1]
+
+
+def lock_for(tmp_path, name: str) -> PromotionLock:
+    return PromotionLock(Storage(), parse_uri(str(tmp_path / "locks" / f"{name}.lock")), wait_s=120)
+
+
+def champion_of(name: str, uri: str) -> int:
+    return int(mlflow.MlflowClient(uri).get_model_version_by_alias(name, CHAMPION).version)
+
+
+def test_gate_rule():
+    assert gate(0.5, None, 0.1)[0]
+    assert gate(0.8, 0.7, 0.05)[0]
+    assert not gate(0.72, 0.7, 0.05)[0]
+    assert not gate(0.7, 0.7, 0.0)[0]  # a tie does not beat the champion
+
+
+def test_first_model_becomes_champion_and_better_replaces_it_but_worse_does_not(
+    left_only_validation, mlflow_server, tmp_path
+):
+    uri, name = mlflow_server.uri, "gate-sequence"
+    weak = register_constant_model(name, "right", uri, tmp_path)
+    first = promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    assert first.promoted and champion_of(name, uri) == weak
+
+    strong = register_constant_model(name, "left", uri, tmp_path)
+    better = promote_if_better(name, strong, 1.0, left_only_validation, 0.5, lock_for(tmp_path, name), uri)
+    assert better.promoted and better.champion_accuracy == 0.0 and champion_of(name, uri) == strong
+
+    worse = register_constant_model(name, "up", uri, tmp_path)
+    rejected = promote_if_better(name, worse, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    assert not rejected.promoted and rejected.champion_accuracy == 1.0 and champion_of(name, uri) == strong
+    tags = mlflow.MlflowClient(uri).get_model_version(name, str(worse)).tags
+    assert tags["gate.decision"] == "rejected" and tags["gate.champion_version"] == str(strong)
+
+
+def test_two_retrains_promoting_at_once_do_not_both_promote(left_only_validation, mlflow_server, tmp_path):
+    uri, name = mlflow_server.uri, "gate-race"
+    weak = register_constant_model(name, "right", uri, tmp_path)
+    promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    candidates = [register_constant_model(name, "left", uri, tmp_path) for _ in range(2)]
+
+    decisions, start = {}, threading.Barrier(2)
+
+    def promote(version: int) -> None:
+        start.wait()
+        decisions[version] = promote_if_better(name, version, 1.0, left_only_validation, 0.0,
+                                               lock_for(tmp_path, name), uri)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in candidates]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    promoted = [v for v, d in decisions.items() if d.promoted]
+    assert len(decisions) == 2 and len(promoted) == 1
+    loser = next(d for v, d in decisions.items() if not d.promoted)
+    assert loser.champion_version == promoted[0] and loser.champion_accuracy == 1.0
+    assert champion_of(name, uri) == promoted[0]
+
+
+def test_an_expired_lock_of_a_crashed_retrain_is_taken_over(tmp_path):
+    crashed = PromotionLock(Storage(), parse_uri(str(tmp_path / "locks" / "m.lock")), ttl_s=-1)
+    crashed.__enter__()  # held, already expired, never released
+    with lock_for(tmp_path, "m") as lock:
+        assert lock.owner in Storage().read_bytes(lock.location).decode()
+    held = PromotionLock(Storage(), parse_uri(str(tmp_path / "locks" / "n.lock")))
+    with held, pytest.raises(TimeoutError, match="held by another retrain"):
+        PromotionLock(Storage(), held.location, wait_s=0.5).__enter__()
