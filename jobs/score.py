@@ -46,8 +46,9 @@ from pipeline.views import decode_views, parse_views
 # Videos per decoding task call: enough to amortise a task, few enough that a task's output (V views of T frames
 # per video, ~15 MB at 4x3 views of 8 x 224 x 224) stays a modest block.
 _VIDEOS_PER_DECODE_BATCH = 4
-# A decoder's working set besides its output (frames at source resolution, demuxer buffers), reserved per task.
-_DECODER_MEMORY_BYTES = 256 * 1024 * 1024
+# A decoding worker's memory besides its output: the process with torch and decord loaded, frames at source
+# resolution, demuxer buffers (Ray Data measured ~550 MB per worker on 640x360 sources).
+_DECODER_MEMORY_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
@@ -216,6 +217,23 @@ def _record(video: SourceVideo) -> dict:
 
 # ---- the job -----------------------------------------------------------------------------------------------------
 @dataclass
+class Throughput:
+    """Of this run's Ray phase: every video it decoded and scored (failures included)."""
+
+    videos: int = 0
+    seconds: float = 0.0
+    startup_seconds: float = 0.0  # until the first predictions: actors started, model loaded, first views decoded
+    videos_per_s: float = 0.0  # over the whole phase
+    steady_videos_per_s: float = 0.0  # after the first predictions: what a long run approaches
+
+    def finish(self, seconds: float, first_rows: int) -> None:
+        self.seconds = seconds
+        self.videos_per_s = self.videos / seconds if self.videos and seconds > 0 else 0.0
+        after = seconds - self.startup_seconds
+        self.steady_videos_per_s = (self.videos - first_rows) / after if self.videos > first_rows and after > 0 else 0.0
+
+
+@dataclass
 class ScoreSummary(ScoreCounts):
     source: str
     destination: str
@@ -224,7 +242,7 @@ class ScoreSummary(ScoreCounts):
     manifest_version: int | None
     manifest_written: bool  # False when nothing changed and the previous version still holds
     seconds: float  # the whole job
-    videos_per_s: float  # videos decoded and scored by this run per second of its Ray phase
+    throughput: Throughput
     errors_uri: str | None = None
     errors: list[ErrorRecord] = field(default_factory=list)
 
@@ -266,14 +284,11 @@ def run_score(
             f"scored, {sum(len(r['videos']) + len(r['errors']) for r in plan.adopted)} in adopted shards, "
             f"{plan.num_pending} to score in {len(plan.groups)} shards"
         )
-        ray_started = time.monotonic()
-        results = _run_groups(plan, resolved, storage, options, echo) if plan.groups else []
-        ray_seconds = time.monotonic() - ray_started
+        throughput = Throughput()
+        results = _run_groups(plan, resolved, storage, options, echo, throughput) if plan.groups else []
 
-    processed = sum(len(r["videos"]) + len(r["errors"]) for r in results)
-    videos_per_s = processed / ray_seconds if processed and ray_seconds > 0 else 0.0
     manifest, counts, errors = commit_score(
-        plan, results, resolved.card.class_names, time.monotonic() - started, videos_per_s, storage
+        plan, results, resolved.card.class_names, time.monotonic() - started, asdict(throughput), storage
     )
     if manifest is not None:
         write_score_manifest(root, manifest, storage)
@@ -287,7 +302,7 @@ def run_score(
         manifest_version=version,
         manifest_written=manifest is not None,
         seconds=time.monotonic() - started,
-        videos_per_s=videos_per_s,
+        throughput=throughput,
         errors_uri=root.join(manifest.errors).uri if manifest and manifest.errors else None,
         errors=errors,
     )
@@ -296,10 +311,17 @@ def run_score(
 
 
 def _run_groups(
-    plan: ScorePlan, resolved: ResolvedModel, storage: Storage, options: ScoreOptions, echo: Callable[[str], None]
+    plan: ScorePlan,
+    resolved: ResolvedModel,
+    storage: Storage,
+    options: ScoreOptions,
+    echo: Callable[[str], None],
+    throughput: Throughput,
 ) -> list[dict]:
     """Stream prediction rows out of Ray Data and publish each group's shard as soon as all its videos are in."""
     import ray
+
+    started = time.monotonic()
 
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
@@ -308,7 +330,11 @@ def _run_groups(
     buffered: dict[int, list[pa.Table]] = defaultdict(list)
     results, done, failed, last_report = [], 0, 0, 0.0
     total = plan.num_pending
+    first_rows = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if not first_rows:
+            throughput.startup_seconds, first_rows = time.monotonic() - started, batch.num_rows
+        throughput.videos += batch.num_rows
         for index in set(batch.column("shard").to_pylist()):
             part = batch.filter(pc.equal(batch.column("shard"), index))
             buffered[index].append(part)
@@ -326,6 +352,7 @@ def _run_groups(
             last_report = time.monotonic()
     if any(waiting.values()):
         raise RuntimeError(f"scoring lost rows of shards {[i for i, n in waiting.items() if n]}")  # a bug
+    throughput.finish(time.monotonic() - started, first_rows)
     return results
 
 
@@ -351,11 +378,16 @@ def format_summary(summary: ScoreSummary, max_errors: int = 10) -> str:
         rows.append(("shards adopted", summary.shards_adopted))
     width = max(len(name) for name, _ in rows)
     lines = [
-        f"score summary  {summary.destination}  manifest {version} ({state})  {summary.seconds:.1f} s  "
-        f"{summary.videos_per_s:.2f} videos/s",
+        f"score summary  {summary.destination}  manifest {version} ({state})  {summary.seconds:.1f} s",
         f"  model {summary.model.describe()}  views {summary.views}",
     ]
     lines += [f"  {name:<{width}}  {value:>8}" for name, value in rows]
+    speed = summary.throughput
+    if speed.videos:
+        lines.append(
+            f"  {speed.videos_per_s:.2f} videos/s ({speed.steady_videos_per_s:.2f} after the first predictions, "
+            f"which took {speed.startup_seconds:.1f} s)"
+        )
     if summary.errors:
         lines.append(f"  errors ({summary.errors_uri}):")
         for error in summary.errors[:max_errors]:

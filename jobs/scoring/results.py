@@ -36,9 +36,12 @@ ERRORS_DIR = "errors"
 FOOTER_KEY = b"uniformer.score"
 MANIFEST_KIND = "predictions"
 MANIFEST_SCHEMA_VERSION = 1
-DEFAULT_VIDEOS_PER_SHARD = 2000
-# Enough shards for many decoding CPUs to finish some early (resumable progress) while shards stay large.
+DEFAULT_VIDEOS_PER_SHARD = 1000
+# Shards are the unit of resumption, not of parallelism (decoding blocks are): a large run gets at least this many,
+# so that a killed run keeps most of its work, but no shard holds fewer videos than the floor below unless asked to,
+# since the driver publishes shards one by one.
 _MIN_SHARDS = 64
+_MIN_VIDEOS_PER_SHARD = 16
 
 
 class ScoreConfigError(ValueError):
@@ -108,7 +111,7 @@ class ScoreManifest:
     # video_id -> {"uri", "etag", "size", "shard"}: the videos whose predictions this version holds
     sources: dict[str, dict]
     counts: dict[str, int]
-    throughput: dict[str, float]  # seconds, videos_per_s of the run that wrote this version
+    throughput: dict[str, float]  # of the run that wrote this version (jobs.score.Throughput)
     errors: str | None = None
     previous_version: int | None = None
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -243,7 +246,7 @@ def plan_score(
 
     remaining = [source_record(video) for video in pending.values()]
     # Depends only on the pending set, so a re-run after a kill plans the same groups and shard names.
-    per_shard = min(videos_per_shard, max(1, math.ceil(len(remaining) / _MIN_SHARDS)))
+    per_shard = min(videos_per_shard, max(_MIN_VIDEOS_PER_SHARD, math.ceil(len(remaining) / _MIN_SHARDS)))
     groups = []
     for start in range(0, len(remaining), per_shard):
         sources = remaining[start : start + per_shard]
@@ -315,7 +318,7 @@ class ScoreCounts:
 
 
 def commit_score(
-    plan: ScorePlan, results: list[dict], class_names: list[str], seconds: float, videos_per_s: float, storage: Storage
+    plan: ScorePlan, results: list[dict], class_names: list[str], seconds: float, throughput: dict, storage: Storage
 ) -> tuple[ScoreManifest | None, ScoreCounts, list[ErrorRecord]]:
     """Results -> this run's errors table and a new manifest version (returned, not yet written; None when nothing
     changed)."""
@@ -363,7 +366,7 @@ def commit_score(
         shards=kept_shards + new_shards,
         sources=dict(sorted({**kept_sources, **new_sources}.items())),
         counts=asdict(counts),
-        throughput={"seconds": round(seconds, 3), "videos_per_s": round(videos_per_s, 3)},
+        throughput={"job_seconds": round(seconds, 3), **{k: round(v, 3) for k, v in throughput.items()}},
         errors=errors_path,
         previous_version=previous.version if previous else None,
     )
