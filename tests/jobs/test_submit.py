@@ -1,10 +1,11 @@
-"""Jobs submitted through the Ray Jobs API (`jobs.submit`, i.e. JobSubmissionClient) to a real two-node cluster:
-a `ray start --head` node and a `ray start --address` worker node on this machine, listening on 127.0.0.1 only, with
-Ray token authentication on. Ingest reads videos from the S3-compatible server; train logs to a real `mlflow server`.
+"""Jobs submitted through the Ray Jobs API (`jobs.submit`, i.e. JobSubmissionClient) to a real two-node cluster
+started by `infra/local-cluster.sh`: `ray start --head` and `ray start --address` nodes on this machine, listening on
+127.0.0.1 only, Ray token authentication on. Ingest reads videos from the S3-compatible server; train logs to a real
+`mlflow server`.
 
-Stopping the cluster: `ray stop` would kill every Ray on the machine (other test sessions included), so each node is
-started with `--block` in its own session, and stopping kills exactly the process tree under it (raylet, GCS,
-dashboard, workers, job drivers), then anything left that names this cluster's temp dir.
+Stopping the cluster: `ray stop` would kill every Ray on the machine (other test sessions included). The script
+starts each node with `--block` as its own process group and `stop` kills exactly those groups; the test then checks
+that no process of the cluster (its groups, or anything naming its folder) survived.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,92 +34,57 @@ from pipeline import load_manifest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-LAUNCHER = REPO / "infra" / "ray_loopback.py"
+SCRIPT = REPO / "infra" / "local-cluster.sh"
 JOB_TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+class LocalCluster:
+    """The cluster `infra/local-cluster.sh` starts (head + worker nodes on 127.0.0.1, token auth on), in `root`."""
 
-
-class LoopbackCluster:
-    """A head node and worker nodes started by `infra/ray_loopback.py start --block`, each in its own session."""
-
-    def __init__(self, root: Path, logs: Path, cpus_per_node: int = 2):
-        self.root, self.logs = root, logs
+    def __init__(self, root: Path):
+        self.root = root
         self.token_path = root / "auth_token"
-        self.token_path.write_text(secrets.token_hex(32))
-        self.token_path.chmod(0o600)
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.cpus_per_node = cpus_per_node
-        self.nodes: list[subprocess.Popen] = []
-        # the nodes' own environment: token auth on, this checkout's interpreter and `uniformer` first on PATH (the
-        # job entrypoint runs in a shell), the test's AWS credentials (conftest) as a node's credential chain
-        self.env = {
-            **os.environ,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
-        self.env.pop("RAY_AUTH_TOKEN", None)
-        self.env.pop("RAY_ADDRESS", None)
+        self.groups: set[int] = set()
+        # the script's environment: this interpreter (its bin dir goes first on the nodes' PATH, so the job's
+        # `uniformer` entrypoint is this checkout's), the test's AWS credentials (conftest) as the nodes' credential
+        # chain, and no Ray address or token of the test process's own
+        self.env = {**os.environ, "PYTHON": sys.executable}
+        for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+            self.env.pop(name, None)
 
-    def _start_node(self, name: str, *args: str) -> None:
-        log = open(self.logs / f"{name}.log", "wb")
-        self.nodes.append(subprocess.Popen(
-            [sys.executable, str(LAUNCHER), "start", "--block", "--node-ip-address", "127.0.0.1",
-             "--num-cpus", str(self.cpus_per_node), "--num-gpus", "0", "--object-store-memory", str(200 * 2**20),
-             "--temp-dir", str(self.root / name), "--dashboard-agent-listen-port", str(free_port()),
-             "--disable-usage-stats", *args],
-            cwd=self.root, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ))
+    def script(self, *args: str) -> str:
+        done = subprocess.run(["bash", str(SCRIPT), *args, "--dir", str(self.root)], env=self.env, text=True,
+                              capture_output=True, timeout=300)
+        if done.returncode != 0:
+            logs = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in sorted(self.root.glob("*.log")))
+            raise RuntimeError(f"local-cluster.sh {args[0]} failed:\n{done.stdout}{done.stderr}\n{logs}")
+        return done.stdout
 
-    def start(self, workers: int = 1, timeout_s: float = 120) -> None:
-        self._start_node("head", "--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                         "--dashboard-port", str(self.dashboard_port),
-                         "--ray-client-server-port", str(free_port()))
-        self._wait(lambda nodes: nodes >= 1, timeout_s)
-        for index in range(workers):
-            self._start_node(f"worker{index}", "--address", f"127.0.0.1:{self.gcs_port}")
-        self._wait(lambda nodes: nodes == 1 + workers, timeout_s)
+    def start(self, workers: int) -> None:
+        try:
+            self.script("start", "--workers", str(workers), "--cpus-per-node", "2")
+        finally:  # each node is a process group named by its pid file; kept for the checks after `stop`
+            self.groups = {int(pidfile.read_text()) for pidfile in self.root.glob("*.pid")}
+        self.address = (self.root / "address").read_text().strip()
 
     def alive_nodes(self) -> int:
         request = urllib.request.Request(f"{self.address}/api/v0/nodes",
-                                         headers={"Authorization": f"Bearer {self.token_path.read_text()}"})
+                                         headers={"Authorization": f"Bearer {self.token_path.read_text().strip()}"})
         body = json.loads(urllib.request.urlopen(request, timeout=5).read())
         return sum(node["state"] == "ALIVE" for node in body["data"]["result"]["result"])
 
-    def _wait(self, ready, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for node in self.nodes:
-                if node.poll() is not None:
-                    raise RuntimeError(f"a Ray node exited with {node.returncode}; see {self.logs}/*.log")
-            try:
-                if ready(self.alive_nodes()):
-                    return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"the cluster did not come up in {timeout_s} s; see {self.logs}/*.log")
-
     def processes(self) -> list[psutil.Process]:
-        found = {}
-        for node in self.nodes:
+        """Every live process of this cluster: its nodes' process groups, and anything naming its folder."""
+        marker, found = str(self.root), []
+        for process in psutil.process_iter(["cmdline", "status"]):
             try:
-                root = psutil.Process(node.pid)
-                found.update({p.pid: p for p in [root, *root.children(recursive=True)]})
-            except psutil.NoSuchProcess:
+                if process.info["status"] == psutil.STATUS_ZOMBIE:
+                    continue
+                if os.getpgid(process.pid) in self.groups or marker in " ".join(process.info["cmdline"] or []):
+                    found.append(process)
+            except (ProcessLookupError, psutil.NoSuchProcess):
                 pass
-        marker = str(self.root)  # orphans whose parent died first still name the temp dir on their command line
-        for process in psutil.process_iter(["cmdline"]):
-            if marker in " ".join(process.info["cmdline"] or []):
-                found.setdefault(process.pid, process)
-        return list(found.values())
+        return found
 
     def listening_beyond_loopback(self) -> set[str]:
         """host:port of every socket this cluster's processes listen on that is not a loopback address."""
@@ -136,34 +101,30 @@ class LoopbackCluster:
                     exposed.add(f"{sock.laddr.ip}:{sock.laddr.port} ({process.name()})")
         return exposed
 
-    def stop(self) -> None:
-        for _ in range(3):  # a raylet may start a worker while its siblings are being killed
-            processes = self.processes()
-            if not processes:
-                break
-            for process in processes:
-                try:
-                    process.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(processes, timeout=10)
-        for node in self.nodes:
-            node.wait(timeout=10)
+    def stop(self) -> list[int]:
+        """`local-cluster.sh stop`; returns the pids that survived it (then kills those too)."""
+        try:
+            self.script("stop")
+        finally:
+            time.sleep(1)
+            survivors = self.processes()
+            for process in survivors:
+                process.kill()
+        return [process.pid for process in survivors]
 
 
 @pytest.fixture
-def cluster(tmp_path_factory):
+def cluster():
     # a short path: Ray's unix sockets live under the temp dir and a socket path is limited to 107 characters
     root = Path(tempfile.mkdtemp(prefix="uray-", dir="/tmp"))
-    cluster = LoopbackCluster(root, logs=tmp_path_factory.mktemp("ray-nodes"))
+    cluster = LocalCluster(root)
     try:
         cluster.start(workers=1)
         yield cluster
     finally:
-        cluster.stop()
-        leftovers = [p.pid for p in cluster.processes()]
+        survivors = cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
-        assert not leftovers, f"processes of the test cluster survived stop: {leftovers}"
+    assert not survivors, f"processes of the test cluster survived local-cluster.sh stop: {survivors}"
 
 
 def run_to_end(client, job: str, args: list[str], environ: dict) -> str:
