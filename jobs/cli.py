@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
+
+if not os.environ.get("RAY_ADDRESS"):
+    # A Ray started here for a local run listens on loopback only (on Linux Ray would otherwise bind the machine's
+    # address). Ray reads this at import, so it is set before any job imports Ray.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 app = typer.Typer(
     help="Distributed video training pipeline for UniFormerV2: ingest videos, train, score archives, retrain.",
@@ -242,6 +249,44 @@ def demo_command(
     from jobs.demo import run_demo
 
     run_demo(workdir, size, workers)
+
+
+@app.command("submit", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+def submit_command(
+    job: str = typer.Argument(..., help="The uniformer command to run on the cluster (ingest, train, score, ...)."),
+    args: list[str] = typer.Argument(None, help="Its options and arguments, as for a local run."),
+    address: str = typer.Option(None, help="Ray dashboard http://HEAD:8265; default: RAY_ADDRESS."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job's logs and exit with its outcome."),
+    working_dir: str = typer.Option(
+        "auto", help="Code shipped with the job: 'auto' (this checkout; nothing when installed), a folder, or 'none'."
+    ),
+    pip: list[str] = typer.Option([], "--pip", help="Extra pip requirement for the job's runtime env (repeatable)."),
+    env: list[str] = typer.Option(
+        [], "--env", help="Also forward this variable's local value (repeatable); credentials are refused."
+    ),
+    job_id: str = typer.Option(None, "--job-id", help="Submission id; default: Ray's generated one."),
+) -> None:
+    """Run `uniformer JOB ARGS` on a Ray cluster through the Ray Jobs API; options go before JOB.
+
+    MLFLOW_TRACKING_URI and AWS_ENDPOINT_URL are forwarded when set. Ray's token (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) authenticates the request."""
+    from jobs.submit import SubmitError, connect, follow, submit
+
+    shipped = {"auto": True, "none": None}.get(working_dir, working_dir)
+    try:
+        client = connect(address)
+        submission = submit(job, args or [], client=client, working_dir=shipped, pip=pip, env=env,
+                            submission_id=job_id)
+    except SubmitError as error:
+        typer.echo(f"submit failed: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"submitted {submission.job_id} to {submission.address}: {submission.entrypoint}")
+    if not wait:
+        typer.echo(f"follow it with: ray job logs --follow {submission.job_id} --address {submission.address}")
+        return
+    status = follow(client, submission.job_id)
+    typer.echo(f"job {submission.job_id} {status.value}")
+    raise typer.Exit(code=0 if status.value == "SUCCEEDED" else 1)
 
 
 def main() -> None:

@@ -28,10 +28,12 @@ from pipeline.reader import verify_shards
 from pipeline.schema import frames_to_numpy
 from pipeline.storage import Storage, parse_uri
 
-# Windows mix rows of this many units, so one batch draws from several places of the dataset.
-UNITS_PER_WINDOW = 4
-# Units are at most this many rows, and small enough that every rank gets several per epoch.
-MAX_UNIT_ROWS = 64
+# A window gathers units until it holds this many rows and shuffles them together, so that one batch draws from
+# many places of the dataset (ingest writes videos in listing order, often class by class).
+WINDOW_ROWS = 256
+# Units are at most this many rows (reading one reads its row group once, then slices it), and small enough that
+# every rank gets several per epoch.
+MAX_UNIT_ROWS = 16
 _UNITS_PER_RANK = 8
 
 
@@ -113,10 +115,8 @@ class EpochPlan:
 
     def windows(self, epoch: int, rank: int, skip_rows: int = 0, shuffle: bool = True) -> list[dict]:
         """The work items of one rank's epoch, minus its first `skip_rows` rows."""
-        units = self.rank_units(epoch, rank, shuffle)
         items = []
-        for w in range(0, len(units), UNITS_PER_WINDOW):
-            group = units[w : w + UNITS_PER_WINDOW]
+        for w, group in enumerate(_windows(self.rank_units(epoch, rank, shuffle))):
             rows = sum(u.rows for u in group)
             if skip_rows >= rows:
                 skip_rows -= rows
@@ -148,6 +148,17 @@ class EpochPlan:
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             reader, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus
         )
+
+
+def _windows(units: list[Unit]) -> list[list[Unit]]:
+    windows, current, rows = [], [], 0
+    for unit in units:
+        current.append(unit)
+        rows += unit.rows
+        if rows >= WINDOW_ROWS:
+            windows.append(current)
+            current, rows = [], 0
+    return windows + ([current] if current else [])
 
 
 class WindowReader:

@@ -22,6 +22,9 @@ TEST_AWS_ENV = {
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
 os.environ.update(TEST_AWS_ENV)
+# Keep every Ray node the tests start on 127.0.0.1: on Linux Ray otherwise swaps loopback for the machine's
+# address. Ray reads this once, at import, so it is set before anything imports Ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 for _name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
     os.environ.pop(_name, None)
 

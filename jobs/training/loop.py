@@ -75,6 +75,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
     warmup_steps = min(total_steps, max(1, round(cfg.warmup_epochs * steps_per_epoch[0])))
 
+    torch.manual_seed(cfg.seed)  # the same initial weights in every run of this config, not only across ranks
     net = build_model(cfg, num_classes, sampling.frames)
     optimizer = build_optimizer(net, cfg.lr, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.lr, cfg.min_lr)

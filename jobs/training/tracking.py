@@ -1,8 +1,10 @@
 """MLflow from rank 0 of the training function: metrics, curves and confusion matrices.
 
-Step metrics are buffered and written only after the checkpoint that covers them is persisted: a run that fails
-and resumes from that checkpoint then logs each step exactly once, and the logged steps stay contiguous. An MLflow
-outage never stops training: what cannot be written stays buffered and goes out with the next flush.
+Step metrics are buffered and written after the checkpoint that covers them is reported. A worker group that
+fails can still have written steps its last committed checkpoint does not cover; the resumed group recomputes
+them exactly (the run is deterministic), so the tracker skips every step the run already has: each step is
+logged once and the logged steps stay contiguous. An MLflow outage never stops training: what cannot be written
+stays buffered and goes out with the next flush.
 """
 
 from __future__ import annotations
@@ -20,16 +22,23 @@ class RunTracker:
         self.enabled = enabled
         self.run_id = run_id
         self._pending: list = []
+        self._logged_through: dict[str, int] = {}
         if enabled:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri)
+            for key in ("train_loss", "val_accuracy"):
+                history = self._try(self.client.get_metric_history, run_id, key) or []
+                self._logged_through[key] = max((m.step for m in history), default=0)
 
     def step(self, step: int, **metrics: float) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
+        marker = "val_accuracy" if "val_accuracy" in metrics else "train_loss"
+        if step <= self._logged_through.get(marker, 0):
+            return  # logged by an earlier attempt of this run
         timestamp = _now_ms()
         self._pending.extend(Metric(key, float(value), timestamp, step) for key, value in metrics.items())
 

@@ -1,0 +1,73 @@
+"""Training throughput: clips/s per worker, the share of step time spent waiting for data, and 1 -> 2 worker
+scaling, measured with the real job (Ray Train + the epoch-plan Ray Data loader) on synthetic motion clips.
+
+    .venv/bin/python benchmarks/train.py [--videos-per-class 100] [--epochs 2] [--model uniformerv2_tiny]
+
+Prints one JSON object. Figures from one run on one machine; compare ratios, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on loopback only
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--videos-per-class", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--model", default="uniformerv2_tiny")
+    parser.add_argument("--gpu", action="store_true")
+    args = parser.parse_args()
+
+    import mlflow
+    import ray
+
+    from jobs.ingest import run_ingest
+    from jobs.train import run_train
+    from jobs.training.config import TrainConfig
+    from pipeline import generate_motion_dataset
+
+    root = tempfile.mkdtemp(prefix="uniformer-train-bench-")
+    generate_motion_dataset(os.path.join(root, "videos"), args.videos_per_class, size=(40, 40), num_frames=16)
+    ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
+    run_ingest(os.path.join(root, "videos"), os.path.join(root, "clips"), labels_from_dirs=True, frames=8,
+               short_side=40, size=32, echo=lambda _: None)
+    tracking = f"sqlite:///{os.path.join(root, 'mlflow.db')}"
+
+    results = {}
+    for workers in (1, 2):
+        cfg = TrainConfig(data=os.path.join(root, "clips"), model=args.model, workers=workers, epochs=args.epochs,
+                          batch_size=args.batch_size, use_gpu=args.gpu, hflip=False, tracking_uri=tracking,
+                          storage=os.path.join(root, f"runs-{workers}"), experiment=f"bench-{workers}")
+        result = run_train(cfg)
+        history = mlflow.MlflowClient(tracking).get_metric_history(result.mlflow_run_id, "clips_per_s_per_worker")
+        waits = mlflow.MlflowClient(tracking).get_metric_history(result.mlflow_run_id, "data_wait_share")
+        steady = [m.value for m in sorted(history, key=lambda m: m.step)][2:]  # skip start-up steps
+        results[workers] = {
+            "steps": int(result.metrics["global_step"]),
+            "clips_per_s_per_worker_median": statistics.median(steady),
+            "data_wait_share_per_epoch": [round(m.value, 4) for m in sorted(waits, key=lambda m: m.step)],
+        }
+    one, two = results[1], results[2]
+    print(json.dumps({
+        "model": args.model,
+        "batch_per_worker": args.batch_size,
+        "device": "cuda" if args.gpu else "cpu",
+        "cpus": os.cpu_count(),
+        "workers_1": one,
+        "workers_2": two,
+        "scaling_total_clips_per_s_2_vs_1": round(
+            2 * two["clips_per_s_per_worker_median"] / one["clips_per_s_per_worker_median"], 3),
+        "max_data_wait_share": max(one["data_wait_share_per_epoch"] + two["data_wait_share_per_epoch"]),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
