@@ -148,7 +148,7 @@ def ensure_ray(cfg: TrainConfig) -> None:
         return
     # Locally, train workers each hold cpus_per_worker; leave room for the Ray Data readers feeding them.
     needed = int(cfg.workers * cfg.cpus_per_worker) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:

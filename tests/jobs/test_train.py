@@ -110,9 +110,10 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
 def test_worker_killed_mid_run_resumes_with_exact_steps_and_weights(motion_dataset, tmp_path, mlflow_server):
     steps = 24
     common = dict(max_steps=steps, checkpoint_every=4, epochs=3, experiment="resume")
-    reference = run_train(small_config(motion_dataset, tmp_path / "reference", mlflow_server.uri, **common))
+    reference = run_train(small_config(f"{motion_dataset}@1", tmp_path / "reference", mlflow_server.uri, **common))
 
-    cfg = small_config(motion_dataset, tmp_path / "killed", mlflow_server.uri, max_failures=2, **common)
+    # pinned to a version up front: the run name (the checkpoint folder watched below) covers the pinned version
+    cfg = small_config(f"{motion_dataset}@1", tmp_path / "killed", mlflow_server.uri, max_failures=2, **common)
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.setdefault("result", run_train(cfg)))
     worker.start()
