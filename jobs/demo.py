@@ -55,9 +55,8 @@ def run_demo(workdir: str = "demo-output", size: str = "default", workers: int =
     val_videos = os.path.join(bucket, "validation-videos")
     clips, val_clips = os.path.join(workdir, "clips"), os.path.join(workdir, "validation-clips")
     scores = os.path.join(workdir, "scores")
-    tracking = f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
-    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking)
-    tracking = os.environ["MLFLOW_TRACKING_URI"]
+    # passed explicitly to every job below, so that the demo leaves the process environment as it found it
+    tracking = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
 
     echo(f"[demo] 1/6 generating synthetic motion videos under {bucket}")
     generate_motion_dataset(raw, sizes.train_per_class, seed=1, **VIDEO)

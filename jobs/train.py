@@ -86,10 +86,10 @@ def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, ma
     record = _read_run_record(filesystem, record_path)
     if record:
         return record["mlflow_run_id"]
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.set_experiment(cfg.experiment)
     client = mlflow.MlflowClient(uri)
-    run = client.create_run(experiment.experiment_id, run_name=cfg.name, tags={"ray_train_run": cfg.name})
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
+    run = client.create_run(experiment_id, run_name=cfg.name, tags={"ray_train_run": cfg.name})
     params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in cfg.to_dict().items()]
     client.log_batch(run.info.run_id, params=params)
     client.log_dict(run.info.run_id, cfg.to_dict(), "config/train_config.json")

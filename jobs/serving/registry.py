@@ -36,13 +36,16 @@ def log_model(
         if done:  # a re-run after a completed registration registers nothing new
             return done[0].source, int(done[0].version)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, card.frames, card.short_side, card.short_side, 3), "clips")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, card.num_classes), "probabilities")]),
+        # unnamed tensors: predict() receives the clip array itself, not a {name: array} dict
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, card.frames, card.short_side, card.short_side, 3))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, card.num_classes))]),
     )
     with tempfile.TemporaryDirectory() as directory:
         config_path = os.path.join(directory, model.package.CONFIG_FILE)
         with open(config_path, "w", encoding="utf-8") as handle:
             handle.write(card.to_json())
+        # MLflow refuses to resume a run outside the process's active experiment: make the run's own one active
+        mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
