@@ -18,7 +18,6 @@ import json
 import math
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
 
 from pipeline.decode import decode_clips
 from pipeline.listing import SourceVideo, extend_class_map
@@ -29,13 +28,14 @@ from pipeline.manifest import (
     SamplingParams,
     ShardEntry,
 )
-from pipeline.schema import ErrorRecord, errors_table
+from pipeline.schema import ErrorRecord, clip_schema, errors_table
 from pipeline.shards import (
     ShardWriter,
     measure_published,
     parquet_write_options,
     publish_table,
     read_shard_description,
+    rewrite_without_videos,
 )
 from pipeline.storage import Location, Storage, parse_uri
 
@@ -293,7 +293,10 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
     kept_shards = list(previous.shards) if previous else []
     kept_sources = dict(previous.sources) if previous else {}
     if plan.superseded:
-        kept_shards, kept_sources = _drop_superseded(plan, kept_shards, kept_sources, storage)
+        kept_shards, kept_sources = rewrite_without_videos(
+            storage, plan.root, kept_shards, kept_sources, plan.superseded, SHARDS_DIR,
+            parquet_write_options(clip_schema(plan.sampling.frames, plan.sampling.short_side)),
+        )
 
     listed_uris = {video.uri for video in plan.listed}
     errored_uris = {error.source_uri for error in errors if error.source_uri in listed_uris}
@@ -336,32 +339,3 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
         previous_version=previous.version if previous else None,
     )
     return outcome
-
-
-def _drop_superseded(
-    plan: IngestPlan, shards: list[ShardEntry], sources: dict[str, dict], storage: Storage
-) -> tuple[list[ShardEntry], dict[str, dict]]:
-    """Copy-on-write: rewrite each old shard holding clips of a changed video without them, so that every row of
-    every listed shard stays valid and readers need no filtering."""
-    affected = {sources[video_id]["shard"] for video_id in plan.superseded if video_id in sources}
-    sources = {video_id: entry for video_id, entry in sources.items() if video_id not in plan.superseded}
-    kept = []
-    for shard in shards:
-        if shard.path not in affected:
-            kept.append(shard)
-            continue
-        old = plan.root.join(shard.path)
-        table = pq.read_table(storage.arrow_path(old), filesystem=storage.arrow_filesystem(old))
-        mask = [video_id not in plan.superseded for video_id in table.column("video_id").to_pylist()]
-        remaining = table.filter(mask)
-        if remaining.num_rows == 0:
-            continue
-        remaining_ids = sorted(set(remaining.column("video_id").to_pylist()))
-        identity = json.dumps([shard.path, remaining_ids], ensure_ascii=False).encode("utf-8")
-        path = f"{SHARDS_DIR}/part-{hashlib.sha256(identity).hexdigest()[:24]}.parquet"
-        options = parquet_write_options(remaining.schema)
-        size, digest = publish_table(storage, plan.root.join(path), remaining, **options)
-        kept.append(ShardEntry(path, remaining.num_rows, digest, size))
-        for video_id in remaining_ids:
-            sources[video_id] = {**sources[video_id], "shard": path}
-    return kept, sources

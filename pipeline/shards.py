@@ -147,3 +147,43 @@ def measure_published(storage: Storage, location: Location) -> tuple[int, str]:
         return os.path.getsize(local), file_sha256(local)
     finally:
         os.unlink(local)
+
+
+def rewrite_without_videos(
+    storage: Storage,
+    root: Location,
+    shards: list,
+    sources: dict[str, dict],
+    superseded: set[str],
+    folder: str,
+    write_options: dict,
+    keep_footer: bool = True,
+) -> tuple[list, dict[str, dict]]:
+    """Copy-on-write of a versioned dataset: each listed shard holding rows of a `superseded` video is rewritten
+    without them under a new content-derived name in `folder`, so that every row of every listed shard stays
+    current and readers need no filtering. Returns the shard list and the sources map of the new version.
+    `keep_footer=False` drops the old footer when it describes what the shard held before."""
+    from pipeline.manifest import ShardEntry
+
+    affected = {sources[video_id]["shard"] for video_id in superseded if video_id in sources}
+    sources = {video_id: entry for video_id, entry in sources.items() if video_id not in superseded}
+    kept = []
+    for shard in shards:
+        if shard.path not in affected:
+            kept.append(shard)
+            continue
+        old = root.join(shard.path)
+        table = pq.read_table(storage.arrow_path(old), filesystem=storage.arrow_filesystem(old))
+        remaining = table.filter(pa.array([v not in superseded for v in table.column("video_id").to_pylist()]))
+        if remaining.num_rows == 0:
+            continue
+        remaining_ids = sorted(set(remaining.column("video_id").to_pylist()))
+        identity = json.dumps([shard.path, remaining_ids], ensure_ascii=False).encode("utf-8")
+        path = f"{folder}/part-{hashlib.sha256(identity).hexdigest()[:24]}.parquet"
+        if not keep_footer:
+            remaining = remaining.replace_schema_metadata(None)
+        size, digest = publish_table(storage, root.join(path), remaining, **write_options)
+        kept.append(ShardEntry(path, remaining.num_rows, digest, size))
+        for video_id in remaining_ids:
+            sources[video_id] = {**sources[video_id], "shard": path}
+    return kept, sources

@@ -28,7 +28,7 @@ from jobs.scoring.predict import prediction_fields
 from pipeline.listing import SourceVideo
 from pipeline.manifest import ShardEntry, list_manifest_versions, manifest_location
 from pipeline.schema import ErrorRecord
-from pipeline.shards import measure_published, publish_table
+from pipeline.shards import measure_published, publish_table, rewrite_without_videos
 from pipeline.storage import Location, Storage
 
 PREDICTIONS_DIR = "predictions"
@@ -336,7 +336,10 @@ def commit_score(
     kept_sources = dict(previous.sources) if previous else {}
     superseded = set(new_sources) & set(kept_sources)
     if superseded:
-        kept_shards, kept_sources = _drop_superseded(plan, superseded, kept_shards, kept_sources, storage)
+        kept_shards, kept_sources = rewrite_without_videos(
+            storage, plan.root, kept_shards, kept_sources, superseded, PREDICTIONS_DIR,
+            {"compression": "zstd"}, keep_footer=False,
+        )
     counts = ScoreCounts(
         listed=len(plan.listed),
         scored=len(new_sources),
@@ -371,34 +374,6 @@ def commit_score(
         previous_version=previous.version if previous else None,
     )
     return manifest, counts, errors
-
-
-def _drop_superseded(
-    plan: ScorePlan, superseded: set[str], shards: list[ShardEntry], sources: dict[str, dict], storage: Storage
-) -> tuple[list[ShardEntry], dict[str, dict]]:
-    """Copy-on-write: rewrite each old shard holding rows of a re-scored (changed) video without them, so that
-    every row of every listed shard stays current and readers need no filtering."""
-    affected = {sources[video_id]["shard"] for video_id in superseded}
-    sources = {video_id: entry for video_id, entry in sources.items() if video_id not in superseded}
-    kept = []
-    for shard in shards:
-        if shard.path not in affected:
-            kept.append(shard)
-            continue
-        old = plan.root.join(shard.path)
-        table = pq.read_table(storage.arrow_path(old), filesystem=storage.arrow_filesystem(old))
-        remaining = table.filter(pa.array([v not in superseded for v in table.column("video_id").to_pylist()]))
-        if remaining.num_rows == 0:
-            continue
-        remaining_ids = remaining.column("video_id").to_pylist()
-        identity = json.dumps([shard.path, remaining_ids], ensure_ascii=False).encode("utf-8")
-        path = f"{PREDICTIONS_DIR}/part-{hashlib.sha256(identity).hexdigest()[:24]}.parquet"
-        remaining = remaining.replace_schema_metadata(None)  # the old footer describes the old sources
-        size, digest = publish_table(storage, plan.root.join(path), remaining, compression="zstd")
-        kept.append(ShardEntry(path, remaining.num_rows, digest, size))
-        for video_id in remaining_ids:
-            sources[video_id] = {**sources[video_id], "shard": path}
-    return kept, sources
 
 
 def read_predictions(dst: str, storage: Storage | None = None, columns: list[str] | None = None) -> pa.Table:
