@@ -140,6 +140,9 @@ def train_command(
     workers: int = typer.Option(1, help="Ray Train workers (one per GPU with --gpu)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, NCCL; otherwise CPU workers with gloo."),
     cpus_per_worker: float = typer.Option(1.0, help="CPUs reserved per training worker."),
+    placement_strategy: str = typer.Option(
+        "PACK", help="Where workers go: PACK fills nodes, SPREAD puts them on different nodes when it can."
+    ),
     epochs: int = typer.Option(10),
     batch_size: int = typer.Option(8, help="Clips per worker per micro-step."),
     grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step."),
@@ -170,6 +173,7 @@ def train_command(
     config = TrainConfig(
         data=data, model=model_name, model_overrides=_parse_overrides(overrides), pretrained=pretrained,
         val_data=val_data, val_fraction=val_fraction, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
+        placement_strategy=placement_strategy,
         epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, hflip=hflip, grad_clip=grad_clip, precision=precision,
         activation_checkpointing=activation_checkpointing, seed=seed, checkpoint_every=checkpoint_every,

@@ -126,7 +126,8 @@ def build_trainer(cfg: TrainConfig, uri: str, run_id: str):
             "mlflow_env": {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker}
+            num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.name,

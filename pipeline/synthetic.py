@@ -10,9 +10,11 @@ horizontal *and* vertical frequency, and it travels exactly one period over the 
 - every single frame has the same distribution in every class (random phases), so a model that looks at frames one
   at a time and averages them sees no class information; only the order of frames, the motion, tells the class.
 
-Speeds vary with the random texture period (the drift is one period per video). The frequencies are small (1 or 2
-cycles per period) so that a clip of 8 frames sampled from the video moves the texture by at most a quarter cycle
-per step: no temporal aliasing flips the apparent direction.
+Speeds vary with the random texture period (the drift is one period per video). Every wave has one cycle per period
+along each axis, so that a clip of 8 frames sampled from the video moves the texture by an eighth of a cycle per
+step: no temporal aliasing flips the apparent direction. A wave along one diagonal moves the same way whether the
+texture drifts along x or along y, so every video mixes waves along both diagonals: only then are the four
+directions told apart by the video itself.
 
 Videos are real H.264 mp4 files written with PyAV (libx264, yuv420p; yuv444p when a side is odd, which 4:2:0
 cannot represent).
@@ -65,7 +67,11 @@ def render_motion_frames(
     period = rng.uniform(0.5, 1.0) * min(width, height)  # pixels; the drift over the video equals one period
     base_colour = rng.uniform(70, 185, 3)
     num_waves = 3
-    freqs = rng.choice([-1, 1], size=(num_waves, 2))  # (fx, fy), never zero on either axis
+    # (fx, fy) = (±1, ±1): never zero on either axis. A diagonal wave alone cannot tell a horizontal from a vertical
+    # drift (moving along x by s looks like moving along y by ±s), so every video has waves of both diagonals.
+    fx = rng.choice([-1, 1], size=num_waves)
+    diagonal = np.array([1, -1, rng.choice([-1, 1])])
+    freqs = np.stack([fx, fx * diagonal], axis=1)
     phases = rng.uniform(0, 2 * np.pi, num_waves)
     amplitudes = rng.uniform(-1, 1, (num_waves, 3)) * (80 / num_waves) + rng.choice([-1, 1], (num_waves, 1)) * 24
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -129,6 +130,24 @@ def ray_local(_ray_session_teardown):
 
     start_local_ray()
     yield ray
+
+
+@contextlib.contextmanager
+def two_node_ray(head_cpus: int, worker_cpus: int):
+    """A two-node Ray cluster on this machine (ray.cluster_utils.Cluster) with this process connected; yields the
+    cluster and its worker node. The session's local Ray is shut down first; the next test that needs it restarts it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "include_dashboard": False})
+    worker_node = cluster.add_node(num_cpus=worker_cpus)
+    ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        yield cluster, worker_node
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 # ---- videos -------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ class TrainConfig:
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # Ray placement group strategy for the workers: PACK, SPREAD, STRICT_SPREAD
     epochs: int = 10
     batch_size: int = 8  # per worker, per micro-step
     grad_accum: int = 1
@@ -56,6 +57,10 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, not {self.precision!r}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(
+                f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, not {self.placement_strategy!r}"
+            )
         if self.max_failures < -1:
             raise ValueError("max_failures must be >= -1 (-1 retries forever)")
 
@@ -69,7 +74,10 @@ class TrainConfig:
 
     def identity(self) -> dict:
         """The fields that make two invocations the same run (not where they log or how often they retry)."""
-        ignored = {"max_failures", "tracking_uri", "register_as", "run_name", "storage", "log_every", "endpoint_url"}
+        ignored = {
+            "max_failures", "tracking_uri", "register_as", "run_name", "storage", "log_every", "endpoint_url",
+            "placement_strategy",
+        }
         return {k: v for k, v in self.to_dict().items() if k not in ignored}
 
     def to_dict(self) -> dict:

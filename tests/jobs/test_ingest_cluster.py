@@ -4,24 +4,15 @@ import pytest
 
 from jobs.ingest import run_ingest
 from pipeline import iter_clips
+from tests.conftest import two_node_ray
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def two_node_cluster(_ray_session_teardown):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()  # the session's local Ray, if any; the next test that needs it starts it again
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
+    with two_node_ray(head_cpus=1, worker_cpus=1) as (cluster, _):
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_ingest_uses_both_nodes_of_a_two_node_cluster(tmp_path, make_videos, two_node_cluster):

@@ -21,7 +21,7 @@ from jobs.ingest import run_ingest
 from jobs.train import final_checkpoint, register_run, run_train
 from jobs.training.config import TrainConfig
 from pipeline import generate_motion_dataset, iter_clips
-from tests.conftest import MlflowServer, start_local_ray
+from tests.conftest import MlflowServer, start_local_ray, two_node_ray
 
 pytestmark = pytest.mark.integration
 
@@ -45,16 +45,69 @@ def small_config(data: str, tmp_path: Path, tracking_uri: str, **overrides) -> T
     return TrainConfig(**values)
 
 
-def train_worker_pids() -> list[int]:
-    """Ray Train worker processes of this test session's Ray (children of its raylet), not anyone else's."""
+def train_worker_pids(node=None) -> list[int]:
+    """Ray Train worker processes on one Ray node (default: this session's local Ray), not anyone else's."""
     import ray
 
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    node = node or ray._private.worker._global_node
+    raylet = node.all_processes["raylet"][0].process.pid
     return [
         child.pid
         for child in psutil.Process(raylet).children(recursive=True)
         if "RayTrainWorker" in " ".join(child.cmdline())
     ]
+
+
+def train_in_background(cfg: TrainConfig) -> tuple[threading.Thread, dict]:
+    """Starts run_train(cfg) in a thread; the dict gets "result" or "error"."""
+    outcome: dict = {}
+
+    def train() -> None:
+        try:
+            outcome["result"] = run_train(cfg)
+        except Exception as error:  # re-raised by the test through outcome
+            outcome["error"] = error
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    return thread, outcome
+
+
+def finished(thread: threading.Thread, outcome: dict):
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the training run did not finish"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def final_weights(storage: Path, run_name: str) -> dict:
+    with final_checkpoint(str(storage), run_name)[1].as_directory() as directory:
+        return load_file(os.path.join(directory, "model.safetensors"))
+
+
+# A short pinned run with checkpoints every 4 steps, interrupted by the tests below and compared with an uninterrupted
+# run of the same seed. Pinned to a version up front: the run name (the checkpoint folder they watch) covers it.
+RESUMED_STEPS = 24
+RESUMED_RUN = dict(max_steps=RESUMED_STEPS, checkpoint_every=4, epochs=3, experiment="resume")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_weights(motion_dataset, tmp_path_factory, mlflow_server) -> dict:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    start_local_ray()
+    reference = run_train(small_config(f"{motion_dataset}@1", root, mlflow_server.uri, **RESUMED_RUN))
+    return final_weights(root / "runs", reference.run_name)
+
+
+def assert_resumed_exactly(result, tmp_path: Path, mlflow_server, uninterrupted_weights: dict) -> None:
+    """K steps in all, each step logged once to MLflow, and the weights of the uninterrupted run."""
+    assert result.metrics["global_step"] == RESUMED_STEPS
+    history = mlflow.MlflowClient(mlflow_server.uri).get_metric_history(result.mlflow_run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, RESUMED_STEPS + 1))
+    actual = final_weights(tmp_path / "runs", result.run_name)
+    for key, expected in uninterrupted_weights.items():
+        torch.testing.assert_close(actual[key], expected, rtol=1e-6, atol=1e-7, msg=key)
 
 
 def wait_for_checkpoint(run_dir: Path, timeout_s: float = 300) -> int:
@@ -107,36 +160,19 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
     np.testing.assert_allclose(probabilities, direct, atol=1e-5)
 
 
-def test_worker_killed_mid_run_resumes_with_exact_steps_and_weights(motion_dataset, tmp_path, mlflow_server):
-    steps = 24
-    common = dict(max_steps=steps, checkpoint_every=4, epochs=3, experiment="resume")
-    reference = run_train(small_config(f"{motion_dataset}@1", tmp_path / "reference", mlflow_server.uri, **common))
-
-    # pinned to a version up front: the run name (the checkpoint folder watched below) covers the pinned version
-    cfg = small_config(f"{motion_dataset}@1", tmp_path / "killed", mlflow_server.uri, max_failures=2, **common)
-    outcome = {}
-    worker = threading.Thread(target=lambda: outcome.setdefault("result", run_train(cfg)))
-    worker.start()
-    assert wait_for_checkpoint(tmp_path / "killed" / "runs" / cfg.name) < steps
+def test_worker_killed_mid_run_resumes_with_exact_steps_and_weights(
+    motion_dataset, uninterrupted_weights, tmp_path, mlflow_server
+):
+    start_local_ray()
+    cfg = small_config(f"{motion_dataset}@1", tmp_path, mlflow_server.uri, max_failures=2, **RESUMED_RUN)
+    thread, outcome = train_in_background(cfg)
+    assert wait_for_checkpoint(tmp_path / "runs" / cfg.name) < RESUMED_STEPS
     victims = train_worker_pids()
     assert victims, "no Ray Train worker process found"
     os.kill(victims[-1], signal.SIGKILL)  # a real process kill, from outside the training function
-    worker.join(timeout=600)
+    result = finished(thread, outcome)
     assert not psutil.pid_exists(victims[-1])
-    result = outcome["result"]
-
-    assert result.metrics["global_step"] == steps
-    history = mlflow.MlflowClient(mlflow_server.uri).get_metric_history(result.mlflow_run_id, "train_loss")
-    assert sorted(m.step for m in history) == list(range(1, steps + 1))  # contiguous, each step logged once
-
-    def final_weights(storage: Path, run_name: str) -> dict:
-        with final_checkpoint(str(storage), run_name)[1].as_directory() as directory:
-            return load_file(os.path.join(directory, "model.safetensors"))
-
-    expected = final_weights(tmp_path / "reference" / "runs", reference.run_name)
-    actual = final_weights(tmp_path / "killed" / "runs", result.run_name)
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
+    assert_resumed_exactly(result, tmp_path, mlflow_server, uninterrupted_weights)
 
 
 def test_mlflow_down_at_the_end_keeps_the_checkpoint_and_register_finishes(
@@ -150,16 +186,7 @@ def test_mlflow_down_at_the_end_keeps_the_checkpoint_and_register_finishes(
     cfg = small_config(motion_dataset, tmp_path, server.uri, workers=1, max_steps=4, checkpoint_every=2,
                        storage=storage, endpoint_url=s3_server.endpoint_url, register_as="late")
     try:
-        failure = {}
-
-        def train():
-            try:
-                run_train(cfg)
-            except RuntimeError as error:
-                failure["error"] = error
-
-        worker = threading.Thread(target=train)
-        worker.start()
+        thread, outcome = train_in_background(cfg)
         deadline = time.monotonic() + 300
         bucket = s3_server.client()
         while time.monotonic() < deadline and not bucket.list_objects_v2(Bucket=s3_bucket, Prefix="runs/").get("KeyCount"):
@@ -169,8 +196,9 @@ def test_mlflow_down_at_the_end_keeps_the_checkpoint_and_register_finishes(
         ):
             time.sleep(0.2)
         server.stop()
-        worker.join(timeout=600)
-        message = str(failure["error"])
+        with pytest.raises(RuntimeError) as failure:
+            finished(thread, outcome)
+        message = str(failure.value)
         assert "checkpoint is safe" in message and f"uniformer register --run {cfg.name}" in message
         assert "testing-secret-key" not in message
     finally:
@@ -184,3 +212,20 @@ def test_mlflow_down_at_the_end_keeps_the_checkpoint_and_register_finishes(
         assert register_run(cfg.name, storage, tracking=restarted.uri, endpoint_url=s3_server.endpoint_url)[1] == 1
     finally:
         restarted.stop()
+
+
+def test_node_removed_mid_run_resumes_on_the_remaining_node(
+    motion_dataset, uninterrupted_weights, tmp_path, mlflow_server, _ray_session_teardown
+):
+    # Head: 3 CPUs, worker node: 2. SPREAD puts one training worker on each node; once the worker node is gone both
+    # workers fit on the head with a CPU left for their data readers.
+    with two_node_ray(head_cpus=3, worker_cpus=2) as (cluster, worker_node):
+        cfg = small_config(f"{motion_dataset}@1", tmp_path, mlflow_server.uri, max_failures=2,
+                           placement_strategy="SPREAD", **RESUMED_RUN)
+        thread, outcome = train_in_background(cfg)
+        assert wait_for_checkpoint(tmp_path / "runs" / cfg.name) < RESUMED_STEPS
+        assert len(train_worker_pids(cluster.head_node)) == 1 and len(train_worker_pids(worker_node)) == 1
+        cluster.remove_node(worker_node, allow_graceful=False)  # the node dies: raylet and its workers killed
+        result = finished(thread, outcome)
+        assert len(train_worker_pids(cluster.head_node)) == 0  # the run ended; its restarted group was on the head
+    assert_resumed_exactly(result, tmp_path, mlflow_server, uninterrupted_weights)
