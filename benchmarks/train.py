@@ -1,7 +1,7 @@
 """Training throughput: clips/s per worker, the share of step time spent waiting for data, and 1 -> 2 worker
 scaling, measured with the real job (Ray Train + the epoch-plan Ray Data loader) on synthetic motion clips.
 
-    .venv/bin/python benchmarks/train.py [--videos-per-class 100] [--epochs 2] [--model uniformerv2_tiny]
+    .venv/bin/python benchmarks/train.py [--videos-per-class 100] [--epochs 4] [--model uniformerv2_tiny]
 
 Prints one JSON object. Figures from one run on one machine; compare ratios, not absolute times.
 """
@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos-per-class", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model", default="uniformerv2_tiny")
     parser.add_argument("--gpu", action="store_true")
@@ -65,7 +65,11 @@ def main() -> None:
         "workers_2": two,
         "scaling_total_clips_per_s_2_vs_1": round(
             2 * two["clips_per_s_per_worker_median"] / one["clips_per_s_per_worker_median"], 3),
-        "max_data_wait_share": max(one["data_wait_share_per_epoch"] + two["data_wait_share_per_epoch"]),
+        # the first epoch waits for its pipeline's start-up; later ones start while the previous one is validated
+        "max_data_wait_share_first_epoch": max(run["data_wait_share_per_epoch"][0] for run in (one, two)),
+        "max_data_wait_share_later_epochs": max(
+            (share for run in (one, two) for share in run["data_wait_share_per_epoch"][1:]), default=None),
+        "data_wait_share_goal": 0.05,
     }, indent=1))
 
 

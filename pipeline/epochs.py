@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,13 +115,14 @@ class EpochPlan:
         rows = [sum(u.rows for u in self.rank_units(epoch, r)) for r in range(self.world_size)]
         return min(rows) // rows_per_step
 
-    def windows(self, epoch: int, rank: int, skip_rows: int = 0, shuffle: bool = True) -> list[dict]:
-        """The work items of one rank's epoch, minus its first `skip_rows` rows."""
-        items = []
+    def windows(self, epoch: int, rank: int, start: int = 0, stop: int | None = None, shuffle: bool = True) -> list[dict]:
+        """The work items that stream rows [start, stop) of one rank's epoch, in the epoch's order."""
+        items, offset = [], 0
         for w, group in enumerate(_windows(self.rank_units(epoch, rank, shuffle))):
             rows = sum(u.rows for u in group)
-            if skip_rows >= rows:
-                skip_rows -= rows
+            first, last = max(start - offset, 0), rows if stop is None else min(rows, stop - offset)
+            offset += rows
+            if last <= first:
                 continue
             items.append(
                 {
@@ -128,22 +131,36 @@ class EpochPlan:
                     "starts": [u.start for u in group],
                     "stops": [u.stop for u in group],
                     "shuffle_seed": [self.seed, epoch, rank, w] if shuffle else None,
-                    "skip": skip_rows,
+                    "skip": first,
+                    "take": last - first,
                 }
             )
-            skip_rows = 0
         return items
 
-    def dataset(self, epoch: int, rank: int, skip_rows: int = 0, shuffle: bool = True, read_cpus: float = 0.5):
-        """A Ray Dataset of this rank's epoch with columns `frames` uint8 [T, S, S, 3] and `label`."""
+    def read_windows(self, epoch: int, rank: int) -> Iterator[dict]:
+        """A rank's rows of the epoch in plan order (unshuffled), read in this process one window at a time with the
+        next window read in a background thread: for validation, which runs between epochs while the next epoch's
+        Ray Data pipeline starts."""
+        reader = WindowReader(self.dst, self.split, self.val_fraction, self.endpoint_url)
+        items = self.windows(epoch, rank, shuffle=False)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-window") as pool:
+            pending = pool.submit(reader.read, items[0]) if items else None
+            for following in items[1:] + [None]:
+                window = pending.result()
+                pending = pool.submit(reader.read, following) if following else None
+                yield window
+
+    def dataset(self, epoch: int, rank: int, start: int = 0, stop: int | None = None, shuffle: bool = True,
+                read_cpus: float = 0.5):
+        """A Ray Dataset of rows [start, stop) of one rank's epoch, columns `frames` uint8 [T, S, S, 3] and `label`."""
         import ray.data
 
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False  # one bar per epoch per worker would flood the training logs
-        items = self.windows(epoch, rank, skip_rows, shuffle)
+        items = self.windows(epoch, rank, start, stop, shuffle)
         if not items:
-            raise ValueError(f"rank {rank} has no {self.split} rows in epoch {epoch} of {self.dst}")
+            raise ValueError(f"rank {rank} has no {self.split} rows [{start}, {stop}) in epoch {epoch} of {self.dst}")
         reader = WindowReader(self.dst, self.split, self.val_fraction, self.endpoint_url)
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             reader, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus
@@ -162,13 +179,16 @@ def _windows(units: list[Unit]) -> list[list[Unit]]:
 
 
 class WindowReader:
-    """Reads one window: its units' rows of the split, shuffled together, minus the rows already consumed."""
+    """Reads one window: its units' rows of the split, shuffled together, then the item's `take` rows after `skip`."""
 
     def __init__(self, dst: str, split: str, val_fraction: float, endpoint_url: str | None):
         self.dst, self.split, self.val_fraction, self.endpoint_url = dst, split, val_fraction, endpoint_url
 
     def __call__(self, batch: pa.Table) -> dict:
         (item,) = batch.to_pylist()
+        return self.read(item)
+
+    def read(self, item: dict) -> dict:
         filesystem = Storage(self.endpoint_url).arrow_filesystem(parse_uri(self.dst))
         frames, labels = [], []
         for path, group, start, stop in zip(item["paths"], item["row_groups"], item["starts"], item["stops"]):
@@ -183,5 +203,6 @@ class WindowReader:
         if item["shuffle_seed"] is not None:
             order = np.random.default_rng(list(item["shuffle_seed"])).permutation(len(labels_all))
             frames_all, labels_all = frames_all[order], labels_all[order]
-        skip = int(item["skip"])
-        return {"frames": frames_all[skip:], "label": labels_all[skip:]}
+        first = int(item["skip"])
+        last = first + int(item["take"])
+        return {"frames": frames_all[first:last], "label": labels_all[first:last]}

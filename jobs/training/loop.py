@@ -7,6 +7,8 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -111,16 +113,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         tracker.flush()
 
+    steps_before = [sum(steps_per_epoch[:e]) for e in range(cfg.epochs)]
+
+    def epoch_stream(epoch: int, start_row: int) -> Iterator[dict]:
+        # each epoch reads a whole number of steps, so no batch is left over or straddles two epochs
+        rows = min(steps_per_epoch[epoch], total_steps - steps_before[epoch]) * rows_per_step
+        if rows <= start_row:  # an epoch too short for one step on every rank
+            return iter(())
+        dataset = train_plan.dataset(epoch, rank, start=start_row, stop=rows)
+        return EpochStream(dataset.iter_torch_batches(
+            batch_size=cfg.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64}
+        ))
+
+    upcoming = None
     while progress.epoch < cfg.epochs and progress.global_step < total_steps:
         epoch = progress.epoch
         net.train()
-        skip_rows = progress.step_in_epoch * rows_per_step
-        batches = iter(
-            train_plan.dataset(epoch, rank, skip_rows=skip_rows).iter_torch_batches(
-                batch_size=cfg.batch_size, drop_last=True, prefetch_batches=4,
-                dtypes={"frames": torch.uint8, "label": torch.int64},
-            )
-        )
+        batches = upcoming or epoch_stream(epoch, progress.step_in_epoch * rows_per_step)
         window_start, waited = time.perf_counter(), 0.0
         while progress.step_in_epoch < steps_per_epoch[epoch] and progress.global_step < total_steps:
             step_started = time.perf_counter()
@@ -165,6 +174,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if due and not epoch_done:
                 report({"epoch": epoch, "global_step": progress.global_step, "train_loss": step_loss.item()}, True)
         elapsed = time.perf_counter() - window_start
+        following = epoch + 1
+        upcoming = None
+        if following < cfg.epochs and steps_before[following] < total_steps:
+            upcoming = epoch_stream(following, 0)  # its pipeline starts while this epoch is evaluated
 
         val_loss, accuracy, confusion = evaluate(core, val_plan, epoch, rank, world, num_classes, cfg, device, autocast)
         progress.epoch += 1
@@ -184,20 +197,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tracker.curves()
 
 
+class EpochStream:
+    """An epoch's batch iterator whose pipeline start-up (the wait for its first batch) runs in a background thread
+    from construction, so that it overlaps whatever the trainer does before the epoch begins."""
+
+    def __init__(self, batches):
+        self._batches = iter(batches)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-start")
+        self._first = self._pool.submit(next, self._batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._first is not None:
+            first, self._first = self._first, None
+            self._pool.shutdown(wait=False)
+            return first.result()
+        return next(self._batches)
+
+
 @torch.no_grad()
 def evaluate(core, plan, epoch, rank, world, num_classes, cfg, device, autocast):
     """Loss, accuracy and confusion matrix over the whole validation split, each rank scoring its share."""
     core.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    units = plan.rank_units(epoch, rank, shuffle=False)
-    if units:
-        stream = plan.dataset(epoch, rank, shuffle=False).iter_torch_batches(
-            batch_size=cfg.batch_size, prefetch_batches=2, dtypes={"frames": torch.uint8, "label": torch.int64}
-        )
-        for batch in stream:
-            clips = batch["frames"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
+    for window in plan.read_windows(epoch, rank):
+        for start in range(0, len(window["label"]), cfg.batch_size):
+            clips = torch.from_numpy(window["frames"][start : start + cfg.batch_size]).to(device, non_blocking=True)
+            labels = torch.from_numpy(window["label"][start : start + cfg.batch_size]).to(device, non_blocking=True)
             with autocast:
                 logits = core(eval_transform(clips, plan.manifest.sampling.size)).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()

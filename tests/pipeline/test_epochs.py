@@ -1,0 +1,122 @@
+"""Epoch plans: each rank's order is a pure function of (seed, epoch, rank, world size), ranks share nothing,
+validation is held out by video, and any position in the order (a row count) can be resumed without reading the rows
+before it. Rows are read with the reader training uses, without Ray; one test streams through Ray Data."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.epochs import EpochPlan, WindowReader
+from pipeline.manifest import Manifest, SamplingParams, ShardEntry
+from pipeline.shards import ShardWriter
+from pipeline.storage import Storage, parse_uri
+
+VIDEOS_PER_SHARD, CLIPS_PER_VIDEO, SHARDS = 60, 2, 3
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[str, Manifest]:
+    """180 videos x 2 clips in 3 shards; every clip's pixels spell its row id, its label is the video's."""
+    root = str(tmp_path_factory.mktemp("clips"))
+    storage, shards, row_id = Storage(), [], 0
+    for shard in range(SHARDS):
+        relative = f"shards/part-{shard}.parquet"
+        writer = ShardWriter(storage, parse_uri(root).join(relative), frames=1, short_side=2)
+        for video in range(VIDEOS_PER_SHARD):
+            clips = np.zeros((CLIPS_PER_VIDEO, 1, 2, 2, 3), dtype=np.uint8)
+            for clip in range(CLIPS_PER_VIDEO):
+                clips[clip, 0, 0, 0, :2] = divmod(row_id, 256)
+                row_id += 1
+            name = f"v{shard}-{video}"
+            writer.add_video(clips, np.zeros((CLIPS_PER_VIDEO, 1), np.int32), name, f"/videos/{name}.mp4", "e",
+                             label=video % 4, label_name=f"c{video % 4}", fps=8.0, padded=False)
+        size, digest = writer.commit({})
+        shards.append(ShardEntry(relative, writer.rows, digest, size))
+    manifest = Manifest(version=1, source="/videos", sampling=SamplingParams(frames=1, short_side=2, size=2),
+                        labels="dirs", class_map={f"c{i}": i for i in range(4)}, shards=shards, sources={}, counts={})
+    return root, manifest
+
+
+def read_rows(plan: EpochPlan, items: list[dict]) -> tuple[list[int], list[int]]:
+    """Row ids and labels the given work items produce, in stream order."""
+    reader = WindowReader(plan.dst, plan.split, plan.val_fraction, plan.endpoint_url)
+    ids, labels = [], []
+    for item in items:
+        batch = reader(pa.Table.from_pylist([item]))
+        ids += [int(hi) * 256 + int(lo) for hi, lo in batch["frames"][:, 0, 0, 0, :2]]
+        labels += batch["label"].tolist()
+    return ids, labels
+
+
+def test_ranks_split_the_training_rows_and_never_see_validation_videos(dataset):
+    root, manifest = dataset
+    train = EpochPlan(root, manifest, "train", 0.25, world_size=3, seed=1)
+    val = EpochPlan(root, manifest, "val", 0.25, world_size=3, seed=1)
+    seen = [read_rows(train, train.windows(0, rank))[0] for rank in range(3)]
+    flat = sorted(i for rows in seen for i in rows)
+    assert len(flat) == len(set(flat)) == train.rows  # every training row once, on one rank
+    val_rows = sorted(i for rank in range(3) for i in read_rows(val, val.windows(0, rank, shuffle=False))[0])
+    assert val_rows and not set(val_rows) & set(flat)
+    assert len(val_rows) + len(flat) == SHARDS * VIDEOS_PER_SHARD * CLIPS_PER_VIDEO
+    # clips of one video stay together: rows 2k and 2k+1 belong to the same video
+    assert all(row ^ 1 in set(val_rows) for row in val_rows)
+    assert 0.15 < len(val_rows) / (len(val_rows) + len(flat)) < 0.35
+
+
+def test_the_order_depends_only_on_seed_epoch_and_rank(dataset):
+    root, manifest = dataset
+    plan = EpochPlan(root, manifest, "train", 0.25, world_size=2, seed=7)
+    again = EpochPlan(root, manifest, "train", 0.25, world_size=2, seed=7)
+    epoch0 = read_rows(plan, plan.windows(0, 1))
+    assert read_rows(again, again.windows(0, 1)) == epoch0
+    assert read_rows(plan, plan.windows(1, 1))[0] != epoch0[0]  # a new order every epoch
+    other_seed = EpochPlan(root, manifest, "train", 0.25, world_size=2, seed=8)
+    assert read_rows(other_seed, other_seed.windows(0, 1))[0] != epoch0[0]
+    # the order mixes the dataset: the first 32 rows come from every shard, not only the first
+    shard_rows = VIDEOS_PER_SHARD * CLIPS_PER_VIDEO
+    assert len({row // shard_rows for row in epoch0[0][:32]}) == SHARDS
+
+
+@pytest.mark.parametrize(("start", "stop"), [(0, None), (5, None), (37, 101), (0, 16), (100, 100)])
+def test_any_row_range_of_an_epoch_streams_exactly_those_rows(dataset, start, stop):
+    root, manifest = dataset
+    plan = EpochPlan(root, manifest, "train", 0.25, world_size=2, seed=3)
+    whole = read_rows(plan, plan.windows(2, 0))
+    part = read_rows(plan, plan.windows(2, 0, start=start, stop=stop))
+    assert part == (whole[0][start:stop], whole[1][start:stop])
+
+
+def test_steps_per_epoch_is_what_every_rank_can_take(dataset):
+    root, manifest = dataset
+    plan = EpochPlan(root, manifest, "train", 0.25, world_size=3, seed=3)
+    for epoch in range(3):
+        steps = plan.steps_per_epoch(epoch, rows_per_step=8)
+        rank_rows = [len(read_rows(plan, plan.windows(epoch, rank))[0]) for rank in range(3)]
+        assert steps == min(rank_rows) // 8 and steps > 0
+
+
+def test_validation_windows_are_read_in_process_in_plan_order(dataset):
+    root, manifest = dataset
+    plan = EpochPlan(root, manifest, "all", 0.0, world_size=1, seed=3)
+    windows = list(plan.read_windows(0, 0))
+    assert len(windows) > 1  # several windows, so the read-ahead is exercised
+    ids = [int(hi) * 256 + int(lo) for w in windows for hi, lo in w["frames"][:, 0, 0, 0, :2]]
+    labels = [label for w in windows for label in w["label"].tolist()]
+    assert (ids, labels) == read_rows(plan, plan.windows(0, 0, shuffle=False))
+    assert sorted(ids) == list(range(plan.rows))
+
+
+def test_unknown_split_is_refused(dataset):
+    root, manifest = dataset
+    with pytest.raises(ValueError, match="split must be train, val or all"):
+        EpochPlan(root, manifest, "test", 0.25, world_size=1, seed=0)
+
+
+@pytest.mark.integration
+def test_ray_data_streams_a_resumed_epoch_in_plan_order(dataset, ray_local):
+    root, manifest = dataset
+    plan = EpochPlan(root, manifest, "train", 0.25, world_size=2, seed=4)
+    stream = plan.dataset(1, 1, start=24, stop=88)
+    batches = list(stream.iter_batches(batch_size=8, batch_format="numpy"))
+    streamed = [int(hi) * 256 + int(lo) for batch in batches for hi, lo in batch["frames"][:, 0, 0, 0, :2]]
+    assert streamed == read_rows(plan, plan.windows(1, 1))[0][24:88]
