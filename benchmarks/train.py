@@ -12,8 +12,12 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
+from pathlib import Path
 
+# the repository first: `import model` must find the package, not this folder's model.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on loopback only
 
 
