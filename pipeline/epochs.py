@@ -143,8 +143,10 @@ class EpochPlan:
         Ray Data pipeline starts."""
         reader = WindowReader(self.dst, self.split, self.val_fraction, self.endpoint_url)
         items = self.windows(epoch, rank, shuffle=False)
+        if not items:  # more ranks than units: this rank scores nothing
+            return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-window") as pool:
-            pending = pool.submit(reader.read, items[0]) if items else None
+            pending = pool.submit(reader.read, items[0])
             for following in items[1:] + [None]:
                 window = pending.result()
                 pending = pool.submit(reader.read, following) if following else None

@@ -106,6 +106,14 @@ def test_validation_windows_are_read_in_process_in_plan_order(dataset):
     assert sorted(ids) == list(range(plan.rows))
 
 
+def test_ranks_beyond_the_units_of_a_small_split_read_nothing(dataset):
+    root, manifest = dataset
+    plan = EpochPlan(root, manifest, "val", 0.02, world_size=64, seed=3)
+    assert 0 < len(plan.units) < 64
+    assert list(plan.read_windows(0, 63)) == [] and plan.windows(0, 63) == []
+    assert sum(len(w["label"]) for rank in range(64) for w in plan.read_windows(0, rank)) == plan.rows
+
+
 def test_unknown_split_is_refused(dataset):
     root, manifest = dataset
     with pytest.raises(ValueError, match="split must be train, val or all"):
