@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 
+from jobs.report import table_lines
 from jobs.retrain import run_retrain
 from jobs.score import run_score
 from jobs.train import ensure_ray
@@ -138,7 +139,6 @@ def format_summary(summary: dict, tracking: str, scores: str) -> str:
         ("everything", summary["workdir"]),
         ("total time (s)", summary["seconds"]),
     ]
-    width = max(len(name) for name, _ in rows)
-    lines = ["", "demo summary"] + [f"  {name:<{width}}  {value}" for name, value in rows]
+    lines = ["", "demo summary"] + table_lines(rows, value_width=0)
     lines.append(f"\nopen the MLflow UI on these runs:\n  mlflow ui --backend-store-uri {tracking}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from jobs.report import error_lines, table_lines
 from pipeline.ingest import (
     DEFAULT_MAX_SHARD_BYTES,
     IngestCounts,
@@ -133,13 +134,7 @@ def format_summary(summary: IngestSummary, max_errors: int = 10) -> str:
         rows.append(("shards adopted", summary.shards_adopted))
     if summary.labels_missing:
         rows.append(("CSV rows without video", summary.labels_missing))
-    width = max(len(name) for name, _ in rows)
     lines = [f"ingest summary  {summary.destination}  manifest {version} ({state})  {summary.seconds:.1f} s"]
-    lines += [f"  {name:<{width}}  {value:>8}" for name, value in rows]
-    if summary.errors:
-        lines.append(f"  errors ({summary.errors_uri}):")
-        for error in summary.errors[:max_errors]:
-            lines.append(f"    {error.stage:<7} {error.error_type:<18} {error.source_uri}: {error.message[:120]}")
-        if len(summary.errors) > max_errors:
-            lines.append(f"    ... {len(summary.errors) - max_errors} more")
+    lines += table_lines(rows)
+    lines += error_lines(summary.errors, summary.errors_uri, max_errors)
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.report import error_lines, table_lines
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
 from jobs.scoring.predict import ViewPredictor
 from jobs.scoring.results import (
@@ -376,23 +377,17 @@ def format_summary(summary: ScoreSummary, max_errors: int = 10) -> str:
     ]
     if summary.shards_adopted:
         rows.append(("shards adopted", summary.shards_adopted))
-    width = max(len(name) for name, _ in rows)
     lines = [
         f"score summary  {summary.destination}  manifest {version} ({state})  {summary.seconds:.1f} s",
         f"  model {summary.model.describe()}  views {summary.views}",
     ]
-    lines += [f"  {name:<{width}}  {value:>8}" for name, value in rows]
+    lines += table_lines(rows)
     speed = summary.throughput
     if speed.videos:
         lines.append(
             f"  {speed.videos_per_s:.2f} videos/s ({speed.steady_videos_per_s:.2f} after the first predictions, "
             f"which took {speed.startup_seconds:.1f} s)"
         )
-    if summary.errors:
-        lines.append(f"  errors ({summary.errors_uri}):")
-        for error in summary.errors[:max_errors]:
-            lines.append(f"    {error.stage:<7} {error.error_type:<18} {error.source_uri}: {error.message[:120]}")
-        if len(summary.errors) > max_errors:
-            lines.append(f"    ... {len(summary.errors) - max_errors} more")
+    lines += error_lines(summary.errors, summary.errors_uri, max_errors)
     return "\n".join(lines)
 
