@@ -77,19 +77,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
     warmup_steps = min(total_steps, max(1, round(cfg.warmup_epochs * steps_per_epoch[0])))
 
-    torch.manual_seed(cfg.seed)  # the same initial weights in every run of this config, not only across ranks
-    net = build_model(cfg, num_classes, sampling.frames)
-    optimizer = build_optimizer(net, cfg.lr, cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-    use_cuda = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.precision == "fp16")
-    progress = ckpt.Progress(mlflow_run_id=loop_config["mlflow_run_id"], config=cfg.to_dict())
+    steps_before = [sum(steps_per_epoch[:e]) for e in range(cfg.epochs)]
+
+    def epoch_stream(epoch: int, start_row: int) -> Iterator[dict]:
+        # each epoch reads a whole number of steps, so no batch is left over or straddles two epochs
+        rows = min(steps_per_epoch[epoch], total_steps - steps_before[epoch]) * rows_per_step
+        if rows <= start_row:  # an epoch too short for one step on every rank
+            return iter(())
+        dataset = train_plan.dataset(epoch, rank, start=start_row, stop=rows)
+        return EpochStream(dataset.iter_torch_batches(
+            batch_size=cfg.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64}
+        ))
+
     resumed_from = ray.train.get_checkpoint()
-    if resumed_from is not None:
-        with resumed_from.as_directory() as directory:
-            progress = ckpt.load(directory, net, optimizer, scheduler, scaler)
-    elif cfg.pretrained:
-        load_initial_weights(net, cfg.pretrained, loop_config["tracking_uri"])
+    with resumed_from.as_directory() if resumed_from else contextlib.nullcontext() as checkpoint_dir:
+        if checkpoint_dir:
+            progress = ckpt.read_progress(checkpoint_dir)
+        else:
+            progress = ckpt.Progress(mlflow_run_id=loop_config["mlflow_run_id"], config=cfg.to_dict())
+        upcoming = None
+        if progress.epoch < cfg.epochs and progress.global_step < total_steps:
+            # started first, so that its start-up overlaps building the model and loading weights
+            upcoming = epoch_stream(progress.epoch, progress.step_in_epoch * rows_per_step)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights in every run of this config, not only across ranks
+        net = build_model(cfg, num_classes, sampling.frames)
+        optimizer = build_optimizer(net, cfg.lr, cfg.weight_decay)
+        scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+        use_cuda = device.type == "cuda"
+        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.precision == "fp16")
+        if checkpoint_dir:
+            ckpt.load(checkpoint_dir, net, optimizer, scheduler, scaler)
+        elif cfg.pretrained:
+            load_initial_weights(net, cfg.pretrained, loop_config["tracking_uri"])
 
     net = ray.train.torch.prepare_model(net)
     core = net.module if hasattr(net, "module") else net
@@ -113,19 +133,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
         tracker.flush()
 
-    steps_before = [sum(steps_per_epoch[:e]) for e in range(cfg.epochs)]
-
-    def epoch_stream(epoch: int, start_row: int) -> Iterator[dict]:
-        # each epoch reads a whole number of steps, so no batch is left over or straddles two epochs
-        rows = min(steps_per_epoch[epoch], total_steps - steps_before[epoch]) * rows_per_step
-        if rows <= start_row:  # an epoch too short for one step on every rank
-            return iter(())
-        dataset = train_plan.dataset(epoch, rank, start=start_row, stop=rows)
-        return EpochStream(dataset.iter_torch_batches(
-            batch_size=cfg.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64}
-        ))
-
-    upcoming = None
     while progress.epoch < cfg.epochs and progress.global_step < total_steps:
         epoch = progress.epoch
         net.train()
