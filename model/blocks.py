@@ -98,7 +98,7 @@ class Attention(nn.Module):
     def _cross_attention(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
-        w_q, w_k, w_v = self.in_proj_weight.view(3, heads, head_dim, dim).unbind(0)
+        _, w_k, w_v = self.in_proj_weight.view(3, heads, head_dim, dim).unbind(0)
         b_v = self.in_proj_bias[2 * dim :].view(heads, head_dim)
         q = F.linear(x, self.in_proj_weight[:dim], self.in_proj_bias[:dim]).view(batch, length, heads, head_dim)
         # each head's query in the context's width, scaled as SDPA would scale q . k

@@ -115,7 +115,9 @@ class EpochPlan:
         rows = [sum(u.rows for u in self.rank_units(epoch, r)) for r in range(self.world_size)]
         return min(rows) // rows_per_step
 
-    def windows(self, epoch: int, rank: int, start: int = 0, stop: int | None = None, shuffle: bool = True) -> list[dict]:
+    def windows(
+        self, epoch: int, rank: int, start: int = 0, stop: int | None = None, shuffle: bool = True
+    ) -> list[dict]:
         """The work items that stream rows [start, stop) of one rank's epoch, in the epoch's order."""
         items, offset = [], 0
         for w, group in enumerate(_windows(self.rank_units(epoch, rank, shuffle))):
@@ -152,15 +154,15 @@ class EpochPlan:
                 pending = pool.submit(reader.read, following) if following else None
                 yield window
 
-    def dataset(self, epoch: int, rank: int, start: int = 0, stop: int | None = None, shuffle: bool = True,
-                read_cpus: float = 0.5):
-        """A Ray Dataset of rows [start, stop) of one rank's epoch, columns `frames` uint8 [T, S, S, 3] and `label`."""
+    def dataset(self, epoch: int, rank: int, start: int = 0, stop: int | None = None, read_cpus: float = 0.5):
+        """A Ray Dataset of rows [start, stop) of one rank's shuffled epoch, columns `frames` uint8 [T, S, S, 3] and
+        `label`."""
         import ray.data
 
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False  # one bar per epoch per worker would flood the training logs
-        items = self.windows(epoch, rank, start, stop, shuffle)
+        items = self.windows(epoch, rank, start, stop)
         if not items:
             raise ValueError(f"rank {rank} has no {self.split} rows [{start}, {stop}) in epoch {epoch} of {self.dst}")
         reader = WindowReader(self.dst, self.split, self.val_fraction, self.endpoint_url)

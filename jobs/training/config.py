@@ -19,7 +19,7 @@ class TrainConfig:
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"  # Ray placement group strategy for the workers: PACK, SPREAD, STRICT_SPREAD
+    placement_strategy: str = "PACK"  # Ray placement group strategy of the workers (SPREAD: across nodes)
     epochs: int = 10
     batch_size: int = 8  # per worker, per micro-step
     grad_accum: int = 1
@@ -57,10 +57,9 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, not {self.precision!r}")
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ValueError(
-                f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, not {self.placement_strategy!r}"
-            )
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        if self.placement_strategy not in strategies:
+            raise ValueError(f"placement_strategy must be {', '.join(strategies)}, not {self.placement_strategy!r}")
         if self.max_failures < -1:
             raise ValueError("max_failures must be >= -1 (-1 retries forever)")
 
