@@ -52,10 +52,10 @@ def read_progress(directory: str) -> Progress:
         return Progress(**json.load(handle))
 
 
-def load(directory: str, net: torch.nn.Module, optimizer, scheduler, scaler) -> Progress:
+def load(directory: str, net: torch.nn.Module, optimizer, scheduler, scaler) -> None:
+    """Restores model, optimizer, scheduler and scaler; `read_progress` reads where the run was."""
     net.load_state_dict(load_file(os.path.join(directory, WEIGHTS)))
     state = torch.load(os.path.join(directory, TRAIN_STATE), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    return read_progress(directory)
