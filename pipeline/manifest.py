@@ -158,14 +158,21 @@ def load_manifest(dst: str, version: int | None = None, endpoint_url: str | None
     return read_manifest(root, version, storage)
 
 
-def write_manifest(root: Location, manifest: Manifest, storage: Storage) -> Location:
-    """Publish a manifest version; refuses to replace an existing one (two runs racing for the same number)."""
-    location = manifest_location(root, manifest.version)
+def publish_manifest(
+    root: Location, version: int, text: str, storage: Storage, error: type[Exception], job: str
+) -> Location:
+    """Publish manifest `version` (of a clip or a predictions dataset) under `root`; refuses to replace an existing
+    one, raising `error`: two `job` runs raced for the same number."""
+    location = manifest_location(root, version)
     try:
-        storage.put_bytes(location, manifest.to_json().encode("utf-8"), if_absent=True)
+        storage.put_bytes(location, text.encode("utf-8"), if_absent=True)
     except FileExistsError:
-        raise ManifestError(
-            f"manifest version {manifest.version} already exists at {location.uri}: another ingest into the same "
+        raise error(
+            f"manifest version {version} already exists at {location.uri}: another {job} into the same "
             "destination finished first; re-run to build on it"
         ) from None
     return location
+
+
+def write_manifest(root: Location, manifest: Manifest, storage: Storage) -> Location:
+    return publish_manifest(root, manifest.version, manifest.to_json(), storage, ManifestError, "ingest")

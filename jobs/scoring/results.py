@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from jobs.scoring.model_ref import ModelIdentity
 from jobs.scoring.predict import prediction_fields
 from pipeline.listing import SourceVideo
-from pipeline.manifest import ShardEntry, list_manifest_versions, manifest_location
+from pipeline.manifest import ShardEntry, list_manifest_versions, manifest_location, publish_manifest
 from pipeline.schema import ErrorRecord
 from pipeline.shards import measure_published, publish_table, rewrite_without_videos
 from pipeline.storage import Location, Storage
@@ -150,15 +150,7 @@ def latest_score_manifest(root: Location, storage: Storage) -> ScoreManifest | N
 
 
 def write_score_manifest(root: Location, manifest: ScoreManifest, storage: Storage) -> Location:
-    location = manifest_location(root, manifest.version)
-    try:
-        storage.put_bytes(location, manifest.to_json().encode("utf-8"), if_absent=True)
-    except FileExistsError:
-        raise ScoreConfigError(
-            f"manifest version {manifest.version} already exists at {location.uri}: another score run into the same "
-            "destination finished first; re-run to build on it"
-        ) from None
-    return location
+    return publish_manifest(root, manifest.version, manifest.to_json(), storage, ScoreConfigError, "score run")
 
 
 # ---- plan --------------------------------------------------------------------------------------------------------
