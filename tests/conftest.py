@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -12,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Test credentials for the moto server, set before anything starts Ray so that Ray workers inherit them; the
 # shared AWS config files are hidden so that no developer profile or real endpoint leaks into a test.
@@ -148,6 +153,32 @@ def two_node_ray(head_cpus: int, worker_cpus: int):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def published_parts(folder: Path) -> set[str]:
+    """Names of the Parquet part files a job has published in `folder` (files being staged are not `part-*`)."""
+    return {path.name for path in folder.glob("part-*.parquet")} if folder.exists() else set()
+
+
+def kill_driver_after_first_part(script: str, args: list[str], ray_address: str, folder: Path) -> set[str]:
+    """Runs `python -c script ARGS` as a driver of the Ray at `ray_address`, in a process group of its own, SIGKILLs
+    that group as soon as the job has published a part file in `folder` (or has exited, or after 120 s), and returns
+    the part files published by then."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env={**os.environ, "RAY_ADDRESS": ray_address},
+        cwd=REPO_ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not published_parts(folder) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver's own process group, started above
+    process.wait()
+    time.sleep(1.0)  # let Ray tear down the dead driver's tasks and actors
+    return published_parts(folder)
 
 
 # ---- videos -------------------------------------------------------------------------------------------------------

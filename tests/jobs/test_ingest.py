@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,11 +24,11 @@ from pipeline import (
     write_motion_video,
 )
 from pipeline.ingest import IngestConfigError
+from tests.conftest import kill_driver_after_first_part
 
 pytestmark = pytest.mark.integration
 
 SMALL = dict(frames=4, size=28, short_side=32)  # tiny clips keep the tests fast
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rows(dst: str, **options) -> list[dict]:
@@ -190,11 +187,6 @@ def test_reader_refuses_a_version_with_a_missing_or_altered_shard(tmp_path, make
         read_clips(str(dst))
 
 
-def _shards(dst: Path) -> set[str]:
-    folder = dst / "shards"
-    return {path.name for path in folder.glob("part-*.parquet")} if folder.exists() else set()
-
-
 def test_killed_run_is_completed_by_a_rerun_without_duplicates_or_gaps(tmp_path, make_videos, ray_local):
     src, dst = tmp_path / "videos", tmp_path / "clips"
     make_videos(src, num_per_class=10)  # 40 videos, one shard each: the run takes a few seconds
@@ -203,22 +195,8 @@ def test_killed_run_is_completed_by_a_rerun_without_duplicates_or_gaps(tmp_path,
         "import sys; from jobs.ingest import run_ingest; "
         "run_ingest(sys.argv[1], sys.argv[2], labels_from_dirs=True, frames=4, size=28, short_side=32)"
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, str(src), str(dst)],
-        env={**os.environ, "RAY_ADDRESS": address},
-        cwd=REPO_ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not _shards(dst) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # the driver's own process group, started above
-    process.wait()
-    time.sleep(1.0)  # let Ray finish tearing down the dead driver's tasks
+    published = kill_driver_after_first_part(script, [str(src), str(dst)], address, dst / "shards")
     assert not (dst / "manifests").exists(), "the ingest finished before it could be killed"
-    published = _shards(dst)
     assert 1 <= len(published) < 40
 
     summary = run_ingest(str(src), str(dst), labels_from_dirs=True, **SMALL)

@@ -3,11 +3,7 @@ real mp4 files, a registered UniFormerV2 logged the way training logs it."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -29,10 +25,10 @@ from model.package import ModelCard, save_package
 from model.transforms import eval_transform
 from pipeline import Storage, generate_motion_dataset, parse_uri, write_motion_video
 from pipeline.views import decode_views
+from tests.conftest import kill_driver_after_first_part
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["down", "left", "right", "up"]
 CARD = ModelCard("uniformerv2_tiny", 4, {"t_size": 8}, CLASSES, frames=8, crop_size=32, short_side=40)
 VIEWS = (2, 3)
@@ -233,11 +229,6 @@ def test_score_dataset_is_a_ray_dataset_of_rows_with_errors_inline(packages, vid
     assert all(len(row["top_k_ids"]) == 1 and row["model_name"] == "v1" for row in rows if row not in failed)
 
 
-def _predictions(dst: Path) -> set[str]:
-    folder = dst / "predictions"
-    return {path.name for path in folder.glob("part-*.parquet")} if folder.exists() else set()
-
-
 def test_killed_run_resumes_without_duplicates(packages, tmp_path, ray_local):
     src, dst = tmp_path / "videos", tmp_path / "scores"
     generate_motion_dataset(src, 5, size=(40, 40), num_frames=12, seed=5, write_labels_csv=False)  # 20 videos
@@ -247,22 +238,10 @@ def test_killed_run_resumes_without_duplicates(packages, tmp_path, ray_local):
         "run_score(sys.argv[1], sys.argv[2], sys.argv[3], views='2x3', options=ScoreOptions(batch_size=1), "
         "videos_per_shard=1)"
     )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, str(src), str(dst), str(packages[1])],
-        env={**os.environ, "RAY_ADDRESS": address},
-        cwd=REPO_ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    published = kill_driver_after_first_part(
+        script, [str(src), str(dst), str(packages[1])], address, dst / "predictions"
     )
-    deadline = time.monotonic() + 120
-    while not _predictions(dst) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)  # the driver's own process group, started above
-    process.wait()
-    time.sleep(1.0)  # let Ray tear down the dead driver's actor and tasks
     assert not (dst / "manifests").exists(), "the run finished before it could be killed"
-    published = _predictions(dst)
     assert 1 <= len(published) < 20
 
     summary = run_score(str(src), str(dst), str(packages[1]), views="2x3", videos_per_shard=1)
