@@ -89,7 +89,9 @@ def score_command(
     short_side: int = typer.Option(None, help="Scale short sides to this before cropping; default: the crop size."),
     batch_size: int = typer.Option(4, help="Videos per model call (each brings TEMPORALxSPATIAL clips)."),
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per model actor."),
-    actors: int = typer.Option(None, help="Model actors; default: one per GPU with --gpu, else 1."),
+    actors: int = typer.Option(
+        None, help="Most model actors (the pool starts with one); default: the cluster's GPUs now with --gpu, else 1."
+    ),
     cpus_per_actor: float = typer.Option(1.0, help="CPUs per model actor (its torch threads on CPU)."),
     precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast on GPU)."),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),

@@ -3,7 +3,8 @@
     resolve   (driver)        models:/NAME@ALIAS | models:/NAME/VERSION | models:/m-ID | PATH -> one pinned package
     plan      (driver)        list (same fingerprints as ingest) minus videos already scored, minus adopted shards
     decode    (CPU tasks)     fetch -> decode_views: T frames x temporal clips x spatial crops per video
-    predict   (actor pool)    the model, loaded once per actor (one GPU each with --gpu), averages the views' softmax
+    predict   (actor pool)    the model, loaded once per actor (one GPU each with --gpu), averages the views' softmax;
+                              the pool starts with one actor and grows while videos queue, see `actor_pool_bounds`
     publish   (driver)        prediction rows (a few hundred bytes per video) grouped into shards as they stream out,
                               each published atomically; then the errors table and the manifest, written last
 
@@ -58,10 +59,24 @@ class ScoreOptions:
 
     batch_size: int = 4  # videos per model call; a forward pass sees batch_size x views clips
     use_gpu: bool = False
-    actors: int | None = None  # model replicas; default: one per GPU with use_gpu, else 1
+    actors: int | None = None  # most model replicas the pool grows to; default: see actor_pool_bounds
     cpus_per_actor: float = 1.0  # also the actor's torch threads on CPU
     precision: str = "fp32"  # bf16 / fp16 autocast apply on CUDA only
     max_clips_per_forward: int | None = None
+
+    def __post_init__(self):
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("actors must be >= 1")
+
+
+def actor_pool_bounds(actors: int | None, use_gpu: bool, cluster_gpus: float) -> tuple[int, int]:
+    """(min, max) model actors. The pool starts with one actor and Ray Data adds actors while videos queue and
+    resources free up (on an autoscaling cluster its autoscaler asks for their GPUs), up to max: `actors` when given;
+    else with use_gpu one per GPU the cluster has now, at least one (an autoscaled GPU group may have none yet, and
+    grows past one only with `actors`); else one. A fixed-size pool would score nothing until all its GPUs were free."""
+    if actors:
+        return 1, actors
+    return 1, (max(1, int(cluster_gpus)) if use_gpu else 1)
 
 
 def build_params(
@@ -159,7 +174,7 @@ def _build(items: list[dict], resolved: ResolvedModel, params: ScoreParams, stor
         num_cpus=1,
         memory=2 * _VIDEOS_PER_DECODE_BATCH * view_bytes + _DECODER_MEMORY_BYTES,
     )
-    actors = options.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if options.use_gpu else 1)
+    smallest, largest = actor_pool_bounds(options.actors, options.use_gpu, ray.cluster_resources().get("GPU", 0))
     return decoded.map_batches(
         ViewPredictor,
         fn_constructor_kwargs={
@@ -174,7 +189,7 @@ def _build(items: list[dict], resolved: ResolvedModel, params: ScoreParams, stor
         },
         batch_size=options.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        compute=ray.data.ActorPoolStrategy(min_size=smallest, max_size=largest),
         num_gpus=1 if options.use_gpu else 0,
         num_cpus=options.cpus_per_actor,
     )
