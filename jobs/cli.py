@@ -93,23 +93,20 @@ def score_command(
         None, help="Most model actors (the pool starts with one); default: the cluster's GPUs now with --gpu, else 1."
     ),
     cpus_per_actor: float = typer.Option(1.0, help="CPUs per model actor (its torch threads on CPU)."),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast on GPU)."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (autocast)."),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
 ) -> None:
     """Score every video under SRC not yet scored into --out by the same model: multi-view predictions as Parquet."""
     from jobs.score import ScoreOptions, run_score
     from jobs.scoring.model_ref import ModelReferenceError
-    from jobs.scoring.predict import PRECISIONS
     from pipeline import StorageError
 
-    if precision not in PRECISIONS:
-        raise typer.BadParameter(f"must be one of {', '.join(PRECISIONS)}", param_hint="--precision")
-    options = ScoreOptions(batch_size, gpu, actors, cpus_per_actor, precision)
     try:
         run_score(
             src, out, model_ref, views=views, top_k=top_k, full_probs=full_probs, short_side=short_side,
-            options=options, tracking_uri=tracking_uri, endpoint_url=endpoint_url, echo=typer.echo,
+            options=ScoreOptions(batch_size, gpu, actors, cpus_per_actor, precision), tracking_uri=tracking_uri,
+            endpoint_url=endpoint_url, echo=typer.echo,
         )
     except (StorageError, ModelReferenceError, ValueError) as error:
         typer.echo(f"score failed: {error}", err=True)

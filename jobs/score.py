@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from jobs.report import error_lines, table_lines
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
-from jobs.scoring.predict import ViewPredictor
+from jobs.scoring.predict import PRECISIONS, ViewPredictor
 from jobs.scoring.results import (
     DEFAULT_VIDEOS_PER_SHARD,
     PREDICTIONS_DIR,
@@ -55,16 +55,18 @@ _DECODER_MEMORY_BYTES = 512 * 1024 * 1024
 
 @dataclass
 class ScoreOptions:
-    """How to run the model; none of these changes a prediction (beyond bf16/fp16 rounding on GPUs)."""
+    """How to run the model; none of these changes a prediction beyond bf16/fp16 rounding."""
 
     batch_size: int = 4  # videos per model call; a forward pass sees batch_size x views clips
     use_gpu: bool = False
     actors: int | None = None  # most model replicas the pool grows to; default: see actor_pool_bounds
     cpus_per_actor: float = 1.0  # also the actor's torch threads on CPU
-    precision: str = "fp32"  # bf16 / fp16 autocast apply on CUDA only
+    precision: str = "auto"  # bf16 on CUDA, fp32 on CPU; an explicit fp32 / bf16 / fp16 applies on either
     max_clips_per_forward: int | None = None
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.actors is not None and self.actors < 1:
             raise ValueError("actors must be >= 1")
 

@@ -18,17 +18,30 @@ import torch
 from model.package import CONFIG_FILE, WEIGHTS_FILE, load_package
 from model.transforms import eval_transform
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", *_AUTOCAST_DTYPES)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" is bf16 on CUDA (the tensor cores' bf16 rate; softmax and the view average stay fp32) and fp32
+    elsewhere (on a CPU without bf16 matrix units bf16 is slower than fp32); an explicit precision applies on any
+    device, CPU autocast included."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 def predict_views(
     net: torch.nn.Module, views: torch.Tensor, crop: int, precision: str = "fp32", max_clips: int | None = None
 ) -> torch.Tensor:
     """uint8 `[B, V, T, H, W, 3]` (on the net's device) -> float32 probabilities `[B, num_classes]`, the mean of the
-    V views' softmax. Forward passes take at most `max_clips` clips each (all B*V at once when None)."""
+    V views' softmax, the forward passes autocast to `precision` (see `resolve_precision`). Forward passes take at
+    most `max_clips` clips each (all B*V at once when None)."""
     batch, num_views = views.shape[:2]
     clips = views.reshape(batch * num_views, *views.shape[2:])  # [B*V, T, H, W, 3]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = _AUTOCAST_DTYPES[resolve_precision(precision, clips.device)]
     step = max_clips or clips.shape[0]
     outputs = []
     with torch.inference_mode(), torch.autocast(clips.device.type, dtype=dtype, enabled=dtype is not None):
@@ -87,7 +100,7 @@ class ViewPredictor:
         full_probs: bool,
         identity_columns: dict,
         use_gpu: bool = False,
-        precision: str = "fp32",
+        precision: str = "auto",
         max_clips: int | None = None,
         torch_threads: int | None = None,
     ):
@@ -108,7 +121,7 @@ class ViewPredictor:
         self.top_k = min(top_k, self.card.num_classes)
         self.full_probs = full_probs
         self.identity = identity_columns
-        self.precision = precision if self.device.type == "cuda" else "fp32"
+        self.precision = precision
         self.max_clips = max_clips
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

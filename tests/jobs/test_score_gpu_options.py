@@ -1,13 +1,42 @@
-"""How scoring runs the model on GPUs, checked without one: the size bounds of the model actor pool."""
+"""How scoring runs the model on GPUs, checked without one: precision defaults and CPU bf16 autocast, and the size
+bounds of the model actor pool."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 import model
 from jobs.score import ScoreOptions, actor_pool_bounds, score_dataset
+from jobs.scoring.predict import predict_views, resolve_precision
 from model.package import ModelCard, save_package
 from pipeline.listing import SourceVideo
+
+
+def test_auto_precision_is_bf16_on_cuda_and_fp32_on_cpu_and_an_explicit_one_applies_anywhere():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    assert (resolve_precision("auto", cuda), resolve_precision("auto", cpu)) == ("bf16", "fp32")
+    for precision in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(precision, cuda) == resolve_precision(precision, cpu) == precision
+    assert ScoreOptions().precision == "auto"
+    with pytest.raises(ValueError, match="auto, fp32, bf16, fp16"):
+        ScoreOptions(precision="bfloat16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp8", cpu)
+
+
+def test_bf16_probabilities_stay_close_to_fp32_on_cpu():
+    torch.manual_seed(0)
+    net = model.create_model("uniformerv2_tiny", num_classes=4).eval()
+    views = torch.randint(0, 256, (16, 2, 8, 32, 32, 3), dtype=torch.uint8)  # [B, V, T, H, W, 3]
+
+    full = predict_views(net, views, 32, "fp32")
+    half = predict_views(net, views, 32, "bf16")
+
+    difference = (half - full).abs().max().item()
+    assert 0 < difference < 2e-2  # bf16 autocast ran on the CPU, and rounded little
+    assert (half.argmax(dim=1) == full.argmax(dim=1)).float().mean() >= 0.9
+    torch.testing.assert_close(half.sum(dim=1), torch.ones(16))
 
 
 @pytest.mark.parametrize(
