@@ -1,6 +1,8 @@
 """The deployment in infra/ holds together: every manifest parses, every `uniformer` command it runs is a valid
 invocation by the CLI's own parser (without running it), and images, Secrets, service accounts, config maps, volumes
-and service addresses name things that exist, with credentials only ever referenced from Secrets."""
+and service addresses name things that exist, with credentials only ever referenced from Secrets. The Ray cluster's
+shape fits the jobs: whole 8-GPU pods for NCCL over NVLink, object stores inside a memory-backed /dev/shm, and a
+CPU-only group for decoding."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import re
 import shlex
 import subprocess
 import tomllib
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,11 @@ K8S = INFRA / "k8s"
 SECRETS_TEMPLATE = K8S / "secrets.template.yaml"
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|_URI$", re.IGNORECASE)
 SAFE_LITERAL_ENV = {"MLFLOW_TRACKING_URI"}  # a service address, not a credential (pointing at the in-cluster Service)
+GPU = "nvidia.com/gpu"
+# A GPU pod takes a whole 8-GPU node: the workers of one training run then share NVLink, not sockets between pods.
+GPUS_PER_POD = 8
+# The option that says how many GPUs a `--gpu` job uses: one per training worker, one per scoring model actor.
+GPU_COUNT_OPTION = {"train": "--workers", "retrain": "--workers", "score": "--actors"}
 
 
 def load_documents() -> list[tuple[str, dict]]:
@@ -100,6 +108,55 @@ def uniformer_commands() -> list[tuple[str, list[str]]]:
     return commands
 
 
+def job_of(argv: list[str]) -> str:
+    """The uniformer command an argv runs: `uniformer train ...` or `uniformer submit --wait train ...` -> train."""
+    return argv[1] if argv[1] != "submit" else next(a for a in argv[2:] if not a.startswith("-"))
+
+
+def option_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+_QUANTITY = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))(?:[eE]([+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E))?")
+_QUANTITY_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+                    "m": Fraction(1, 1000), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def quantity(value: str | int | float) -> Fraction:
+    """A Kubernetes resource quantity (64Gi, 200G, 500m, 1.5Gi, 1e3, 8) as an exact number of units."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML gives bare numbers as numbers
+        return Fraction(value)
+    match = _QUANTITY.fullmatch(str(value))
+    if not match:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    number, exponent, suffix = match.groups()
+    scale = Fraction(10) ** int(exponent) if exponent is not None else _QUANTITY_SUFFIX.get(suffix, 1)
+    return Fraction(number) * scale
+
+
+def ray_groups() -> list[tuple[str, dict]]:
+    """(name, group spec) of the RayCluster's head and of each worker group."""
+    (cluster,) = of_kind("RayCluster")
+    spec = cluster["spec"]
+    return [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+
+
+def ray_container(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]  # KubeRay runs Ray in a pod's first container
+
+
+def gpus_per_pod(group: dict) -> tuple[int, int]:
+    """(requested, limited) GPUs of a group's Ray container; Kubernetes takes an unstated request as the limit."""
+    resources = ray_container(group).get("resources", {})
+    limit = resources.get("limits", {}).get(GPU, 0)
+    return int(quantity(resources.get("requests", {}).get(GPU, limit))), int(quantity(limit))
+
+
 def dockerfile() -> str:
     return (INFRA / "Dockerfile").read_text()
 
@@ -126,8 +183,7 @@ def test_every_manifest_parses_and_the_kustomization_lists_the_long_lived_ones()
 
 def test_every_uniformer_command_is_a_valid_invocation_of_the_cli():
     commands = uniformer_commands()
-    jobs = {argv[1] if argv[1] != "submit" else next(a for a in argv[2:] if not a.startswith("-"))
-            for _, argv in commands}
+    jobs = {job_of(argv) for _, argv in commands}
     assert jobs >= {"ingest", "train", "score", "retrain"}, jobs
     failures = []
     for where, argv in commands:
@@ -260,16 +316,97 @@ def test_service_accounts_config_maps_and_volumes_exist():
             assert ref["name"] in configs, _name(doc)
 
 
-def test_gpu_workers_autoscale_within_bounds():
+# ---- the cluster's shape -------------------------------------------------------------------------------------------
+def test_worker_groups_autoscale_within_bounds():
     (cluster,) = of_kind("RayCluster")
     assert cluster["spec"]["enableInTreeAutoscaling"] is True
-    (group,) = cluster["spec"]["workerGroupSpecs"]
-    assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"] and group["maxReplicas"] > 0
-    (worker,) = group["template"]["spec"]["containers"]
-    assert int(worker["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    for name, group in ray_groups()[1:]:
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+        assert group["maxReplicas"] > 0, name
     assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     (cron,) = of_kind("CronJob")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid" and len(cron["spec"]["schedule"].split()) == 5
+
+
+@pytest.mark.parametrize("text, value", [
+    ("64Gi", 64 * 2**30), ("200G", 200 * 10**9), ("500m", Fraction(1, 2)), ("1.5Gi", 3 * 2**29), ("8", 8), (8, 8),
+    ("0.5Ki", 512), ("1e3", 1000), ("1E", 10**18), ("1E3", 1000), ("4294967296", 2**32), (".5M", 500_000),
+])
+def test_quantity_reads_kubernetes_quantities(text, value):
+    assert quantity(text) == value
+
+
+@pytest.mark.parametrize("text", ["64GB", "64gi", "Gi", "1.2.3", "64 Gi", "", "1e", "0x10"])
+def test_quantity_rejects_what_kubernetes_rejects(text):
+    with pytest.raises(ValueError):
+        quantity(text)
+
+
+def test_gpu_pods_take_a_whole_8_gpu_node_and_gpu_jobs_fill_whole_pods():
+    gpu_groups = [(name, group) for name, group in ray_groups() if any(gpus_per_pod(group))]
+    assert gpu_groups, "no worker group has GPUs"
+    for name, group in gpu_groups:
+        requested, limited = gpus_per_pod(group)
+        assert requested == limited == GPUS_PER_POD, (
+            f"{name}: requests {requested} and limits {limited} GPUs per pod; one pod per node, all {GPUS_PER_POD}")
+    capacity = sum(GPUS_PER_POD * group["maxReplicas"] for _, group in gpu_groups)
+    gpu_commands = [(where, argv) for where, argv in uniformer_commands() if "--gpu" in argv]
+    assert gpu_commands
+    for where, argv in gpu_commands:
+        job = job_of(argv)
+        assert job in GPU_COUNT_OPTION, f"{where}: how many GPUs does `{job} --gpu` use?"
+        count = option_value(argv, GPU_COUNT_OPTION[job])
+        # left out, score counts the GPUs present at its start: none while the GPU group is scaled to zero
+        assert count is not None, f"{where}: {job} --gpu without {GPU_COUNT_OPTION[job]}"
+        gpus = int(count)
+        assert gpus <= GPUS_PER_POD or gpus % GPUS_PER_POD == 0, f"{where}: {gpus} GPUs leave a pod part-used"
+        assert gpus <= capacity, f"{where}: {gpus} GPUs, the GPU groups scale to {capacity}"
+
+
+def test_every_ray_pod_keeps_its_object_store_in_a_memory_backed_dev_shm_that_holds_it():
+    for name, group in ray_groups():
+        params = group.get("rayStartParams") or {}
+        # Ray's default (30% of the pod's memory, capped by /dev/shm) hides how large /dev/shm must be
+        assert "object-store-memory" in params, f"{name}: set object-store-memory in rayStartParams"
+        store = int(params["object-store-memory"])
+        spec, container = group["template"]["spec"], ray_container(group)
+        mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert len(mounts) == 1, f"{name}: /dev/shm is not mounted"
+        (volume,) = [v for v in spec.get("volumes", []) if v["name"] == mounts[0]["name"]]
+        empty_dir = volume.get("emptyDir") or {}
+        assert empty_dir.get("medium") == "Memory" and "sizeLimit" in empty_dir, f"{name}: /dev/shm is {volume}"
+        shm = quantity(empty_dir["sizeLimit"])
+        assert shm >= store, f"{name}: /dev/shm {empty_dir['sizeLimit']} < object store {store} bytes"
+        # tmpfs pages count against the container's memory limit: /dev/shm full must leave the processes room
+        memory = quantity(container["resources"]["limits"]["memory"])
+        assert shm < memory, f"{name}: /dev/shm {empty_dir['sizeLimit']} takes the whole memory limit"
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray's CLI module imports Serve's pydantic models
+def test_ray_start_params_are_options_of_ray_start():
+    import click
+    from ray.scripts.scripts import start
+
+    for name, group in ray_groups():
+        args = [f"--{key}={value}" for key, value in (group.get("rayStartParams") or {}).items()]
+        try:  # KubeRay passes each as --KEY=VALUE to `ray start`; parse them as it would, without starting Ray
+            with start.make_context("ray start", list(args)):  # click consumes the list it parses
+                pass
+        except click.ClickException as error:
+            pytest.fail(f"{name}: ray start {' '.join(args)}: {error.format_message()}")
+
+
+def test_a_cpu_only_worker_group_autoscales_for_decoding():
+    cpu_groups = [(name, group) for name, group in ray_groups()[1:] if not any(gpus_per_pod(group))]
+    assert cpu_groups, "decoding needs a CPU-only worker group, not the GPU pods' CPUs alone"
+    for name, group in cpu_groups:
+        assert (group.get("rayStartParams") or {}).get("num-gpus", "0") == "0", name
+        assert group["minReplicas"] == 0 < group["maxReplicas"], f"{name}: scales from zero when decoding waits"
+        assert quantity(ray_container(group)["resources"]["limits"]["cpu"]) >= 1, name
+        # tolerating the GPU nodes' taint would let CPU pods take the CPUs the GPU pods are sized for
+        tolerations = group["template"]["spec"].get("tolerations", [])
+        gpu_taint = [t for t in tolerations if t.get("key") == GPU or t.get("operator") == "Exists" and "key" not in t]
+        assert not gpu_taint, f"{name} tolerates the GPU nodes' taint: {gpu_taint}"
 
 
 def test_local_cluster_script_is_valid_bash():
