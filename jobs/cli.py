@@ -154,6 +154,10 @@ def train_command(
     grad_clip: float = typer.Option(1.0, help="Max gradient norm; 0 disables clipping."),
     precision: str = typer.Option("bf16", help="bf16 | fp16 | fp32 (autocast applies on CUDA)."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
+    compile_blocks: str = typer.Option(
+        "auto", "--compile", help="torch.compile each block: on | off | auto (on with CUDA)."
+    ),
+    log_every: int = typer.Option(10, help="Optimizer steps between reading step metrics back from the device."),
     seed: int = typer.Option(0),
     checkpoint_every: int = typer.Option(0, help="Optimizer steps between checkpoints; 0 = each epoch end."),
     keep_checkpoints: int = typer.Option(2),
@@ -175,8 +179,8 @@ def train_command(
         placement_strategy=placement_strategy,
         epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, hflip=hflip, grad_clip=grad_clip, precision=precision,
-        activation_checkpointing=activation_checkpointing, seed=seed, checkpoint_every=checkpoint_every,
-        keep_checkpoints=keep_checkpoints, max_failures=max_failures, max_steps=max_steps, storage=storage,
+        activation_checkpointing=activation_checkpointing, compile=compile_blocks, log_every=log_every, seed=seed,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, max_failures=max_failures, max_steps=max_steps, storage=storage,
         run_name=run_name, experiment=experiment, register_as=register_as, endpoint_url=endpoint_url,
     )
     result = run_train(config)

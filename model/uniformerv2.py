@@ -222,6 +222,14 @@ class UniFormerV2(nn.Module):
         tokens = torch.cat([x[:, :1], patches.reshape(n * frames, h * w, dim)], dim=1)
         return tokens.reshape(n, frames * (1 + h * w), dim)
 
+    def compile_blocks(self, **compile_options) -> None:
+        """Compiles each local and global block in place, so that its LayerNorms, QuickGELU and residual adds fuse
+        into a few kernels. Per block rather than the whole model: one small graph compiled once serves every layer,
+        activation checkpointing keeps wrapping whole blocks, and DDP wraps the model afterwards as usual. The state
+        dict keys do not change."""
+        for block in (*self.blocks, *self.dec):
+            block.compile(**compile_options)
+
     def forward_features(self, video: torch.Tensor) -> torch.Tensor:
         query, frame_cls = self.forward_tokens(video)
         if self.balance is None:

@@ -32,6 +32,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
     precision: str = "bf16"  # bf16 | fp16 | fp32; autocast applies on CUDA only
+    compile: str = "auto"  # torch.compile each block: on | off | auto (on for CUDA)
     seed: int = 0
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch only
     keep_checkpoints: int = 2
@@ -43,7 +44,7 @@ class TrainConfig:
     register_as: str | None = None
     endpoint_url: str | None = None
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs, tests)
-    log_every: int = 1
+    log_every: int = 10  # optimizer steps between reading step metrics back from the device (one host sync)
 
     def __post_init__(self) -> None:
         positive = dict(workers=self.workers, epochs=self.epochs, batch_size=self.batch_size,
@@ -55,6 +56,10 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, not {self.compile!r}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, not {self.precision!r}")
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -75,7 +80,7 @@ class TrainConfig:
         """The fields that make two invocations the same run (not where they log or how often they retry)."""
         ignored = {
             "max_failures", "tracking_uri", "register_as", "run_name", "storage", "log_every", "endpoint_url",
-            "placement_strategy",
+            "placement_strategy", "compile",
         }
         return {k: v for k, v in self.to_dict().items() if k not in ignored}
 

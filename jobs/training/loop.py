@@ -9,7 +9,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -46,6 +48,58 @@ def load_initial_weights(net: torch.nn.Module, source: str, tracking_uri: str) -
         model.load_pretrained(net, resolve_model(source, scratch, tracking_uri).weights_path)
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint restores: the model on its device and the optimizer, scheduler and scaler built over it."""
+
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def configure_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # clip shapes are fixed: the autotuned 3-D convolutions pay back
+        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 paths (fp32 precision, the loss) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def build_train_state(
+    cfg: TrainConfig,
+    num_classes: int,
+    frames: int,
+    device: torch.device,
+    total_steps: int,
+    warmup_steps: int,
+    checkpoint_dir: str | None = None,
+    tracking_uri: str | None = None,
+) -> TrainState:
+    """The model moves to its device before the optimizer exists: `Optimizer.load_state_dict` places each state
+    tensor on its parameter's device and dtype as they are when it runs, so a checkpoint loaded into a model that
+    moves later leaves CPU state behind CUDA parameters, and the first step after a resume fails."""
+    torch.manual_seed(cfg.seed)  # the same initial weights in every run of this config, not only across ranks
+    net = build_model(cfg, num_classes, frames).to(device)
+    optimizer = build_optimizer(net, cfg.lr, cfg.weight_decay, fused=device.type == "cuda")
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.precision == "fp16")
+    if checkpoint_dir:
+        ckpt.load(checkpoint_dir, net, optimizer, scheduler, scaler)
+    elif cfg.pretrained:
+        load_initial_weights(net, cfg.pretrained, tracking_uri)
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        net.compile_blocks()
+    return TrainState(net, optimizer, scheduler, scaler)
+
+
+def ddp_options(cfg: TrainConfig) -> dict:
+    """Gradients live in DDP's communication buckets (no copy per step). The graph is static (every parameter gets a
+    gradient every step: stochastic depth scales branches, it never skips modules), which lets DDP overlap its
+    all-reduces with the backward pass; with accumulation, `no_sync` steps change what each backward reduces, so
+    static_graph is left off there."""
+    return {"gradient_as_bucket_view": True, "static_graph": cfg.grad_accum == 1}
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -55,6 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    configure_device(device)
 
     manifest = load_manifest(cfg.data, endpoint_url=cfg.endpoint_url)
     sampling = manifest.sampling
@@ -85,9 +140,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rows <= start_row:  # an epoch too short for one step on every rank
             return iter(())
         dataset = train_plan.dataset(epoch, rank, start=start_row, stop=rows)
-        return EpochStream(dataset.iter_torch_batches(
-            batch_size=cfg.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64}
-        ))
+        # batches stay on the host, pinned where a GPU will take them, and DeviceBatches copies them over
+        return DeviceBatches(EpochStream(dataset.iter_torch_batches(
+            batch_size=cfg.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64},
+            device="cpu", pin_memory=device.type == "cuda",
+        )), device)
 
     resumed_from = ray.train.get_checkpoint()
     with resumed_from.as_directory() if resumed_from else contextlib.nullcontext() as checkpoint_dir:
@@ -99,38 +156,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if progress.epoch < cfg.epochs and progress.global_step < total_steps:
             # started first, so that its start-up overlaps building the model and loading weights
             upcoming = epoch_stream(progress.epoch, progress.step_in_epoch * rows_per_step)
+        state = build_train_state(cfg, num_classes, sampling.frames, device, total_steps, warmup_steps,
+                                  checkpoint_dir, loop_config["tracking_uri"])
 
-        torch.manual_seed(cfg.seed)  # the same initial weights in every run of this config, not only across ranks
-        net = build_model(cfg, num_classes, sampling.frames)
-        optimizer = build_optimizer(net, cfg.lr, cfg.weight_decay)
-        scheduler = build_scheduler(optimizer, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-        use_cuda = device.type == "cuda"
-        scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.precision == "fp16")
-        if checkpoint_dir:
-            ckpt.load(checkpoint_dir, net, optimizer, scheduler, scaler)
-        elif cfg.pretrained:
-            load_initial_weights(net, cfg.pretrained, loop_config["tracking_uri"])
-
-    net = ray.train.torch.prepare_model(net)
-    core = net.module if hasattr(net, "module") else net
+    net = ray.train.torch.prepare_model(state.net, parallel_strategy_kwargs=ddp_options(cfg))
+    core = state.net
+    use_cuda = device.type == "cuda"
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     autocast = (
         torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype else contextlib.nullcontext()
     )
     tracker = RunTracker(loop_config["tracking_uri"], progress.mlflow_run_id, enabled=rank == 0)
+    step_metrics = StepMetrics(world, rows_per_step)
     if rank == 0 and resumed_from is not None:
         print(f"[train] resumed at epoch {progress.epoch} step {progress.step_in_epoch} (global {progress.global_step})")
 
-    def report(metrics: dict, with_checkpoint: bool) -> None:
-        if not with_checkpoint:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if rank == 0:
-                ckpt.save(directory, core, optimizer, scheduler, scaler, progress)
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+    def report(metrics: dict) -> None:
+        """Reports a checkpoint of the current state. Its upload runs in the background (every GPU waits for the
+        barrier, not for the upload) except for the last one, which the driver registers right after."""
+        from ray.train import CheckpointUploadMode
+
+        for step, values in step_metrics.drain():
+            tracker.step(step, **values)
+        checkpoint = None
+        if rank == 0:
+            directory = tempfile.mkdtemp(prefix="uniformer-checkpoint-")  # Ray deletes it once uploaded
+            ckpt.save(directory, core, state.optimizer, state.scheduler, state.scaler, progress)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        mode = CheckpointUploadMode.SYNC if progress.finished else CheckpointUploadMode.ASYNC
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=True)
         tracker.flush()
 
     while progress.epoch < cfg.epochs and progress.global_step < total_steps:
@@ -139,7 +194,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches = upcoming or epoch_stream(epoch, progress.step_in_epoch * rows_per_step)
         window_start, waited = time.perf_counter(), 0.0
         while progress.step_in_epoch < steps_per_epoch[epoch] and progress.global_step < total_steps:
-            step_started = time.perf_counter()
             generator = torch.Generator().manual_seed(ckpt.step_seed(cfg.seed, progress.global_step, rank))
             torch.manual_seed(ckpt.step_seed(cfg.seed, progress.global_step, rank))
             step_loss = torch.zeros((), device=device)
@@ -147,61 +201,131 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 wait_started = time.perf_counter()
                 batch = next(batches)
                 waited += time.perf_counter() - wait_started
-                clips = batch["frames"].to(device, non_blocking=True)
-                labels = batch["label"].to(device, non_blocking=True)
-                inputs = train_transform(clips, sampling.size, generator, flip=cfg.hflip)
+                inputs = train_transform(batch["frames"], sampling.size, generator, flip=cfg.hflip)
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or world == 1 else net.no_sync()
                 with sync:
                     with autocast:
                         logits = net(inputs)
-                        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                    scaler.scale(loss / cfg.grad_accum).backward()
+                        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=cfg.label_smoothing)
+                    state.scaler.scale(loss / cfg.grad_accum).backward()
                 step_loss += loss.detach() / cfg.grad_accum
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            state.scaler.unscale_(state.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            )
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            state.optimizer.zero_grad(set_to_none=True)
+            lr = state.scheduler.get_last_lr()[0]
+            state.scheduler.step()
             progress.step_in_epoch += 1
             progress.global_step += 1
-            if world > 1:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            step_time = time.perf_counter() - step_started
-            tracker.step(
-                progress.global_step,
-                train_loss=step_loss.item(),
-                lr=lr,
-                grad_norm=float(grad_norm),
-                clips_per_s_per_worker=rows_per_step / step_time,
-            )
+            step_metrics.add(progress.global_step, step_loss, grad_norm, lr)
+            if progress.global_step % cfg.log_every == 0:
+                for step, values in step_metrics.drain():
+                    tracker.step(step, **values)
             due = cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0
             epoch_done = progress.step_in_epoch >= steps_per_epoch[epoch] or progress.global_step >= total_steps
             if due and not epoch_done:
-                report({"epoch": epoch, "global_step": progress.global_step, "train_loss": step_loss.item()}, True)
+                report({"epoch": epoch, "global_step": progress.global_step, **step_metrics.last})
         elapsed = time.perf_counter() - window_start
         following = epoch + 1
         upcoming = None
         if following < cfg.epochs and steps_before[following] < total_steps:
             upcoming = epoch_stream(following, 0)  # its pipeline starts while this epoch is evaluated
 
-        val_loss, accuracy, confusion = evaluate(core, val_plan, epoch, rank, world, num_classes, cfg, device, autocast)
+        for step, values in step_metrics.drain():
+            tracker.step(step, **values)
+        scores = evaluate(core, val_plan, epoch, rank, world, num_classes, cfg, device, autocast)
         progress.epoch += 1
         progress.step_in_epoch = 0
         progress.finished = progress.epoch >= cfg.epochs or progress.global_step >= total_steps
         metrics = {
             "epoch": epoch,
             "global_step": progress.global_step,
-            "val_loss": val_loss,
-            "val_accuracy": accuracy,
+            **{f"val_{name}": value for name, value in scores.metrics.items()},
             "data_wait_share": waited / max(elapsed, 1e-9),
         }
-        report(metrics, True)
-        tracker.epoch(epoch, progress.global_step, {k: v for k, v in metrics.items() if k != "epoch"}, confusion,
-                      manifest.class_names)
+        report(metrics)
+        tracker.epoch(epoch, progress.global_step, {k: v for k, v in metrics.items() if k != "epoch"},
+                      scores.confusion, manifest.class_names)
     if rank == 0:
         tracker.curves()
+
+
+class StepMetrics:
+    """Per-step loss and gradient norm kept on the device and read back every `log_every` steps in one transfer
+    (an all-reduce of the losses and one copy to the host): a `.item()` per step would stall the host behind the
+    GPU at every step. All ranks drain at the same steps, so the all-reduce pairs up."""
+
+    def __init__(self, world: int, rows_per_step: int):
+        self.world, self.rows_per_step = world, rows_per_step
+        self._steps: list[int] = []
+        self._lrs: list[float] = []
+        self._values: list[torch.Tensor] = []
+        self._window_started = time.perf_counter()
+        self.last: dict = {}
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        self._steps.append(step)
+        self._lrs.append(lr)
+        self._values.append(torch.stack([loss.float(), grad_norm.float()]))
+
+    def drain(self) -> list[tuple[int, dict]]:
+        """The buffered steps' metrics; every rank must call it at the same steps."""
+        if not self._steps:
+            return []
+        values = torch.stack(self._values)  # [steps, 2]: loss, grad norm (the same on every rank after DDP)
+        if self.world > 1:
+            losses = values[:, 0].contiguous()
+            dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+            values[:, 0] = losses
+        host = values.tolist()
+        now = time.perf_counter()
+        rate = len(self._steps) * self.rows_per_step / max(now - self._window_started, 1e-9)
+        drained = [
+            (step, {"train_loss": loss, "lr": lr, "grad_norm": norm})
+            for step, lr, (loss, norm) in zip(self._steps, self._lrs, host)
+        ]
+        drained[-1][1]["clips_per_s_per_worker"] = rate
+        self.last = {"train_loss": drained[-1][1]["train_loss"]}
+        self._steps, self._lrs, self._values, self._window_started = [], [], [], now
+        return drained
+
+
+class DeviceBatches:
+    """Copies each host batch to the training device one batch ahead, on a side CUDA stream, so that the copy of
+    batch i+1 overlaps the forward and backward of batch i (a copy on the compute stream would wait for them). On
+    the CPU the batches pass through."""
+
+    def __init__(self, batches: Iterator[dict], device: torch.device):
+        self._batches = iter(batches)
+        self._device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._next = None
+
+    def __iter__(self):
+        return self
+
+    def _copy(self, batch: dict) -> dict:
+        with torch.cuda.stream(self._stream):
+            return {key: value.to(self._device, non_blocking=True) for key, value in batch.items()}
+
+    def __next__(self) -> dict:
+        if self._stream is None:
+            return next(self._batches)
+        if self._next is None:
+            self._next = self._copy(next(self._batches))
+        current, self._next = self._next, None
+        compute = torch.cuda.current_stream(self._device)
+        compute.wait_stream(self._stream)
+        for tensor in current.values():
+            tensor.record_stream(compute)  # the side stream's allocator must not reuse it while compute reads it
+        try:
+            self._next = self._copy(next(self._batches))
+        except StopIteration:
+            pass
+        return current
 
 
 class EpochStream:
@@ -224,28 +348,54 @@ class EpochStream:
         return next(self._batches)
 
 
+@dataclass
+class Scores:
+    metrics: dict  # loss, accuracy (top-1), top5_accuracy, mean_class_accuracy
+    confusion: np.ndarray  # [true, predicted] counts
+
+
+def scores_from_counts(confusion: np.ndarray, top5_correct: int, loss_sum: float) -> Scores:
+    """The field's validation figures from a confusion matrix: top-1, top-5, the mean of per-class recalls over the
+    classes present (Kinetics' "mean class accuracy"), and the mean loss."""
+    total = int(confusion.sum())
+    if total == 0:
+        nan = float("nan")
+        return Scores({"loss": nan, "accuracy": nan, "top5_accuracy": nan, "mean_class_accuracy": nan}, confusion)
+    per_class = confusion.sum(axis=1)
+    present = per_class > 0
+    recalls = np.diag(confusion)[present] / per_class[present]
+    return Scores(
+        {
+            "loss": loss_sum / total,
+            "accuracy": float(np.trace(confusion)) / total,
+            "top5_accuracy": top5_correct / total,
+            "mean_class_accuracy": float(recalls.mean()),
+        },
+        confusion,
+    )
+
+
 @torch.no_grad()
-def evaluate(core, plan, epoch, rank, world, num_classes, cfg, device, autocast):
-    """Loss, accuracy and confusion matrix over the whole validation split, each rank scoring its share."""
+def evaluate(core, plan, epoch, rank, world, num_classes, cfg, device, autocast) -> Scores:
+    """Scores over the whole validation split, each rank scoring its share; counts are summed across ranks."""
     core.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, top-5 hits
+    top = min(5, num_classes)
     for window in plan.read_windows(epoch, rank):
         for start in range(0, len(window["label"]), cfg.batch_size):
             clips = torch.from_numpy(window["frames"][start : start + cfg.batch_size]).to(device, non_blocking=True)
             labels = torch.from_numpy(window["label"][start : start + cfg.batch_size]).to(device, non_blocking=True)
             with autocast:
                 logits = core(eval_transform(clips, plan.manifest.sampling.size)).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+            sums[1] += (logits.topk(top, dim=1).indices == labels[:, None]).any(dim=1).sum()
             confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(
                 num_classes, num_classes
             )
     if world > 1:
         dist.all_reduce(confusion)
-        dist.all_reduce(loss_sum)
+        dist.all_reduce(sums)
     core.train()
-    total = int(confusion.sum())
-    if total == 0:
-        return float("nan"), float("nan"), confusion.cpu().numpy()
-    return float(loss_sum) / total, float(confusion.diag().sum()) / total, confusion.cpu().numpy()
-
+    loss_sum, top5_correct = sums.tolist()
+    return scores_from_counts(confusion.cpu().numpy(), int(top5_correct), loss_sum)

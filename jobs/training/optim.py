@@ -7,13 +7,16 @@ import math
 import torch
 
 
-def build_optimizer(net: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def build_optimizer(net: torch.nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
+    """`fused` (CUDA) updates every parameter in a few kernels instead of several per parameter tensor. Build it
+    after the model sits on its device: a fused optimizer needs its parameters there, and `load_state_dict` places
+    the loaded state next to each parameter as it is at that moment."""
     decay, no_decay = [], []
     for param in net.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, lr: float, min_lr: float):

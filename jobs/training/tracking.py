@@ -1,20 +1,29 @@
-"""MLflow from rank 0 of the training function: metrics, curves and confusion matrices.
+"""MLflow from rank 0 of the training function: metrics, curves, confusion matrices and per-class tables.
 
 Step metrics are buffered and written after the checkpoint that covers them is reported. A worker group that
 fails can still have written steps its last committed checkpoint does not cover; the resumed group recomputes
 them exactly (the run is deterministic), so the tracker skips every step the run already has: each step is
 logged once and the logged steps stay contiguous. An MLflow outage never stops training: what cannot be written
 stays buffered and goes out with the next flush.
+
+Per-epoch figures and tables are drawn and uploaded in a background thread: the other ranks wait in their next
+collective for whatever rank 0 does at an epoch end, so that must not take seconds.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+
+# A heatmap is readable up to a few tens of classes; past that the per-class table and the most confused pairs say
+# more, and no figure grows with the class count.
+HEATMAP_MAX_CLASSES = 40
+CONFUSED_PAIRS = 50
 
 
 class RunTracker:
@@ -27,6 +36,7 @@ class RunTracker:
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri)
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-plots")
             for key in ("train_loss", "val_accuracy"):
                 history = self._try(self.client.get_metric_history, run_id, key) or []
                 self._logged_through[key] = max((m.step for m in history), default=0)
@@ -58,13 +68,20 @@ class RunTracker:
             return
         self.step(step, **metrics)
         self.flush()
-        self._try(self.client.log_image, self.run_id, _confusion_image(confusion, class_names),
-                  f"plots/confusion_epoch_{epoch:03d}.png")
+        self._background.submit(self._log_confusion, epoch, confusion, class_names)
+
+    def _log_confusion(self, epoch: int, confusion: np.ndarray, class_names: list[str]) -> None:
+        self._try(self.client.log_dict, self.run_id, per_class_report(confusion, class_names),
+                  f"eval/per_class_epoch_{epoch:03d}.json")
+        if len(class_names) <= HEATMAP_MAX_CLASSES:
+            self._try(lambda: self.client.log_image(self.run_id, _confusion_image(confusion, class_names),
+                                                    f"plots/confusion_epoch_{epoch:03d}.png"))
 
     def curves(self) -> None:
         """Loss and accuracy curves from the run's own metric history."""
         if not self.enabled:
             return
+        self._background.shutdown(wait=True)  # the last epoch's tables and figures first
         self.flush()
         history = self._try(
             lambda: {key: self.client.get_metric_history(self.run_id, key) for key in ("train_loss", "val_accuracy", "val_loss")}
@@ -95,22 +112,49 @@ def _figure_to_image(figure):
     return Image.open(buffer).convert("RGB")
 
 
+def per_class_report(confusion: np.ndarray, class_names: list[str]) -> dict:
+    """Per-class support, recall and precision, and the most confused (true, predicted) pairs, from `[true, pred]`
+    counts: what a confusion matrix of hundreds of classes is read for."""
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    hits = np.diag(confusion)
+    classes = [
+        {
+            "class": name,
+            "support": int(support[i]),
+            "recall": float(hits[i] / support[i]) if support[i] else None,
+            "precision": float(hits[i] / predicted[i]) if predicted[i] else None,
+        }
+        for i, name in enumerate(class_names)
+    ]
+    off_diagonal = confusion.copy()
+    np.fill_diagonal(off_diagonal, 0)
+    flat = np.argsort(off_diagonal, axis=None)[::-1][:CONFUSED_PAIRS]
+    pairs = [
+        {"true": class_names[t], "predicted": class_names[p], "count": int(off_diagonal[t, p])}
+        for t, p in zip(*np.unravel_index(flat, confusion.shape))
+        if off_diagonal[t, p] > 0
+    ]
+    return {"classes": classes, "most_confused": pairs}
+
+
 def _confusion_image(confusion: np.ndarray, class_names: list[str]):
+    """A labelled heatmap of at most HEATMAP_MAX_CLASSES classes: 4 to 16 inches at 100 dpi, whatever the count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = max(4, 0.4 * len(class_names))
+    if len(class_names) > HEATMAP_MAX_CLASSES:
+        raise ValueError(f"{len(class_names)} classes are too many for a readable heatmap")
+    size = min(16, max(4, 0.4 * len(class_names)))
     figure, axis = plt.subplots(figsize=(size, size))
     axis.imshow(confusion, cmap="Blues")
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    if len(class_names) <= 40:
-        axis.set_xticks(range(len(class_names)), class_names, rotation=90)
-        axis.set_yticks(range(len(class_names)), class_names)
-        for (i, j), count in np.ndenumerate(confusion):
-            axis.text(j, i, int(count), ha="center", va="center", fontsize=8)
+    axis.set_xticks(range(len(class_names)), class_names, rotation=90)
+    axis.set_yticks(range(len(class_names)), class_names)
+    for (i, j), count in np.ndenumerate(confusion):
+        axis.text(j, i, int(count), ha="center", va="center", fontsize=8)
     image = _figure_to_image(figure)
     plt.close(figure)
     return image

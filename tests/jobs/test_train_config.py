@@ -18,6 +18,8 @@ from jobs.training.config import TrainConfig
         (dict(precision="fp8"), "precision must be bf16, fp16 or fp32"),
         (dict(placement_strategy="ANYWHERE"), "placement_strategy must be PACK, SPREAD"),
         (dict(max_failures=-2), "max_failures must be >= -1"),
+        (dict(compile="always"), "compile must be auto, on or off"),
+        (dict(log_every=0), "log_every must be >= 1"),
     ],
 )
 def test_bad_options_are_refused_by_name(overrides, message):
@@ -28,7 +30,7 @@ def test_bad_options_are_refused_by_name(overrides, message):
 def test_the_same_command_names_the_same_run_wherever_it_runs_or_logs():
     base = TrainConfig(data="clips@3", epochs=2)
     moved = TrainConfig(data="clips@3", epochs=2, placement_strategy="SPREAD", max_failures=9, storage="s3://b/runs",
-                        tracking_uri="http://mlflow:5000", register_as="m")
+                        tracking_uri="http://mlflow:5000", register_as="m", compile="on", log_every=50)
     assert moved.name == base.name
     assert TrainConfig(data="clips@4", epochs=2).name != base.name  # another dataset version is another run
     assert TrainConfig(data="clips@3", epochs=3).name != base.name
