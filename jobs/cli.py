@@ -48,6 +48,10 @@ def ingest_command(
     clips_per_video: int = typer.Option(1, help="Clips per video, at spread temporal offsets."),
     sampling: str = typer.Option("uniform", help="uniform (TSN segments) | dense (frames --stride apart)."),
     stride: int = typer.Option(16, help="Frame stride for dense sampling."),
+    frames_per_segment: int = typer.Option(
+        1, help="Candidate frames stored per segment (uniform): training picks one per segment each epoch "
+        "(temporal jitter); storage grows by this factor."
+    ),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
 ) -> None:
     """Decode sampled clips of every new video under SRC into a sharded Parquet clip dataset with a manifest."""
@@ -68,6 +72,7 @@ def ingest_command(
             clips_per_video=clips_per_video,
             sampling=sampling,
             stride=stride,
+            frames_per_segment=frames_per_segment,
             endpoint_url=endpoint_url,
             echo=typer.echo,
         )

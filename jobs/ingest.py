@@ -20,7 +20,7 @@ from pipeline.ingest import (
     plan_ingest,
 )
 from pipeline.listing import attach_labels, list_videos, read_labels_csv
-from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, write_manifest
+from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, read_sources, write_manifest
 from pipeline.schema import ErrorRecord
 from pipeline.storage import DEFAULT_SPILL_THRESHOLD_BYTES, Storage, parse_uri
 
@@ -48,6 +48,7 @@ def run_ingest(
     clips_per_video: int = 1,
     sampling: str = "uniform",
     stride: int = 16,
+    frames_per_segment: int = 1,
     endpoint_url: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES,
@@ -55,7 +56,7 @@ def run_ingest(
 ) -> IngestSummary:
     """Ingest every video under `src` not yet in the dataset at `out`; see the module docstring of pipeline.ingest."""
     started = time.monotonic()
-    params = SamplingParams(frames, short_side, size, sampling, stride, clips_per_video)
+    params = SamplingParams(frames, short_side, size, sampling, stride, clips_per_video, frames_per_segment)
     if labels_csv and labels_from_dirs:
         raise ValueError("use either a labels CSV or labels from folders, not both")  # before any storage access
     storage = Storage(endpoint_url, spill_threshold_bytes=spill_threshold_bytes)
@@ -68,7 +69,9 @@ def run_ingest(
     labelled, label_errors = attach_labels(listed, source, labels_csv=labels, labels_from_dirs=labels_from_dirs)
     labels_mode = "csv" if labels_csv else "dirs" if labels_from_dirs else "none"
     previous = latest_manifest(root, storage)
-    plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, max_shard_bytes)
+    previous_sources = read_sources(root, previous, storage) if previous else {}
+    plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, previous_sources,
+                       max_shard_bytes)
     storage.remove_stale_staging(root.join(SHARDS_DIR))
     echo(
         f"ingest {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already done, "

@@ -55,11 +55,12 @@ def evaluate_accuracy(weights: str, config: str, val_ref: str, endpoint_url: str
                       batch_size: int = 32) -> float:
     """Top-1 accuracy of a packaged model on every clip of a validation dataset version (labels matched by name)."""
     net, card = load_package(weights, config)
+    sampling = load_manifest(val_ref, endpoint_url=endpoint_url).sampling
     index_of = {name: i for i, name in enumerate(card.class_names)}
     correct = total = 0
     for batch in iter_clip_batches(val_ref, columns=["frames", "label_name"], batch_size=batch_size,
                                    endpoint_url=endpoint_url):
-        clips = torch.from_numpy(frames_to_numpy(batch.column("frames")).copy())
+        clips = torch.from_numpy(sampling.pick_frames(frames_to_numpy(batch.column("frames"))).copy())
         truth = np.array([index_of.get(name, -1) for name in batch.column("label_name").to_pylist()])
         with torch.no_grad():
             predicted = net(eval_transform(clips, card.crop_size)).argmax(dim=1).numpy()

@@ -35,29 +35,41 @@ class ClipInfo:
 
 
 def sample_frame_indices(
-    num_video_frames: int, frames: int, sampling: str = "uniform", stride: int = 16, clips_per_video: int = 1
+    num_video_frames: int,
+    frames: int,
+    sampling: str = "uniform",
+    stride: int = 16,
+    clips_per_video: int = 1,
+    frames_per_segment: int = 1,
 ) -> tuple[np.ndarray, bool]:
-    """Frame indices `[K, T]` for K clips of T frames, and whether the video was too short (last frame repeated).
+    """Frame indices `[K, T * M]` for K clips of T frames with M candidates each, and whether the video was too
+    short (last frame repeated).
 
-    uniform: TSN sparse sampling. The video is cut into T equal segments and each clip takes one frame per segment,
-    at fraction (k + 0.5) / K of the segment: a single clip takes segment centres (deterministic), several clips are
-    spread evenly across every segment.
-    dense: T frames `stride` apart. K clip windows are spread evenly over the video (a single one is centred).
+    uniform: TSN sparse sampling. The video is cut into T equal segments; clip k owns the k-th of K equal parts of
+    every segment and takes M candidate frames spread over that part (position t * M + j is candidate j of segment
+    t). With M = 1 a single clip takes segment centres, several clips are spread evenly across every segment.
+    Training picks one candidate per segment per epoch (temporal jitter without decoding again); the middle one,
+    j = M // 2, is the deterministic pick (the segment centre for M = 1 and any odd M).
+    dense: T frames `stride` apart, M = 1. K clip windows are spread evenly over the video (a single one is centred).
     """
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling must be one of {SAMPLINGS}, not {sampling!r}")
-    if frames < 1 or clips_per_video < 1 or stride < 1:
-        raise ValueError("frames, clips_per_video and stride must be >= 1")
+    if frames < 1 or clips_per_video < 1 or stride < 1 or frames_per_segment < 1:
+        raise ValueError("frames, clips_per_video, stride and frames_per_segment must be >= 1")
+    if sampling == "dense" and frames_per_segment != 1:
+        raise ValueError("frames_per_segment applies to uniform sampling only")
     if num_video_frames < 1:
         raise VideoDecodeError("video has no frames")
     n, t_steps, k_clips = num_video_frames, np.arange(frames), np.arange(clips_per_video)
     if sampling == "uniform":
+        m = frames_per_segment
         if n < frames:
-            row = np.minimum(t_steps, n - 1)
+            row = np.repeat(np.minimum(t_steps, n - 1), m)
             return np.tile(row, (clips_per_video, 1)).astype(np.int32), True
         segment = n / frames
-        offsets = (k_clips + 0.5) / clips_per_video
-        indices = np.floor(segment * (t_steps[None, :] + offsets[:, None])).astype(np.int64)
+        offsets = (np.arange(clips_per_video * m) + 0.5) / (clips_per_video * m)  # clip k: offsets k*M .. k*M+M-1
+        indices = np.floor(segment * (t_steps[None, :] + offsets[:, None])).astype(np.int64)  # [K*M, T]
+        indices = indices.reshape(clips_per_video, m, frames).transpose(0, 2, 1).reshape(clips_per_video, frames * m)
         return np.minimum(indices, n - 1).astype(np.int32), False
     span = (frames - 1) * stride + 1
     if n < span:
@@ -122,6 +134,7 @@ def read_sampled_frames(
     stride: int = 16,
     clips_per_video: int = 1,
     num_threads: int = 1,
+    frames_per_segment: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, ClipInfo]:
     """The distinct frames that K sampled clips need, at decoded size: `(frames [U, H, W, 3] uint8, their sorted
     frame indices [U], ClipInfo)`. `np.searchsorted(indices, info.frame_indices)` maps clip positions to rows.
@@ -148,7 +161,8 @@ def read_sampled_frames(
     reader = open_reader()
     num_video_frames = len(reader)
     fps = float(reader.get_avg_fps())
-    indices, padded = sample_frame_indices(num_video_frames, frames, sampling, stride, clips_per_video)
+    indices, padded = sample_frame_indices(num_video_frames, frames, sampling, stride, clips_per_video,
+                                           frames_per_segment)
     wanted = np.unique(indices).tolist()
     try:
         decoded = reader.get_batch(wanted).asnumpy()
@@ -186,13 +200,15 @@ def decode_clips(
     stride: int = 16,
     clips_per_video: int = 1,
     num_threads: int = 1,
+    frames_per_segment: int = 1,
 ) -> tuple[np.ndarray, ClipInfo]:
-    """Decode K clips `[K, T, S, S, 3]` uint8 from one video given as bytes (decoded from memory) or a local path:
+    """Decode K clips `[K, T * M, S, S, 3]` uint8 (M = `frames_per_segment`) from one video given as bytes (decoded from memory) or a local path:
     the sampled frames (`read_sampled_frames`), each scaled so its short side is S and centre-cropped to a square.
 
     Raises VideoDecodeError with a one-line reason for anything that is not a decodable video.
     """
-    decoded, wanted, info = read_sampled_frames(video, frames, sampling, stride, clips_per_video, num_threads)
+    decoded, wanted, info = read_sampled_frames(video, frames, sampling, stride, clips_per_video, num_threads,
+                                                frames_per_segment)
     resized = resize_center_crop(decoded, short_side)
-    clips = resized[np.searchsorted(wanted, info.frame_indices)]  # [K, T, S, S, 3]
+    clips = resized[np.searchsorted(wanted, info.frame_indices)]  # [K, T * M, S, S, 3]
     return clips, info

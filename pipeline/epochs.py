@@ -10,6 +10,10 @@ reading them. Ray Data reads the windows in parallel (on any node) and `iter_tor
 training step; `preserve_order` keeps the stream in plan order.
 
 The validation split is held out by video (a hash of `video_id`), so clips of one video never straddle the split.
+
+Temporal jitter: where ingest stored M candidate frames per segment, each training epoch picks one per segment and
+clip, a pure function of (seed, epoch, video, clip index): every epoch sees another sampling of each video, a
+resumed run the same one. Validation takes the middle candidate.
 """
 
 from __future__ import annotations
@@ -25,18 +29,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.manifest import Manifest, parse_dataset_ref
+from pipeline.manifest import Manifest, SamplingParams, parse_dataset_ref
 from pipeline.reader import verify_shards
-from pipeline.schema import frames_to_numpy
+from pipeline.schema import MAX_ROW_GROUP_CLIPS, frames_to_numpy
 from pipeline.storage import Storage, parse_uri
 
 # A window gathers units until it holds this many rows and shuffles them together, so that one batch draws from
 # many places of the dataset (ingest writes videos in listing order, often class by class).
 WINDOW_ROWS = 256
-# Units are at most this many rows (reading one reads its row group once, then slices it), and small enough that
-# every rank gets several per epoch.
-MAX_UNIT_ROWS = 16
+# Units are at most a row group (ingest writes row groups of this many clips, so a unit of a large dataset is exactly
+# one row group, read once), and small enough that every rank gets several per epoch.
+MAX_UNIT_ROWS = MAX_ROW_GROUP_CLIPS
 _UNITS_PER_RANK = 8
+# Validation windows read ahead at once in the trainer's process.
+_VALIDATION_READERS = 4
 
 
 def is_validation(video_id: str, val_fraction: float) -> bool:
@@ -45,6 +51,21 @@ def is_validation(video_id: str, val_fraction: float) -> bool:
         return False
     digest = hashlib.sha1(video_id.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def video_key(video_id: str) -> int:
+    """A stable 63-bit number for a video id (seeds and hashing that must agree across runs and machines)."""
+    return int.from_bytes(hashlib.sha1(video_id.encode("utf-8")).digest()[:8], "big") >> 1
+
+
+def jitter_picks(seed: int, epoch: int, video_ids: list[str], clip_indices: list[int], frames: int,
+                 frames_per_segment: int) -> np.ndarray:
+    """`[N, T]` candidate picks for N clips in one epoch: a pure function of (seed, epoch, video, clip index), so that
+    neither the rank that reads a clip nor a restart changes what it sees."""
+    return np.stack([
+        np.random.default_rng([seed, epoch, video_key(video_id), clip_index]).integers(0, frames_per_segment, frames)
+        for video_id, clip_index in zip(video_ids, clip_indices)
+    ]) if video_ids else np.zeros((0, frames), dtype=np.int64)
 
 
 def split_mask(video_ids: list[str], split: str, val_fraction: float) -> np.ndarray:
@@ -94,14 +115,16 @@ class EpochPlan:
         for shard, path in enumerate(self.paths):
             with filesystem.open_input_file(path) as handle:
                 parquet = pq.ParquetFile(handle)
-                for group in range(parquet.num_row_groups):
-                    ids = parquet.read_row_group(group, columns=["video_id"]).column(0).to_pylist()
-                    keep = split_mask(ids, self.split, self.val_fraction)
-                    for start in range(0, len(keep), unit_rows):
-                        stop = min(start + unit_rows, len(keep))
-                        rows = int(keep[start:stop].sum())
-                        if rows:
-                            units.append(Unit(shard, group, start, stop, rows))
+                ids = parquet.read(columns=["video_id"]).column(0).to_pylist()  # one read of a small column
+            group_rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+            offsets = np.cumsum([0, *group_rows])
+            for group, rows_in_group in enumerate(group_rows):
+                keep = split_mask(ids[offsets[group] : offsets[group] + rows_in_group], self.split, self.val_fraction)
+                for start in range(0, len(keep), unit_rows):
+                    stop = min(start + unit_rows, len(keep))
+                    rows = int(keep[start:stop].sum())
+                    if rows:
+                        units.append(Unit(shard, group, start, stop, rows))
         return units
 
     def rank_units(self, epoch: int, rank: int, shuffle: bool = True) -> list[Unit]:
@@ -133,6 +156,7 @@ class EpochPlan:
                     "starts": [u.start for u in group],
                     "stops": [u.stop for u in group],
                     "shuffle_seed": [self.seed, epoch, rank, w] if shuffle else None,
+                    "jitter_seed": [self.seed, epoch] if shuffle else None,
                     "skip": first,
                     "take": last - first,
                 }
@@ -143,16 +167,20 @@ class EpochPlan:
         """A rank's rows of the epoch in plan order (unshuffled), read in this process one window at a time with the
         next window read in a background thread: for validation, which runs between epochs while the next epoch's
         Ray Data pipeline starts."""
-        reader = WindowReader(self.dst, self.split, self.val_fraction, self.endpoint_url)
+        reader = self.reader()
         items = self.windows(epoch, rank, shuffle=False)
-        if not items:  # more ranks than units: this rank scores nothing
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-window") as pool:
-            pending = pool.submit(reader.read, items[0])
-            for following in items[1:] + [None]:
-                window = pending.result()
-                pending = pool.submit(reader.read, following) if following else None
+        with ThreadPoolExecutor(max_workers=_VALIDATION_READERS, thread_name_prefix="read-window") as pool:
+            pending = [pool.submit(reader.read, item) for item in items[:_VALIDATION_READERS]]
+            for following in items[_VALIDATION_READERS:] + [None] * _VALIDATION_READERS:
+                if not pending:
+                    return
+                window = pending.pop(0).result()
+                if following is not None:
+                    pending.append(pool.submit(reader.read, following))
                 yield window
+
+    def reader(self) -> WindowReader:
+        return WindowReader(self.dst, self.split, self.val_fraction, self.manifest.sampling, self.endpoint_url)
 
     def dataset(self, epoch: int, rank: int, start: int = 0, stop: int | None = None, read_cpus: float = 0.5):
         """A Ray Dataset of rows [start, stop) of one rank's shuffled epoch, columns `frames` uint8 [T, S, S, 3] and
@@ -165,9 +193,10 @@ class EpochPlan:
         items = self.windows(epoch, rank, start, stop)
         if not items:
             raise ValueError(f"rank {rank} has no {self.split} rows [{start}, {stop}) in epoch {epoch} of {self.dst}")
-        reader = WindowReader(self.dst, self.split, self.val_fraction, self.endpoint_url)
+        # a window's read and its shuffled copy are in memory at once
+        window_bytes = 2 * (WINDOW_ROWS + MAX_UNIT_ROWS) * self.manifest.sampling.clip_bytes
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            reader, batch_size=1, batch_format="pyarrow", num_cpus=read_cpus
+            self.reader(), batch_size=1, batch_format="pyarrow", num_cpus=read_cpus, memory=window_bytes
         )
 
 
@@ -183,10 +212,12 @@ def _windows(units: list[Unit]) -> list[list[Unit]]:
 
 
 class WindowReader:
-    """Reads one window: its units' rows of the split, shuffled together, then the item's `take` rows after `skip`."""
+    """Reads one window: its units' rows of the split, each shard opened once, shuffled together, one frame per
+    segment picked, then the item's `take` rows after `skip`."""
 
-    def __init__(self, dst: str, split: str, val_fraction: float, endpoint_url: str | None):
+    def __init__(self, dst: str, split: str, val_fraction: float, sampling: SamplingParams, endpoint_url: str | None):
         self.dst, self.split, self.val_fraction, self.endpoint_url = dst, split, val_fraction, endpoint_url
+        self.sampling = sampling
 
     def __call__(self, batch: pa.Table) -> dict:
         (item,) = batch.to_pylist()
@@ -194,19 +225,32 @@ class WindowReader:
 
     def read(self, item: dict) -> dict:
         filesystem = Storage(self.endpoint_url).arrow_filesystem(parse_uri(self.dst))
-        frames, labels = [], []
+        by_shard: dict[str, list[tuple[int, int, int]]] = {}
         for path, group, start, stop in zip(item["paths"], item["row_groups"], item["starts"], item["stops"]):
+            by_shard.setdefault(path, []).append((int(group), int(start), int(stop)))
+        # read in (shard, row group) order, a pure function of the item, so the shuffle below stays reproducible
+        tables = []
+        for path in sorted(by_shard):
+            units = sorted(by_shard[path])
             with filesystem.open_input_file(path) as handle:
-                table = pq.ParquetFile(handle).read_row_group(int(group), columns=["video_id", "label", "frames"])
-            table = table.slice(int(start), int(stop) - int(start))
-            keep = split_mask(table.column("video_id").to_pylist(), self.split, self.val_fraction)
-            frames.append(frames_to_numpy(table.column("frames"))[keep])
-            # unlabeled clips carry -1; training refuses unlabeled datasets before it gets here
-            labels.append(pc.fill_null(table.column("label"), -1).to_numpy().astype(np.int64)[keep])
-        frames_all, labels_all = np.concatenate(frames), np.concatenate(labels)
+                parquet = pq.ParquetFile(handle)
+                for group in sorted({unit[0] for unit in units}):
+                    table = parquet.read_row_group(group, columns=["video_id", "clip_index", "label", "frames"])
+                    tables.extend(table.slice(start, stop - start) for g, start, stop in units if g == group)
+        table = pa.concat_tables(tables)
+        keep = split_mask(table.column("video_id").to_pylist(), self.split, self.val_fraction)
+        table = table.filter(pa.array(keep))
         if item["shuffle_seed"] is not None:
-            order = np.random.default_rng(list(item["shuffle_seed"])).permutation(len(labels_all))
-            frames_all, labels_all = frames_all[order], labels_all[order]
+            table = table.take(np.random.default_rng(list(item["shuffle_seed"])).permutation(table.num_rows))
         first = int(item["skip"])
-        last = first + int(item["take"])
-        return {"frames": frames_all[first:last], "label": labels_all[first:last]}
+        table = table.slice(first, int(item["take"]))
+        clips = frames_to_numpy(table.column("frames"), self.sampling.clip_shape)
+        picks = None
+        if item.get("jitter_seed") is not None and self.sampling.frames_per_segment > 1:
+            seed, epoch = item["jitter_seed"]
+            picks = jitter_picks(seed, epoch, table.column("video_id").to_pylist(),
+                                 table.column("clip_index").to_pylist(), self.sampling.frames,
+                                 self.sampling.frames_per_segment)
+        # unlabeled clips carry -1; training refuses unlabeled datasets before it gets here
+        labels = pc.fill_null(table.column("label"), -1).to_numpy().astype(np.int64)
+        return {"frames": np.ascontiguousarray(self.sampling.pick_frames(clips, picks)), "label": labels}

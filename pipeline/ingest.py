@@ -27,6 +27,7 @@ from pipeline.manifest import (
     Manifest,
     SamplingParams,
     ShardEntry,
+    write_sources,
 )
 from pipeline.schema import ErrorRecord, clip_schema, errors_table
 from pipeline.shards import (
@@ -56,6 +57,7 @@ class IngestPlan:
     labels_mode: str
     class_map: dict[str, int]
     previous: Manifest | None
+    previous_sources: dict[str, dict]  # the previous version's sources (pipeline.manifest.read_sources)
     listed: list[SourceVideo]
     already_done: list[SourceVideo]
     groups: list[dict]
@@ -97,6 +99,7 @@ def plan_ingest(
     labels_mode: str,
     sampling: SamplingParams,
     previous: Manifest | None,
+    previous_sources: dict[str, dict],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> IngestPlan:
     """Decide what this run decodes. `labelled` are the listed videos that got a label (all of them when unlabeled)."""
@@ -111,17 +114,16 @@ def plan_ingest(
                 f"{dst} was ingested with labels from {previous.labels!r}, this run uses {labels_mode!r}; "
                 "write to a new --out"
             )
-    done_sources = previous.sources if previous else {}
     already_done, pending = [], []
     for video in labelled:
-        known = done_sources.get(video.video_id)
+        known = previous_sources.get(video.video_id)
         unchanged = known is not None and (known["etag"], known["size"], known["label_name"]) == (
             video.etag,
             video.size,
             video.label_name,
         )
         (already_done if unchanged else pending).append(video)
-    superseded = {video.video_id for video in pending if video.video_id in done_sources}
+    superseded = {video.video_id for video in pending if video.video_id in previous_sources}
     class_map = extend_class_map(
         previous.class_map if previous else {}, [v.label_name for v in pending if v.label_name is not None]
     )
@@ -140,6 +142,7 @@ def plan_ingest(
         labels_mode=labels_mode,
         class_map=class_map,
         previous=previous,
+        previous_sources=previous_sources,
         listed=listed,
         already_done=already_done,
         groups=groups,
@@ -164,7 +167,7 @@ def ingest_group(group: dict, storage: Storage, sampling: SamplingParams, root_u
             shard = {"path": group["shard"], "rows": rows, "sha256": digest, "bytes": size}
             return {**description, "shard": shard, "adopted": True}
 
-    writer = ShardWriter(storage, final, sampling.frames, sampling.short_side)
+    writer = ShardWriter(storage, final, sampling.stored_frames, sampling.short_side)
     videos, errors = [], []
     try:
         for source in group["videos"]:
@@ -179,6 +182,7 @@ def ingest_group(group: dict, storage: Storage, sampling: SamplingParams, root_u
                         sampling=sampling.sampling,
                         stride=sampling.stride,
                         clips_per_video=sampling.clips_per_video,
+                        frames_per_segment=sampling.frames_per_segment,
                     )
             except Exception as error:  # one bad input must not lose the others
                 errors.append(_error(source, stage, error))
@@ -291,11 +295,11 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
             }
 
     kept_shards = list(previous.shards) if previous else []
-    kept_sources = dict(previous.sources) if previous else {}
+    kept_sources = dict(plan.previous_sources)
     if plan.superseded:
         kept_shards, kept_sources = rewrite_without_videos(
             storage, plan.root, kept_shards, kept_sources, plan.superseded, SHARDS_DIR,
-            parquet_write_options(clip_schema(plan.sampling.frames, plan.sampling.short_side)),
+            parquet_write_options(clip_schema(plan.sampling.stored_frames, plan.sampling.short_side)),
         )
 
     listed_uris = {video.uri for video in plan.listed}
@@ -326,6 +330,7 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
         errors_path = f"{ERRORS_DIR}/v{version:06d}.parquet"
         publish_table(storage, plan.root.join(errors_path), errors_table(errors))
     sources = {**kept_sources, **new_sources}
+    source_tables = write_sources(plan.root, version, previous, plan.previous_sources, sources, storage)
     outcome.manifest = Manifest(
         version=version,
         source=plan.source.uri,
@@ -333,7 +338,8 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
         labels=plan.labels_mode,
         class_map=plan.class_map,
         shards=kept_shards + new_shards,
-        sources=dict(sorted(sources.items())),
+        source_tables=source_tables,
+        num_sources=len(sources),
         counts=counts,
         errors=errors_path,
         previous_version=previous.version if previous else None,

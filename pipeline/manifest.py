@@ -3,9 +3,14 @@
 Layout under a dataset root DST:
     DST/manifests/v000001.json   one per ingest run that changed something; written last, never overwritten
     DST/shards/part-<hash>.parquet
+    DST/sources/v000001.parquet  the source videos that version 1 added, changed or removed (a delta), or all of them
     DST/errors/v000001.parquet   the errors of the run that wrote manifest v000001
 
-A manifest lists every shard of its version (not only the run's new ones), so one file describes a whole version.
+A manifest lists every shard of its version (not only the run's new ones), so one small file describes what a
+reader needs. The source videos (a million rows for a large dataset) are not in it: they are the replay of a chain of
+Parquet tables the manifest names, each a delta over the one before. A version writes only what changed, and starts a
+new chain with one full table once the chain holds twice as many rows as there are sources, so storage grows with
+what changed and a reader replays at most about twice the dataset's rows. Training never reads them.
 """
 
 from __future__ import annotations
@@ -15,11 +20,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline.schema import SCHEMA_VERSION
 from pipeline.storage import Location, Storage, parse_uri
 
 MANIFESTS_DIR = "manifests"
 SHARDS_DIR = "shards"
+SOURCES_DIR = "sources"
 ERRORS_DIR = "errors"
 _MANIFEST_NAME = re.compile(r"^v(\d{6,})\.json$")
 _DATASET_REF = re.compile(r"^(?P<dst>.+)@v?(?P<version>\d+|latest)$")
@@ -37,22 +47,42 @@ class SamplingParams:
     sampling: str = "uniform"
     stride: int = 16
     clips_per_video: int = 1
+    # candidate frames stored per segment (uniform sampling): training picks one per segment each epoch
+    frames_per_segment: int = 1
 
     def __post_init__(self):
         if self.size > self.short_side:
             raise ValueError(f"size ({self.size}) must not exceed short_side ({self.short_side})")
-        if min(self.frames, self.size, self.stride, self.clips_per_video) < 1:
-            raise ValueError("frames, size, stride and clips_per_video must be >= 1")
+        if min(self.frames, self.size, self.stride, self.clips_per_video, self.frames_per_segment) < 1:
+            raise ValueError("frames, size, stride, clips_per_video and frames_per_segment must be >= 1")
         if self.sampling not in ("uniform", "dense"):
             raise ValueError(f"sampling must be 'uniform' or 'dense', not {self.sampling!r}")
+        if self.sampling == "dense" and self.frames_per_segment != 1:
+            raise ValueError("frames_per_segment applies to uniform sampling only")
+
+    @property
+    def stored_frames(self) -> int:
+        return self.frames * self.frames_per_segment
 
     @property
     def clip_shape(self) -> tuple[int, int, int, int]:
-        return (self.frames, self.short_side, self.short_side, 3)
+        """The shape of one stored clip: `[T * M, S, S, 3]`."""
+        return (self.stored_frames, self.short_side, self.short_side, 3)
 
     @property
     def clip_bytes(self) -> int:
-        return self.frames * self.short_side * self.short_side * 3
+        return self.stored_frames * self.short_side * self.short_side * 3
+
+    def pick_frames(self, clips: np.ndarray, picks: np.ndarray | None = None) -> np.ndarray:
+        """Stored clips `[N, T * M, S, S, 3]` -> model clips `[N, T, S, S, 3]`: candidate `picks[n, t]` of each
+        segment (training's temporal jitter), or the middle candidate when `picks` is None (evaluation)."""
+        m = self.frames_per_segment
+        if m == 1:
+            return clips
+        if picks is None:
+            picks = np.full((len(clips), self.frames), m // 2)
+        positions = np.arange(self.frames) * m + picks  # [N, T]
+        return clips[np.arange(len(clips))[:, None], positions]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,8 +104,9 @@ class Manifest:
     labels: str  # "csv", "dirs" or "none"
     class_map: dict[str, int]
     shards: list[ShardEntry]
-    # video_id -> {"uri", "etag", "size", "label_name", "clips", "shard"}: what this version contains
-    sources: dict[str, dict]
+    # the chain of source tables ({"path", "rows"}) whose replay is this version's sources (`read_sources`)
+    source_tables: list[dict]
+    num_sources: int
     counts: dict[str, int]
     errors: str | None = None  # relative path of this run's errors table
     previous_version: int | None = None
@@ -100,9 +131,17 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
         body = json.loads(text)
-        if body.get("schema_version") != SCHEMA_VERSION:
+        found = body.get("schema_version")
+        if found != SCHEMA_VERSION:
+            hint = (
+                "it was written by an older uniformer (frames stored as Parquet lists, sources inside every manifest); "
+                "this one reads clip datasets of schema version 2 only. Ingest the videos again into a new "
+                "destination (`uniformer ingest SRC --out NEW_DST ...`), then train from NEW_DST"
+                if isinstance(found, int) and found < SCHEMA_VERSION
+                else "upgrade uniformer to read it"
+            )
             raise ManifestError(
-                f"manifest schema version {body.get('schema_version')} is not supported (expected {SCHEMA_VERSION})"
+                f"clip dataset schema version {found} is not supported (this version reads {SCHEMA_VERSION}): {hint}"
             )
         body["sampling"] = SamplingParams(**body["sampling"])
         body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
@@ -176,3 +215,64 @@ def publish_manifest(
 
 def write_manifest(root: Location, manifest: Manifest, storage: Storage) -> Location:
     return publish_manifest(root, manifest.version, manifest.to_json(), storage, ManifestError, "ingest")
+
+
+SOURCES_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("etag", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("label_name", pa.string()),
+        pa.field("clips", pa.int32()),
+        pa.field("shard", pa.string()),
+        pa.field("deleted", pa.bool_(), nullable=False),  # the video left the dataset in this version
+    ]
+)
+_SOURCE_FIELDS = ("uri", "etag", "size", "label_name", "clips", "shard")
+
+
+def read_sources(root: Location, manifest: Manifest, storage: Storage) -> dict[str, dict]:
+    """video_id -> {"uri", "etag", "size", "label_name", "clips", "shard"}: the sources of one version, replayed
+    from its chain of source tables."""
+    sources: dict[str, dict] = {}
+    filesystem = storage.arrow_filesystem(root)
+    for table_entry in manifest.source_tables:
+        location = root.join(table_entry["path"])
+        table = pq.read_table(storage.arrow_path(location), filesystem=filesystem, schema=SOURCES_SCHEMA)
+        columns = {name: table.column(name).to_pylist() for name in ("video_id", "deleted", *_SOURCE_FIELDS)}
+        for row, video_id in enumerate(columns["video_id"]):
+            if columns["deleted"][row]:
+                sources.pop(video_id, None)
+            else:
+                sources[video_id] = {name: columns[name][row] for name in _SOURCE_FIELDS}
+    if len(sources) != manifest.num_sources:
+        raise ManifestError(
+            f"manifest version {manifest.version} under {root.uri} names {manifest.num_sources} sources, its source "
+            f"tables hold {len(sources)}"
+        )
+    return sources
+
+
+def write_sources(
+    root: Location,
+    version: int,
+    previous: Manifest | None,
+    previous_sources: dict[str, dict],
+    sources: dict[str, dict],
+    storage: Storage,
+) -> list[dict]:
+    """Publishes version `version`'s source table and returns its chain: the previous chain plus a delta (what was
+    added, changed or removed), or one full table once the chain would hold more than twice the live rows."""
+    from pipeline.shards import publish_table
+
+    changed = [video_id for video_id, entry in sources.items() if previous_sources.get(video_id) != entry]
+    removed = [video_id for video_id in previous_sources if video_id not in sources]
+    chain = list(previous.source_tables) if previous else []
+    if sum(entry["rows"] for entry in chain) + len(changed) + len(removed) > 2 * len(sources):
+        chain, changed, removed = [], list(sources), []
+    rows = [{"video_id": video_id, **sources[video_id], "deleted": False} for video_id in sorted(changed)]
+    rows += [{"video_id": video_id, "deleted": True} for video_id in sorted(removed)]
+    path = f"{SOURCES_DIR}/v{version:06d}.parquet"
+    publish_table(storage, root.join(path), pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA), compression="zstd")
+    return chain + [{"path": path, "rows": len(rows)}]

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.manifest import Manifest, ManifestError, load_manifest, parse_dataset_ref
-from pipeline.schema import clip_schema, frames_to_numpy
+from pipeline.schema import clip_schema, frames_to_numpy, frames_type, with_frames_as_tensor
 from pipeline.storage import Storage, parse_uri
 
 
@@ -69,18 +69,32 @@ def read_clips(
 ):
     """A `ray.data.Dataset` of one dataset version (`dst` may be `DST@version`), one row per clip.
 
-    `frames` comes out of `iter_batches`/`iter_torch_batches` as uint8 `[B, T, S, S, 3]`.
+    `frames` is a fixed-shape tensor column: it comes out of `iter_batches`/`iter_torch_batches` as uint8
+    `[B, T * M, S, S, 3]` (M = `frames_per_segment`; `SamplingParams.pick_frames` selects T of them).
     """
     import ray.data
 
     dst, manifest, storage, paths = _open(dst, version, endpoint_url, verify)
+    shape = manifest.sampling.clip_shape
     if not paths:
-        schema = clip_schema(manifest.sampling.frames, manifest.sampling.short_side)
-        empty = schema.empty_table()
+        empty = read_schema(manifest).empty_table()
         return ray.data.from_arrow(empty.select(columns) if columns else empty)
     filesystem = storage.arrow_filesystem(parse_uri(dst))
     dataset = ray.data.read_parquet(paths, filesystem=filesystem, **read_parquet_args)
-    return dataset.select_columns(columns) if columns else dataset
+    if columns:
+        dataset = dataset.select_columns(columns)
+    if columns and "frames" not in columns:
+        return dataset
+    return dataset.map_batches(
+        with_frames_as_tensor, fn_args=(shape,), batch_format="pyarrow", batch_size=None, zero_copy_batch=True
+    )
+
+
+def read_schema(manifest: Manifest) -> pa.Schema:
+    """The schema readers see: the stored one with `frames` as its fixed-shape tensor type."""
+    shape = manifest.sampling.clip_shape
+    stored = clip_schema(shape[0], shape[1])
+    return stored.set(stored.get_field_index("frames"), pa.field("frames", frames_type(shape[0], shape[1]), False))
 
 
 def iter_clip_batches(
@@ -91,12 +105,14 @@ def iter_clip_batches(
     endpoint_url: str | None = None,
     verify: bool = True,
 ) -> Iterator[pa.RecordBatch]:
-    """Record batches of one dataset version with plain pyarrow, shard by shard, in manifest order."""
+    """Record batches of one dataset version with plain pyarrow, shard by shard, in manifest order; `frames` as the
+    fixed-shape tensor `[T * M, S, S, 3]`."""
     dst, manifest, storage, paths = _open(dst, version, endpoint_url, verify)
     filesystem = storage.arrow_filesystem(parse_uri(dst))
     for path in paths:
         with filesystem.open_input_file(path) as handle:
-            yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns)
+            for batch in pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=columns):
+                yield with_frames_as_tensor(batch, manifest.sampling.clip_shape)
 
 
 def iter_clips(

@@ -18,12 +18,15 @@ from pipeline import (
     LabelsError,
     ManifestError,
     StorageError,
+    iter_clip_batches,
     iter_clips,
     load_manifest,
     read_clips,
     write_motion_video,
 )
 from pipeline.ingest import IngestConfigError
+from pipeline.manifest import read_sources
+from pipeline.storage import Storage, parse_uri
 from tests.conftest import kill_driver_after_first_part
 
 pytestmark = pytest.mark.integration
@@ -33,6 +36,10 @@ SMALL = dict(frames=4, size=28, short_side=32)  # tiny clips keep the tests fast
 
 def _rows(dst: str, **options) -> list[dict]:
     return list(iter_clips(dst, **options))
+
+
+def _sources(dst: str, manifest) -> dict[str, dict]:
+    return read_sources(parse_uri(dst), manifest, Storage())
 
 
 def _assert_each_clip_once(rows: list[dict]) -> None:
@@ -50,12 +57,18 @@ def test_local_folder_becomes_a_readable_clip_dataset(tmp_path, make_videos, ray
     assert manifest.version == 1 and manifest.counts["listed"] == 8
     assert manifest.class_map == {"down": 0, "left": 1, "right": 2, "up": 3}
     assert manifest.sampling.size == 28 and manifest.sampling.short_side == 32
-    assert manifest.num_clips == 8 and len(manifest.sources) == 8
+    assert manifest.num_clips == 8 and len(_sources(dst, manifest)) == manifest.num_sources == 8
 
-    # A shard is plain Parquet with an Arrow-native fixed-shape tensor column.
-    shard = pq.read_table(os.path.join(dst, manifest.shards[0].path))
-    assert shard.schema.field("frames").type == pa.fixed_shape_tensor(pa.uint8(), [4, 32, 32, 3])
+    # A shard is plain Parquet: each clip's pixels one fixed-size binary value, in row groups of at most 16 clips;
+    # readers get an Arrow-native fixed-shape tensor column.
+    shard_path = os.path.join(dst, manifest.shards[0].path)
+    shard = pq.read_table(shard_path)
+    assert shard.schema.field("frames").type == pa.binary(4 * 32 * 32 * 3)
     assert shard.schema.field("label").type == pa.int32()
+    metadata = pq.read_metadata(shard_path)
+    assert all(metadata.row_group(g).num_rows <= 16 for g in range(metadata.num_row_groups))
+    batch = next(iter_clip_batches(dst))
+    assert batch.schema.field("frames").type == pa.fixed_shape_tensor(pa.uint8(), [4, 32, 32, 3])
 
     rows = _rows(dst)
     assert len(rows) == 8
@@ -72,6 +85,21 @@ def test_local_folder_becomes_a_readable_clip_dataset(tmp_path, make_videos, ray
     assert len(batches) == 1
     frames = batches[0]["frames"]
     assert tuple(frames.shape) == (8, 4, 32, 32, 3) and str(frames.dtype) == "torch.uint8"
+
+
+def test_candidate_frames_per_segment_are_stored_for_temporal_jitter(tmp_path, make_videos, ray_local):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    make_videos(src, num_per_class=1)
+    run_ingest(str(src), dst, labels_from_dirs=True, frames_per_segment=3, **SMALL)
+    manifest = load_manifest(dst)
+    assert manifest.sampling.frames == 4 and manifest.sampling.clip_shape == (12, 32, 32, 3)
+    rows = _rows(dst)
+    assert all(row["frames"].shape == (12, 32, 32, 3) for row in rows)
+    # 16-frame videos: segments of 4 frames, candidates at 1/6, 3/6 and 5/6 of each; the middle one is the centre
+    assert all(row["frame_indices"] == [0, 2, 3, 4, 6, 7, 8, 10, 11, 12, 14, 15] for row in rows)
+    middle = manifest.sampling.pick_frames(np.stack([row["frames"] for row in rows]))
+    assert middle.shape == (len(rows), 4, 32, 32, 3)
+    assert (middle[0] == rows[0]["frames"][[1, 4, 7, 10]]).all()
 
 
 def test_every_bad_input_is_accounted_for_and_nothing_else_is_lost(tmp_path, make_videos, broken_video, ray_local):
@@ -149,13 +177,13 @@ def test_incremental_run_decodes_only_new_and_changed_videos(tmp_path, make_vide
     v2 = load_manifest(dst)
     assert v2.version == 2 and v2.previous_version == 1
     assert v2.class_map == {"left": 0, "right": 1, "up": 2}  # old ids kept, the new name appended
-    assert len(v2.sources) == 4
+    assert len(_sources(dst, v2)) == 4
     rows = _rows(dst)
     assert len(rows) == 4
     _assert_each_clip_once(rows)
     changed_rows = [row for row in rows if row["video_id"] == "right/right_0000.mp4"]
-    assert changed_rows[0]["source_etag"] == v2.sources["right/right_0000.mp4"]["etag"]
-    assert changed_rows[0]["source_etag"] != v1.sources["right/right_0000.mp4"]["etag"]
+    assert changed_rows[0]["source_etag"] == _sources(dst, v2)["right/right_0000.mp4"]["etag"]
+    assert changed_rows[0]["source_etag"] != _sources(dst, v1)["right/right_0000.mp4"]["etag"]
     # the earlier version is still readable as it was
     assert len(_rows(f"{dst}@1")) == 2
 

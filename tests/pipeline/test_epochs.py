@@ -33,13 +33,14 @@ def dataset(tmp_path_factory) -> tuple[str, Manifest]:
         size, digest = writer.commit({})
         shards.append(ShardEntry(relative, writer.rows, digest, size))
     manifest = Manifest(version=1, source="/videos", sampling=SamplingParams(frames=1, short_side=2, size=2),
-                        labels="dirs", class_map={f"c{i}": i for i in range(4)}, shards=shards, sources={}, counts={})
+                        labels="dirs", class_map={f"c{i}": i for i in range(4)}, shards=shards, source_tables=[],
+                        num_sources=0, counts={})
     return root, manifest
 
 
 def read_rows(plan: EpochPlan, items: list[dict]) -> tuple[list[int], list[int]]:
     """Row ids and labels the given work items produce, in stream order."""
-    reader = WindowReader(plan.dst, plan.split, plan.val_fraction, plan.endpoint_url)
+    reader = plan.reader()
     ids, labels = [], []
     for item in items:
         batch = reader(pa.Table.from_pylist([item]))
@@ -128,3 +129,64 @@ def test_ray_data_streams_a_resumed_epoch_in_plan_order(dataset, ray_local):
     batches = list(stream.iter_batches(batch_size=8, batch_format="numpy"))
     streamed = [int(hi) * 256 + int(lo) for batch in batches for hi, lo in batch["frames"][:, 0, 0, 0, :2]]
     assert streamed == read_rows(plan, plan.windows(1, 1))[0][24:88]
+
+
+FRAMES, CANDIDATES = 4, 3
+
+
+@pytest.fixture(scope="module")
+def jitter_dataset(tmp_path_factory) -> tuple[str, Manifest]:
+    """60 videos x 2 clips stored with 3 candidate frames per segment; candidate j of segment t of row r has pixels
+    (r // 256, r % 256, t * CANDIDATES + j)."""
+    root = str(tmp_path_factory.mktemp("jitter"))
+    sampling = SamplingParams(frames=FRAMES, short_side=2, size=2, frames_per_segment=CANDIDATES)
+    relative = "shards/part-0.parquet"
+    writer = ShardWriter(Storage(), parse_uri(root).join(relative), frames=sampling.stored_frames, short_side=2)
+    for video in range(60):
+        clips = np.zeros((2, *sampling.clip_shape), dtype=np.uint8)
+        for clip in range(2):
+            row = 2 * video + clip
+            clips[clip, :, 0, 0, :2] = divmod(row, 256)
+            clips[clip, :, 0, 0, 2] = np.arange(sampling.stored_frames)
+        writer.add_video(clips, np.zeros((2, sampling.stored_frames), np.int32), f"v{video}", f"/v{video}.mp4", "e",
+                         label=video % 4, label_name=f"c{video % 4}", fps=8.0, padded=False)
+    size, digest = writer.commit({})
+    manifest = Manifest(version=1, source="/videos", sampling=sampling, labels="dirs",
+                        class_map={f"c{i}": i for i in range(4)}, shards=[ShardEntry(relative, writer.rows, digest,
+                                                                                         size)],
+                        source_tables=[], num_sources=0, counts={})
+    return root, manifest
+
+
+def picks_by_row(plan: EpochPlan, epoch: int, shuffle: bool = True) -> dict[int, tuple[int, ...]]:
+    """Row id -> the stored frame position picked in each segment, over all ranks of one epoch."""
+    reader, picks = plan.reader(), {}
+    for rank in range(plan.world_size):
+        for item in plan.windows(epoch, rank, shuffle=shuffle):
+            frames = reader(pa.Table.from_pylist([item]))["frames"]
+            assert frames.shape[1] == FRAMES  # one frame per segment reaches the model
+            for clip in frames:
+                picks[int(clip[0, 0, 0, 0]) * 256 + int(clip[0, 0, 0, 1])] = tuple(clip[:, 0, 0, 2].tolist())
+    return picks
+
+
+def test_each_epoch_sees_other_frames_of_every_clip_and_the_picks_depend_on_nothing_else(jitter_dataset):
+    root, manifest = jitter_dataset
+    plan = EpochPlan(root, manifest, "all", 0.0, world_size=2, seed=5)
+    first, second = picks_by_row(plan, 0), picks_by_row(plan, 1)
+    assert first.keys() == second.keys() and len(first) == plan.rows
+    for picks in (first, second):  # one candidate of each segment
+        assert all(position // CANDIDATES == t for row in picks.values() for t, position in enumerate(row))
+    assert sum(first[row] != second[row] for row in first) > 0.8 * len(first)
+    # neither the world size (which rank reads a clip) nor a restart changes what a clip shows in an epoch
+    assert picks_by_row(EpochPlan(root, manifest, "all", 0.0, world_size=3, seed=5), 0) == first
+    assert picks_by_row(EpochPlan(root, manifest, "all", 0.0, world_size=2, seed=5), 0) == first
+    assert picks_by_row(EpochPlan(root, manifest, "all", 0.0, world_size=2, seed=6), 0) != first
+
+
+def test_validation_takes_the_middle_candidate_of_every_segment(jitter_dataset):
+    root, manifest = jitter_dataset
+    plan = EpochPlan(root, manifest, "all", 0.0, world_size=1, seed=5)
+    middle = tuple(t * CANDIDATES + CANDIDATES // 2 for t in range(FRAMES))
+    assert set(picks_by_row(plan, 0, shuffle=False).values()) == {middle}
+    assert {tuple(clip[:, 0, 0, 2].tolist()) for w in plan.read_windows(0, 0) for clip in w["frames"]} == {middle}

@@ -1,3 +1,6 @@
+import json
+
+import numpy as np
 import pytest
 
 from pipeline.manifest import (
@@ -8,7 +11,9 @@ from pipeline.manifest import (
     list_manifest_versions,
     load_manifest,
     parse_dataset_ref,
+    read_sources,
     write_manifest,
+    write_sources,
 )
 from pipeline.storage import Storage, parse_uri
 
@@ -40,8 +45,8 @@ def _manifest(version: int) -> Manifest:
         labels="dirs",
         class_map={"left": 0, "ünïcode": 1},
         shards=[ShardEntry("shards/part-a.parquet", 3, "ab" * 32, 1234)],
-        sources={"left/a.mp4": {"uri": "/videos/left/a.mp4", "etag": "1-2", "size": 1, "label_name": "left",
-                                "clips": 3, "shard": "shards/part-a.parquet"}},
+        source_tables=[{"path": "sources/v000001.parquet", "rows": 1}],
+        num_sources=1,
         counts={"listed": 1, "ingested": 1, "already_done": 0, "errored": 0},
     )
 
@@ -70,3 +75,66 @@ def test_loading_from_an_empty_destination_says_nothing_was_ingested(tmp_path):
         load_manifest(str(tmp_path))
     with pytest.raises(ManifestError, match="no manifest version 4"):
         load_manifest(str(tmp_path), version=4)
+
+
+def test_a_dataset_of_an_older_schema_is_refused_with_what_to_do(tmp_path):
+    old = json.loads(_manifest(1).to_json())
+    old["schema_version"] = 1
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests" / "v000001.json").write_text(json.dumps(old))
+    with pytest.raises(ManifestError, match=r"schema version 1 is not supported .*uniformer ingest SRC --out NEW_DST"):
+        load_manifest(str(tmp_path))
+
+
+def _source(shard: str, etag: str = "e") -> dict:
+    return {"uri": "/v", "etag": etag, "size": 1, "label_name": "a", "clips": 1, "shard": shard}
+
+
+def test_source_tables_store_what_changed_and_replay_to_each_version(tmp_path):
+    root, storage = parse_uri(str(tmp_path)), Storage()
+    versions, manifest, current = {}, None, {}
+    states = [
+        {f"v{i}": _source("s1") for i in range(100)},  # the first version: one full table
+        {**{f"v{i}": _source("s1") for i in range(100)}, "v100": _source("s2")},  # one video added
+        {**{f"v{i}": _source("s1") for i in range(1, 100)}, "v100": _source("s2", "e2")},  # one removed, one changed
+    ]
+    for version, state in enumerate(states, start=1):
+        chain = write_sources(root, version, manifest, current, state, storage)
+        manifest = Manifest(version, "/v", SamplingParams(), "dirs", {"a": 0}, [], chain, len(state), {})
+        versions[version], current = manifest, state
+    assert [entry["rows"] for entry in versions[3].source_tables] == [100, 1, 2]  # deltas, not copies
+    for version, state in enumerate(states, start=1):
+        assert read_sources(root, versions[version], storage) == state
+
+
+def test_a_long_chain_of_deltas_is_replaced_by_one_full_table(tmp_path):
+    root, storage = parse_uri(str(tmp_path)), Storage()
+    manifest, current = None, {}
+    for version in range(1, 8):  # each version changes every one of the 10 videos
+        state = {f"v{i}": _source("s", etag=str(version)) for i in range(10)}
+        chain = write_sources(root, version, manifest, current, state, storage)
+        manifest = Manifest(version, "/v", SamplingParams(), "dirs", {"a": 0}, [], chain, len(state), {})
+        assert sum(entry["rows"] for entry in chain) <= 2 * len(state)
+        assert read_sources(root, manifest, storage) == state
+        current = state
+    assert len(manifest.source_tables) < 7
+
+
+def test_source_tables_that_disagree_with_the_manifest_are_refused(tmp_path):
+    root, storage = parse_uri(str(tmp_path)), Storage()
+    chain = write_sources(root, 1, None, {}, {"a": _source("s")}, storage)
+    manifest = Manifest(1, "/v", SamplingParams(), "dirs", {"a": 0}, [], chain, 2, {})
+    with pytest.raises(ManifestError, match="names 2 sources, its source tables hold 1"):
+        read_sources(root, manifest, storage)
+
+
+def test_stored_candidates_give_one_frame_per_segment():
+    sampling = SamplingParams(frames=3, short_side=2, size=2, frames_per_segment=4)
+    assert sampling.clip_shape == (12, 2, 2, 3)
+    clips = np.arange(2 * 12).reshape(2, 12, 1, 1, 1) * np.ones((1, 1, 2, 2, 3), dtype=np.int64)
+    middle = sampling.pick_frames(clips)
+    assert middle[:, :, 0, 0, 0].tolist() == [[2, 6, 10], [14, 18, 22]]
+    picked = sampling.pick_frames(clips, np.array([[0, 1, 3], [3, 0, 2]]))
+    assert picked[:, :, 0, 0, 0].tolist() == [[0, 5, 11], [15, 16, 22]]
+    with pytest.raises(ValueError, match="uniform sampling only"):
+        SamplingParams(sampling="dense", frames_per_segment=2)
