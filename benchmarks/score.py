@@ -86,7 +86,7 @@ class ModelOnly:
         self.run_batch()  # warm-up (kernels, allocator)
 
     def run_batch(self) -> None:
-        from jobs.scoring.predict import predict_views
+        from model.inference import predict_views
 
         predict_views(self.net, self.batch.to(self.device), self.card.crop_size, self.precision).cpu()
 

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from jobs.report import error_lines, table_lines
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
-from jobs.scoring.predict import PRECISIONS, ViewPredictor
+from jobs.scoring.predict import ViewPredictor
 from jobs.scoring.results import (
     DEFAULT_VIDEOS_PER_SHARD,
     PREDICTIONS_DIR,
@@ -40,6 +40,7 @@ from jobs.scoring.results import (
     publish_shard,
     write_score_manifest,
 )
+from model.inference import PRECISIONS
 from pipeline.listing import SourceVideo, list_videos
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Storage, parse_uri

@@ -22,15 +22,12 @@ class UniFormerV2Classifier(PythonModel):
         self.net, self.card = load_package(context.artifacts["weights"], context.artifacts["config"])
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        from model.transforms import eval_transform
+        from model.inference import predict_views
 
-        torch = self.torch
-        clips = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.uint8)))
+        clips = self.torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.uint8)))
         if clips.ndim != 5 or clips.shape[-1] != 3:
             raise ValueError(f"expected uint8 clips [N, T, H, W, 3], got shape {tuple(clips.shape)}")
-        with torch.no_grad():
-            logits = self.net(eval_transform(clips, self.card.crop_size))
-        return torch.softmax(logits.float(), dim=-1).numpy()
+        return predict_views(self.net, clips[:, None], self.card.crop_size).numpy()  # each clip one view
 
 
 mlflow.models.set_model(UniFormerV2Classifier())

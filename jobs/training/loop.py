@@ -21,7 +21,8 @@ from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
 from jobs.training.optim import build_optimizer, build_scheduler
 from jobs.training.tracking import RunTracker
-from model.transforms import eval_transform, train_transform
+from model.inference import predict_views
+from model.transforms import train_transform
 from pipeline import load_manifest
 from pipeline.epochs import EpochPlan
 
@@ -236,7 +237,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         for step, values in step_metrics.drain():
             tracker.step(step, **values)
-        scores = evaluate(core, val_plan, epoch, rank, world, num_classes, cfg, device, autocast)
+        scores = evaluate(core, val_plan, epoch, rank, world, num_classes, cfg, device)
         progress.epoch += 1
         progress.step_in_epoch = 0
         progress.finished = progress.epoch >= cfg.epochs or progress.global_step >= total_steps
@@ -375,10 +376,11 @@ def scores_from_counts(confusion: np.ndarray, top5_correct: int, loss_sum: float
     )
 
 
-@torch.no_grad()
-def evaluate(core, plan, epoch, rank, world, num_classes, cfg, device, autocast) -> Scores:
-    """Scores over the whole validation split, each rank scoring its share; counts are summed across ranks."""
+def evaluate(core, plan, epoch, rank, world, num_classes, cfg, device) -> Scores:
+    """Scores over the whole validation split through the one inference path (`predict_views`, each stored clip one
+    view), each rank scoring its share; counts are summed across ranks."""
     core.eval()
+    precision = cfg.precision if device.type == "cuda" else "fp32"  # training autocasts on CUDA only
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, top-5 hits
     top = min(5, num_classes)
@@ -386,11 +388,10 @@ def evaluate(core, plan, epoch, rank, world, num_classes, cfg, device, autocast)
         for start in range(0, len(window["label"]), cfg.batch_size):
             clips = torch.from_numpy(window["frames"][start : start + cfg.batch_size]).to(device, non_blocking=True)
             labels = torch.from_numpy(window["label"][start : start + cfg.batch_size]).to(device, non_blocking=True)
-            with autocast:
-                logits = core(eval_transform(clips, plan.manifest.sampling.size)).float()
-            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-            sums[1] += (logits.topk(top, dim=1).indices == labels[:, None]).any(dim=1).sum()
-            confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).view(
+            probs = predict_views(core, clips[:, None], plan.manifest.sampling.size, precision)
+            sums[0] += -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum().double()
+            sums[1] += (probs.topk(top, dim=1).indices == labels[:, None]).any(dim=1).sum()
+            confusion += torch.bincount(labels * num_classes + probs.argmax(1), minlength=num_classes**2).view(
                 num_classes, num_classes
             )
     if world > 1:

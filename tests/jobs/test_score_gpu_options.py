@@ -8,7 +8,7 @@ import torch
 
 import model
 from jobs.score import ScoreOptions, actor_pool_bounds, score_dataset
-from jobs.scoring.predict import predict_views, resolve_precision
+from model.inference import predict_views, resolve_precision
 from model.package import ModelCard, save_package
 from pipeline.listing import SourceVideo
 
