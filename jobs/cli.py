@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import typer
 
@@ -116,6 +118,46 @@ def score_command(
     except (StorageError, ModelReferenceError, ValueError) as error:
         typer.echo(f"score failed: {error}", err=True)
         raise typer.Exit(code=2) from None
+
+
+@app.command("evaluate")
+def evaluate_command(
+    data: str = typer.Option(..., "--data", help="Labelled clip dataset: DST or DST@VERSION (its source videos)."),
+    model_ref: str = typer.Option(
+        ..., "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID, or a local package folder."
+    ),
+    views: str = typer.Option("4x3", help="Test views TEMPORALxSPATIAL, as scoring takes them."),
+    batch_size: int = typer.Option(4, help="Videos per model call."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per model actor."),
+    actors: int = typer.Option(None, help="Most model actors; default: the cluster's GPUs with --gpu, else 1."),
+    cpus_per_actor: float = typer.Option(1.0, help="CPUs per model actor (its torch threads on CPU)."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (autocast)."),
+    experiment: str = typer.Option("uniformerv2-evaluations", help="MLflow experiment of the evaluation run."),
+    json_output: bool = typer.Option(False, "--json", help="Print the evaluation as JSON on stdout (text on stderr)."),
+    tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),
+    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+) -> None:
+    """Top-1, top-5 and mean-class accuracy, loss and a per-class table of a model on a labelled dataset version,
+    scored at multi-view like production; logged to MLflow."""
+    from jobs.evaluate import EvaluationError, evaluate_model, summary_lines, to_json
+    from jobs.score import ScoreOptions
+    from jobs.scoring.model_ref import ModelReferenceError
+    from pipeline import ManifestError, StorageError
+
+    # with --json, stdout carries the JSON alone: whatever the job's libraries print goes to stderr
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
+            evaluation = evaluate_model(
+                data, model_ref, views=views, options=ScoreOptions(batch_size, gpu, actors, cpus_per_actor, precision),
+                tracking_uri=tracking_uri, endpoint_url=endpoint_url, experiment=experiment,
+            )
+    except (StorageError, ManifestError, ModelReferenceError, EvaluationError, ValueError) as error:
+        typer.echo(f"evaluate failed: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    for line in summary_lines(evaluation):
+        typer.echo(line, err=json_output)
+    if json_output:
+        typer.echo(to_json(evaluation))
 
 
 def _parse_overrides(pairs: list[str]) -> dict:

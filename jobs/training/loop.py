@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import model
+from jobs.metrics import Scores, scores_from_counts
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
 from jobs.training.optim import build_optimizer, build_scheduler
@@ -347,33 +347,6 @@ class EpochStream:
             self._pool.shutdown(wait=False)
             return first.result()
         return next(self._batches)
-
-
-@dataclass
-class Scores:
-    metrics: dict  # loss, accuracy (top-1), top5_accuracy, mean_class_accuracy
-    confusion: np.ndarray  # [true, predicted] counts
-
-
-def scores_from_counts(confusion: np.ndarray, top5_correct: int, loss_sum: float) -> Scores:
-    """The field's validation figures from a confusion matrix: top-1, top-5, the mean of per-class recalls over the
-    classes present (Kinetics' "mean class accuracy"), and the mean loss."""
-    total = int(confusion.sum())
-    if total == 0:
-        nan = float("nan")
-        return Scores({"loss": nan, "accuracy": nan, "top5_accuracy": nan, "mean_class_accuracy": nan}, confusion)
-    per_class = confusion.sum(axis=1)
-    present = per_class > 0
-    recalls = np.diag(confusion)[present] / per_class[present]
-    return Scores(
-        {
-            "loss": loss_sum / total,
-            "accuracy": float(np.trace(confusion)) / total,
-            "top5_accuracy": top5_correct / total,
-            "mean_class_accuracy": float(recalls.mean()),
-        },
-        confusion,
-    )
 
 
 def evaluate(core, plan, epoch, rank, world, num_classes, cfg, device) -> Scores:

@@ -18,12 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from jobs.metrics import per_class_report
+
 log = logging.getLogger(__name__)
 
 # A heatmap is readable up to a few tens of classes; past that the per-class table and the most confused pairs say
 # more, and no figure grows with the class count.
 HEATMAP_MAX_CLASSES = 40
-CONFUSED_PAIRS = 50
 
 
 class RunTracker:
@@ -110,31 +111,6 @@ def _figure_to_image(figure):
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
-
-
-def per_class_report(confusion: np.ndarray, class_names: list[str]) -> dict:
-    """Per-class support, recall and precision, and the most confused (true, predicted) pairs, from `[true, pred]`
-    counts: what a confusion matrix of hundreds of classes is read for."""
-    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
-    hits = np.diag(confusion)
-    classes = [
-        {
-            "class": name,
-            "support": int(support[i]),
-            "recall": float(hits[i] / support[i]) if support[i] else None,
-            "precision": float(hits[i] / predicted[i]) if predicted[i] else None,
-        }
-        for i, name in enumerate(class_names)
-    ]
-    off_diagonal = confusion.copy()
-    np.fill_diagonal(off_diagonal, 0)
-    flat = np.argsort(off_diagonal, axis=None)[::-1][:CONFUSED_PAIRS]
-    pairs = [
-        {"true": class_names[t], "predicted": class_names[p], "count": int(off_diagonal[t, p])}
-        for t, p in zip(*np.unravel_index(flat, confusion.shape))
-        if off_diagonal[t, p] > 0
-    ]
-    return {"classes": classes, "most_confused": pairs}
 
 
 def _confusion_image(confusion: np.ndarray, class_names: list[str]):

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
-from jobs.training.loop import DeviceBatches, StepMetrics, build_train_state, scores_from_counts
-from jobs.training.tracking import HEATMAP_MAX_CLASSES, _confusion_image, per_class_report
+from jobs.metrics import per_class_report, scores_from_counts
+from jobs.training.loop import DeviceBatches, StepMetrics, build_train_state
+from jobs.training.tracking import HEATMAP_MAX_CLASSES, _confusion_image
 from model.transforms import train_transform
 
 FRAMES, CLASSES = 4, 4
