@@ -48,7 +48,7 @@ def main() -> None:
     results = {}
     for workers in (1, 2):
         cfg = TrainConfig(data=os.path.join(root, "clips"), model=args.model, workers=workers, epochs=args.epochs,
-                          batch_size=args.batch_size, use_gpu=args.gpu, hflip=False, tracking_uri=tracking,
+                          batch_size=args.batch_size, use_gpu=args.gpu, hflip=False, augment="crop", tracking_uri=tracking,
                           storage=os.path.join(root, f"runs-{workers}"), experiment=f"bench-{workers}")
         result = run_train(cfg)
         history = mlflow.MlflowClient(tracking).get_metric_history(result.mlflow_run_id, "clips_per_s_per_worker")

@@ -198,6 +198,9 @@ def train_command(
     warmup_epochs: float = typer.Option(1.0),
     label_smoothing: float = typer.Option(0.0),
     hflip: bool = typer.Option(True, "--hflip/--no-hflip", help="Random horizontal flips (off for left/right classes)."),
+    augment: str = typer.Option(
+        "recipe", help="recipe: RandAugment m7 n4 + RandomResizedCrop + flip (the paper's); crop: random crop + flip."
+    ),
     grad_clip: float = typer.Option(1.0, help="Max gradient norm; 0 disables clipping."),
     precision: str = typer.Option("bf16", help="bf16 | fp16 | fp32 (autocast applies on CUDA)."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
@@ -225,9 +228,11 @@ def train_command(
         val_data=val_data, val_fraction=val_fraction, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
         placement_strategy=placement_strategy,
         epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, hflip=hflip, grad_clip=grad_clip, precision=precision,
+        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, hflip=hflip, augment=augment, grad_clip=grad_clip,
+        precision=precision,
         activation_checkpointing=activation_checkpointing, compile=compile_blocks, log_every=log_every, seed=seed,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, max_failures=max_failures, max_steps=max_steps, storage=storage,
+        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, max_failures=max_failures,
+        max_steps=max_steps, storage=storage,
         run_name=run_name, experiment=experiment, register_as=register_as, endpoint_url=endpoint_url,
     )
     result = run_train(config)

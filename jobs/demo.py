@@ -67,7 +67,7 @@ def run_demo(workdir: str = "demo-output", size: str = "default", workers: int =
 
     train = TrainConfig(
         data=clips, model="uniformerv2_tiny", workers=workers, epochs=sizes.epochs, batch_size=16, lr=2e-3,
-        warmup_epochs=0.3, hflip=False, storage=os.path.join(workdir, "runs"), tracking_uri=tracking,
+        warmup_epochs=0.3, hflip=False, augment="crop", storage=os.path.join(workdir, "runs"), tracking_uri=tracking,
         experiment="demo", checkpoint_every=0,
     )
     ensure_ray(train)

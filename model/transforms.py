@@ -1,9 +1,18 @@
 """Clip tensors from the dataset's uint8 `[B, T, S, S, 3]` to the model's normalised `[B, 3, T, H, W]`, batched on
-whatever device the clips are on (augmentation runs on the training device, not in the data loader)."""
+whatever device the clips are on (augmentation runs on the training device, not in the data loader).
+
+Training augmentations: "recipe" is the official UniFormerV2 / MMAction2 Kinetics recipe (RandAugment with magnitude
+7 and 4 ops, then RandomResizedCrop to the model's size, then horizontal flip), "crop" a random crop and flip. Every
+random draw comes from the step's generator or torch's global RNG, which training reseeds every step, so a resumed
+run augments exactly as an uninterrupted one.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from model.uniformerv2 import CLIP_MEAN, CLIP_STD
 
@@ -47,10 +56,75 @@ def random_crop_flip(
     return cropped.permute(0, 3, 1, 2, 4)
 
 
-def train_transform(
+AUGMENTATIONS = ("recipe", "crop")
+# RandomResizedCrop's area fraction and aspect-ratio ranges (torchvision's and MMAction2's defaults)
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+RAND_AUGMENT_OPS, RAND_AUGMENT_MAGNITUDE = 4, 7
+
+
+def resized_crop_box(
+    height: int, width: int, generator: torch.Generator | None = None, scale=CROP_SCALE, ratio=CROP_RATIO
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a RandomResizedCrop window: torchvision's sampling (ten tries at a random area fraction
+    and log-uniform aspect ratio, then a centre crop at the nearest allowed ratio), drawn from `generator`."""
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=generator).item()
+
+    for _ in range(10):
+        area = height * width * uniform(*scale)
+        aspect = math.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def recipe_augment(
     clips: torch.Tensor, size: int, generator: torch.Generator | None = None, flip: bool = True
 ) -> torch.Tensor:
-    return normalize(random_crop_flip(clips, size, generator, flip))
+    """uint8 `[B, T, H, W, 3]` -> float `[B, T, size, size, 3]` in 0..255: per clip, RandAugment (the same ops for every
+    frame of a clip, torchvision's tensor implementation, which draws from torch's global RNG), a RandomResizedCrop
+    window resized to `size` (bilinear, antialiased) and a horizontal flip with probability 0.5 when `flip`. A loop
+    over the clips of a batch: each clip gets its own ops and window."""
+    from torchvision.transforms import v2
+
+    rand_augment = v2.RandAugment(num_ops=RAND_AUGMENT_OPS, magnitude=RAND_AUGMENT_MAGNITUDE)
+    out = torch.empty((clips.shape[0], clips.shape[1], size, size, 3), device=clips.device)
+    for index, clip in enumerate(clips):
+        frames = rand_augment(clip.permute(0, 3, 1, 2))  # [T, 3, H, W] uint8, one op sequence for the clip
+        top, left, h, w = resized_crop_box(frames.shape[-2], frames.shape[-1], generator)
+        window = frames[:, :, top : top + h, left : left + w].float()
+        window = F.interpolate(window, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        if flip and torch.rand((), generator=generator).item() < 0.5:
+            window = window.flip(-1)
+        out[index] = window.clamp_(0, 255).permute(0, 2, 3, 1)
+    return out
+
+
+def train_transform(
+    clips: torch.Tensor,
+    size: int,
+    generator: torch.Generator | None = None,
+    flip: bool = True,
+    augment: str = "crop",
+) -> torch.Tensor:
+    """uint8 `[B, T, H, W, 3]` -> the model's normalised `[B, 3, T, size, size]`, augmented as `augment` says."""
+    if augment == "recipe":
+        return normalize(recipe_augment(clips, size, generator, flip))
+    if augment == "crop":
+        return normalize(random_crop_flip(clips, size, generator, flip))
+    raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {augment!r}")
 
 
 def eval_transform(clips: torch.Tensor, size: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from model.transforms import AUGMENTATIONS
+
 
 @dataclass
 class TrainConfig:
@@ -29,6 +31,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     hflip: bool = True  # off for classes that depend on left/right
+    augment: str = "recipe"  # recipe: RandAugment m7 n4 + RandomResizedCrop + flip (official); crop: random crop + flip
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
     precision: str = "bf16"  # bf16 | fp16 | fp32; autocast applies on CUDA only
@@ -56,6 +59,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile must be auto, on or off, not {self.compile!r}")
         if self.log_every < 1:

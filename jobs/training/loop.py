@@ -202,7 +202,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 wait_started = time.perf_counter()
                 batch = next(batches)
                 waited += time.perf_counter() - wait_started
-                inputs = train_transform(batch["frames"], sampling.size, generator, flip=cfg.hflip)
+                inputs = train_transform(batch["frames"], sampling.size, generator, flip=cfg.hflip, augment=cfg.augment)
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or world == 1 else net.no_sync()
                 with sync:
                     with autocast:

@@ -39,7 +39,7 @@ def motion_dataset(tmp_path_factory) -> str:
 def small_config(data: str, tmp_path: Path, tracking_uri: str, **overrides) -> TrainConfig:
     values = dict(
         data=data, model="uniformerv2_tiny", workers=2, epochs=1, batch_size=8, lr=1e-3, warmup_epochs=0.2,
-        hflip=False, storage=str(tmp_path / "runs"), tracking_uri=tracking_uri, seed=5,
+        hflip=False, augment="crop", storage=str(tmp_path / "runs"), tracking_uri=tracking_uri, seed=5,
     )
     values.update(overrides)
     return TrainConfig(**values)

@@ -20,6 +20,7 @@ from jobs.training.config import TrainConfig
         (dict(max_failures=-2), "max_failures must be >= -1"),
         (dict(compile="always"), "compile must be auto, on or off"),
         (dict(log_every=0), "log_every must be >= 1"),
+        (dict(augment="mixup"), "augment must be one of recipe, crop"),
     ],
 )
 def test_bad_options_are_refused_by_name(overrides, message):
