@@ -3,15 +3,28 @@
 from model.package import ModelCard, load_package, save_package
 from model.configs import count_parameters, create_model, get_config, list_models
 from model.uniformerv2 import CLIP_MEAN, CLIP_STD, UniFormerV2, UniFormerV2Config
-from model.weights import LoadReport, load_pretrained, load_state_dict_file
+from model.weights import (
+    LAYOUTS,
+    Checkpoint,
+    LoadReport,
+    check_pretrained,
+    convert_checkpoint,
+    load_pretrained,
+    load_state_dict_file,
+    read_checkpoint,
+)
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "Checkpoint",
+    "LAYOUTS",
     "LoadReport",
     "ModelCard",
     "UniFormerV2",
     "UniFormerV2Config",
+    "check_pretrained",
+    "convert_checkpoint",
     "count_parameters",
     "create_model",
     "get_config",
@@ -19,5 +32,6 @@ __all__ = [
     "load_package",
     "load_pretrained",
     "load_state_dict_file",
+    "read_checkpoint",
     "save_package",
 ]

@@ -1,23 +1,26 @@
 """Loading foreign checkpoints into UniFormerV2.
 
-Each supported layout has a filter that renames keys into ours; shape adapters then inflate 2D patch weights and
-interpolate positional embeddings; `load_pretrained` checks what is missing or unexpected before loading anything.
-Layouts, detected from the keys:
-  clip      OpenAI CLIP visual weights, bare or `visual.`-prefixed (a whole CLIP model keeps only its visual part)
-  timm      timm CLIP ViT (`vit_base_patch16_clip_224`: `patch_embed.proj`, `blocks.N.attn.qkv`, ...)
-  official  official UniFormerV2 release (`model_state`, keys optionally under `backbone.`)
-  mmaction  MMAction2 UniFormerV2 (`state_dict`, `backbone.transformer.norm`, `cls_head.fc_cls`)
-  native    this package's own `state_dict()`
+A file is read as tensors only: safetensors, `torch.load(weights_only=True)`, or a TorchScript archive (OpenAI's
+`ViT-B-16.pt`) whose pickle is replayed without running anything that came with it. Its layout (`LAYOUTS`) is
+detected from the keys and a filter per layout renames them: image checkpoints into OpenAI CLIP's visual-tower names
+(the one image layout, and what `convert_checkpoint` writes), video checkpoints into ours. Shape adapters then
+inflate 2D patch weights and interpolate positional embeddings; `check_pretrained` says what would be loaded,
+inflated, interpolated, kept or ignored, and refuses what is missing, unexpected or misshapen before the model is
+touched.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
+import pickle
 import re
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +31,19 @@ log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
-# Keys that image-only layouts carry for CLIP's own image-text projection; UniFormerV2 has no use for them.
-_UNUSED_IMAGE_KEYS = re.compile(r"^(ln_post\.|proj$|norm\.|fc_norm\.|head\.)")
+LAYOUTS = {
+    "clip": "OpenAI CLIP or open_clip ViT visual tower (conv1, transformer.resblocks.N), bare or under visual.",
+    "hf": "Hugging Face transformers CLIPModel / CLIPVisionModel (vision_model.encoder.layers.N)",
+    "timm": "timm CLIP ViT (patch_embed.proj, blocks.N.attn.qkv)",
+    "official": "official UniFormerV2 release (model_state, keys optionally under backbone.)",
+    "mmaction": "MMAction2 UniFormerV2 (backbone.transformer.norm, cls_head.fc_cls)",
+    "native": "this package's own state_dict()",
+}
+IMAGE_LAYOUTS = frozenset({"clip", "hf", "timm"})
+# Where a whole image-text model keeps its image tower; the rest of the file (the text tower) is ignored.
+_IMAGE_TOWERS = {"clip": "visual.", "hf": "vision_model."}
+# CLIP-named image keys UniFormerV2 has no use for: the image-text projection and what feeds it, HF's position ids.
+_UNUSED_IMAGE_KEYS = re.compile(r"^(ln_post\.|proj$|norm\.|fc_norm\.|head\.|embeddings\.position_ids$)")
 
 
 @dataclass
@@ -39,16 +53,145 @@ class LoadReport:
     inflated: list[str] = field(default_factory=list)
     interpolated: list[str] = field(default_factory=list)
     kept_initialisation: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # tensors of the file with no place in UniFormerV2
     skipped_head: bool = False
+
+    def summary(self) -> str:
+        """A few lines for a console, after the caller's own line naming the file and layout: what came from the
+        file and what the model keeps of its own."""
+        lines = [
+            f"loaded        {len(self.loaded)} tensors",
+            f"inflated      {', '.join(self.inflated) or '-'}",
+            f"interpolated  {', '.join(self.interpolated) or '-'}",
+            f"initialised   {len(self.kept_initialisation)} tensors the file does not hold: "
+            f"{group_keys(self.kept_initialisation) or '-'}",
+            f"ignored       {len(self.ignored)} tensors of the file: {group_keys(self.ignored) or '-'}",
+        ]
+        if self.skipped_head:
+            lines.append("head          skipped: the file's classifier has another class count")
+        return "\n".join(lines)
+
+
+def group_keys(keys: Iterable[str], limit: int = 8) -> str:
+    """`blocks.*.lmhra1 (8), dec.*.attn (8), ...`: key families with layer indices folded, most numerous first."""
+    counts = collections.Counter()
+    for key in keys:
+        parts = re.sub(r"\.\d+(?=\.|$)", ".*", key).split(".")
+        counts[".".join(parts[:-1][:3] or parts)] += 1
+    shown = ", ".join(f"{name} ({n})" for name, n in counts.most_common(limit))
+    return shown + (f", +{len(counts) - limit} more families" if len(counts) > limit else "")
+
+
+# TorchScript archives: a zip of `NAME/data.pkl` (the module tree, pickled), `NAME/data/K` (raw tensor storages),
+# `NAME/code/` (TorchScript source) and `NAME/constants.pkl`. torch.jit.load would compile and run the code; the
+# weights need only the pickle, whose module objects are plain attribute dicts.
+_STORAGE_DTYPES = {
+    f"{name}Storage": dtype
+    for name, dtype in [
+        ("Float", torch.float32), ("Half", torch.float16), ("BFloat16", torch.bfloat16), ("Double", torch.float64),
+        ("Long", torch.int64), ("Int", torch.int32), ("Short", torch.int16), ("Char", torch.int8),
+        ("Byte", torch.uint8), ("Bool", torch.bool),
+    ]
+}
+
+
+class _ScriptObject:
+    """What a class named by the archive (`__torch__.model.VisualTransformer`, ...) becomes: the state it is given."""
+
+    state: Mapping = MappingProxyType({})  # until the pickle builds it
+
+    def __init__(self, *args) -> None:
+        """A call of the class in the pickle (REDUCE) builds an empty record, whatever the arguments."""
+
+    def __setstate__(self, state) -> None:
+        self.state = state if isinstance(state, dict) else {}
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_flags) -> torch.Tensor:
+    return storage.as_strided(size, stride, offset)  # as_strided checks the view against the storage's bounds
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Builds tensors from the archive's storages; every other class is an inert `_ScriptObject`, so nothing the
+    file names is imported or called."""
+
+    def __init__(self, pickled, archive: zipfile.ZipFile, root: str) -> None:
+        super().__init__(pickled)
+        self._archive, self._root = archive, root
+        self._storages: dict[str, torch.Tensor] = {}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):  # the (empty) backward hooks of each tensor
+            return collections.OrderedDict
+        if module.startswith("torch._utils"):
+            raise pickle.UnpicklingError(f"tensor kind {module}.{name} is not supported (quantized or sparse?)")
+        return type(name, (_ScriptObject,), {})
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, numel = pid
+        if kind != "storage" or not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        if key not in self._storages:
+            data = bytearray(self._archive.read(f"{self._root}/data/{key}"))
+            if len(data) != numel * dtype.itemsize:
+                raise pickle.UnpicklingError(f"storage {key}: {len(data)} bytes for {numel} x {dtype}")
+            self._storages[key] = torch.frombuffer(data, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        return self._storages[key]
+
+
+def _torchscript_root(archive: zipfile.ZipFile) -> str | None:
+    """The archive folder when the zip is a TorchScript archive (a torch.save zip has no code/ nor constants.pkl)."""
+    names = archive.namelist()
+    for name in names:
+        root, _, leaf = name.rpartition("/")
+        if leaf == "data.pkl" and "/" not in root:
+            if f"{root}/constants.pkl" in names or any(n.startswith(f"{root}/code/") for n in names):
+                return root
+    return None
+
+
+def _read_torchscript(archive: zipfile.ZipFile, root: str) -> StateDict:
+    """Every tensor attribute of the pickled module tree, by attribute path (`visual.conv1.weight`, ...)."""
+    if f"{root}/byteorder" in archive.namelist() and archive.read(f"{root}/byteorder").strip() != b"little":
+        raise ValueError("written on a big-endian machine; its storages cannot be read here")
+    with archive.open(f"{root}/data.pkl") as pickled:
+        tree = _ArchiveUnpickler(pickled, archive, root).load()
+    tensors: StateDict = {}
+    seen: set[int] = set()
+    stack = [("", tree)]
+    while stack:
+        prefix, node = stack.pop()
+        if not isinstance(node, _ScriptObject) or id(node) in seen:  # a crafted pickle may nest an object in itself
+            continue
+        seen.add(id(node))
+        for name, value in node.state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[prefix + str(name)] = value
+            else:
+                stack.append((f"{prefix}{name}.", value))
+    return tensors
 
 
 def load_state_dict_file(path: str | os.PathLike) -> Mapping:
-    """Reads a checkpoint without unpickling code: safetensors, or torch files restricted to tensors/containers."""
+    """Reads a checkpoint without running code from it: safetensors, TorchScript archives (tensors only), or torch
+    files restricted to tensors and containers."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            root = _torchscript_root(archive)
+            if root is not None:
+                try:
+                    return _read_torchscript(archive, root)
+                except Exception as exc:  # a damaged or crafted archive fails in many ways
+                    raise ValueError(f"{path}: TorchScript archive whose tensors cannot be read: {exc}") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError or RuntimeError depending on the content
@@ -60,15 +203,16 @@ def load_state_dict_file(path: str | os.PathLike) -> Mapping:
 
 
 def _unwrap(checkpoint: Mapping) -> StateDict:
-    """Finds the tensor dict inside training checkpoints ({'model_state': ...}, {'state_dict': ...}, ...)."""
+    """Finds the tensor dict inside training checkpoints ({'model_state': ...}, {'state_dict': ...}, ...), without
+    the `module.` that DistributedDataParallel puts before every key (open_clip's training checkpoints)."""
     for wrapper in ("model_state", "state_dict", "model", "module"):
         inner = checkpoint.get(wrapper)
         if isinstance(inner, Mapping):
             return _unwrap(inner)
     tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise ValueError(f"no tensors found in checkpoint; top-level keys: {sorted(checkpoint)[:20]}")
-    return tensors
+        raise ValueError(f"no tensors found in checkpoint; top-level keys: {sorted(map(str, checkpoint))[:20]}")
+    return _strip_prefix(tensors, "module.")
 
 
 def _strip_prefix(state: StateDict, prefix: str) -> StateDict:
@@ -92,12 +236,6 @@ _GLOBAL_RULES = [
 ]
 
 
-def _from_clip(state: StateDict) -> StateDict:
-    if any(k.startswith("visual.") for k in state):
-        state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
-    return _rename(state, _BACKBONE_RULES)
-
-
 def _from_timm(state: StateDict) -> StateDict:
     out = {}
     for key, value in state.items():
@@ -115,6 +253,7 @@ def _from_timm(state: StateDict) -> StateDict:
         [
             (r"^patch_embed\.proj\.", "conv1."),
             (r"^norm_pre\.", "ln_pre."),
+            (r"^blocks\.", "transformer.resblocks."),
             (r"\.norm1\.", ".ln_1."),
             (r"\.norm2\.", ".ln_2."),
             (r"\.attn\.qkv\.(weight|bias)$", r".attn.in_proj_\1"),
@@ -123,6 +262,34 @@ def _from_timm(state: StateDict) -> StateDict:
             (r"\.mlp\.fc2\.", ".mlp.c_proj."),
         ],
     )
+
+
+def _from_hf(state: StateDict) -> StateDict:
+    """transformers' CLIP vision tower: the same network as OpenAI's (the HF checkpoints were converted from it), with
+    q, k and v as three Linear layers where CLIP packs them, in that order, into one in-projection."""
+    out = _rename(
+        state,
+        [
+            (r"^embeddings\.patch_embedding\.", "conv1."),
+            (r"^embeddings\.class_embedding$", "class_embedding"),
+            (r"^embeddings\.position_embedding\.weight$", "positional_embedding"),
+            (r"^pre_layrnorm\.", "ln_pre."),  # sic: transformers' spelling
+            (r"^post_layernorm\.", "ln_post."),
+            (r"^encoder\.layers\.", "transformer.resblocks."),
+            (r"\.self_attn\.out_proj\.", ".attn.out_proj."),
+            (r"\.layer_norm1\.", ".ln_1."),
+            (r"\.layer_norm2\.", ".ln_2."),
+            (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+            (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+        ],
+    )
+    for key in [k for k in out if ".self_attn.q_proj." in k]:
+        block, kind = key.split(".self_attn.q_proj.")
+        parts = [out.pop(f"{block}.self_attn.{p}_proj.{kind}", None) for p in "qkv"]
+        if any(part is None for part in parts):
+            raise ValueError(f"Hugging Face checkpoint: {block} lacks one of self_attn.q/k/v_proj.{kind}")
+        out[f"{block}.attn.in_proj_{kind}"] = torch.cat(parts)
+    return out
 
 
 def _from_official(state: StateDict) -> StateDict:
@@ -149,10 +316,10 @@ _CONVERTERS: dict[str, Callable[[StateDict], StateDict]] = {
     "native": lambda state: state,
     "official": _from_official,
     "mmaction": _from_mmaction,
-    "clip": _from_clip,
+    "clip": lambda state: state,
+    "hf": _from_hf,
     "timm": _from_timm,
 }
-IMAGE_LAYOUTS = frozenset({"clip", "timm"})
 
 
 def detect_layout(state: StateDict) -> str:
@@ -167,13 +334,76 @@ def detect_layout(state: StateDict) -> str:
         return "official"
     if "conv1.weight" in keys or "visual.conv1.weight" in keys:
         return "clip"
+    if {"vision_model.embeddings.patch_embedding.weight", "embeddings.patch_embedding.weight"} & keys:
+        return "hf"
     if "patch_embed.proj.weight" in keys and "blocks.0.attn.qkv.weight" in keys:
         return "timm"
-    sample = ", ".join(sorted(keys)[:12])
+    if any(k.startswith("visual.trunk.") for k in keys):
+        raise ValueError(
+            "an open_clip model with a timm trunk (visual.trunk.*) is not supported: only open_clip's own ViT "
+            "(visual.conv1, visual.transformer.resblocks.N) has UniFormerV2's structure"
+        )
     raise ValueError(
-        "checkpoint fits no known layout (OpenAI CLIP visual, timm CLIP ViT, official UniFormerV2, MMAction2 "
-        f"UniFormerV2, native); first keys: {sample}"
+        f"checkpoint fits no known layout ({', '.join(LAYOUTS)}); it holds {len(keys)} tensors, first keys: "
+        f"{', '.join(sorted(keys)[:8])}; key families: {group_keys(keys)}"
     )
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's tensors under canonical names: CLIP's visual-tower names for image layouts, ours for video."""
+
+    layout: str
+    state: StateDict
+    ignored: list[str]  # tensors of the file with no place in UniFormerV2 (a text tower, CLIP's projection, ...)
+
+    def architecture(self) -> dict[str, int | bool]:
+        """What the tensors imply, under UniFormerV2Config's names (the ones `--set` takes)."""
+        state, implied = self.state, {}
+        conv, pos = state.get("conv1.weight"), state.get("positional_embedding")
+        if conv is not None:
+            implied["width"] = conv.shape[0]
+        blocks = {int(m[1]) for k in state if (m := re.match(r"^(?:transformer\.resblocks|blocks)\.(\d+)\.", k))}
+        implied["layers"] = len(blocks)
+        if conv is not None:
+            implied["patch_size"] = conv.shape[-1]
+            if pos is not None:
+                implied["input_resolution"] = math.isqrt(pos.shape[0] - 1) * conv.shape[-1]
+            if conv.ndim == 5:  # a video checkpoint's 3D patch embedding: a temporal kernel of 3 downsamples time
+                implied["temporal_downsample"] = conv.shape[2] > 1
+        if self.layout not in IMAGE_LAYOUTS:
+            implied["no_lmhra"] = not any(".lmhra1." in k for k in state)
+        if "head.fc.weight" in state:
+            implied["num_classes"] = state["head.fc.weight"].shape[0]
+        return implied
+
+
+def read_checkpoint(source: str | os.PathLike | Mapping) -> Checkpoint:
+    """Reads `source` (a path or a loaded checkpoint), detects its layout and renames it to canonical names."""
+    raw = load_state_dict_file(source) if isinstance(source, (str, os.PathLike)) else source
+    state = _unwrap(raw)
+    layout = detect_layout(state)
+    ignored: list[str] = []
+    tower = _IMAGE_TOWERS.get(layout)
+    if tower and any(k.startswith(tower) for k in state):
+        ignored = [k for k in state if not k.startswith(tower)]
+        state = {k[len(tower) :]: v for k, v in state.items() if k.startswith(tower)}
+    state = _CONVERTERS[layout](state)
+    if layout in IMAGE_LAYOUTS:
+        ignored += [k for k in state if _UNUSED_IMAGE_KEYS.match(k)]
+        state = {k: v for k, v in state.items() if not _UNUSED_IMAGE_KEYS.match(k)}
+    return Checkpoint(layout, state, sorted(ignored))
+
+
+def convert_checkpoint(source: str | os.PathLike | Mapping, out: str | os.PathLike) -> Checkpoint:
+    """Writes `source`'s usable tensors to `out` as safetensors, in their stored dtype: an image checkpoint as a bare
+    CLIP visual tower, a video checkpoint under our names. Either loads back as `clip` or `native`."""
+    from safetensors.torch import save_file
+
+    checkpoint = read_checkpoint(source)
+    # safetensors refuses tensors that share memory; archive views and timm reshapes may
+    save_file({k: v.clone(memory_format=torch.contiguous_format) for k, v in checkpoint.state.items()}, os.fspath(out))
+    return checkpoint
 
 
 def inflate_patch_weight(weight_2d: torch.Tensor, time_kernel: int) -> torch.Tensor:
@@ -221,25 +451,20 @@ def _describe(keys: set[str], limit: int = 15) -> str:
     return ", ".join(listed[:limit]) + more
 
 
-def load_pretrained(model: UniFormerV2, source: str | os.PathLike | Mapping) -> LoadReport:
-    """Loads `source` (a path or a state dict in any supported layout) into `model`, in place.
-
-    Image-ViT layouts fill the ViT and leave the video parts at their identity-preserving initialisation; video
-    layouts must cover the whole model. A classifier head of another class count is skipped (fine-tuning to new
-    classes), and reported. Anything missing, unexpected or of the wrong shape raises before the model is touched.
-    """
-    raw = load_state_dict_file(source) if isinstance(source, (str, os.PathLike)) else source
-    state = _unwrap(raw)
-    layout = detect_layout(state)
-    report = LoadReport(layout=layout)
+def _plan(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint) -> tuple[StateDict, LoadReport]:
+    """The tensors `load_pretrained` would load into `model` and its report; reads only the model's shapes, so a
+    model on the meta device serves."""
+    checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source)
+    layout = checkpoint.layout
+    report = LoadReport(layout=layout, ignored=checkpoint.ignored)
     target = model.state_dict()
-    state = _adapt_shapes(_CONVERTERS[layout](state), target, report)
-
+    state = checkpoint.state
     if layout in IMAGE_LAYOUTS:
-        state = {k: v for k, v in state.items() if not _UNUSED_IMAGE_KEYS.match(k)}
+        state = _rename(state, _BACKBONE_RULES)
         required = _backbone_keys(target)
     else:
         required = set(target)
+    state = _adapt_shapes(state, target, report)
     # BatchNorm's step counter is bookkeeping, absent from some exports.
     required = {k for k in required if not k.endswith("num_batches_tracked")}
 
@@ -268,7 +493,23 @@ def load_pretrained(model: UniFormerV2, source: str | os.PathLike | Mapping) -> 
     if problems:
         raise ValueError(f"checkpoint detected as '{layout}' layout does not fit the model: " + "; ".join(problems))
 
-    model.load_state_dict(state, strict=False)
     report.loaded = sorted(state)
     report.kept_initialisation = sorted(set(target) - set(state))
+    return state, report
+
+
+def check_pretrained(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint) -> LoadReport:
+    """A dry run of `load_pretrained`: the same checks and report, the model untouched (it may live on `meta`)."""
+    return _plan(model, source)[1]
+
+
+def load_pretrained(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint) -> LoadReport:
+    """Loads `source` (a path, a state dict in any supported layout, or a `Checkpoint`) into `model`, in place.
+
+    Image-ViT layouts fill the ViT and leave the video parts at their identity-preserving initialisation; video
+    layouts must cover the whole model. A classifier head of another class count is skipped (fine-tuning to new
+    classes), and reported. Anything missing, unexpected or of the wrong shape raises before the model is touched.
+    """
+    state, report = _plan(model, source)
+    model.load_state_dict(state, strict=False)
     return report

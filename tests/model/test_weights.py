@@ -196,6 +196,45 @@ def test_unexpected_keys_and_wrong_shapes_are_named(source):
         model.load_pretrained(model.create_model("uniformerv2_tiny", 5, width=64, heads=4, n_head=4), source.state_dict())
 
 
-def test_unknown_layout_is_refused():
-    with pytest.raises(ValueError, match="fits no known layout"):
-        model.load_pretrained(tiny(), {"encoder.layer.0.weight": torch.zeros(2)})
+def test_unknown_layout_names_what_it_found():
+    state = {f"encoder.layer.{i}.weight": torch.zeros(2) for i in range(3)} | {"decoder.out.bias": torch.zeros(2)}
+    with pytest.raises(ValueError, match="fits no known layout") as refused:
+        model.load_pretrained(tiny(), state)
+    assert "4 tensors, first keys: decoder.out.bias, encoder.layer.0.weight" in str(refused.value)
+    assert "encoder.layer.* (3), decoder.out (1)" in str(refused.value)
+
+
+def test_check_pretrained_reports_without_touching_the_model_even_on_meta(source):
+    with torch.device("meta"):
+        on_meta = model.create_model("uniformerv2_tiny", num_classes=9)
+    report = model.check_pretrained(on_meta, official_checkpoint(source))
+    assert report.skipped_head and not report.inflated
+    assert report.kept_initialisation == ["head.fc.bias", "head.fc.weight"]
+    assert all(t.is_meta for t in on_meta.state_dict().values())
+
+    target = tiny()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    checked = model.check_pretrained(target, clip_visual_state(source))
+    assert checked == model.load_pretrained(tiny(), clip_visual_state(source))
+    for key, value in target.state_dict().items():
+        torch.testing.assert_close(value, before[key])
+
+
+@pytest.mark.parametrize(
+    "build, implied",
+    [
+        (clip_visual_state, dict(width=96, patch_size=8, layers=4, input_resolution=32)),
+        (official_checkpoint, dict(width=96, patch_size=8, layers=4, input_resolution=32, temporal_downsample=True,
+                                   no_lmhra=False, num_classes=5)),
+    ],
+)
+def test_checkpoint_names_the_architecture_its_tensors_imply(source, build, implied):
+    assert model.read_checkpoint(build(source)).architecture() == implied
+
+
+def test_load_report_summary_says_what_came_from_the_file(source):
+    clip = {"visual." + k: v for k, v in clip_visual_state(source).items()} | {"logit_scale": torch.tensor(1.0)}
+    summary = model.load_pretrained(tiny(), clip).summary()
+    assert "inflated      conv1.weight" in summary
+    assert re.search(r"initialised   \d+ tensors the file does not hold: .*blocks\.\*\.lmhra1 \(", summary)
+    assert "ignored       4 tensors of the file: ln_post (2), logit_scale (1), proj (1)" in summary
