@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.manifest import Manifest, SamplingParams, parse_dataset_ref
-from pipeline.reader import verify_shards
+from pipeline.reader import shard_paths, verify_shards
 from pipeline.schema import MAX_ROW_GROUP_CLIPS, frames_to_numpy
 from pipeline.storage import Storage, parse_uri
 
@@ -86,7 +86,11 @@ class Unit:
 
 
 class EpochPlan:
-    """The units of one split of one dataset version, and how each epoch deals them to ranks."""
+    """The units of one split of one dataset version, and how each epoch deals them to ranks.
+
+    Cutting the units reads every shard's footer and `video_id` column (seconds for a million videos), so a job cuts
+    them once, on its driver (`units=None`), and hands `plan.units` to the plans its workers build (`units=...`),
+    which then read nothing but the manifest they already have."""
 
     def __init__(
         self,
@@ -97,6 +101,7 @@ class EpochPlan:
         world_size: int,
         seed: int,
         endpoint_url: str | None = None,
+        units: list[Unit] | None = None,
     ):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be train, val or all, not {split!r}")
@@ -104,20 +109,25 @@ class EpochPlan:
         self.val_fraction, self.world_size, self.seed = val_fraction, world_size, seed
         self.endpoint_url = endpoint_url
         storage = Storage(endpoint_url)
-        self.paths = verify_shards(self.dst, manifest, storage)
-        self.units = self._cut_units(storage)
+        if units is None:
+            self.paths = verify_shards(self.dst, manifest, storage)
+            self.units = self._cut_units(storage)
+        else:
+            self.paths = shard_paths(self.dst, manifest, storage)
+            self.units = [Unit(*unit) for unit in units]
         self.rows = sum(unit.rows for unit in self.units)
 
     def _cut_units(self, storage: Storage) -> list[Unit]:
         filesystem = storage.arrow_filesystem(parse_uri(self.dst))
         unit_rows = max(1, min(MAX_UNIT_ROWS, math.ceil(self.manifest.num_clips / (_UNITS_PER_RANK * self.world_size))))
-        units = []
-        for shard, path in enumerate(self.paths):
-            with filesystem.open_input_file(path) as handle:
+
+        def shard_units(shard: int) -> list[Unit]:
+            with filesystem.open_input_file(self.paths[shard]) as handle:
                 parquet = pq.ParquetFile(handle)
                 ids = parquet.read(columns=["video_id"]).column(0).to_pylist()  # one read of a small column
             group_rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
             offsets = np.cumsum([0, *group_rows])
+            units = []
             for group, rows_in_group in enumerate(group_rows):
                 keep = split_mask(ids[offsets[group] : offsets[group] + rows_in_group], self.split, self.val_fraction)
                 for start in range(0, len(keep), unit_rows):
@@ -125,7 +135,10 @@ class EpochPlan:
                     rows = int(keep[start:stop].sum())
                     if rows:
                         units.append(Unit(shard, group, start, stop, rows))
-        return units
+            return units
+
+        with ThreadPoolExecutor(max_workers=16) as pool:  # object stores answer many small reads at once
+            return [unit for units in pool.map(shard_units, range(len(self.paths))) for unit in units]
 
     def rank_units(self, epoch: int, rank: int, shuffle: bool = True) -> list[Unit]:
         order = np.arange(len(self.units))

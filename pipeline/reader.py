@@ -18,7 +18,8 @@ from pipeline.schema import clip_schema, frames_to_numpy, frames_type, with_fram
 from pipeline.storage import Storage, parse_uri
 
 
-def _shard_paths(dst: str, manifest: Manifest, storage: Storage) -> list[str]:
+def shard_paths(dst: str, manifest: Manifest, storage: Storage) -> list[str]:
+    """Arrow paths of the manifest's shards, unchecked (`verify_shards` checks them)."""
     root = parse_uri(dst)
     return [storage.arrow_path(root.join(shard.path)) for shard in manifest.shards]
 
@@ -27,7 +28,7 @@ def verify_shards(dst: str, manifest: Manifest, storage: Storage) -> list[str]:
     """Arrow paths of the manifest's shards; raises ManifestError naming every missing or mismatched shard."""
     root = parse_uri(dst)
     filesystem = storage.arrow_filesystem(root)
-    paths = _shard_paths(dst, manifest, storage)
+    paths = shard_paths(dst, manifest, storage)
 
     def check(item) -> str | None:
         shard, path = item
@@ -55,7 +56,7 @@ def _open(dst: str, version: int | None, endpoint_url: str | None, verify: bool)
     version = version if version is not None else ref_version
     manifest = load_manifest(dst, version, endpoint_url=endpoint_url)
     storage = Storage(endpoint_url)
-    paths = verify_shards(dst, manifest, storage) if verify else _shard_paths(dst, manifest, storage)
+    paths = verify_shards(dst, manifest, storage) if verify else shard_paths(dst, manifest, storage)
     return dst, manifest, storage, paths
 
 

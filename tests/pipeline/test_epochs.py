@@ -190,3 +190,19 @@ def test_validation_takes_the_middle_candidate_of_every_segment(jitter_dataset):
     middle = tuple(t * CANDIDATES + CANDIDATES // 2 for t in range(FRAMES))
     assert set(picks_by_row(plan, 0, shuffle=False).values()) == {middle}
     assert {tuple(clip[:, 0, 0, 2].tolist()) for w in plan.read_windows(0, 0) for clip in w["frames"]} == {middle}
+
+
+def test_a_plan_from_the_drivers_units_reads_no_shard_and_deals_the_same(dataset, monkeypatch):
+    root, manifest = dataset
+    driver = EpochPlan(root, manifest, "train", 0.25, world_size=2, seed=9)
+    import pipeline.epochs
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a worker's plan opened a shard")
+
+    monkeypatch.setattr(pipeline.epochs.pq, "ParquetFile", no_reads)
+    monkeypatch.setattr(pipeline.epochs, "verify_shards", no_reads)
+    worker = EpochPlan(root, manifest, "train", 0.25, world_size=2, seed=9,
+                       units=[tuple(vars(unit).values()) for unit in driver.units])
+    assert worker.units == driver.units and worker.rows == driver.rows and worker.paths == driver.paths
+    assert worker.windows(1, 1) == driver.windows(1, 1)
