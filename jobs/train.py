@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+from jobs.credentials import MASK, carries_credentials, mlflow_env_for_workers, redact, redacted_stdout
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
 from jobs.training.checkpoint import WEIGHTS, read_progress
 from jobs.training.config import TrainConfig
@@ -90,9 +91,10 @@ def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, ma
     experiment = client.get_experiment_by_name(cfg.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
     run = client.create_run(experiment_id, run_name=cfg.name, tags={"ray_train_run": cfg.name})
-    params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in cfg.to_dict().items()]
+    recorded = cfg.redacted()
+    params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in recorded.items()]
     client.log_batch(run.info.run_id, params=params)
-    client.log_dict(run.info.run_id, cfg.to_dict(), "config/train_config.json")
+    client.log_dict(run.info.run_id, recorded, "config/train_config.json")
     client.set_tag(run.info.run_id, "dataset", cfg.data)
     client.set_tag(run.info.run_id, "dataset_version", str(manifest.version))
     client.set_tag(run.info.run_id, "dataset_fingerprint", dataset_fingerprint(manifest))
@@ -118,12 +120,13 @@ def build_trainer(cfg: TrainConfig, uri: str, run_id: str):
     storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
     return TorchTrainer(
         train_loop_per_worker,
+        # Ray sends the loop config to every worker and shows it with the run: it holds no credential. A tracking URI
+        # with one stays behind, and the workers' MLflow client reads MLFLOW_TRACKING_URI from their own environment.
         train_loop_config={
-            "config": cfg.to_dict(),
+            "config": cfg.redacted(),
             "mlflow_run_id": run_id,
-            "tracking_uri": uri,
-            # MLflow credentials and client settings (MLFLOW_TRACKING_TOKEN, retries, ...) follow the job to workers
-            "mlflow_env": {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+            "tracking_uri": None if carries_credentials(uri) else uri,
+            "mlflow_env": mlflow_env_for_workers(),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
@@ -157,6 +160,12 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     if cfg.val_data:
         cfg.val_data, _ = pin_dataset_version(cfg.val_data, cfg.endpoint_url)
     uri = tracking_uri(cfg.tracking_uri)
+    if carries_credentials(uri) and os.environ.get("MLFLOW_TRACKING_URI") != uri:
+        raise ValueError(
+            f"the MLflow tracking URI {redact(uri)} holds credentials, which never travel to Ray workers: set it as "
+            "MLFLOW_TRACKING_URI in the environment of the driver and of every worker, or keep the credentials in "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) there"
+        )
     cfg.tracking_uri = uri
     ensure_ray(cfg)
     storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
@@ -214,13 +223,16 @@ def finish_registration(checkpoint, cfg: TrainConfig, manifest, uri: str, run_id
                 **{f"val_{k}": str(v) for k, v in metrics.items() if k in ("val_accuracy", "val_loss")},
             }
             try:
-                return log_model(run_id, weights, card, uri, cfg.register_as, version_tags=tags)
+                with redacted_stdout():
+                    return log_model(run_id, weights, card, uri, cfg.register_as, version_tags=tags)
             except Exception as exc:
+                # not chained: MLflow's own message names the request URL, the tracking URI's password included
                 raise RuntimeError(
                     f"training finished and its checkpoint is safe at {checkpoint.path}, but logging the model to "
-                    f"MLflow at {uri} failed ({type(exc).__name__}: {exc}). Re-run the same command, or "
-                    f"`uniformer register --run {cfg.name} --storage {cfg.storage}`, once MLflow is reachable."
-                ) from exc
+                    f"MLflow at {redact(uri)} failed ({type(exc).__name__}: {redact(str(exc))}). Re-run the same "
+                    f"command, or `uniformer register --run {cfg.name} --storage {redact(cfg.storage)}`, once MLflow "
+                    "is reachable."
+                ) from None
 
 
 def final_checkpoint(storage: str, run_name: str, endpoint_url: str | None = None):
@@ -254,7 +266,9 @@ def register_run(run_name: str, storage: str, register_as: str | None = None, tr
     if register_as:
         cfg.register_as = register_as
     manifest = load_manifest(cfg.data, endpoint_url=cfg.endpoint_url)
-    uri = tracking_uri(tracking or cfg.tracking_uri)
+    # a URI that held credentials was recorded masked: then only `tracking` or MLFLOW_TRACKING_URI can stand for it
+    recorded = None if cfg.tracking_uri and MASK in cfg.tracking_uri else cfg.tracking_uri
+    uri = tracking_uri(tracking or recorded)
     run_id = progress["mlflow_run_id"]
     import mlflow
 

@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 
+from jobs.credentials import redact
 from model.package import CONFIG_FILE, WEIGHTS_FILE, ModelCard
 
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
@@ -105,7 +106,9 @@ def resolve_model(reference: str, download_dir: str, tracking_uri: str | None = 
             # The version's own artifact location: fixed once the version exists, whatever the alias does later.
             root = client.get_model_version_download_uri(name, str(version))
     except MlflowException as error:
-        raise ModelReferenceError(f"cannot resolve {reference!r} at {_where(tracking_uri)}: {error.message}") from None
+        raise ModelReferenceError(
+            f"cannot resolve {reference!r} at {_where(tracking_uri)}: {redact(error.message)}"
+        ) from None
     weights, config = _download(root, download_dir, reference, tracking_uri)
     identity = ModelIdentity(reference, name, version, alias, run_id, model_id, package_sha256(weights, config))
     return ResolvedModel(identity, _read_card(config, reference), weights, config)
@@ -132,7 +135,7 @@ def _logged_model_id(source: str | None) -> str | None:
 def _where(tracking_uri: str | None) -> str:
     import mlflow
 
-    return f"tracking server {tracking_uri or mlflow.get_tracking_uri()}"
+    return f"tracking server {redact(tracking_uri or mlflow.get_tracking_uri())}"
 
 
 def _download(root: str, download_dir: str, reference: str, tracking_uri: str | None) -> tuple[str, str]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from model.transforms import AUGMENTATIONS
 
+from jobs.credentials import redact
+
 
 @dataclass
 class TrainConfig:
@@ -91,6 +93,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def redacted(self) -> dict:
+        """`to_dict` with the credentials in its addresses masked: the record that is logged, checkpointed and sent to
+        workers, while the real addresses stay in the driver's memory."""
+        return {k: redact(v) if isinstance(v, str) else v for k, v in self.to_dict().items()}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:

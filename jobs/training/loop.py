@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import model
+from jobs.credentials import adopt_mlflow_env
 from jobs.metrics import Scores, scores_from_counts
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
@@ -105,7 +105,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    os.environ.update(loop_config["mlflow_env"])
+    adopt_mlflow_env(loop_config["mlflow_env"])
     cfg = TrainConfig.from_dict(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
