@@ -18,7 +18,8 @@ from collections.abc import Iterator, Mapping
 
 MASK = "***"
 
-# Client settings that hold no secret: the only variables whose values travel (to Ray Train workers). MLflow itself sets MLFLOW_EXPERIMENT_ID in the driver (`mlflow.set_experiment`).
+# Client settings that hold no secret: the only variables whose values travel (to Ray Train workers, and in a
+# submitted job's runtime_env). MLflow itself sets MLFLOW_EXPERIMENT_ID in the driver (`mlflow.set_experiment`).
 CLIENT_SETTINGS = (
     "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
@@ -57,6 +58,11 @@ def redact(text: str) -> str:
 
 def carries_credentials(value: str) -> bool:
     return redact(value) != value
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a variable's name says it holds a credential."""
+    return bool(_SECRET_NAME.search(name))
 
 
 def mlflow_env_for_workers(environ: Mapping[str, str] | None = None) -> dict:

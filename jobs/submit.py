@@ -1,9 +1,10 @@
 """Submit a `uniformer` job to a Ray cluster through the Ray Jobs API, the way `ray job submit` does.
 
 The job runs as `uniformer JOB ARGS` on the cluster, in a runtime_env that ships this checkout as `working_dir` (when
-run from one) and forwards the non-secret settings the jobs read (MLflow URI, S3 endpoint). Credentials never travel
-in the runtime_env: the dashboard shows it to anyone who can list jobs; they reach the cluster through the nodes' own
-environment (instance role, Kubernetes Secret).
+run from one) and forwards an allow-list of the settings the jobs read (MLflow URI, S3 endpoint, client settings),
+plus the `--env` names that do not look secret. Credentials never travel in the runtime_env: the dashboard shows it
+to anyone who can list jobs; they reach the cluster through the nodes' own environment (instance role, Kubernetes
+Secret). An address that holds credentials (`http://user:password@mlflow`) is refused, not forwarded without them.
 
 Ray token authentication: the client sends `Authorization: Bearer TOKEN`, with the token found where Ray looks for
 it (RAY_AUTH_TOKEN, then the file RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token), whether or not RAY_AUTH_MODE=token
@@ -23,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from jobs.credentials import ADDRESSES, CLIENT_SETTINGS, carries_credentials, looks_secret, redact
+
 # Settings the jobs read that are safe to show in the dashboard; forwarded when set in the submitting environment.
-PASSTHROUGH_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                   "AWS_DEFAULT_REGION", "AWS_REGION")
-# Names that hold credentials, or that the Ray job supervisor sets itself: never forwarded.
-_REFUSED_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|^RAY_", re.IGNORECASE)
+PASSTHROUGH_ENV = (*ADDRESSES, *CLIENT_SETTINGS)
 # What a checkout holds besides the code; Ray also honours .gitignore, this keeps the upload small without it.
 WORKING_DIR_EXCLUDES = [".git/", ".venv/", "__pycache__/", "*.pyc", "runs/", "mlruns/", "mlflow.db", "demo-output/",
                         ".pytest_cache/", "*.egg-info/", "build/"]
@@ -89,19 +89,27 @@ def default_working_dir() -> Path | None:
 
 
 def forwarded_env(names: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """PASSTHROUGH_ENV plus `names`, with their local values, for those that are set; refuses credentials."""
+    """PASSTHROUGH_ENV plus `names`, with their local values, for those that are set; refuses names that look secret,
+    Ray's own variables, and any value that holds credentials."""
     environ = os.environ if environ is None else environ
     for name in names:
-        if _REFUSED_ENV.search(name):
+        if name.upper().startswith("RAY_"):
+            raise SubmitError(f"refusing to forward {name}: the Ray job supervisor sets RAY_* variables itself")
+        if looks_secret(name):
             raise SubmitError(
-                f"refusing to forward {name}: the job's runtime_env is visible to anyone who can list jobs; give the "
-                "cluster's nodes their credentials (instance role, Kubernetes Secret) instead"
+                f"refusing to forward {name}: its name says it holds a credential, and the job's runtime_env is "
+                "visible to anyone who can list jobs; give the cluster's nodes their credentials (instance role, "
+                "Kubernetes Secret) instead"
             )
     forwarded = {name: environ[name] for name in (*PASSTHROUGH_ENV, *names) if environ.get(name)}
     for name, value in forwarded.items():
-        if re.match(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]*@", value, re.IGNORECASE):
-            raise SubmitError(f"refusing to forward {name}: its URL holds a password; use the service's own "
-                              "credential variables on the cluster (e.g. MLFLOW_TRACKING_PASSWORD from a Secret)")
+        if carries_credentials(value):
+            raise SubmitError(
+                f"refusing to forward {name}={redact(value)}: it holds credentials, and the job's runtime_env is "
+                f"visible to anyone who can list jobs; configure {name} on the cluster instead (the nodes' "
+                "environment, a Kubernetes Secret), or the service's own credential variables there (e.g. "
+                f"MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), and unset {name} for `uniformer submit`"
+            )
     return forwarded
 
 

@@ -1,7 +1,7 @@
 """Credentials never travel: marker values in MLFLOW_TRACKING_TOKEN, in the tracking URI's password and in the AWS
-keys go through ingest, train, register, score and retrain (one driver process, its own local Ray); then every file
-written (the bucket's objects, the MLflow server's database and artifacts, the Ray instance's whole temp dir with its
-session logs) and everything printed is searched for them."""
+keys go through ingest, train, register, score and retrain (one driver process, its own local Ray) and through what
+`uniformer submit` would send; then every file written (the bucket's objects, the MLflow server's database and
+artifacts, the Ray instance's whole temp dir with its session logs) and everything printed is searched for them."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from jobs.credentials import adopt_mlflow_env, mlflow_env_for_workers, redact
+from jobs.submit import SubmitError, submit
 from jobs.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,6 +114,46 @@ def test_no_credential_is_written_or_shown_by_any_job(tmp_path, make_videos, s3_
         assert exported.count(b"MLFLOW_TRACKING_TOKEN") >= 2, "no exported Ray Train state holds the loop configs"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+class RecordingClient:
+    """Stands in for JobSubmissionClient: keeps what would be sent to the cluster."""
+
+    def __init__(self):
+        self.sent: dict = {}
+
+    def get_address(self) -> str:
+        return "http://head:8265"
+
+    def submit_job(self, **request) -> str:
+        self.sent = request
+        return "raysubmit_recorded"
+
+
+def test_submit_sends_no_credential_and_refuses_an_address_that_holds_one():
+    secret = markers()
+    environ = {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_TRACKING_TOKEN": secret["TOKEN"],
+        "MLFLOW_TRACKING_PASSWORD": secret["PASSWORD"], "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+        "AWS_ACCESS_KEY_ID": secret["ACCESS_KEY"], "AWS_SECRET_ACCESS_KEY": secret["SECRET_KEY"],
+        "AWS_ENDPOINT_URL": "http://minio:9000", "LOG_LEVEL": "debug",
+    }
+    client = RecordingClient()
+    submit("train", ["--data", "s3://clips/k400"], client=client, env=["LOG_LEVEL"], environ=environ)
+    sent = json.dumps(client.sent)
+    assert not [s for s in secret.values() if s in sent], sent
+    assert client.sent["runtime_env"]["env_vars"] == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+        "AWS_ENDPOINT_URL": "http://minio:9000", "LOG_LEVEL": "debug",
+    }
+
+    with_password = {**environ, "MLFLOW_TRACKING_URI": f"http://trainer:{secret['PASSWORD']}@mlflow:5000"}
+    with pytest.raises(SubmitError, match="configure MLFLOW_TRACKING_URI on the cluster") as refused:
+        submit("train", ["--data", "s3://clips/k400"], client=RecordingClient(), environ=with_password)
+    assert secret["PASSWORD"] not in str(refused.value) and "http://trainer:***@mlflow:5000" in str(refused.value)
+    with pytest.raises(SubmitError, match="refusing to forward MLFLOW_TRACKING_TOKEN: its name says"):
+        submit("train", ["--data", "s3://clips/k400"], client=RecordingClient(), env=["MLFLOW_TRACKING_TOKEN"],
+               environ=environ)
 
 
 def test_redact_masks_user_info_and_secret_parameters_and_nothing_else():

@@ -45,11 +45,19 @@ def test_settings_are_forwarded_and_credentials_refused():
                                           "AWS_ENDPOINT_URL": "http://minio:9000"}
     assert forwarded_env(["LOG_LEVEL"], environ)["LOG_LEVEL"] == "debug"
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN",
-                 "RAY_ADDRESS", "GITHUB_TOKEN"):
+                 "RAY_ADDRESS", "GITHUB_TOKEN", "OPENAI_API_KEY", "HF_AUTH", "PROXY_AUTHORIZATION", "SENTRY_DSN",
+                 "AZURE_STORAGE_CONNECTION_STRING", "SLACK_WEBHOOK_URL", "DB_PASS"):
         with pytest.raises(SubmitError, match=f"refusing to forward {name}"):
             forwarded_env([name], {**environ, name: "x"})
-    with pytest.raises(SubmitError, match="holds a password"):
-        forwarded_env([], {"MLFLOW_TRACKING_URI": "https://user:hunter2@mlflow.example.com"})
+    # values that hold credentials whatever their names: user info, token URLs, connection strings
+    for name, value in [("MLFLOW_TRACKING_URI", "https://user:hunter2@mlflow.example.com"),
+                        ("AWS_ENDPOINT_URL", "http://minio:hunter2@minio:9000"),
+                        ("RESULTS_URL", "https://store.example.com/r?token=hunter2"),
+                        ("ARCHIVE", "https://acct.blob.core.windows.net/a?sv=2024&sig=hunter2"),
+                        ("STORE", "AccountName=a;AccountKey=hunter2")]:
+        with pytest.raises(SubmitError, match=f"refusing to forward {name}=.*: it holds credentials") as refused:
+            forwarded_env([name], {name: value})
+        assert "hunter2" not in str(refused.value)
 
 
 def test_runtime_env_ships_this_checkout_without_local_state(tmp_path):
