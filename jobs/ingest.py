@@ -63,6 +63,7 @@ def run_ingest(
     source, root = parse_uri(src), parse_uri(out)
     storage.check_access(source)
     storage.check_access(root, must_exist=False)
+    storage.check_conditional_writes(root)  # manifests are published if-absent
 
     labels = read_labels_csv(labels_csv, storage) if labels_csv else None  # refuses unsafe paths before any work
     listed = list_videos(source, storage)

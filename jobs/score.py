@@ -290,6 +290,7 @@ def run_score(
     source, root = parse_uri(src), parse_uri(out)
     storage.check_access(source)
     storage.check_access(root, must_exist=False)
+    storage.check_conditional_writes(root)  # manifests are published if-absent
     with tempfile.TemporaryDirectory() as download_dir:
         resolved = resolve_model(model, download_dir, tracking_uri)
         params = build_params(resolved.card, views, top_k, full_probs, short_side)

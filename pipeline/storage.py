@@ -12,10 +12,18 @@ Atomic writes: a writer stages a complete file on local disk (`staging_path`) an
 local destination the staging file sits beside the final name and is renamed over it; on S3 the upload is a single
 PUT or a multipart upload that only becomes visible when complete (an aborted upload never shows). A reader
 therefore sees either nothing or the whole file under a final name.
+
+Conditional writes: `put_bytes(if_absent=True)` (S3 `If-None-Match: *`, locally a hard link, which fails when the
+name exists) publishes manifests; `put_bytes(if_match=version)` (S3 `If-Match: <ETag>`, locally a version check and
+rename under a file lock) replaces an object only if it is still the version read, a compare-and-swap that the
+promotion lease is built on. Some S3-compatible stores ignore these headers, so jobs probe the store once
+(`check_conditional_writes`). A missing object reads as FileNotFoundError on both backends.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import tempfile
 import threading
@@ -46,7 +54,21 @@ STAGING_PREFIX = ".tmp-"
 
 
 class StorageError(RuntimeError):
-    """Storage cannot be used: unreachable endpoint, bad credentials, missing bucket or folder."""
+    """Storage cannot be used: unreachable endpoint, bad credentials, missing bucket or folder, or a store that
+    ignores conditional writes."""
+
+
+class VersionMismatch(Exception):
+    """A write conditioned on an object's version found another version there."""
+
+
+_NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
+# 412: the condition does not hold; 409: a concurrent conditional write to the same key is in flight.
+_PRECONDITION_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+def _error_code(error) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
 
 
 @dataclass(frozen=True)
@@ -235,15 +257,31 @@ class Storage:
             self._client().head_object(Bucket=location.bucket, Key=location.path)
             return True
         except ClientError as error:
-            if str(error.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            if _error_code(error) in _NOT_FOUND_CODES:
                 return False
             raise
 
     def read_bytes(self, location: Location) -> bytes:
+        """The object's content; FileNotFoundError when there is none, on S3 as locally."""
         if location.scheme == "file":
             return Path(location.path).read_bytes()
-        response = self._client().get_object(Bucket=location.bucket, Key=location.path)
-        return response["Body"].read()
+        return self.read_versioned(location)[0]
+
+    def read_versioned(self, location: Location) -> tuple[bytes, str]:
+        """The object's content and the version to condition a replacement on (`put_bytes(if_match=...)`): the S3
+        ETag, or locally the content's MD5 (what S3 gives a single PUT). FileNotFoundError when there is none."""
+        if location.scheme == "file":
+            data = Path(location.path).read_bytes()
+            return data, _md5(data)
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self._client().get_object(Bucket=location.bucket, Key=location.path)
+        except ClientError as error:
+            if _error_code(error) in _NOT_FOUND_CODES:
+                raise FileNotFoundError(location.uri) from None
+            raise
+        return response["Body"].read(), response["ETag"].strip('"')
 
     def download(self, location: Location, local_path: str) -> None:
         """Stream an object to a local file without holding it in memory."""
@@ -267,33 +305,78 @@ class Storage:
         finally:
             os.unlink(spill_path)
 
-    def put_bytes(self, location: Location, data: bytes, if_absent: bool = False) -> None:
-        """Write a small object atomically; with `if_absent`, raise FileExistsError instead of replacing one."""
+    def put_bytes(self, location: Location, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Write a small object atomically and return its version (see `read_versioned`). With `if_absent`, raise
+        FileExistsError instead of replacing one; with `if_match`, replace only that version of the object, raising
+        VersionMismatch when another is there and FileNotFoundError when none is."""
+        if if_absent and if_match is not None:
+            raise ValueError("if_absent and if_match exclude each other")
         if location.scheme == "file":
             staging = self.staging_path(location)
             with open(staging, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            if if_absent:
-                try:
-                    os.link(staging, location.path)  # fails when the final name exists, unlike rename
-                except FileExistsError:
-                    raise FileExistsError(location.uri) from None
-                finally:
+            try:
+                if if_absent:
+                    try:
+                        os.link(staging, location.path)  # fails when the final name exists, unlike rename
+                    except FileExistsError:
+                        raise FileExistsError(location.uri) from None
+                elif if_match is not None:
+                    with _conditional_writes_of(location):
+                        if _md5(Path(location.path).read_bytes()) != if_match:
+                            raise VersionMismatch(location.uri)
+                        os.replace(staging, location.path)
+                else:
+                    os.replace(staging, location.path)
+            finally:
+                if os.path.exists(staging):
                     os.unlink(staging)
-            else:
-                os.replace(staging, location.path)
-            return
+            return _md5(data)
         from botocore.exceptions import ClientError
 
-        extra = {"IfNoneMatch": "*"} if if_absent else {}
+        extra = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": f'"{if_match}"'} if if_match is not None else {}
         try:
-            self._client().put_object(Bucket=location.bucket, Key=location.path, Body=data, **extra)
+            response = self._client().put_object(Bucket=location.bucket, Key=location.path, Body=data, **extra)
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            code = _error_code(error)
+            if if_absent and code in _PRECONDITION_CODES:
                 raise FileExistsError(location.uri) from None
+            if if_match is not None and code in _PRECONDITION_CODES:
+                raise VersionMismatch(location.uri) from None
+            if if_match is not None and code in _NOT_FOUND_CODES:
+                raise FileNotFoundError(location.uri) from None
             raise
+        return response["ETag"].strip('"')
+
+    def check_conditional_writes(self, folder: Location) -> None:
+        """Raise StorageError unless the store honours the conditional writes that manifests and the promotion lease
+        rely on: a store that ignores them would let two writers both "win". Run once per job; it writes and removes
+        one probe object in `folder`."""
+        probe = folder.join(f".conditional-write-probe-{uuid.uuid4().hex}")
+        where = f"S3 endpoint {self.endpoint_name}" if probe.scheme == "s3" else "the local filesystem"
+        self.put_bytes(probe, b"first", if_absent=True)
+        try:
+            try:
+                self.put_bytes(probe, b"second", if_absent=True)
+                ignored = "If-None-Match (a second if-absent write replaced the first)"
+            except FileExistsError:
+                ignored = None
+            # Locally the version check is this module's own, under a file lock: only a remote store can ignore it.
+            if ignored is None and probe.scheme == "s3":
+                try:
+                    self.put_bytes(probe, b"second", if_match=_md5(b"a version that is not there"))
+                    ignored = "If-Match (a write conditioned on another version replaced the object)"
+                except VersionMismatch:
+                    pass
+            if ignored:
+                raise StorageError(
+                    f"{where} ignores {ignored} at {probe.uri}: manifests and the promotion lease need a store "
+                    "that honours conditional writes"
+                )
+        finally:
+            self.delete(probe)
 
     def delete(self, location: Location) -> None:
         """Remove one object; a missing one is not an error."""
@@ -338,3 +421,19 @@ class Storage:
                 os.unlink(entry.path)
                 removed += 1
         return removed
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+@contextmanager
+def _conditional_writes_of(location: Location) -> Iterator[None]:
+    """Serializes conditional replaces of one local file across processes, which makes check-then-rename a
+    compare-and-swap. If-absent writes need no lock: the link fails atomically when the name exists, and a
+    conditional replace never leaves the name absent. The lock file stays: removing it would let a waiter lock the
+    removed file while a newcomer locks a new one."""
+    lock_path = os.path.join(os.path.dirname(location.path), f".{os.path.basename(location.path)}.cas")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield

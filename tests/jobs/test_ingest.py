@@ -26,8 +26,8 @@ from pipeline import (
 )
 from pipeline.ingest import IngestConfigError
 from pipeline.manifest import read_sources
-from pipeline.storage import Storage, parse_uri
-from tests.conftest import kill_driver_after_first_part
+from pipeline.storage import Storage, StorageError, parse_uri
+from tests.conftest import ignore_conditional_writes, kill_driver_after_first_part
 
 pytestmark = pytest.mark.integration
 
@@ -157,6 +157,18 @@ def test_labels_csv_escaping_the_source_is_refused_before_any_work(tmp_path, mak
     with pytest.raises(LabelsError, match="'..'"):
         run_ingest(str(src), str(tmp_path / "clips"), labels_csv=str(tmp_path / "labels.csv"), **SMALL)
     assert not (tmp_path / "clips" / "manifests").exists()
+
+
+def test_a_destination_that_ignores_conditional_writes_is_refused_before_any_work(
+    s3_server, s3_bucket, tmp_path, make_videos, monkeypatch
+):
+    make_videos(tmp_path / "videos")
+    ignored = ignore_conditional_writes(monkeypatch, "if_absent")
+    with pytest.raises(StorageError, match="ignores If-None-Match"):
+        run_ingest(str(tmp_path / "videos"), f"s3://{s3_bucket}/clips", labels_from_dirs=True,
+                   endpoint_url=s3_server.endpoint_url, **SMALL)
+    assert ignored  # the store really replaced an object an if-absent write found there
+    assert "Contents" not in s3_server.client().list_objects_v2(Bucket=s3_bucket)
 
 
 def test_incremental_run_decodes_only_new_and_changed_videos(tmp_path, make_videos, ray_local):

@@ -24,8 +24,9 @@ from jobs.serving.registry import log_model
 from model.package import ModelCard, save_package
 from model.transforms import eval_transform
 from pipeline import Storage, generate_motion_dataset, parse_uri, write_motion_video
+from pipeline.storage import StorageError
 from pipeline.views import decode_views
-from tests.conftest import kill_driver_after_first_part
+from tests.conftest import ignore_conditional_writes, kill_driver_after_first_part
 
 pytestmark = pytest.mark.integration
 
@@ -215,6 +216,16 @@ def test_rerun_scores_only_new_and_changed_videos(packages, tmp_path, ray_local)
 
     with pytest.raises(ScoreConfigError, match="views|temporal_views"):
         run_score(str(src), dst, str(packages[1]), views="2x1", top_k=2)
+
+
+def test_a_destination_that_ignores_conditional_writes_is_refused_before_any_work(
+    s3_server, s3_bucket, packages, videos, monkeypatch
+):
+    ignored = ignore_conditional_writes(monkeypatch, "if_absent")
+    with pytest.raises(StorageError, match="ignores If-None-Match"):
+        run_score(str(videos), f"s3://{s3_bucket}/scores", str(packages[1]), endpoint_url=s3_server.endpoint_url)
+    assert ignored  # the store really replaced an object an if-absent write found there
+    assert "Contents" not in s3_server.client().list_objects_v2(Bucket=s3_bucket)
 
 
 def test_score_dataset_is_a_ray_dataset_of_rows_with_errors_inline(packages, videos, tmp_path, broken_video, ray_local):

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.storage import Storage, StorageError, parse_uri
+from pipeline.storage import Storage, StorageError, VersionMismatch, parse_uri
+from tests.conftest import ignore_conditional_writes
 
 pytestmark = pytest.mark.integration
 
@@ -59,6 +60,52 @@ def test_put_if_absent_refuses_to_replace(s3_server, s3_bucket):
     with pytest.raises(FileExistsError):
         storage.put_bytes(location, b"second", if_absent=True)
     assert storage.read_bytes(location) == b"first"
+
+
+@pytest.fixture(params=["s3", "local"])
+def folder(request, s3_server, tmp_path):
+    """(storage, folder) on the S3 server over HTTP, and in a local folder."""
+    if request.param == "s3":
+        return Storage(s3_server.endpoint_url), parse_uri(f"s3://{s3_server.create_bucket()}/store")
+    return Storage(), parse_uri(str(tmp_path / "store"))
+
+
+def test_a_missing_object_reads_as_file_not_found_on_both_backends(folder):
+    storage, root = folder
+    for read in (storage.read_bytes, storage.read_versioned):
+        with pytest.raises(FileNotFoundError):
+            read(root.join("nothing-here"))
+
+
+def test_a_conditional_replace_takes_effect_only_on_the_version_read(folder):
+    storage, root = folder
+    location = root.join("lease")
+    first = storage.put_bytes(location, b"first", if_absent=True)
+    assert storage.read_versioned(location) == (b"first", first)
+    second = storage.put_bytes(location, b"second", if_match=first)
+    assert second != first
+    with pytest.raises(VersionMismatch):
+        storage.put_bytes(location, b"late", if_match=first)
+    assert storage.read_versioned(location) == (b"second", second)
+    with pytest.raises(FileNotFoundError):
+        storage.put_bytes(root.join("absent"), b"x", if_match=first)
+    assert not storage.exists(root.join("absent"))
+
+
+def test_conditional_writes_are_probed_and_the_probe_leaves_nothing(folder):
+    storage, root = folder
+    storage.check_conditional_writes(root)
+    assert [info.location.uri for info in storage.list_objects(root) if "probe" in info.location.path] == []
+
+
+@pytest.mark.parametrize("condition, header", [("if_absent", "If-None-Match"), ("if_match", "If-Match")])
+def test_a_store_that_ignores_conditional_writes_is_refused(s3_server, s3_bucket, monkeypatch, condition, header):
+    ignored = ignore_conditional_writes(monkeypatch, condition)
+    with pytest.raises(StorageError, match=f"ignores {header}") as caught:
+        Storage(s3_server.endpoint_url).check_conditional_writes(parse_uri(f"s3://{s3_bucket}/out"))
+    assert ignored  # the fault really happened: a conditional write went through unconditionally
+    assert s3_server.endpoint_url in str(caught.value)
+    assert "Contents" not in s3_server.client().list_objects_v2(Bucket=s3_bucket)  # the probe is gone
 
 
 def _unused_port() -> int:
