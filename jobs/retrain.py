@@ -22,6 +22,7 @@ import torch
 
 from jobs.ingest import run_ingest
 from jobs.scoring.model_ref import ModelReferenceError, resolve_model
+from jobs.serving.registry import model_versions
 from jobs.train import run_train, tracking_uri
 from jobs.training.config import TrainConfig
 from model.package import load_package
@@ -185,7 +186,7 @@ def run_retrain(
     data_ref = f"{dataset}@{manifest.version}"
     val_ref = f"{parse_dataset_ref(val)[0]}@{load_manifest(val, endpoint_url=endpoint_url).version}"
 
-    trained_on = {v.tags.get("dataset") for v in _versions(client, model_name)}
+    trained_on = {v.tags.get("dataset") for v in model_versions(client, model_name)}
     if data_ref in trained_on:
         echo(f"[retrain] nothing new in {source}: {model_name} already has a model trained on {data_ref}")
         return RetrainResult(manifest.version, summary.ingested, None, ["nothing new"])
@@ -216,12 +217,3 @@ def run_retrain(
         f"{'PROMOTED' if decision.promoted else 'kept champion'} ({decision.reason})"
     )
     return RetrainResult(manifest.version, summary.ingested, decision)
-
-
-def _versions(client, model_name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.search_model_versions(f"name='{model_name}'")
-    except MlflowException:
-        return []

@@ -14,6 +14,16 @@ PYFUNC_SOURCE = os.path.join(os.path.dirname(__file__), "pyfunc_model.py")
 MODEL_PACKAGE_DIR = os.path.dirname(model.__file__)
 
 
+def model_versions(client, name: str) -> list:
+    """Every registered version of model `name`; none when there is no such model."""
+    # MLflow takes the text between matching quotes as is (no escapes): quote with a character the name does not
+    # hold, so that a name like "x' AND name='y" is one literal and cannot pick another model's versions.
+    quote = next((q for q in ("'", '"') if q not in name), None)
+    if quote is None:
+        raise ValueError(f"model name {name!r} holds both quote characters: MLflow cannot search for it")
+    return client.search_model_versions(f"name={quote}{name}{quote}")
+
+
 def log_model(
     run_id: str,
     weights_path: str,
@@ -32,7 +42,7 @@ def log_model(
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
     if register_as:
-        done = [v for v in client.search_model_versions(f"name='{register_as}'") if v.run_id == run_id]
+        done = [v for v in model_versions(client, register_as) if v.run_id == run_id]
         if done:  # a re-run after a completed registration registers nothing new
             return done[0].source, int(done[0].version)
     signature = ModelSignature(

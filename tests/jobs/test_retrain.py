@@ -11,7 +11,7 @@ import torch
 import model
 from jobs.ingest import run_ingest
 from jobs.retrain import CHAMPION, PromotionLock, gate, promote_if_better
-from jobs.serving.registry import log_model
+from jobs.serving.registry import log_model, model_versions
 from model.package import ModelCard, save_package
 from pipeline import generate_motion_dataset, parse_uri
 from pipeline.storage import Storage
@@ -114,3 +114,14 @@ def test_an_expired_lock_of_a_crashed_retrain_is_taken_over(tmp_path):
     held = PromotionLock(Storage(), parse_uri(str(tmp_path / "locks" / "n.lock")))
     with held, pytest.raises(TimeoutError, match="held by another retrain"):
         PromotionLock(Storage(), held.location, wait_s=0.5).__enter__()
+
+
+def test_a_model_name_cannot_widen_or_redirect_the_versions_filter(mlflow_server, tmp_path):
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    victim = register_constant_model("gate-victim", "left", mlflow_server.uri, tmp_path)
+    assert [int(v.version) for v in model_versions(client, "gate-victim")] == [victim]
+    assert model_versions(client, "gate-victim' AND name='gate-victim") == []
+    quoted = register_constant_model("gate-o'brien", "left", mlflow_server.uri, tmp_path)
+    assert [int(v.version) for v in model_versions(client, "gate-o'brien")] == [quoted]
+    with pytest.raises(ValueError, match="both quote characters"):
+        model_versions(client, """gate-'both"quotes""")
