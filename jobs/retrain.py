@@ -4,7 +4,9 @@ current champion on the same fixed validation set.
 MLflow has no compare-and-set for aliases, so promotion runs under a lock object in storage (created with an
 if-absent write, which both local files and S3 conditional writes make atomic): holding it, a retrain reads the
 alias, re-evaluates the champion if it changed since the gate was computed, sets the alias and reads it back.
-Two retrains started at once therefore cannot both promote a model that the other has since beaten.
+Two retrains started at once therefore cannot both promote a model that the other has since beaten. Only a champion
+that does not exist yet lets a candidate in unopposed: a registry that cannot be read stops the retrain with nothing
+promoted.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from jobs.ingest import run_ingest
-from jobs.scoring.model_ref import ModelReferenceError, resolve_model
+from jobs.scoring.model_ref import resolve_model
 from jobs.serving.registry import model_versions
 from jobs.train import run_train, tracking_uri
 from jobs.training.config import TrainConfig
@@ -70,6 +72,31 @@ def evaluate_accuracy(weights: str, config: str, val_ref: str, endpoint_url: str
     if total == 0:
         raise ValueError(f"validation dataset {val_ref} has no clips")
     return correct / total
+
+
+class ChampionUnknown(RuntimeError):
+    """The registry could not say which version is champion: nothing may be promoted."""
+
+
+def champion_version(client, model_name: str) -> int | None:
+    """The version the champion alias points to; None only when the model or the alias does not exist yet."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    # The registered model's alias map rather than get_model_version_by_alias, which reports a missing alias as
+    # INVALID_PARAMETER_VALUE, a code it shares with requests that are wrong in other ways.
+    try:
+        registered = client.get_registered_model(model_name)
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        # A timeout or a 5xx is not "no champion": the candidate would replace a better model unopposed.
+        raise ChampionUnknown(
+            f"cannot read the {CHAMPION} alias of {model_name} ({error.error_code}): nothing promoted; "
+            f"{error.message}"
+        ) from None
+    version = registered.aliases.get(CHAMPION)
+    return int(version) if version is not None else None
 
 
 class PromotionLock:
@@ -125,36 +152,30 @@ def promote_if_better(model_name: str, candidate_version: int, candidate_accurac
                       min_gain: float, lock: PromotionLock, uri: str, endpoint_url: str | None = None) -> GateDecision:
     """The guarded read-decide-set-verify of the champion alias."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient(uri)
     with lock, tempfile.TemporaryDirectory() as scratch:
-        try:
-            champion = client.get_model_version_by_alias(model_name, CHAMPION)
-        except MlflowException:
-            champion = None
-        champion_version = int(champion.version) if champion else None
+        champion = champion_version(client, model_name)
         champion_accuracy = None
-        if champion is not None and champion_version != candidate_version:
-            resolved = resolve_model(f"models:/{model_name}/{champion_version}", scratch, uri)
+        if champion is not None and champion != candidate_version:
+            resolved = resolve_model(f"models:/{model_name}/{champion}", scratch, uri)
             champion_accuracy = evaluate_accuracy(resolved.weights_path, resolved.config_path, val_ref, endpoint_url)
-        if champion_version == candidate_version:
+        if champion == candidate_version:
             return GateDecision(False, "candidate is already champion", candidate_version, candidate_accuracy,
-                                champion_version, candidate_accuracy)
+                                champion, candidate_accuracy)
         promoted, reason = gate(candidate_accuracy, champion_accuracy, min_gain)
         if promoted:
             client.set_registered_model_alias(model_name, CHAMPION, str(candidate_version))
             now = client.get_model_version_by_alias(model_name, CHAMPION)
             if int(now.version) != candidate_version:
                 raise RuntimeError(f"alias {CHAMPION} reads back version {now.version}, not {candidate_version}")
-    decision = GateDecision(promoted, reason, candidate_version, candidate_accuracy, champion_version,
-                            champion_accuracy)
+    decision = GateDecision(promoted, reason, candidate_version, candidate_accuracy, champion, champion_accuracy)
     tags = {
         "gate.decision": "promoted" if promoted else "rejected",
         "gate.reason": reason,
         "gate.val_dataset": val_ref,
         "gate.candidate_accuracy": f"{candidate_accuracy:.6f}",
-        "gate.champion_version": str(champion_version),
+        "gate.champion_version": str(champion),
         "gate.champion_accuracy": "" if champion_accuracy is None else f"{champion_accuracy:.6f}",
     }
     for key, value in tags.items():
@@ -196,13 +217,14 @@ def run_retrain(
     cfg.endpoint_url = cfg.endpoint_url or endpoint_url
     with tempfile.TemporaryDirectory() as scratch:
         if init == "champion":
-            try:
-                champion = resolve_model(f"models:/{model_name}@{CHAMPION}", scratch, uri)
-                # pinned by version: workers on other nodes fetch the same weights themselves
-                cfg.pretrained = f"models:/{model_name}/{champion.identity.version}"
-                echo(f"[retrain] candidate starts from {champion.identity.describe()}")
-            except ModelReferenceError:  # no champion yet: the normal first run
+            version = champion_version(client, model_name)
+            if version is None:  # the normal first run
                 echo(f"[retrain] no champion of {model_name} yet: candidate starts from the configured weights")
+            else:
+                champion = resolve_model(f"models:/{model_name}/{version}", scratch, uri)
+                # pinned by version: workers on other nodes fetch the same weights themselves
+                cfg.pretrained = f"models:/{model_name}/{version}"
+                echo(f"[retrain] candidate starts from {champion.identity.describe()}")
         result = run_train(cfg)
         resolved = resolve_model(f"models:/{model_name}/{result.registered_version}", scratch, uri)
         accuracy = evaluate_accuracy(resolved.weights_path, resolved.config_path, val_ref, cfg.endpoint_url)

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
 import pytest
 import torch
 
+import jobs.retrain
 import model
 from jobs.ingest import run_ingest
-from jobs.retrain import CHAMPION, PromotionLock, gate, promote_if_better
+from jobs.retrain import (
+    CHAMPION,
+    ChampionUnknown,
+    PromotionLock,
+    champion_version,
+    gate,
+    promote_if_better,
+    run_retrain,
+)
 from jobs.serving.registry import log_model, model_versions
+from jobs.training.config import TrainConfig
 from model.package import ModelCard, save_package
 from pipeline import generate_motion_dataset, parse_uri
 from pipeline.storage import Storage
@@ -114,6 +127,106 @@ def test_an_expired_lock_of_a_crashed_retrain_is_taken_over(tmp_path):
     held = PromotionLock(Storage(), parse_uri(str(tmp_path / "locks" / "n.lock")))
     with held, pytest.raises(TimeoutError, match="held by another retrain"):
         PromotionLock(Storage(), held.location, wait_s=0.5).__enter__()
+
+
+class FailingRegistry:
+    """A proxy to the real MLflow server that answers 503 to the next `refusals` registered-model reads (the
+    champion lookup and its retries: a short outage) and forwards everything else; `refused` lists the reads it
+    answered 503."""
+
+    def __init__(self, upstream: str, refusals: int):
+        refused = self.refused = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if (self.command == "GET" and self.path.startswith("/api/2.0/mlflow/registered-models/")
+                        and len(refused) < refusals):
+                    refused.append(self.path)
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                request = urllib.request.Request(upstream + self.path, data=body or None, method=self.command,
+                                                 headers={"Content-Type": self.headers.get("Content-Type", "")})
+                try:
+                    with urllib.request.urlopen(request, timeout=60) as response:
+                        status, headers, payload = response.status, response.headers, response.read()
+                except urllib.error.HTTPError as error:
+                    status, headers, payload = error.code, error.headers, error.read()
+                self.send_response(status)
+                self.send_header("Content-Type", headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = relay
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.uri = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+RETRIES = 1  # the MLflow client's own retries of a 5xx, kept few and without backoff
+
+
+@pytest.fixture
+def failing_registry(mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(RETRIES))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    proxy = FailingRegistry(mlflow_server.uri, refusals=RETRIES + 1)
+    yield proxy
+    proxy.close()
+
+
+def test_no_champion_only_when_the_model_or_its_alias_does_not_exist(mlflow_server, tmp_path):
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    assert champion_version(client, "gate-never-registered") is None
+    version = register_constant_model("gate-no-alias", "left", mlflow_server.uri, tmp_path)
+    assert champion_version(client, "gate-no-alias") is None
+    client.set_registered_model_alias("gate-no-alias", CHAMPION, str(version))
+    assert champion_version(client, "gate-no-alias") == version
+
+
+def test_a_registry_answering_5xx_stops_the_gate_with_nothing_promoted(
+    left_only_validation, mlflow_server, failing_registry, tmp_path
+):
+    uri, name = mlflow_server.uri, "gate-registry-down"
+    strong = register_constant_model(name, "left", uri, tmp_path)
+    promote_if_better(name, strong, 1.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    weak = register_constant_model(name, "right", uri, tmp_path)
+    with pytest.raises(ChampionUnknown, match="nothing promoted"):
+        promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), failing_registry.uri)
+    assert len(failing_registry.refused) == RETRIES + 1  # the registry really answered 503 to every attempt
+    assert champion_of(name, uri) == strong
+    assert "gate.decision" not in mlflow.MlflowClient(uri).get_model_version(name, str(weak)).tags
+
+
+def test_retrain_does_not_start_from_pretrained_weights_when_the_champion_cannot_be_read(
+    left_only_validation, mlflow_server, failing_registry, tmp_path, monkeypatch
+):
+    uri, name = mlflow_server.uri, "retrain-registry-down"
+    champion = register_constant_model(name, "left", uri, tmp_path)
+    promote_if_better(name, champion, 1.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    generate_motion_dataset(tmp_path / "videos", 1, classes=("left",), size=(40, 40), num_frames=16, seed=5)
+
+    def train_without_champion(cfg):
+        raise AssertionError(f"training started from {cfg.pretrained!r} instead of the champion")
+
+    monkeypatch.setattr(jobs.retrain, "run_train", train_without_champion)
+    train = TrainConfig(data="set by retrain", storage=str(tmp_path / "runs"), tracking_uri=failing_registry.uri)
+    with pytest.raises(ChampionUnknown, match="nothing promoted"):
+        run_retrain(str(tmp_path / "videos"), str(tmp_path / "clips"), name, left_only_validation, train=train,
+                    ingest_options={"labels_from_dirs": True, "frames": 8, "size": 32, "short_side": 40},
+                    echo=lambda line: None)
+    assert len(failing_registry.refused) == RETRIES + 1
 
 
 def test_a_model_name_cannot_widen_or_redirect_the_versions_filter(mlflow_server, tmp_path):
