@@ -1,12 +1,11 @@
 """`uniformer retrain`: ingest what is new, train a candidate, and promote it to `champion` only if it beats the
 current champion on the same fixed validation set.
 
-MLflow has no compare-and-set for aliases, so promotion runs under a lock object in storage (created with an
-if-absent write, which both local files and S3 conditional writes make atomic): holding it, a retrain reads the
-alias, re-evaluates the champion if it changed since the gate was computed, sets the alias and reads it back.
-Two retrains started at once therefore cannot both promote a model that the other has since beaten. Only a champion
-that does not exist yet lets a candidate in unopposed: a registry that cannot be read stops the retrain with nothing
-promoted.
+MLflow has no compare-and-set for aliases, so promotion runs under a lease object in storage (see PromotionLock):
+holding it, a retrain reads the alias, re-evaluates the champion if it changed since the gate was computed, checks
+that the lease is still its own, sets the alias and reads it back. Two retrains started at once therefore cannot
+both promote a model that the other has since beaten. Only a champion that does not exist yet lets a candidate in
+unopposed: a registry that cannot be read stops the retrain with nothing promoted.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import json
 import os
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +31,7 @@ from model.package import load_package
 from model.transforms import eval_transform
 from pipeline import iter_clip_batches, load_manifest, parse_dataset_ref, parse_uri
 from pipeline.schema import frames_to_numpy
-from pipeline.storage import Storage
+from pipeline.storage import Storage, VersionMismatch
 
 CHAMPION = "champion"
 
@@ -78,6 +78,10 @@ class ChampionUnknown(RuntimeError):
     """The registry could not say which version is champion: nothing may be promoted."""
 
 
+class LeaseLost(RuntimeError):
+    """The promotion lease expired and was taken over (or removed) while this retrain held it."""
+
+
 def champion_version(client, model_name: str) -> int | None:
     """The version the champion alias points to; None only when the model or the alias does not exist yet."""
     from mlflow.exceptions import MlflowException
@@ -100,43 +104,94 @@ def champion_version(client, model_name: str) -> int | None:
 
 
 class PromotionLock:
-    """A lease object in storage: acquired by an if-absent write, released by deleting it; expired leases (a
-    crashed holder) are taken over."""
+    """A lease object in storage, held by at most one retrain at a time.
 
-    def __init__(self, storage: Storage, location, ttl_s: float = 900, wait_s: float = 600):
+    Acquired by an if-absent write, or by replacing an expired lease (a crashed holder's) with a write conditioned on
+    the version read, so that of two waiters that saw it expire only one can replace it. Renewed in the background
+    while held; `ensure_held` checks that it is still ours right before an action only the holder may take.
+    Released by marking it expired, again conditioned on our version: a lease taken over or removed meanwhile is
+    someone else's, and is left alone."""
+
+    def __init__(self, storage: Storage, location, ttl_s: float = 900, wait_s: float = 600,
+                 renew_every_s: float | None = None):
         self.storage, self.location, self.ttl_s, self.wait_s = storage, location, ttl_s, wait_s
+        self.renew_every_s = ttl_s / 3 if renew_every_s is None else renew_every_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._version: str | None = None  # the lease object's version as we last wrote it; None: not ours
+        self._guard = threading.Lock()  # renewal against ensure_held, which compares _version with the store
+        self._stop = threading.Event()
+        self._renewal: threading.Thread | None = None
+
+    def _body(self, expires_at: float) -> bytes:
+        return json.dumps({"owner": self.owner, "expires_at": expires_at}).encode()
 
     def __enter__(self) -> PromotionLock:
         deadline = time.monotonic() + self.wait_s
         delay = 0.1
         while True:
-            body = json.dumps({"owner": self.owner, "expires_at": time.time() + self.ttl_s}).encode()
             try:
-                self.storage.put_bytes(self.location, body, if_absent=True)
-                return self
+                self._version = self.storage.put_bytes(self.location, self._body(time.time() + self.ttl_s),
+                                                       if_absent=True)
             except FileExistsError:
-                self._take_over_if_expired()
+                self._version = self._take_over_if_expired()
+            if self._version is not None:
+                break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"promotion lock {self.location.uri} is held by another retrain")
             time.sleep(delay)
             delay = min(2.0, delay * 2)
+        self._stop.clear()
+        self._renewal = threading.Thread(target=self._renew, name=f"renew {self.location.uri}", daemon=True)
+        self._renewal.start()
+        return self
 
-    def _take_over_if_expired(self) -> None:
+    def _take_over_if_expired(self) -> str | None:
         try:
-            holder = json.loads(self.storage.read_bytes(self.location))
+            data, version = self.storage.read_versioned(self.location)
+            holder = json.loads(data)
         except (FileNotFoundError, ValueError):
-            return
-        if holder.get("expires_at", 0) < time.time():
-            self.storage.delete(self.location)
+            return None
+        if holder.get("expires_at", 0) >= time.time():
+            return None
+        try:
+            return self.storage.put_bytes(self.location, self._body(time.time() + self.ttl_s), if_match=version)
+        except (VersionMismatch, FileNotFoundError):
+            return None  # another waiter replaced it first, or it was removed
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.renew_every_s):
+            with self._guard:
+                try:
+                    self._version = self.storage.put_bytes(self.location, self._body(time.time() + self.ttl_s),
+                                                           if_match=self._version)
+                except (VersionMismatch, FileNotFoundError):
+                    self._version = None  # expired and taken over, or removed: it never becomes ours again
+                    return
+
+    def ensure_held(self) -> None:
+        """Raise LeaseLost unless the lease in storage is still the one we last wrote, and unexpired."""
+        with self._guard:
+            try:
+                data, version = self.storage.read_versioned(self.location)
+                unexpired = json.loads(data).get("expires_at", 0) > time.time()
+            except FileNotFoundError:
+                version, unexpired = None, False
+            if self._version is None or version != self._version or not unexpired:
+                raise LeaseLost(
+                    f"promotion lock {self.location.uri} is no longer held by this retrain (it expired and was taken "
+                    f"over, or was removed): the {CHAMPION} alias is left as it is"
+                )
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._renewal.join()
+        version, self._version = self._version, None
+        if version is None:
+            return  # lost while held: what is there now belongs to someone else
         try:
-            holder = json.loads(self.storage.read_bytes(self.location))
-        except FileNotFoundError:
-            return
-        if holder.get("owner") == self.owner:
-            self.storage.delete(self.location)
+            self.storage.put_bytes(self.location, self._body(0.0), if_match=version)
+        except (VersionMismatch, FileNotFoundError):
+            pass  # taken over after it expired, or removed: nothing of ours left to release
 
 
 def gate(candidate_accuracy: float, champion_accuracy: float | None, min_gain: float) -> tuple[bool, str]:
@@ -165,6 +220,7 @@ def promote_if_better(model_name: str, candidate_version: int, candidate_accurac
                                 champion, candidate_accuracy)
         promoted, reason = gate(candidate_accuracy, champion_accuracy, min_gain)
         if promoted:
+            lock.ensure_held()  # the evaluation may have outlasted a lease that could not be renewed
             client.set_registered_model_alias(model_name, CHAMPION, str(candidate_version))
             now = client.get_model_version_by_alias(model_name, CHAMPION)
             if int(now.version) != candidate_version:
@@ -215,6 +271,8 @@ def run_retrain(
     cfg = train or TrainConfig(data=data_ref)
     cfg.data, cfg.val_data, cfg.register_as, cfg.tracking_uri = data_ref, val_ref, model_name, uri
     cfg.endpoint_url = cfg.endpoint_url or endpoint_url
+    locks, storage = parse_uri(cfg.storage).join("locks"), Storage(cfg.endpoint_url)
+    storage.check_conditional_writes(locks)  # before training: the promotion lease relies on them
     with tempfile.TemporaryDirectory() as scratch:
         if init == "champion":
             version = champion_version(client, model_name)
@@ -228,9 +286,9 @@ def run_retrain(
         result = run_train(cfg)
         resolved = resolve_model(f"models:/{model_name}/{result.registered_version}", scratch, uri)
         accuracy = evaluate_accuracy(resolved.weights_path, resolved.config_path, val_ref, cfg.endpoint_url)
-    lock_root = parse_uri(cfg.storage).join("locks", f"{model_name}.promotion.lock")
     decision = promote_if_better(model_name, result.registered_version, accuracy, val_ref, min_gain,
-                                 PromotionLock(Storage(cfg.endpoint_url), lock_root), uri, cfg.endpoint_url)
+                                 PromotionLock(storage, locks.join(f"{model_name}.promotion.lock")), uri,
+                                 cfg.endpoint_url)
     for key, value in (("dataset", data_ref), ("val_dataset", val_ref), ("gate_decision", str(decision.promoted))):
         client.set_tag(result.mlflow_run_id, f"retrain.{key}", value)
     echo(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +19,7 @@ from jobs.ingest import run_ingest
 from jobs.retrain import (
     CHAMPION,
     ChampionUnknown,
+    LeaseLost,
     PromotionLock,
     champion_version,
     gate,
@@ -27,8 +30,8 @@ from jobs.serving.registry import log_model, model_versions
 from jobs.training.config import TrainConfig
 from model.package import ModelCard, save_package
 from pipeline import generate_motion_dataset, parse_uri
-from pipeline.storage import Storage
-from tests.conftest import start_local_ray
+from pipeline.storage import Storage, StorageError
+from tests.conftest import ignore_conditional_writes, start_local_ray
 
 pytestmark = pytest.mark.integration
 CLASSES = ["down", "left", "right", "up"]
@@ -119,14 +122,129 @@ def test_two_retrains_promoting_at_once_do_not_both_promote(left_only_validation
     assert champion_of(name, uri) == promoted[0]
 
 
+def crash_holding(storage: Storage, location) -> None:
+    """What a retrain that died holding the lease leaves: a lease object that has expired."""
+    storage.put_bytes(location, json.dumps({"owner": "crashed", "expires_at": time.time() - 1}).encode(),
+                      if_absent=True)
+
+
 def test_an_expired_lock_of_a_crashed_retrain_is_taken_over(tmp_path):
-    crashed = PromotionLock(Storage(), parse_uri(str(tmp_path / "locks" / "m.lock")), ttl_s=-1)
-    crashed.__enter__()  # held, already expired, never released
+    crash_holding(Storage(), parse_uri(str(tmp_path / "locks" / "m.lock")))
     with lock_for(tmp_path, "m") as lock:
         assert lock.owner in Storage().read_bytes(lock.location).decode()
     held = PromotionLock(Storage(), parse_uri(str(tmp_path / "locks" / "n.lock")))
     with held, pytest.raises(TimeoutError, match="held by another retrain"):
         PromotionLock(Storage(), held.location, wait_s=0.5).__enter__()
+
+
+@pytest.fixture(params=["s3", "local"])
+def lease_store(request, s3_server, tmp_path):
+    """(storage, a folder for leases) on the S3 server over HTTP, and in a local folder."""
+    if request.param == "s3":
+        return Storage(s3_server.endpoint_url), parse_uri(f"s3://{s3_server.create_bucket()}/locks")
+    return Storage(), parse_uri(str(tmp_path / "locks"))
+
+
+def test_two_contenders_over_an_expired_lease_exactly_one_holds_it(lease_store):
+    storage, folder = lease_store
+    for round_ in range(5):
+        location = folder.join(f"round-{round_}.lock")
+        crash_holding(storage, location)
+        contenders = [PromotionLock(storage, location, wait_s=1.0) for _ in range(2)]
+        outcomes, start, tried = {}, threading.Barrier(2), threading.Barrier(2)
+
+        def contend(lock: PromotionLock) -> None:
+            start.wait()
+            try:
+                lock.__enter__()
+            except TimeoutError:
+                outcomes[lock.owner] = "gave up"
+                tried.wait()
+                return
+            outcomes[lock.owner] = "held"
+            tried.wait()  # hold it until the other contender has given up
+            lock.__exit__(None, None, None)
+
+        threads = [threading.Thread(target=contend, args=(lock,)) for lock in contenders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(outcomes.values()) == ["gave up", "held"], f"round {round_}: {outcomes}"
+
+
+class StaleReads(Storage):
+    """A waiter whose reads of the lease lag behind: it keeps seeing the lease as it was when it first looked."""
+
+    def __init__(self, storage: Storage, snapshot: tuple[bytes, str]):
+        super().__init__(storage.endpoint_url)
+        self.snapshot, self.served = snapshot, 0
+
+    def read_versioned(self, location):
+        self.served += 1
+        return self.snapshot
+
+
+def test_a_waiter_that_saw_the_lease_expire_cannot_replace_it_once_taken_over(lease_store):
+    storage, folder = lease_store
+    location = folder.join("m.lock")
+    crash_holding(storage, location)
+    late = StaleReads(storage, storage.read_versioned(location))
+    with PromotionLock(storage, location) as first:
+        with pytest.raises(TimeoutError):
+            PromotionLock(late, location, wait_s=0.5).__enter__()
+        assert late.served >= 1 and json.loads(late.snapshot[0])["owner"] == "crashed"  # it did see it expired
+        assert json.loads(storage.read_bytes(location))["owner"] == first.owner
+
+
+def test_a_held_lease_is_renewed_and_released_for_the_next_retrain(lease_store):
+    storage, folder = lease_store
+    location = folder.join("m.lock")
+    with PromotionLock(storage, location, ttl_s=2.0, renew_every_s=0.2) as holder:
+        first = json.loads(storage.read_bytes(location))["expires_at"]
+        while time.time() < first + 0.5:  # past the expiry of the lease as first written
+            time.sleep(0.05)
+        assert json.loads(storage.read_bytes(location))["expires_at"] > first
+        holder.ensure_held()
+        with pytest.raises(TimeoutError):
+            PromotionLock(storage, location, wait_s=0.3).__enter__()
+    with PromotionLock(storage, location, wait_s=0.3) as next_one:
+        assert json.loads(storage.read_bytes(location))["owner"] == next_one.owner
+
+
+def test_releasing_a_lease_that_vanished_does_not_fail(lease_store):
+    storage, folder = lease_store
+    with PromotionLock(storage, folder.join("m.lock")) as lock:
+        storage.delete(lock.location)
+        with pytest.raises(LeaseLost):
+            lock.ensure_held()
+
+
+def test_a_holder_whose_lease_expired_and_was_taken_over_cannot_move_the_alias(
+    left_only_validation, mlflow_server, s3_server, tmp_path, monkeypatch
+):
+    uri, name = mlflow_server.uri, "gate-lease-lost"
+    storage, location = Storage(s3_server.endpoint_url), parse_uri(f"s3://{s3_server.create_bucket()}/m.lock")
+    weak = register_constant_model(name, "right", uri, tmp_path)
+    promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    strong = register_constant_model(name, "left", uri, tmp_path)
+
+    # A holder whose renewals never come (a stalled process): while it evaluates the champion, its lease expires
+    # and another retrain takes it over.
+    stalled = PromotionLock(storage, location, ttl_s=0.5, renew_every_s=3600)
+    thieves = []
+    evaluate = jobs.retrain.evaluate_accuracy
+
+    def evaluate_while_taken_over(*args, **kwargs):
+        thieves.append(PromotionLock(storage, location, wait_s=60).__enter__())
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(jobs.retrain, "evaluate_accuracy", evaluate_while_taken_over)
+    with pytest.raises(LeaseLost, match="no longer held"):
+        promote_if_better(name, strong, 1.0, left_only_validation, 0.0, stalled, uri)
+    assert json.loads(storage.read_bytes(location))["owner"] == thieves[0].owner  # the takeover really happened
+    thieves[0].__exit__(None, None, None)
+    assert champion_of(name, uri) == weak
 
 
 class FailingRegistry:
@@ -227,6 +345,22 @@ def test_retrain_does_not_start_from_pretrained_weights_when_the_champion_cannot
                     ingest_options={"labels_from_dirs": True, "frames": 8, "size": 32, "short_side": 40},
                     echo=lambda line: None)
     assert len(failing_registry.refused) == RETRIES + 1
+
+
+def test_retrain_refuses_lock_storage_that_ignores_conditional_writes(
+    left_only_validation, mlflow_server, s3_server, tmp_path, monkeypatch
+):
+    ignored = ignore_conditional_writes(monkeypatch, "if_absent", "if_match")
+    monkeypatch.setattr(jobs.retrain, "run_train", lambda cfg: pytest.fail("trained on a store without a lease"))
+    generate_motion_dataset(tmp_path / "videos", 1, classes=("left",), size=(40, 40), num_frames=16, seed=6)
+    train = TrainConfig(data="set by retrain", storage=f"s3://{s3_server.create_bucket()}/runs",
+                        tracking_uri=mlflow_server.uri, endpoint_url=s3_server.endpoint_url)
+    with pytest.raises(StorageError, match="ignores If-None-Match"):
+        run_retrain(str(tmp_path / "videos"), str(tmp_path / "clips"), "retrain-bad-store", left_only_validation,
+                    init="pretrained", train=train,
+                    ingest_options={"labels_from_dirs": True, "frames": 8, "size": 32, "short_side": 40},
+                    echo=lambda line: None)
+    assert ignored and all("/runs/locks/" in uri for uri in ignored)
 
 
 def test_a_model_name_cannot_widen_or_redirect_the_versions_filter(mlflow_server, tmp_path):
