@@ -6,6 +6,10 @@ reuses it.
 Short videos are padded, not refused: when a video has fewer frames than a clip needs, the missing positions repeat
 the last frame and the clip is marked `padded` (a 1-second clip of a 2-second action is still a usable example;
 readers that want only full clips filter on the column).
+
+Huge videos are refused, not decoded: before decord opens a video, PyAV reads its container and stream headers (no
+frame is decoded) and a video that declares more than `DecodeLimits` allow is a `VideoTooLarge` error. A video much
+larger than the clips need is decoded scaled down by the decoder itself, so that its frames never exist at full size.
 """
 
 from __future__ import annotations
@@ -18,10 +22,41 @@ from dataclasses import dataclass
 import numpy as np
 
 SAMPLINGS = ("uniform", "dense")
+# Frames larger than this many times the short side the clips need are decoded scaled to it: the decoder's scaler
+# does the bulk of the shrinking and torch's antialiased resize the last step, as for any other source.
+_SCALED_DECODE_FACTOR = 2
 
 
 class VideoDecodeError(RuntimeError):
     """This video cannot be turned into clips; the message says why in one line."""
+
+
+class VideoTooLarge(VideoDecodeError):
+    """The video's header declares more pixels, frames or seconds than the limits allow; nothing was decoded."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one video may cost. The defaults admit any action dataset's videos (4K, an hour at 60 fps) and refuse
+    what only a broken or hostile file declares; the jobs' options and flags take their defaults from here."""
+
+    max_frame_side: int = 4096  # pixels, the longer side
+    max_frames: int = 216_000  # an hour at 60 fps
+    max_seconds: float = 3600.0
+
+    def __post_init__(self):
+        if min(self.max_frame_side, self.max_frames, self.max_seconds) <= 0:
+            raise ValueError(f"decode limits must be > 0: {self}")
+
+
+@dataclass(frozen=True)
+class VideoHeader:
+    """What a video declares about itself before any frame is decoded; 0 where it does not say."""
+
+    width: int
+    height: int
+    frames: int  # declared, or estimated from duration x frame rate
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -29,7 +64,7 @@ class ClipInfo:
     frame_indices: np.ndarray  # [K, T] int32, indices into the video's frames
     fps: float
     num_video_frames: int
-    width: int
+    width: int  # the source's frame size, whatever size it was decoded at
     height: int
     padded: bool
 
@@ -103,9 +138,11 @@ def resize_center_crop(frames: np.ndarray, short_side: int) -> np.ndarray:
 
 
 _DECORD_NOISE = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
-# decord's messages for common bad inputs, said plainly (its own are C++ checks or "Error reading N bytes...").
+_NO_VIDEO_STREAM = "no video stream in the container (audio-only, or a damaged header)"
+# decord's and PyAV's messages for common bad inputs, said plainly (decord's own are C++ checks or "Error reading N
+# bytes...").
 _KNOWN_FAILURES = (
-    ("cannot find video stream", "no video stream in the container (audio-only, or a damaged header)"),
+    ("cannot find video stream", _NO_VIDEO_STREAM),
     ("Error reading", "not a readable video container (truncated, corrupt, or not a video at all)"),
     ("Invalid data found", "not a readable video container (truncated, corrupt, or not a video at all)"),
     ("av_read_frame failed", "the frame data is cut short or damaged (truncated or corrupt file)"),
@@ -127,6 +164,60 @@ def _describe(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _source(video: bytes | str | os.PathLike):
+    return io.BytesIO(video) if isinstance(video, (bytes, bytearray, memoryview)) else os.fspath(video)
+
+
+def probe_video(video: bytes | str | os.PathLike) -> VideoHeader:
+    """The first video stream's declared size, frame count and duration, read by PyAV from the container and stream
+    headers without decoding a frame. Raises VideoDecodeError when there is no readable video stream."""
+    import av
+
+    try:
+        # FFmpeg decodes a frame or two while it reads stream information (an H.264 frame at 720p costs ~17 ms, a
+        # bomb's at full size); skipping every frame still reads the sizes from the headers (SPS included).
+        with av.open(_source(video), options={"skip_frame": "all"}) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"cannot open as a video: {_NO_VIDEO_STREAM}")
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = container.duration / av.time_base if container.duration else 0.0
+            frames = stream.frames
+            if not frames and seconds and stream.average_rate:
+                frames = round(seconds * stream.average_rate)
+            return VideoHeader(stream.width, stream.height, frames, seconds)
+    except av.FFmpegError as error:
+        raise VideoDecodeError(f"cannot open as a video: {_describe(error)}") from None
+
+
+def check_limits(header: VideoHeader, limits: DecodeLimits) -> None:
+    """Raise VideoTooLarge when the header declares more than the limits allow."""
+    if max(header.width, header.height) > limits.max_frame_side:
+        raise VideoTooLarge(
+            f"declares {header.width}x{header.height} pixels, above the limit of {limits.max_frame_side} pixels a "
+            "side (--max-frame-side)"
+        )
+    if header.frames > limits.max_frames:
+        raise VideoTooLarge(f"declares {header.frames} frames, above the limit of {limits.max_frames} (--max-frames)")
+    if header.seconds > limits.max_seconds:
+        raise VideoTooLarge(
+            f"declares {header.seconds:.0f} s, above the limit of {limits.max_seconds:g} s (--max-seconds)"
+        )
+
+
+def decode_size(header: VideoHeader, min_short_side: int | None) -> dict[str, int]:
+    """decord's `width`/`height` to decode a source much larger than `min_short_side` scaled down (short side
+    `_SCALED_DECODE_FACTOR` x that, aspect kept, even sides); empty to decode at the source's size."""
+    short = min(header.width, header.height)
+    if min_short_side is None or short <= _SCALED_DECODE_FACTOR * min_short_side:
+        return {}
+    scale = _SCALED_DECODE_FACTOR * min_short_side / short
+    return {"width": max(2, round(header.width * scale / 2) * 2),
+            "height": max(2, round(header.height * scale / 2) * 2)}
+
+
 def read_sampled_frames(
     video: bytes | str | os.PathLike,
     frames: int,
@@ -135,13 +226,18 @@ def read_sampled_frames(
     clips_per_video: int = 1,
     num_threads: int = 1,
     frames_per_segment: int = 1,
+    limits: DecodeLimits = DecodeLimits(),
+    min_short_side: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ClipInfo]:
     """The distinct frames that K sampled clips need, at decoded size: `(frames [U, H, W, 3] uint8, their sorted
     frame indices [U], ClipInfo)`. `np.searchsorted(indices, info.frame_indices)` maps clip positions to rows.
 
     Only those frames are decoded (decord `get_batch` seeks to the nearest key frame). `num_threads` is decord's
-    decoder threads; one per task is right when every CPU runs its own task.
-    Raises VideoDecodeError with a one-line reason for anything that is not a decodable video.
+    decoder threads; one per task is right when every CPU runs its own task. A video whose header declares more than
+    `limits` is refused before decoding; with `min_short_side`, a source much larger than that is decoded scaled down
+    (`decode_size`), so the frames come back smaller than the source.
+    Raises VideoDecodeError (VideoTooLarge) with a one-line reason for anything that is not a decodable video within
+    the limits.
     """
     import decord
 
@@ -150,15 +246,17 @@ def read_sampled_frames(
             raise VideoDecodeError("empty file (0 bytes)")
     elif os.path.getsize(video) == 0:
         raise VideoDecodeError("empty file (0 bytes)")
+    header = probe_video(video)
+    check_limits(header, limits)
 
     def open_reader(**size):
-        source = io.BytesIO(video) if isinstance(video, (bytes, bytearray, memoryview)) else os.fspath(video)
+        source = _source(video)
         try:
             return decord.VideoReader(source, num_threads=num_threads, **size)
         except (decord.DECORDError, RuntimeError) as error:
             raise VideoDecodeError(f"cannot open as a video: {_describe(error)}") from None
 
-    reader = open_reader()
+    reader = open_reader(**decode_size(header, min_short_side))
     num_video_frames = len(reader)
     fps = float(reader.get_avg_fps())
     indices, padded = sample_frame_indices(num_video_frames, frames, sampling, stride, clips_per_video,
@@ -170,12 +268,11 @@ def read_sampled_frames(
         if "DECORDArrayCopyFromTo" not in str(error):
             raise VideoDecodeError(f"cannot decode frames {wanted}: {_describe(error)}") from None
         decoded = None
-    height, width = None, None
     if decoded is None or decoded.ndim != 4 or decoded.shape[-1] != 3:
         # decord mistakes the row padding of some narrow frames (e.g. 16 or 48 pixels wide) for extra channels.
         # Height and width of its output are still right; let its scaler produce a width that is a multiple of 64,
         # which it copies correctly, and resize from there.
-        height, width = reader[wanted[0]].shape[:2]
+        height, width = reader[wanted[0]].shape[:2]  # as decoded: scaled when decode_size asked for it
         scaled_width = -(-width // 64) * 64
         scaled_height = max(2, round(height * scaled_width / width / 2) * 2)
         del reader
@@ -187,9 +284,8 @@ def read_sampled_frames(
     del reader
     if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
         raise VideoDecodeError(f"decoder returned frames of shape {decoded.shape}, expected [{len(wanted)}, H, W, 3]")
-    if height is None:
-        height, width = decoded.shape[1:3]
-    return decoded, np.asarray(wanted), ClipInfo(indices, fps, num_video_frames, width, height, padded)
+    info = ClipInfo(indices, fps, num_video_frames, header.width, header.height, padded)
+    return decoded, np.asarray(wanted), info
 
 
 def decode_clips(
@@ -201,14 +297,16 @@ def decode_clips(
     clips_per_video: int = 1,
     num_threads: int = 1,
     frames_per_segment: int = 1,
+    limits: DecodeLimits = DecodeLimits(),
 ) -> tuple[np.ndarray, ClipInfo]:
     """Decode K clips `[K, T * M, S, S, 3]` uint8 (M = `frames_per_segment`) from one video given as bytes (decoded from memory) or a local path:
-    the sampled frames (`read_sampled_frames`), each scaled so its short side is S and centre-cropped to a square.
+    the sampled frames (`read_sampled_frames`, within `limits`), each scaled so its short side is S and centre-cropped
+    to a square.
 
-    Raises VideoDecodeError with a one-line reason for anything that is not a decodable video.
+    Raises VideoDecodeError with a one-line reason for anything that is not a decodable video within the limits.
     """
     decoded, wanted, info = read_sampled_frames(video, frames, sampling, stride, clips_per_video, num_threads,
-                                                frames_per_segment)
+                                                frames_per_segment, limits, short_side)
     resized = resize_center_crop(decoded, short_side)
     clips = resized[np.searchsorted(wanted, info.frame_indices)]  # [K, T * M, S, S, 3]
     return clips, info

@@ -20,7 +20,7 @@ import re
 
 import numpy as np
 
-from pipeline.decode import ClipInfo, read_sampled_frames
+from pipeline.decode import ClipInfo, DecodeLimits, read_sampled_frames
 
 _VIEWS = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
@@ -79,16 +79,20 @@ def decode_views(
     sampling: str = "uniform",
     stride: int = 16,
     num_threads: int = 1,
+    limits: DecodeLimits = DecodeLimits(),
 ) -> tuple[np.ndarray, ClipInfo]:
     """`[temporal_views * spatial_views, T, crop, crop, 3]` uint8 views of one video (bytes or a local path).
 
     `short_side` defaults to `crop` (the official test scale). Only the distinct frames the clips need are decoded
-    and scaled once each. Raises VideoDecodeError with a one-line reason for anything that is not a decodable video.
+    (within `limits`: see `read_sampled_frames`) and scaled once each.
+    Raises VideoDecodeError with a one-line reason for anything that is not a decodable video within the limits.
     """
     short_side = crop if short_side is None else short_side
     if short_side < crop:
         raise ValueError(f"short_side ({short_side}) must be >= crop ({crop})")
-    decoded, wanted, info = read_sampled_frames(video, frames, sampling, stride, temporal_views, num_threads)
+    decoded, wanted, info = read_sampled_frames(
+        video, frames, sampling, stride, temporal_views, num_threads, limits=limits, min_short_side=short_side
+    )
     crops = spatial_crops(resize_short_side(decoded, short_side), crop, spatial_views)  # [S, U, c, c, 3]
     rows = np.searchsorted(wanted, info.frame_indices)  # [K, T] rows of the decoded frames
     views = crops[:, rows]  # [S, K, T, c, c, 3]
