@@ -41,6 +41,7 @@ from jobs.scoring.results import (
     write_score_manifest,
 )
 from model.inference import PRECISIONS
+from pipeline.isolation import shared_decoder
 from pipeline.listing import SourceVideo, list_videos
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Storage, parse_uri
@@ -105,8 +106,11 @@ def build_params(
 
 
 def decode_batch(batch: dict[str, np.ndarray], storage: Storage, params: ScoreParams) -> dict[str, np.ndarray]:
-    """Fetch and decode the views of each video of a batch. A video that cannot be read or decoded keeps its row,
-    with zero views and its error, so that every input reaches the end of the pipeline."""
+    """Fetch and decode the views of each video of a batch, decoding in this worker's child process
+    (pipeline.isolation). A video that cannot be read or decoded keeps its row, with zero views and its error, so
+    that every input reaches the end of the pipeline."""
+    decoder = shared_decoder()
+    decoder.start()  # a child that cannot start fails the task, rather than every video as a decoding error
     count = len(batch["source_uri"])
     views = np.zeros(
         (count, params.temporal_views * params.spatial_views, params.frames, params.crop, params.crop, 3), np.uint8
@@ -126,6 +130,7 @@ def decode_batch(batch: dict[str, np.ndarray], storage: Storage, params: ScorePa
                     short_side=params.short_side,
                     sampling=params.sampling,
                     stride=params.stride,
+                    decoder=decoder,
                 )
         except Exception as error:  # one bad input must not lose the others
             stages[row], types[row] = stage, type(error).__name__

@@ -10,6 +10,8 @@ readers that want only full clips filter on the column).
 Huge videos are refused, not decoded: before decord opens a video, PyAV reads its container and stream headers (no
 frame is decoded) and a video that declares more than `DecodeLimits` allow is a `VideoTooLarge` error. A video much
 larger than the clips need is decoded scaled down by the decoder itself, so that its frames never exist at full size.
+What a header cannot bound (a decoder crash, a lying header, a pathological stream) is bounded by decoding in a child
+process with a time limit (`decoder=`, pipeline.isolation).
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import io
 import os
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.isolation import DecoderProcess
 
 SAMPLINGS = ("uniform", "dense")
 # Frames larger than this many times the short side the clips need are decoded scaled to it: the decoder's scaler
@@ -35,6 +41,14 @@ class VideoTooLarge(VideoDecodeError):
     """The video's header declares more pixels, frames or seconds than the limits allow; nothing was decoded."""
 
 
+class DecoderCrashed(VideoDecodeError):
+    """The decoding process died on this video, in a fresh process as well (pipeline.isolation)."""
+
+
+class DecodeTimeout(VideoDecodeError):
+    """Decoding this video ran past its time limit; the decoding process was stopped (pipeline.isolation)."""
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     """What one video may cost. The defaults admit any action dataset's videos (4K, an hour at 60 fps) and refuse
@@ -43,9 +57,12 @@ class DecodeLimits:
     max_frame_side: int = 4096  # pixels, the longer side
     max_frames: int = 216_000  # an hour at 60 fps
     max_seconds: float = 3600.0
+    # Per video, when decoded in a child process: an hour of 4K with long key-frame intervals and dozens of sampled
+    # frames decodes well within it.
+    timeout_s: float = 600.0
 
     def __post_init__(self):
-        if min(self.max_frame_side, self.max_frames, self.max_seconds) <= 0:
+        if min(self.max_frame_side, self.max_frames, self.max_seconds, self.timeout_s) <= 0:
             raise ValueError(f"decode limits must be > 0: {self}")
 
 
@@ -228,6 +245,7 @@ def read_sampled_frames(
     frames_per_segment: int = 1,
     limits: DecodeLimits = DecodeLimits(),
     min_short_side: int | None = None,
+    decoder: DecoderProcess | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ClipInfo]:
     """The distinct frames that K sampled clips need, at decoded size: `(frames [U, H, W, 3] uint8, their sorted
     frame indices [U], ClipInfo)`. `np.searchsorted(indices, info.frame_indices)` maps clip positions to rows.
@@ -235,10 +253,16 @@ def read_sampled_frames(
     Only those frames are decoded (decord `get_batch` seeks to the nearest key frame). `num_threads` is decord's
     decoder threads; one per task is right when every CPU runs its own task. A video whose header declares more than
     `limits` is refused before decoding; with `min_short_side`, a source much larger than that is decoded scaled down
-    (`decode_size`), so the frames come back smaller than the source.
-    Raises VideoDecodeError (VideoTooLarge) with a one-line reason for anything that is not a decodable video within
-    the limits.
+    (`decode_size`), so the frames come back smaller than the source. With `decoder`, all of it runs in that child
+    process, stopped after `limits.timeout_s` (pipeline.isolation).
+    Raises VideoDecodeError (VideoTooLarge, DecoderCrashed, DecodeTimeout) with a one-line reason for anything that is
+    not a decodable video within the limits.
     """
+    if decoder is not None:
+        return decoder.call(
+            limits.timeout_s, read_sampled_frames, video, frames, sampling, stride, clips_per_video, num_threads,
+            frames_per_segment, limits, min_short_side,
+        )
     import decord
 
     if isinstance(video, (bytes, bytearray, memoryview)):
@@ -298,15 +322,16 @@ def decode_clips(
     num_threads: int = 1,
     frames_per_segment: int = 1,
     limits: DecodeLimits = DecodeLimits(),
+    decoder: DecoderProcess | None = None,
 ) -> tuple[np.ndarray, ClipInfo]:
     """Decode K clips `[K, T * M, S, S, 3]` uint8 (M = `frames_per_segment`) from one video given as bytes (decoded from memory) or a local path:
-    the sampled frames (`read_sampled_frames`, within `limits`), each scaled so its short side is S and centre-cropped
-    to a square.
+    the sampled frames (`read_sampled_frames`, within `limits`, in `decoder`'s child process when given), each
+    scaled so its short side is S and centre-cropped to a square.
 
     Raises VideoDecodeError with a one-line reason for anything that is not a decodable video within the limits.
     """
     decoded, wanted, info = read_sampled_frames(video, frames, sampling, stride, clips_per_video, num_threads,
-                                                frames_per_segment, limits, short_side)
+                                                frames_per_segment, limits, short_side, decoder)
     resized = resize_center_crop(decoded, short_side)
     clips = resized[np.searchsorted(wanted, info.frame_indices)]  # [K, T * M, S, S, 3]
     return clips, info

@@ -19,7 +19,8 @@ import math
 from dataclasses import dataclass, field
 
 
-from pipeline.decode import decode_clips
+from pipeline.decode import DecodeLimits, decode_clips
+from pipeline.isolation import DecoderProcess, shared_decoder
 from pipeline.listing import SourceVideo, extend_class_map
 from pipeline.manifest import (
     ERRORS_DIR,
@@ -151,8 +152,17 @@ def plan_ingest(
     )
 
 
-def ingest_group(group: dict, storage: Storage, sampling: SamplingParams, root_uri: str) -> dict:
+def ingest_group(
+    group: dict,
+    storage: Storage,
+    sampling: SamplingParams,
+    root_uri: str,
+    limits: DecodeLimits = DecodeLimits(),
+    decoder: DecoderProcess | None = None,
+) -> dict:
     """Decode every video of a group into one shard. Never raises for a bad video: it becomes an error record.
+    That includes a video above `limits` and, when `decoder` (a child process, pipeline.isolation) decodes, one that
+    crashes it or runs past `limits.timeout_s`; without `decoder` the videos are decoded in this process.
 
     Returns a JSON-able result: the shard entry (None when no video gave clips), per-video clip counts, errors, and
     whether an already published shard (from a killed run) was adopted instead of decoding again.
@@ -183,6 +193,8 @@ def ingest_group(group: dict, storage: Storage, sampling: SamplingParams, root_u
                         stride=sampling.stride,
                         clips_per_video=sampling.clips_per_video,
                         frames_per_segment=sampling.frames_per_segment,
+                        limits=limits,
+                        decoder=decoder,
                     )
             except Exception as error:  # one bad input must not lose the others
                 errors.append(_error(source, stage, error))
@@ -220,12 +232,13 @@ def _error(source: dict, stage: str, error: Exception) -> ErrorRecord:
 _MIN_VIDEOS_PER_TASK = 8
 
 
-def build_dataset(plan: IngestPlan, storage: Storage):
+def build_dataset(plan: IngestPlan, storage: Storage, limits: DecodeLimits = DecodeLimits()):
     """A Ray Dataset with one row per group: `{"result": json}`, produced as groups finish (streaming).
 
     Groups (shards) are dealt into tasks of at least `_MIN_VIDEOS_PER_TASK` videos, but into at least two tasks per
     CPU of the cluster when there are enough groups, so that no CPU idles at the end. How groups share tasks does not
-    change what any shard holds.
+    change what any shard holds. Each worker decodes in its own child process (`shared_decoder`), so that a video
+    that kills the decoder or hangs is one error row, not a failed task that Ray retries with all its groups.
     """
     import ray
     import ray.data
@@ -234,9 +247,11 @@ def build_dataset(plan: IngestPlan, storage: Storage):
 
     def run_groups(batch: dict) -> dict:
         node_id = ray.get_runtime_context().get_node_id()
+        decoder = shared_decoder()
+        decoder.start()  # a child that cannot start fails the task, rather than every video as a decoding error
         results = []
         for text in batch["group"]:
-            result = ingest_group(json.loads(text), storage, sampling, root_uri)
+            result = ingest_group(json.loads(text), storage, sampling, root_uri, limits, decoder)
             results.append(json.dumps({**result, "node_id": node_id}, ensure_ascii=False))
         return {"result": results}
 

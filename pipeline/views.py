@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import os
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.decode import ClipInfo, DecodeLimits, read_sampled_frames
+
+if TYPE_CHECKING:
+    from pipeline.isolation import DecoderProcess
 
 _VIEWS = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
@@ -80,18 +84,20 @@ def decode_views(
     stride: int = 16,
     num_threads: int = 1,
     limits: DecodeLimits = DecodeLimits(),
+    decoder: DecoderProcess | None = None,
 ) -> tuple[np.ndarray, ClipInfo]:
     """`[temporal_views * spatial_views, T, crop, crop, 3]` uint8 views of one video (bytes or a local path).
 
     `short_side` defaults to `crop` (the official test scale). Only the distinct frames the clips need are decoded
-    (within `limits`: see `read_sampled_frames`) and scaled once each.
+    (within `limits`, in `decoder`'s child process when given: see `read_sampled_frames`) and scaled once each.
     Raises VideoDecodeError with a one-line reason for anything that is not a decodable video within the limits.
     """
     short_side = crop if short_side is None else short_side
     if short_side < crop:
         raise ValueError(f"short_side ({short_side}) must be >= crop ({crop})")
     decoded, wanted, info = read_sampled_frames(
-        video, frames, sampling, stride, temporal_views, num_threads, limits=limits, min_short_side=short_side
+        video, frames, sampling, stride, temporal_views, num_threads, limits=limits, min_short_side=short_side,
+        decoder=decoder,
     )
     crops = spatial_crops(resize_short_side(decoded, short_side), crop, spatial_views)  # [S, U, c, c, 3]
     rows = np.searchsorted(wanted, info.frame_indices)  # [K, T] rows of the decoded frames

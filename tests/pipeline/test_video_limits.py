@@ -1,16 +1,23 @@
-"""What one video may cost: header probes and limits, scaled-down decoding."""
+"""What one video may cost: header probes and limits, scaled-down decoding, and decoding in a child process that may
+crash or hang without taking its caller along."""
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.decode import (
     DecodeLimits,
+    DecoderCrashed,
+    DecodeTimeout,
+    VideoDecodeError,
     VideoHeader,
     VideoTooLarge,
     decode_clips,
@@ -19,6 +26,10 @@ from pipeline.decode import (
     read_sampled_frames,
     resize_center_crop,
 )
+from pipeline.ingest import ingest_group
+from pipeline.isolation import CRASH_ON_ENV, DecoderProcess
+from pipeline.manifest import SamplingParams
+from pipeline.storage import Storage
 from pipeline.synthetic import write_motion_video
 from pipeline.views import decode_views
 
@@ -43,6 +54,13 @@ def write_declared_huge_video(path: str | Path, side: int) -> Path:
     data[size_at : size_at + 4] = struct.pack(">HH", side, side)
     path.write_bytes(bytes(data))
     return path
+
+
+@pytest.fixture
+def decoder():
+    process = DecoderProcess()
+    yield process
+    process.close()
 
 
 def test_probe_reads_what_the_headers_declare(tmp_path):
@@ -101,7 +119,7 @@ def test_resolution_frames_and_duration_limits_each_refuse(tmp_path):
         with pytest.raises(VideoTooLarge, match=message):
             decode_clips(str(path), frames=4, short_side=32, limits=limits)
     with pytest.raises(ValueError, match="> 0"):
-        DecodeLimits(max_frames=0)
+        DecodeLimits(timeout_s=0)
 
 
 def test_a_much_larger_source_is_decoded_scaled_down_to_nearly_the_same_clips(tmp_path):
@@ -118,3 +136,60 @@ def test_a_much_larger_source_is_decoded_scaled_down_to_nearly_the_same_clips(tm
     assert unscaled.shape == (4, 360, 640, 3)
     difference = np.abs(resize_center_crop(unscaled, 64).astype(int) - scaled[0].astype(int))
     assert difference.mean() < 2.0  # the decoder's scaler and torch's resize agree up to rounding
+
+
+def test_the_decoder_process_returns_results_and_the_videos_own_errors(tmp_path, decoder, broken_video):
+    path = tmp_path / "v.mp4"
+    write_motion_video(path, "left", size=(64, 48), num_frames=16)
+    here, info_here = decode_clips(str(path), frames=4, short_side=32)
+    there, info_there = decode_clips(str(path), frames=4, short_side=32, decoder=decoder)
+    np.testing.assert_array_equal(here, there)
+    assert info_there.frame_indices.tolist() == info_here.frame_indices.tolist()
+
+    text = broken_video(tmp_path / "text.mp4", "text")
+    with pytest.raises(VideoDecodeError, match="not a readable video container") as caught:
+        decode_clips(str(text), frames=4, short_side=32, decoder=decoder)
+    assert type(caught.value) is VideoDecodeError
+    with pytest.raises(VideoTooLarge):
+        decode_clips(str(path), frames=4, short_side=32, limits=DecodeLimits(max_frames=8), decoder=decoder)
+
+
+def test_a_call_past_its_time_limit_stops_the_child_and_the_next_call_gets_a_fresh_one(decoder):
+    first = decoder.call(30, os.getpid)
+    with pytest.raises(DecodeTimeout, match="limit of 0.5 s"):
+        decoder.call(0.5, time.sleep, 60)
+    with pytest.raises(ProcessLookupError):
+        os.kill(first, 0)  # really gone, and reaped
+    assert decoder.call(30, os.getpid) not in (first, os.getpid())
+
+
+def test_a_child_that_dies_is_replaced_and_the_call_retried_once(tmp_path, decoder):
+    with pytest.raises(DecoderCrashed, match="killed by SIGABRT, and again when retried in a fresh process"):
+        decoder.call(30, os.abort)
+    path = tmp_path / "v.mp4"
+    write_motion_video(path, "left", size=(64, 48), num_frames=16)
+    clips, _ = decode_clips(str(path), frames=4, short_side=32, decoder=decoder)  # the next video is decoded
+    assert clips.shape == (1, 4, 32, 32, 3)
+
+
+def test_a_video_that_kills_the_decoder_is_one_error_and_the_rest_of_its_group_is_ingested(
+    tmp_path, decoder, monkeypatch
+):
+    paths = [tmp_path / "videos" / f"v{index}.mp4" for index in range(3)]
+    sources = []
+    for index, path in enumerate(paths):
+        write_motion_video(path, "left", size=(64, 48), num_frames=16, seed=index)
+        sources.append({"uri": str(path), "video_id": path.name, "etag": f"e{index}", "size": path.stat().st_size,
+                        "label_name": None, "label": None})
+    monkeypatch.setenv(CRASH_ON_ENV, str(paths[1]))
+    sampling = SamplingParams(4, 32, 28, "uniform", 16, 1, 1)
+    root = tmp_path / "clips"
+    result = ingest_group({"shard": "shards/part-test.parquet", "videos": sources}, Storage(), sampling, str(root),
+                          decoder=decoder)
+
+    assert [video["video_id"] for video in result["videos"]] == ["v0.mp4", "v2.mp4"]
+    [error] = result["errors"]
+    assert (error["source_uri"], error["stage"], error["error_type"]) == (str(paths[1]), "decode", "DecoderCrashed")
+    assert "killed by SIGKILL" in error["message"] and "again when retried" in error["message"]
+    shard = pq.read_table(root / "shards" / "part-test.parquet", columns=["video_id"])
+    assert sorted(shard.column("video_id").to_pylist()) == ["v0.mp4", "v2.mp4"]
