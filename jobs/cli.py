@@ -38,6 +38,65 @@ def models_command() -> None:
         typer.echo(f"{name:<{width}}  {params / 1e6:>20.1f} M")
 
 
+weights_app = typer.Typer(
+    help="Checkpoint files as users have them: OpenAI CLIP (TorchScript archives too), open_clip, Hugging Face, "
+    "timm, official UniFormerV2, MMAction2.",
+    no_args_is_help=True,
+)
+app.add_typer(weights_app, name="weights")
+
+
+@weights_app.command("inspect")
+def weights_inspect_command(
+    path: str = typer.Argument(..., help="Checkpoint file (.pt, .pth, .pyth, .bin, .safetensors)."),
+    model_name: str = typer.Option("uniformerv2_b16", "--model", help="Named configuration it would load into."),
+    overrides: list[str] = typer.Option([], "--set", help="Model option override KEY=VALUE, as for `train`."),
+    classes: int = typer.Option(400, help="Classes of that model: a classifier head of another count is skipped."),
+) -> None:
+    """Print the file's layout, the architecture its tensors imply, and what loading it into --model would load,
+    inflate, interpolate, keep or ignore. Nothing in the file is run."""
+    import torch
+
+    import model
+
+    try:
+        checkpoint = model.read_checkpoint(path)
+    except (OSError, ValueError) as error:
+        typer.echo(f"cannot read {path}: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"layout        {checkpoint.layout}: {model.LAYOUTS[checkpoint.layout]}")
+    typer.echo("architecture  " + ", ".join(f"{key}={value}" for key, value in checkpoint.architecture().items()))
+    with torch.device("meta"):  # the check reads shapes only: no memory for a B/16 or L/14
+        net = model.create_model(model_name, classes, **_parse_overrides(overrides))
+    try:
+        report = model.check_pretrained(net, checkpoint)
+    except ValueError as error:
+        typer.echo(f"does not load into {model_name}: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"into {model_name} ({classes} classes):")
+    typer.echo(report.summary())
+
+
+@weights_app.command("convert")
+def weights_convert_command(
+    src: str = typer.Argument(..., help="Checkpoint file in any layout `weights inspect` reads."),
+    out: str = typer.Argument(..., help="The .safetensors file to write."),
+) -> None:
+    """Write SRC's usable tensors as safetensors: an image checkpoint as a bare CLIP visual tower, a video checkpoint
+    under UniFormerV2's own names; dtypes as stored. `--pretrained OUT` then loads it like SRC."""
+    import model
+
+    if not out.endswith(".safetensors"):  # the loader picks the reader by this suffix
+        raise typer.BadParameter("must end with .safetensors", param_hint="OUT")
+    try:
+        checkpoint = model.convert_checkpoint(src, out)
+    except (OSError, ValueError) as error:
+        typer.echo(f"cannot convert {src}: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"wrote {len(checkpoint.state)} tensors of a {checkpoint.layout} checkpoint to {out} "
+               f"({len(checkpoint.ignored)} of the file ignored; `uniformer weights inspect` lists them)")
+
+
 @app.command("ingest")
 def ingest_command(
     src: str = typer.Argument(..., help="Videos: s3://bucket/prefix or a local folder."),

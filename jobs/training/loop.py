@@ -39,14 +39,17 @@ def build_model(cfg: TrainConfig, num_classes: int, frames: int) -> torch.nn.Mod
 
 
 def load_initial_weights(net: torch.nn.Module, source: str, tracking_uri: str) -> None:
-    """A checkpoint file in any supported layout, or a registered model (`models:/NAME/VERSION`)."""
+    """A checkpoint file in any supported layout, or a registered model (`models:/NAME/VERSION`). Rank 0 prints what
+    was loaded, inflated, interpolated, kept and ignored, so that a run started from the wrong file shows at once."""
     if not source.startswith("models:/"):
-        model.load_pretrained(net, source)
-        return
-    from jobs.scoring.model_ref import resolve_model
+        report = model.load_pretrained(net, source)
+    else:
+        from jobs.scoring.model_ref import resolve_model
 
-    with tempfile.TemporaryDirectory() as scratch:
-        model.load_pretrained(net, resolve_model(source, scratch, tracking_uri).weights_path)
+        with tempfile.TemporaryDirectory() as scratch:
+            report = model.load_pretrained(net, resolve_model(source, scratch, tracking_uri).weights_path)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"initial weights from {source} ({report.layout} layout):\n{report.summary()}", flush=True)
 
 
 @dataclass
