@@ -8,6 +8,8 @@ import sys
 
 import typer
 
+from pipeline.decode import DecodeLimits
+
 if not os.environ.get("RAY_ADDRESS"):
     # A Ray started here for a local run listens on loopback only (on Linux Ray would otherwise bind the machine's
     # address). Ray reads this at import, so it is set before any job imports Ray.
@@ -97,6 +99,23 @@ def weights_convert_command(
                f"({len(checkpoint.ignored)} of the file ignored; `uniformer weights inspect` lists them)")
 
 
+_LIMITS = DecodeLimits()
+
+
+def _decode_limits(max_frame_side: int, max_frames: int, max_seconds: float, decode_timeout: float) -> DecodeLimits:
+    try:
+        return DecodeLimits(max_frame_side, max_frames, max_seconds, decode_timeout)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+# Shared by ingest and score: what one video may cost before it is refused as an error row.
+_MAX_FRAME_SIDE = typer.Option(_LIMITS.max_frame_side, help="Refuse videos with a longer frame side (pixels).")
+_MAX_FRAMES = typer.Option(_LIMITS.max_frames, help="Refuse videos that declare more frames.")
+_MAX_SECONDS = typer.Option(_LIMITS.max_seconds, help="Refuse videos that declare a longer duration (seconds).")
+_DECODE_TIMEOUT = typer.Option(_LIMITS.timeout_s, help="Seconds one video's decoding may take before it is stopped.")
+
+
 @app.command("ingest")
 def ingest_command(
     src: str = typer.Argument(..., help="Videos: s3://bucket/prefix or a local folder."),
@@ -114,6 +133,10 @@ def ingest_command(
         "(temporal jitter); storage grows by this factor."
     ),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    max_frame_side: int = _MAX_FRAME_SIDE,
+    max_frames: int = _MAX_FRAMES,
+    max_seconds: float = _MAX_SECONDS,
+    decode_timeout: float = _DECODE_TIMEOUT,
 ) -> None:
     """Decode sampled clips of every new video under SRC into a sharded Parquet clip dataset with a manifest."""
     from jobs.ingest import run_ingest
@@ -121,6 +144,7 @@ def ingest_command(
 
     if sampling not in ("uniform", "dense"):
         raise typer.BadParameter("must be 'uniform' or 'dense'", param_hint="--sampling")
+    limits = _decode_limits(max_frame_side, max_frames, max_seconds, decode_timeout)
     try:
         run_ingest(
             src,
@@ -135,6 +159,7 @@ def ingest_command(
             stride=stride,
             frames_per_segment=frames_per_segment,
             endpoint_url=endpoint_url,
+            decode_limits=limits,
             echo=typer.echo,
         )
     except (StorageError, LabelsError, ManifestError, ValueError) as error:
@@ -162,17 +187,22 @@ def score_command(
     precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (autocast)."),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    max_frame_side: int = _MAX_FRAME_SIDE,
+    max_frames: int = _MAX_FRAMES,
+    max_seconds: float = _MAX_SECONDS,
+    decode_timeout: float = _DECODE_TIMEOUT,
 ) -> None:
     """Score every video under SRC not yet scored into --out by the same model: multi-view predictions as Parquet."""
     from jobs.score import ScoreOptions, run_score
     from jobs.scoring.model_ref import ModelReferenceError
     from pipeline import StorageError
 
+    limits = _decode_limits(max_frame_side, max_frames, max_seconds, decode_timeout)
     try:
         run_score(
             src, out, model_ref, views=views, top_k=top_k, full_probs=full_probs, short_side=short_side,
-            options=ScoreOptions(batch_size, gpu, actors, cpus_per_actor, precision), tracking_uri=tracking_uri,
-            endpoint_url=endpoint_url, echo=typer.echo,
+            options=ScoreOptions(batch_size, gpu, actors, cpus_per_actor, precision, decode_limits=limits),
+            tracking_uri=tracking_uri, endpoint_url=endpoint_url, echo=typer.echo,
         )
     except (StorageError, ModelReferenceError, ValueError) as error:
         typer.echo(f"score failed: {error}", err=True)

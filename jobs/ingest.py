@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from jobs.report import error_lines, table_lines
+from pipeline.decode import DecodeLimits
 from pipeline.ingest import (
     DEFAULT_MAX_SHARD_BYTES,
     IngestCounts,
@@ -52,9 +53,12 @@ def run_ingest(
     endpoint_url: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES,
+    decode_limits: DecodeLimits = DecodeLimits(),
     echo: Callable[[str], None] = print,
 ) -> IngestSummary:
-    """Ingest every video under `src` not yet in the dataset at `out`; see the module docstring of pipeline.ingest."""
+    """Ingest every video under `src` not yet in the dataset at `out`; see the module docstring of pipeline.ingest.
+    A video above `decode_limits` (pipeline.decode.DecodeLimits) becomes an error row, as does one whose decoding
+    crashes or runs past its time limit."""
     started = time.monotonic()
     params = SamplingParams(frames, short_side, size, sampling, stride, clips_per_video, frames_per_segment)
     if labels_csv and labels_from_dirs:
@@ -86,7 +90,7 @@ def run_ingest(
         if not ray.is_initialized():
             ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
         last_report = 0.0
-        for row in build_dataset(plan, storage).iter_rows():
+        for row in build_dataset(plan, storage, decode_limits).iter_rows():
             results.append(_decoded(row))
             if time.monotonic() - last_report >= 2.0 or len(results) == len(plan.groups):
                 echo(_progress_line(results, len(plan.groups)))

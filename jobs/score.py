@@ -41,6 +41,7 @@ from jobs.scoring.results import (
     write_score_manifest,
 )
 from model.inference import PRECISIONS
+from pipeline.decode import DecodeLimits
 from pipeline.isolation import shared_decoder
 from pipeline.listing import SourceVideo, list_videos
 from pipeline.schema import ErrorRecord
@@ -65,6 +66,7 @@ class ScoreOptions:
     cpus_per_actor: float = 1.0  # also the actor's torch threads on CPU
     precision: str = "auto"  # bf16 on CUDA, fp32 on CPU; an explicit fp32 / bf16 / fp16 applies on either
     max_clips_per_forward: int | None = None
+    decode_limits: DecodeLimits = DecodeLimits()  # a video above them, or whose decoding crashes, is an error row
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -105,10 +107,12 @@ def build_params(
     )
 
 
-def decode_batch(batch: dict[str, np.ndarray], storage: Storage, params: ScoreParams) -> dict[str, np.ndarray]:
+def decode_batch(
+    batch: dict[str, np.ndarray], storage: Storage, params: ScoreParams, limits: DecodeLimits = DecodeLimits()
+) -> dict[str, np.ndarray]:
     """Fetch and decode the views of each video of a batch, decoding in this worker's child process
-    (pipeline.isolation). A video that cannot be read or decoded keeps its row, with zero views and its error, so
-    that every input reaches the end of the pipeline."""
+    (pipeline.isolation) within `limits`. A video that cannot be read or decoded keeps its row, with zero views and
+    its error, so that every input reaches the end of the pipeline."""
     decoder = shared_decoder()
     decoder.start()  # a child that cannot start fails the task, rather than every video as a decoding error
     count = len(batch["source_uri"])
@@ -130,6 +134,7 @@ def decode_batch(batch: dict[str, np.ndarray], storage: Storage, params: ScorePa
                     short_side=params.short_side,
                     sampling=params.sampling,
                     stride=params.stride,
+                    limits=limits,
                     decoder=decoder,
                 )
         except Exception as error:  # one bad input must not lose the others
@@ -176,7 +181,7 @@ def _build(items: list[dict], resolved: ResolvedModel, params: ScoreParams, stor
     view_bytes = params.temporal_views * params.spatial_views * params.frames * params.crop * params.crop * 3
     decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         decode_batch,
-        fn_kwargs={"storage": storage, "params": params},
+        fn_kwargs={"storage": storage, "params": params, "limits": options.decode_limits},
         batch_size=_VIDEOS_PER_DECODE_BATCH,
         batch_format="numpy",
         num_cpus=1,
