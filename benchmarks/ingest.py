@@ -25,7 +25,6 @@ datasets carry, is 250 frames, making decoding dearer and the fixed per-clip wor
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -40,6 +39,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from bench_output import emit  # noqa: E402
 from pipeline.synthetic import write_motion_video  # noqa: E402
 
 # (width, height, frames, fps): a mix of resolutions and lengths
@@ -335,10 +335,7 @@ def main() -> None:
         result["memory"] = memory
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

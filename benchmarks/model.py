@@ -31,7 +31,6 @@ import copy
 import ctypes
 import gc
 import importlib.util
-import json
 import logging
 import platform
 import re
@@ -55,6 +54,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(REPO))
 
 import model as M  # noqa: E402
+from benchmarks.bench_output import emit  # noqa: E402
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 TRAIN_SPEEDUP_GOAL = 1.3
@@ -574,10 +574,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)
-    text = json.dumps(report, indent=2, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":

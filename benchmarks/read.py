@@ -12,7 +12,6 @@ case for compression).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -24,6 +23,8 @@ import pyarrow.parquet as pq
 
 from pipeline.schema import MAX_ROW_GROUP_CLIPS, frames_array, frames_to_numpy, frames_type
 from pipeline.synthetic import render_motion_frames
+
+from bench_output import emit
 
 
 def list_encoded(clips: np.ndarray) -> tuple[pa.Table, dict]:
@@ -86,10 +87,7 @@ def main() -> None:
             old, new = figures["schema1_list_bss_zstd"], figures["schema2_binary"]
             figures["read_cpu_speedup_schema2_vs_schema1"] = round(old["cpu_ms_per_clip"] / new["cpu_ms_per_clip"], 1)
             result[name] = figures
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

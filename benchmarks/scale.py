@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_output import emit
+
 NEW_VIDEOS = 10_000
 SHARD_VIDEOS = 160  # an 8x256x256 clip is 1.57 MB: ingest's 256 MB shards hold about 160 clips
 CLASSES = 400
@@ -218,10 +220,7 @@ def main() -> None:
             figures.update(new_version_bytes(root, count))
         result["sizes"][str(count)] = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
     result["goals"] = goals
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":

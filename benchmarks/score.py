@@ -21,7 +21,6 @@ Videos (several resolutions, a key frame every 2 s) are generated once and cache
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -36,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.ingest import Measured, make_videos  # noqa: E402
+
+from bench_output import emit
 
 FULL_CONFIGS = [(320, 240, 300, 30), (640, 360, 150, 30), (1280, 720, 90, 30)]
 QUICK_CONFIGS = [(320, 240, 90, 30), (640, 360, 60, 30)]
@@ -226,10 +227,7 @@ def main() -> None:
                    "decode_only": [round(r[0], 3) for r in decode], "model_only": [round(r[0], 3) for r in model_runs]},
         "goal": ">= 0.8 of min(decode-only, model-only)",
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(result, args.output)
 
 
 if __name__ == "__main__":
