@@ -302,6 +302,7 @@ def train_command(
     keep_checkpoints: int = typer.Option(2),
     max_failures: int = typer.Option(3, help="Automatic restarts after worker or node loss (-1: forever)."),
     max_steps: int = typer.Option(None, help="Stop after this many optimizer steps."),
+    select: str = typer.Option("best", help="Checkpoint to register: best (validation top-1 at an epoch end) | last."),
     storage: str = typer.Option("./runs", help="Checkpoint storage: local folder or s3://bucket/prefix."),
     run_name: str = typer.Option(None, help="Ray Train run name; default derived from the options (same command = same run)."),
     experiment: str = typer.Option("uniformerv2", help="MLflow experiment."),
@@ -321,7 +322,7 @@ def train_command(
         precision=precision,
         activation_checkpointing=activation_checkpointing, compile=compile_blocks, log_every=log_every, seed=seed,
         checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, max_failures=max_failures,
-        max_steps=max_steps, storage=storage,
+        max_steps=max_steps, select=select, storage=storage,
         run_name=run_name, experiment=experiment, register_as=register_as, endpoint_url=endpoint_url,
     )
     result = run_train(config)

@@ -9,19 +9,21 @@ as a registration that failed because MLflow was unreachable.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 
 from jobs.credentials import MASK, carries_credentials, mlflow_env_for_workers, redact, redacted_stdout
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
-from jobs.training.checkpoint import WEIGHTS, read_progress
+from jobs.training.checkpoint import WEIGHTS
 from jobs.training.config import TrainConfig
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.storage import Storage
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+SELECT_METRIC = "val_accuracy"  # what --select best ranks checkpoints by (validation top-1)
 RUN_RECORD = "uniformer_run.json"
 
 
@@ -111,11 +113,15 @@ def dataset_fingerprint(manifest) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_trainer(cfg: TrainConfig, uri: str, run_id: str):
+def build_trainer(cfg: TrainConfig, uri: str, run_id: str, manifest):
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.training.loop import train_loop_per_worker
+    from jobs.training.loop import epoch_plans, plan_units, train_loop_per_worker
+
+    # cut once here (and fail here on a missing or altered shard), not in every worker
+    units = ray.put(plan_units(*epoch_plans(cfg, manifest, cfg.workers)))
 
     storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
     return TorchTrainer(
@@ -127,6 +133,7 @@ def build_trainer(cfg: TrainConfig, uri: str, run_id: str):
             "mlflow_run_id": run_id,
             "tracking_uri": None if carries_credentials(uri) else uri,
             "mlflow_env": mlflow_env_for_workers(),
+            "plan_units": units,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
@@ -136,7 +143,12 @@ def build_trainer(cfg: TrainConfig, uri: str, run_id: str):
             name=cfg.name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            # with --select best, Ray keeps the best epoch-end checkpoints by validation top-1 (and always the latest)
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.keep_checkpoints,
+                checkpoint_score_attribute=SELECT_METRIC if cfg.select == "best" else None,
+                checkpoint_score_order="max",
+            ),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
@@ -172,14 +184,12 @@ def run_train(cfg: TrainConfig) -> TrainResult:
     record_path = f"{storage_path}/{cfg.name}/{RUN_RECORD}"
     run_id = open_mlflow_run(cfg, uri, record_path, filesystem, manifest)
 
-    result = build_trainer(cfg, uri, run_id).fit()
+    result = build_trainer(cfg, uri, run_id, manifest).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg.name} produced no checkpoint: {result.error}")
     print(f"[train] finished {cfg.name}: {result.metrics} checkpoint {result.checkpoint.path}")
     outcome = TrainResult(cfg.name, run_id, result.checkpoint.path, dict(result.metrics or {}))
-    outcome.model_uri, outcome.registered_version = finish_registration(
-        result.checkpoint, cfg, manifest, uri, run_id, outcome.metrics
-    )
+    outcome.model_uri, outcome.registered_version = finish_registration(cfg, manifest, uri, run_id)
     return outcome
 
 
@@ -203,14 +213,14 @@ def model_card(cfg: TrainConfig, manifest, metrics: dict, run_id: str) -> ModelC
     )
 
 
-def finish_registration(checkpoint, cfg: TrainConfig, manifest, uri: str, run_id: str, metrics: dict):
-    """Logs the final model to the run and registers it; safe to repeat (`uniformer register`)."""
+def finish_registration(cfg: TrainConfig, manifest, uri: str, run_id: str):
+    """Logs the selected checkpoint's model (`cfg.select`: the best validation top-1 or the last) to the run and
+    registers it, recording which; safe to repeat (`uniformer register`)."""
     from jobs.serving.registry import log_model
 
-    with checkpoint.as_directory() as directory:
-        progress = read_progress(directory)
-        if not progress.finished:
-            raise RuntimeError(f"checkpoint {checkpoint.path} is not the end of training (epoch {progress.epoch})")
+    (_, final), (chosen_progress, chosen) = select_checkpoints(cfg.storage, cfg.name, cfg.select, cfg.endpoint_url)
+    metrics = chosen_progress.get("metrics") or {}
+    with chosen.as_directory() as directory:
         card = model_card(cfg, manifest, metrics, run_id)
         with tempfile.TemporaryDirectory() as staging:
             weights = os.path.join(staging, WEIGHTS)
@@ -220,7 +230,10 @@ def finish_registration(checkpoint, cfg: TrainConfig, manifest, uri: str, run_id
                 "dataset": cfg.data,
                 "dataset_version": str(manifest.version),
                 "dataset_fingerprint": dataset_fingerprint(manifest),
-                **{f"val_{k}": str(v) for k, v in metrics.items() if k in ("val_accuracy", "val_loss")},
+                "checkpoint_selected": cfg.select,
+                "checkpoint_epoch": str(chosen_progress["epoch"] - 1),  # the epoch whose end it is
+                "checkpoint_global_step": str(chosen_progress["global_step"]),
+                **{k: str(v) for k, v in metrics.items()},
             }
             try:
                 with redacted_stdout():
@@ -228,49 +241,61 @@ def finish_registration(checkpoint, cfg: TrainConfig, manifest, uri: str, run_id
             except Exception as exc:
                 # not chained: MLflow's own message names the request URL, the tracking URI's password included
                 raise RuntimeError(
-                    f"training finished and its checkpoint is safe at {checkpoint.path}, but logging the model to "
+                    f"training finished and its checkpoint is safe at {final.path}, but logging the model to "
                     f"MLflow at {redact(uri)} failed ({type(exc).__name__}: {redact(str(exc))}). Re-run the same "
                     f"command, or `uniformer register --run {cfg.name} --storage {redact(cfg.storage)}`, once MLflow "
                     "is reachable."
                 ) from None
 
 
-def final_checkpoint(storage: str, run_name: str, endpoint_url: str | None = None):
-    """The finished checkpoint of a run in `storage`, found without Ray (for `uniformer register`)."""
+def run_checkpoints(storage: str, run_name: str, endpoint_url: str | None = None) -> list[tuple[dict, object]]:
+    """Every checkpoint of a run in `storage` with its progress record, oldest first, found without Ray."""
     import pyarrow.fs as pafs
     from ray.train import Checkpoint
 
     storage_path, filesystem = _storage_filesystem(storage, endpoint_url)
     fs = filesystem or pafs.LocalFileSystem()
-    run_dir = f"{storage_path}/{run_name}"
-    entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
-    best = None
-    for entry in entries:
-        name = entry.path.rsplit("/", 1)[-1]
-        if entry.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
+    found = []
+    for entry in fs.get_file_info(pafs.FileSelector(f"{storage_path}/{run_name}", allow_not_found=True)):
+        if entry.type != pafs.FileType.Directory or not entry.path.rsplit("/", 1)[-1].startswith("checkpoint_"):
             continue
         with fs.open_input_stream(f"{entry.path}/{PROGRESS_FILE}") as handle:
             progress = json.loads(handle.read().decode("utf-8"))
-        if progress["finished"] and (best is None or progress["global_step"] > best[0]["global_step"]):
-            best = (progress, entry.path)
-    if best is None:
-        raise FileNotFoundError(f"no finished checkpoint of run {run_name} under {storage}: train it first")
-    return best[0], Checkpoint(best[1], filesystem=filesystem)
+        found.append((progress, Checkpoint(entry.path, filesystem=filesystem)))
+    return sorted(found, key=lambda item: item[0]["global_step"])
+
+
+def final_checkpoint(storage: str, run_name: str, endpoint_url: str | None = None):
+    """(progress, checkpoint) of the finished checkpoint of a run in `storage`."""
+    finished = [item for item in run_checkpoints(storage, run_name, endpoint_url) if item[0]["finished"]]
+    if not finished:
+        raise FileNotFoundError(f"no finished checkpoint of run {run_name} under {redact(storage)}: train it first")
+    return finished[-1]
+
+
+def select_checkpoints(storage: str, run_name: str, select: str, endpoint_url: str | None = None):
+    """(the finished checkpoint, the one to register) as (progress, checkpoint) pairs: the same for `last`; for
+    `best`, the kept epoch-end checkpoint with the highest validation top-1 (the later one on a tie)."""
+    final = final_checkpoint(storage, run_name, endpoint_url)
+    if select == "last":
+        return final, final
+    scored = [
+        item for item in run_checkpoints(storage, run_name, endpoint_url)
+        if math.isfinite((item[0].get("metrics") or {}).get(SELECT_METRIC, math.nan))
+    ]
+    return final, max(scored, key=lambda item: item[0]["metrics"][SELECT_METRIC], default=final)
 
 
 def register_run(run_name: str, storage: str, register_as: str | None = None, tracking: str | None = None,
                  endpoint_url: str | None = None) -> tuple[str, int | None]:
     """Logs and registers the final model of a finished run whose end-of-run registration failed."""
-    progress, checkpoint = final_checkpoint(storage, run_name, endpoint_url)
+    progress, _ = final_checkpoint(storage, run_name, endpoint_url)
     cfg = TrainConfig.from_dict(progress["config"])
+    cfg.storage = storage  # where the checkpoints are now (the record may name the address masked)
     if register_as:
         cfg.register_as = register_as
     manifest = load_manifest(cfg.data, endpoint_url=cfg.endpoint_url)
     # a URI that held credentials was recorded masked: then only `tracking` or MLFLOW_TRACKING_URI can stand for it
     recorded = None if cfg.tracking_uri and MASK in cfg.tracking_uri else cfg.tracking_uri
     uri = tracking_uri(tracking or recorded)
-    run_id = progress["mlflow_run_id"]
-    import mlflow
-
-    metrics = mlflow.MlflowClient(uri).get_run(run_id).data.metrics
-    return finish_registration(checkpoint, cfg, manifest, uri, run_id, metrics)
+    return finish_registration(cfg, manifest, uri, progress["mlflow_run_id"])

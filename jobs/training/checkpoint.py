@@ -30,6 +30,7 @@ class Progress:
     mlflow_run_id: str | None = None
     config: dict | None = None
     finished: bool = False
+    metrics: dict | None = None  # the validation metrics at an epoch end (None mid-epoch): what --select ranks
 
 
 def step_seed(seed: int, global_step: int, rank: int) -> int:

@@ -48,6 +48,7 @@ class TrainConfig:
     tracking_uri: str | None = None
     register_as: str | None = None
     endpoint_url: str | None = None
+    select: str = "best"  # the checkpoint registered: best (validation top-1 over epoch ends) | last
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs, tests)
     log_every: int = 10  # optimizer steps between reading step metrics back from the device (one host sync)
 
@@ -61,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.select not in ("best", "last"):
+            raise ValueError(f"select must be best or last, not {self.select!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}")
         if self.compile not in ("auto", "on", "off"):
@@ -87,7 +90,7 @@ class TrainConfig:
         """The fields that make two invocations the same run (not where they log or how often they retry)."""
         ignored = {
             "max_failures", "tracking_uri", "register_as", "run_name", "storage", "log_every", "endpoint_url",
-            "placement_strategy", "compile",
+            "placement_strategy", "compile", "select",
         }
         return {k: v for k, v in self.to_dict().items() if k not in ignored}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import tempfile
 import time
@@ -104,6 +105,26 @@ def ddp_options(cfg: TrainConfig) -> dict:
     return {"gradient_as_bucket_view": True, "static_graph": cfg.grad_accum == 1}
 
 
+def epoch_plans(cfg: TrainConfig, manifest, world: int, units: dict | None = None) -> tuple[EpochPlan, EpochPlan]:
+    """The training and validation plans of a run: a held-out split of `data`, or all of `val_data`. Without `units`
+    they are cut from the shards (the driver), with them built from the driver's cut (`plan_units`)."""
+    units = units or {}
+    train = EpochPlan(cfg.data, manifest, "train", cfg.val_fraction if not cfg.val_data else 0.0, world, cfg.seed,
+                      cfg.endpoint_url, units.get("train"))
+    if cfg.val_data:
+        val_manifest = load_manifest(cfg.val_data, endpoint_url=cfg.endpoint_url)
+        val = EpochPlan(cfg.val_data, val_manifest, "all", 0.0, world, cfg.seed, cfg.endpoint_url, units.get("val"))
+    else:
+        val = EpochPlan(cfg.data, manifest, "val", cfg.val_fraction, world, cfg.seed, cfg.endpoint_url,
+                        units.get("val"))
+    return train, val
+
+
+def plan_units(train: EpochPlan, val: EpochPlan) -> dict:
+    """The plans' units as plain tuples, for the loop config."""
+    return {name: [dataclasses.astuple(unit) for unit in plan.units] for name, plan in (("train", train), ("val", val))}
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -118,13 +139,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     manifest = load_manifest(cfg.data, endpoint_url=cfg.endpoint_url)
     sampling = manifest.sampling
     num_classes = len(manifest.class_map)
-    train_plan = EpochPlan(cfg.data, manifest, "train", cfg.val_fraction if not cfg.val_data else 0.0, world,
-                           cfg.seed, cfg.endpoint_url)
-    if cfg.val_data:
-        val_manifest = load_manifest(cfg.val_data, endpoint_url=cfg.endpoint_url)
-        val_plan = EpochPlan(cfg.val_data, val_manifest, "all", 0.0, world, cfg.seed, cfg.endpoint_url)
-    else:
-        val_plan = EpochPlan(cfg.data, manifest, "val", cfg.val_fraction, world, cfg.seed, cfg.endpoint_url)
+    # the units the driver cut for this world size: a worker then reads no shard to plan (benchmarks/scale.py)
+    units = ray.get(loop_config["plan_units"]) if world == cfg.workers else None
+    train_plan, val_plan = epoch_plans(cfg, manifest, world, units)
 
     rows_per_step = cfg.batch_size * cfg.grad_accum
     steps_per_epoch = [train_plan.steps_per_epoch(e, rows_per_step) for e in range(cfg.epochs)]
@@ -154,6 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     with resumed_from.as_directory() if resumed_from else contextlib.nullcontext() as checkpoint_dir:
         if checkpoint_dir:
             progress = ckpt.read_progress(checkpoint_dir)
+            progress.metrics = None  # they describe the checkpoint resumed from, not the next one
         else:
             progress = ckpt.Progress(mlflow_run_id=loop_config["mlflow_run_id"], config=cfg.to_dict())
         upcoming = None
@@ -231,7 +249,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             due = cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0
             epoch_done = progress.step_in_epoch >= steps_per_epoch[epoch] or progress.global_step >= total_steps
             if due and not epoch_done:
-                report({"epoch": epoch, "global_step": progress.global_step, **step_metrics.last})
+                # no validation here: NaN ranks a mid-epoch checkpoint below every epoch end for --select best
+                report({"epoch": epoch, "global_step": progress.global_step, "val_accuracy": math.nan,
+                        **step_metrics.last})
         elapsed = time.perf_counter() - window_start
         following = epoch + 1
         upcoming = None
@@ -250,7 +270,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             **{f"val_{name}": value for name, value in scores.metrics.items()},
             "data_wait_share": waited / max(elapsed, 1e-9),
         }
+        progress.metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
         report(metrics)
+        progress.metrics = None  # the next checkpoint is mid-epoch until this epoch's end says otherwise
         tracker.epoch(epoch, progress.global_step, {k: v for k, v in metrics.items() if k != "epoch"},
                       scores.confusion, manifest.class_names)
     if rank == 0:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.ingest import run_ingest
-from jobs.train import final_checkpoint, register_run, run_train
+from jobs.train import final_checkpoint, register_run, run_checkpoints, run_train, select_checkpoints
 from jobs.training.config import TrainConfig
 from pipeline import generate_motion_dataset, iter_clips
 from tests.conftest import MlflowServer, start_local_ray, two_node_ray
@@ -132,7 +132,14 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
     assert result.registered_version == 1
     client = mlflow.MlflowClient(mlflow_server.uri)
     version = client.get_model_version("motion-classifier", "1")
-    assert version.tags["dataset_version"] == "1" and float(version.tags["val_val_accuracy"]) >= 0.9
+    assert version.tags["dataset_version"] == "1" and float(version.tags["val_accuracy"]) >= 0.9
+    # the best epoch end is registered (--select best, the default), and the version says which
+    (final_progress, _), (chosen_progress, chosen) = select_checkpoints(cfg.storage, result.run_name, "best")
+    assert version.tags["checkpoint_selected"] == "best"
+    assert version.tags["checkpoint_global_step"] == str(chosen_progress["global_step"])
+    assert chosen_progress["metrics"]["val_accuracy"] >= result.metrics["val_accuracy"]
+    assert chosen_progress["metrics"]["val_accuracy"] == max(
+        p["metrics"]["val_accuracy"] for p, _ in run_checkpoints(cfg.storage, result.run_name) if p["metrics"])
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["model"] == "uniformerv2_tiny" and run.data.tags["dataset"].endswith("@1")
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "plots")}
@@ -151,7 +158,7 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
     from model.transforms import eval_transform
 
     net = model.create_model("uniformerv2_tiny", num_classes=4, t_size=8)
-    with final_checkpoint(cfg.storage, result.run_name)[1].as_directory() as directory:
+    with chosen.as_directory() as directory:
         net.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
     with torch.no_grad():
         direct = torch.softmax(net.eval()(eval_transform(torch.from_numpy(clips), 32)), dim=-1).numpy()

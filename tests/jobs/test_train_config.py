@@ -21,6 +21,7 @@ from jobs.training.config import TrainConfig
         (dict(compile="always"), "compile must be auto, on or off"),
         (dict(log_every=0), "log_every must be >= 1"),
         (dict(augment="mixup"), "augment must be one of recipe, crop"),
+        (dict(select="first"), "select must be best or last"),
     ],
 )
 def test_bad_options_are_refused_by_name(overrides, message):
