@@ -352,7 +352,11 @@ def retrain_command(
     dataset: str = typer.Option(..., help="The clip dataset to grow (DST)."),
     model_name: str = typer.Option(..., help="Registered model name; its `champion` alias is gated."),
     val: str = typer.Option(..., help="Fixed validation dataset DST[@VERSION] for candidate and champion."),
-    min_gain: float = typer.Option(0.0, help="Accuracy the candidate must gain over the champion to be promoted."),
+    min_gain: float = typer.Option(0.0, help="What the candidate must gain over the champion to be promoted."),
+    gate_metric: str = typer.Option(
+        "accuracy", help="Gate figure: accuracy (top-1) | top5_accuracy | mean_class_accuracy."
+    ),
+    gate_views: str = typer.Option("4x3", help="Views the gate evaluates at: the ones scoring uses."),
     init: str = typer.Option("champion", help="Candidate starts from the champion's weights or from --pretrained."),
     labels: str = typer.Option(None, help="Labels CSV for the new videos."),
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Labels from parent folder names."),
@@ -383,7 +387,8 @@ def retrain_command(
     )
     ingest = dict(labels_csv=labels, labels_from_dirs=labels_from_dirs, frames=frames, size=size, short_side=short_side)
     result = run_retrain(source, dataset, model_name, val, min_gain=min_gain, init=init, train=train,
-                         ingest_options=ingest, endpoint_url=endpoint_url)
+                         ingest_options=ingest, endpoint_url=endpoint_url, gate_views=gate_views,
+                         gate_metric=gate_metric)
     if result.decision is None:
         typer.echo("nothing new to train on")
 

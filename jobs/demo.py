@@ -45,6 +45,7 @@ class DemoSize:
 VIDEO = dict(size=(40, 40), num_frames=16, fps=8.0)
 CLIPS = dict(frames=8, short_side=40, size=32)
 MODEL_NAME = "demo-motion"
+SCORE_VIEWS = "2x1"  # the demo scores at these views, and its gate judges at the same ones
 
 
 def run_demo(workdir: str = "demo-output", size: str = "default", workers: int = 2, echo=print) -> dict:
@@ -80,10 +81,10 @@ def run_demo(workdir: str = "demo-output", size: str = "default", workers: int =
 
     echo("[demo] 3/6 retrain #1: ingest, train with 2 workers, register, gate (the first model becomes champion)")
     first = run_retrain(raw, clips, MODEL_NAME, val_clips, train=train, ingest_options=ingest_options,
-                        init="pretrained", echo=echo)
+                        init="pretrained", gate_views=SCORE_VIEWS, echo=echo)
 
     echo(f"[demo] 4/6 scoring the archive with models:/{MODEL_NAME}@champion")
-    scored = run_score(archive, scores, f"models:/{MODEL_NAME}@champion", views="2x1", top_k=2,
+    scored = run_score(archive, scores, f"models:/{MODEL_NAME}@champion", views=SCORE_VIEWS, top_k=2,
                        tracking_uri=tracking, echo=echo)
 
     echo("[demo] 5/6 new videos arrive")
@@ -92,14 +93,14 @@ def run_demo(workdir: str = "demo-output", size: str = "default", workers: int =
     echo("[demo] 6/6 retrain #2: incremental ingest, candidate from the champion, gate")
     second_train = TrainConfig(**{**train.to_dict(), "lr": 5e-4, "warmup_epochs": 0.1})
     second = run_retrain(raw, clips, MODEL_NAME, val_clips, train=second_train, ingest_options=ingest_options,
-                         init="champion", echo=echo)
+                         init="champion", gate_views=SCORE_VIEWS, echo=echo)
 
     summary = {
         "clips": load_manifest(clips).num_clips,
         "validation_clips": load_manifest(val_clips).num_clips,
         "dataset_versions": [first.dataset_version, second.dataset_version],
-        "model_v1_accuracy": first.decision.candidate_accuracy,
-        "model_v2_accuracy": second.decision.candidate_accuracy if second.decision else None,
+        "model_v1_accuracy": first.decision.candidate_score,
+        "model_v2_accuracy": second.decision.candidate_score if second.decision else None,
         "gate": second.decision.reason if second.decision else "nothing new",
         "champion": _champion_version(tracking),
         "archive_videos_scored": scored.scored,

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import tempfile
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from jobs.credentials import redact, redacted_stdout
 from jobs.metrics import per_class_report, scores_from_counts
 from jobs.report import table_lines
 from jobs.score import score_dataset
@@ -32,6 +34,8 @@ from pipeline.listing import SourceVideo
 from pipeline.manifest import read_sources
 from pipeline.storage import Storage
 from pipeline.views import parse_views
+
+log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "uniformerv2-evaluations"
 METRICS = ("accuracy", "top5_accuracy", "mean_class_accuracy", "loss")
@@ -150,6 +154,7 @@ def _client(tracking_uri: str | None):
 def log_evaluation(evaluation: Evaluation, identity: ModelIdentity, experiment: str, tracking_uri: str | None) -> str:
     """An MLflow run with the figures, the per-class table and the failures; figures also on the model version."""
     from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
 
     client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
@@ -164,13 +169,20 @@ def log_evaluation(evaluation: Evaluation, identity: ModelIdentity, experiment: 
     client.log_dict(run.info.run_id, evaluation.per_class, "evaluation/per_class.json")
     if evaluation.failed:
         client.log_dict(run.info.run_id, evaluation.failed, "evaluation/failed_videos.json")
-    client.set_terminated(run.info.run_id)
+    with redacted_stdout():  # MLflow prints the run's address, user info included
+        client.set_terminated(run.info.run_id)
     if identity.version is not None:
         key = evaluation_key(evaluation.dataset, evaluation.views)
         values = {"dataset": evaluation.dataset, "views": evaluation.views, "run_id": run.info.run_id,
                   "videos": str(evaluation.videos), **{name: repr(evaluation.metrics[name]) for name in METRICS}}
-        for name, value in values.items():
-            client.set_model_version_tag(identity.name, str(identity.version), f"{key}/{name}", value)
+        try:
+            for name, value in values.items():
+                client.set_model_version_tag(identity.name, str(identity.version), f"{key}/{name}", value)
+        except MlflowException as error:
+            # two jobs evaluating the same version at once race on the same tags (the server refuses the second
+            # insert); the figures stay in this run, and the cache is only a shortcut
+            log.warning("could not keep the evaluation on %s version %s: %s", identity.name, identity.version,
+                        redact(str(error)))
     return run.info.run_id
 
 

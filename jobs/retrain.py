@@ -1,5 +1,7 @@
 """`uniformer retrain`: ingest what is new, train a candidate, and promote it to `champion` only if it beats the
-current champion on the same fixed validation set.
+current champion on the same fixed validation set, judged as production scores: `uniformer evaluate` (the scoring
+pipeline on the cluster's workers) at the scoring views, top-1 by default. A version's figures on a dataset version
+and views are kept on its tags, so a champion is evaluated once.
 
 MLflow has no compare-and-set for aliases, so promotion runs under a lease object in storage (see PromotionLock):
 holding it, a retrain reads the alias, re-evaluates the champion if it changed since the gate was computed, checks
@@ -19,21 +21,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
-import torch
-
+from jobs.evaluate import evaluate_model
 from jobs.ingest import run_ingest
 from jobs.scoring.model_ref import resolve_model
+from jobs.score import ScoreOptions
 from jobs.serving.registry import model_versions
 from jobs.train import run_train, tracking_uri
 from jobs.training.config import TrainConfig
-from model.package import load_package
-from model.transforms import eval_transform
-from pipeline import iter_clip_batches, load_manifest, parse_dataset_ref, parse_uri
-from pipeline.schema import frames_to_numpy
+from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.storage import Storage, VersionMismatch
 
 CHAMPION = "champion"
+
+
+GATE_METRICS = ("accuracy", "top5_accuracy", "mean_class_accuracy")
 
 
 @dataclass
@@ -41,9 +42,11 @@ class GateDecision:
     promoted: bool
     reason: str
     candidate_version: int
-    candidate_accuracy: float
+    candidate_score: float
     champion_version: int | None
-    champion_accuracy: float | None
+    champion_score: float | None
+    metric: str = "accuracy"  # what was compared (jobs.evaluate figures: top-1 by default)
+    views: str = "4x3"
 
 
 @dataclass
@@ -54,24 +57,14 @@ class RetrainResult:
     messages: list[str] = field(default_factory=list)
 
 
-def evaluate_accuracy(weights: str, config: str, val_ref: str, endpoint_url: str | None = None,
-                      batch_size: int = 32) -> float:
-    """Top-1 accuracy of a packaged model on every clip of a validation dataset version (labels matched by name)."""
-    net, card = load_package(weights, config)
-    sampling = load_manifest(val_ref, endpoint_url=endpoint_url).sampling
-    index_of = {name: i for i, name in enumerate(card.class_names)}
-    correct = total = 0
-    for batch in iter_clip_batches(val_ref, columns=["frames", "label_name"], batch_size=batch_size,
-                                   endpoint_url=endpoint_url):
-        clips = torch.from_numpy(sampling.pick_frames(frames_to_numpy(batch.column("frames"))).copy())
-        truth = np.array([index_of.get(name, -1) for name in batch.column("label_name").to_pylist()])
-        with torch.no_grad():
-            predicted = net(eval_transform(clips, card.crop_size)).argmax(dim=1).numpy()
-        correct += int((predicted == truth).sum())
-        total += len(truth)
-    if total == 0:
-        raise ValueError(f"validation dataset {val_ref} has no clips")
-    return correct / total
+def evaluate_version(model_name: str, version: int, val_ref: str, views: str, metric: str, uri: str,
+                     endpoint_url: str | None = None, options=None) -> float:
+    """The gate's figure for one registered version: `uniformer evaluate` at the views scoring uses (decoding and the
+    model run as Ray tasks on the cluster's workers, GPUs with `--gpu`), read back from the version's tags when it
+    was already evaluated on this dataset version and views."""
+    evaluation = evaluate_model(val_ref, f"models:/{model_name}/{version}", views=views, options=options,
+                                tracking_uri=uri, endpoint_url=endpoint_url, use_cache=True)
+    return evaluation.metrics[metric]
 
 
 class ChampionUnknown(RuntimeError):
@@ -203,36 +196,53 @@ def gate(candidate_accuracy: float, champion_accuracy: float | None, min_gain: f
     return False, f"candidate does not beat champion by {min_gain} (gain {gain:+.4f})"
 
 
-def promote_if_better(model_name: str, candidate_version: int, candidate_accuracy: float, val_ref: str,
-                      min_gain: float, lock: PromotionLock, uri: str, endpoint_url: str | None = None) -> GateDecision:
-    """The guarded read-decide-set-verify of the champion alias."""
+def promote_if_better(model_name: str, candidate_version: int, candidate_score: float, val_ref: str,
+                      min_gain: float, lock: PromotionLock, uri: str, endpoint_url: str | None = None,
+                      views: str = "4x3", metric: str = "accuracy", options=None) -> GateDecision:
+    """The guarded read-decide-set-verify of the champion alias. The champion is evaluated before the lease is taken
+    (usually read from its version's tags); the lease covers reading the alias, comparing, setting the alias and
+    reading it back, and an evaluation only when the champion moved in between."""
     import mlflow
 
+    if metric not in GATE_METRICS:
+        raise ValueError(f"gate metric must be one of {', '.join(GATE_METRICS)}, not {metric!r}")
     client = mlflow.MlflowClient(uri)
-    with lock, tempfile.TemporaryDirectory() as scratch:
+
+    def score(version: int) -> float:
+        return evaluate_version(model_name, version, val_ref, views, metric, uri, endpoint_url, options)
+
+    scores = {}
+    expected = champion_version(client, model_name)
+    if expected is not None and expected != candidate_version:
+        scores[expected] = score(expected)
+    with lock:
         champion = champion_version(client, model_name)
-        champion_accuracy = None
-        if champion is not None and champion != candidate_version:
-            resolved = resolve_model(f"models:/{model_name}/{champion}", scratch, uri)
-            champion_accuracy = evaluate_accuracy(resolved.weights_path, resolved.config_path, val_ref, endpoint_url)
         if champion == candidate_version:
-            return GateDecision(False, "candidate is already champion", candidate_version, candidate_accuracy,
-                                champion, candidate_accuracy)
-        promoted, reason = gate(candidate_accuracy, champion_accuracy, min_gain)
+            return GateDecision(False, "candidate is already champion", candidate_version, candidate_score,
+                                champion, candidate_score, metric, views)
+        champion_score = None
+        if champion is not None:
+            if champion not in scores:  # the alias moved since: its figures are on its tags when it was gated
+                scores[champion] = score(champion)
+            champion_score = scores[champion]
+        promoted, reason = gate(candidate_score, champion_score, min_gain)
         if promoted:
             lock.ensure_held()  # the evaluation may have outlasted a lease that could not be renewed
             client.set_registered_model_alias(model_name, CHAMPION, str(candidate_version))
             now = client.get_model_version_by_alias(model_name, CHAMPION)
             if int(now.version) != candidate_version:
                 raise RuntimeError(f"alias {CHAMPION} reads back version {now.version}, not {candidate_version}")
-    decision = GateDecision(promoted, reason, candidate_version, candidate_accuracy, champion, champion_accuracy)
+    decision = GateDecision(promoted, reason, candidate_version, candidate_score, champion, champion_score, metric,
+                            views)
     tags = {
         "gate.decision": "promoted" if promoted else "rejected",
         "gate.reason": reason,
         "gate.val_dataset": val_ref,
-        "gate.candidate_accuracy": f"{candidate_accuracy:.6f}",
+        "gate.metric": metric,
+        "gate.views": views,
+        "gate.candidate_score": f"{candidate_score:.6f}",
         "gate.champion_version": str(champion),
-        "gate.champion_accuracy": "" if champion_accuracy is None else f"{champion_accuracy:.6f}",
+        "gate.champion_score": "" if champion_score is None else f"{champion_score:.6f}",
     }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, str(candidate_version), key, value)
@@ -249,6 +259,8 @@ def run_retrain(
     train: TrainConfig | None = None,
     ingest_options: dict | None = None,
     endpoint_url: str | None = None,
+    gate_views: str = "4x3",
+    gate_metric: str = "accuracy",
     echo=print,
 ) -> RetrainResult:
     """One scheduled retraining cycle; see the module docstring."""
@@ -284,16 +296,17 @@ def run_retrain(
                 cfg.pretrained = f"models:/{model_name}/{version}"
                 echo(f"[retrain] candidate starts from {champion.identity.describe()}")
         result = run_train(cfg)
-        resolved = resolve_model(f"models:/{model_name}/{result.registered_version}", scratch, uri)
-        accuracy = evaluate_accuracy(resolved.weights_path, resolved.config_path, val_ref, cfg.endpoint_url)
-    decision = promote_if_better(model_name, result.registered_version, accuracy, val_ref, min_gain,
+    options = ScoreOptions(use_gpu=cfg.use_gpu)
+    score = evaluate_version(model_name, result.registered_version, val_ref, gate_views, gate_metric, uri,
+                             cfg.endpoint_url, options)
+    decision = promote_if_better(model_name, result.registered_version, score, val_ref, min_gain,
                                  PromotionLock(storage, locks.join(f"{model_name}.promotion.lock")), uri,
-                                 cfg.endpoint_url)
+                                 cfg.endpoint_url, gate_views, gate_metric, options)
     for key, value in (("dataset", data_ref), ("val_dataset", val_ref), ("gate_decision", str(decision.promoted))):
         client.set_tag(result.mlflow_run_id, f"retrain.{key}", value)
     echo(
-        f"[retrain] {model_name} v{decision.candidate_version} accuracy {decision.candidate_accuracy:.4f} vs "
-        f"champion v{decision.champion_version} {decision.champion_accuracy}: "
+        f"[retrain] {model_name} v{decision.candidate_version} {gate_metric} at {gate_views} views "
+        f"{decision.candidate_score:.4f} vs champion v{decision.champion_version} {decision.champion_score}: "
         f"{'PROMOTED' if decision.promoted else 'kept champion'} ({decision.reason})"
     )
     return RetrainResult(manifest.version, summary.ingested, decision)

@@ -88,11 +88,11 @@ def test_first_model_becomes_champion_and_better_replaces_it_but_worse_does_not(
 
     strong = register_constant_model(name, "left", uri, tmp_path)
     better = promote_if_better(name, strong, 1.0, left_only_validation, 0.5, lock_for(tmp_path, name), uri)
-    assert better.promoted and better.champion_accuracy == 0.0 and champion_of(name, uri) == strong
+    assert better.promoted and better.champion_score == 0.0 and champion_of(name, uri) == strong
 
     worse = register_constant_model(name, "up", uri, tmp_path)
     rejected = promote_if_better(name, worse, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
-    assert not rejected.promoted and rejected.champion_accuracy == 1.0 and champion_of(name, uri) == strong
+    assert not rejected.promoted and rejected.champion_score == 1.0 and champion_of(name, uri) == strong
     tags = mlflow.MlflowClient(uri).get_model_version(name, str(worse)).tags
     assert tags["gate.decision"] == "rejected" and tags["gate.champion_version"] == str(strong)
 
@@ -118,7 +118,7 @@ def test_two_retrains_promoting_at_once_do_not_both_promote(left_only_validation
     promoted = [v for v, d in decisions.items() if d.promoted]
     assert len(decisions) == 2 and len(promoted) == 1
     loser = next(d for v, d in decisions.items() if not d.promoted)
-    assert loser.champion_version == promoted[0] and loser.champion_accuracy == 1.0
+    assert loser.champion_version == promoted[0] and loser.champion_score == 1.0
     assert champion_of(name, uri) == promoted[0]
 
 
@@ -137,16 +137,8 @@ def test_an_expired_lock_of_a_crashed_retrain_is_taken_over(tmp_path):
         PromotionLock(Storage(), held.location, wait_s=0.5).__enter__()
 
 
-@pytest.fixture(params=["s3", "local"])
-def lease_store(request, s3_server, tmp_path):
-    """(storage, a folder for leases) on the S3 server over HTTP, and in a local folder."""
-    if request.param == "s3":
-        return Storage(s3_server.endpoint_url), parse_uri(f"s3://{s3_server.create_bucket()}/locks")
-    return Storage(), parse_uri(str(tmp_path / "locks"))
-
-
-def test_two_contenders_over_an_expired_lease_exactly_one_holds_it(lease_store):
-    storage, folder = lease_store
+def test_two_contenders_over_an_expired_lease_exactly_one_holds_it(storage_folder):
+    storage, folder = storage_folder
     for round_ in range(5):
         location = folder.join(f"round-{round_}.lock")
         crash_holding(storage, location)
@@ -185,8 +177,8 @@ class StaleReads(Storage):
         return self.snapshot
 
 
-def test_a_waiter_that_saw_the_lease_expire_cannot_replace_it_once_taken_over(lease_store):
-    storage, folder = lease_store
+def test_a_waiter_that_saw_the_lease_expire_cannot_replace_it_once_taken_over(storage_folder):
+    storage, folder = storage_folder
     location = folder.join("m.lock")
     crash_holding(storage, location)
     late = StaleReads(storage, storage.read_versioned(location))
@@ -197,8 +189,8 @@ def test_a_waiter_that_saw_the_lease_expire_cannot_replace_it_once_taken_over(le
         assert json.loads(storage.read_bytes(location))["owner"] == first.owner
 
 
-def test_a_held_lease_is_renewed_and_released_for_the_next_retrain(lease_store):
-    storage, folder = lease_store
+def test_a_held_lease_is_renewed_and_released_for_the_next_retrain(storage_folder):
+    storage, folder = storage_folder
     location = folder.join("m.lock")
     with PromotionLock(storage, location, ttl_s=2.0, renew_every_s=0.2) as holder:
         first = json.loads(storage.read_bytes(location))["expires_at"]
@@ -212,8 +204,8 @@ def test_a_held_lease_is_renewed_and_released_for_the_next_retrain(lease_store):
         assert json.loads(storage.read_bytes(location))["owner"] == next_one.owner
 
 
-def test_releasing_a_lease_that_vanished_does_not_fail(lease_store):
-    storage, folder = lease_store
+def test_releasing_a_lease_that_vanished_does_not_fail(storage_folder):
+    storage, folder = storage_folder
     with PromotionLock(storage, folder.join("m.lock")) as lock:
         storage.delete(lock.location)
         with pytest.raises(LeaseLost):
@@ -229,17 +221,19 @@ def test_a_holder_whose_lease_expired_and_was_taken_over_cannot_move_the_alias(
     promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
     strong = register_constant_model(name, "left", uri, tmp_path)
 
-    # A holder whose renewals never come (a stalled process): while it evaluates the champion, its lease expires
-    # and another retrain takes it over.
+    # A holder whose renewals never come (a stalled process): while it reads the champion, its lease expires and
+    # another retrain takes it over.
     stalled = PromotionLock(storage, location, ttl_s=0.5, renew_every_s=3600)
-    thieves = []
-    evaluate = jobs.retrain.evaluate_accuracy
+    thieves, lookups = [], []
+    lookup = jobs.retrain.champion_version
 
-    def evaluate_while_taken_over(*args, **kwargs):
-        thieves.append(PromotionLock(storage, location, wait_s=60).__enter__())
-        return evaluate(*args, **kwargs)
+    def lookup_while_taken_over(*args, **kwargs):
+        lookups.append(args)
+        if len(lookups) == 2:  # the read under the lease
+            thieves.append(PromotionLock(storage, location, wait_s=60).__enter__())
+        return lookup(*args, **kwargs)
 
-    monkeypatch.setattr(jobs.retrain, "evaluate_accuracy", evaluate_while_taken_over)
+    monkeypatch.setattr(jobs.retrain, "champion_version", lookup_while_taken_over)
     with pytest.raises(LeaseLost, match="no longer held"):
         promote_if_better(name, strong, 1.0, left_only_validation, 0.0, stalled, uri)
     assert json.loads(storage.read_bytes(location))["owner"] == thieves[0].owner  # the takeover really happened
