@@ -93,6 +93,16 @@ class S3Server:
         self.start()
 
 
+@pytest.fixture(params=["s3", "local"])
+def storage_folder(request, s3_server, tmp_path):
+    """(storage, a folder) on the S3 server over HTTP, and in a local folder: for what must hold on both backends."""
+    from pipeline.storage import Storage, parse_uri
+
+    if request.param == "s3":
+        return Storage(s3_server.endpoint_url), parse_uri(f"s3://{s3_server.create_bucket()}/store")
+    return Storage(), parse_uri(str(tmp_path / "store"))
+
+
 def ignore_conditional_writes(monkeypatch, *conditions: str) -> list[str]:
     """Make every S3 write through pipeline.storage.Storage drop the named conditions ("if_absent", "if_match") and
     write anyway, as S3-compatible stores that ignore the headers do; returns the URIs written without them."""

@@ -26,7 +26,7 @@ from pipeline import (
 )
 from pipeline.ingest import IngestConfigError
 from pipeline.manifest import read_sources
-from pipeline.storage import Storage, StorageError, parse_uri
+from pipeline.storage import Storage, parse_uri
 from tests.conftest import ignore_conditional_writes, kill_driver_after_first_part
 
 pytestmark = pytest.mark.integration

@@ -62,23 +62,15 @@ def test_put_if_absent_refuses_to_replace(s3_server, s3_bucket):
     assert storage.read_bytes(location) == b"first"
 
 
-@pytest.fixture(params=["s3", "local"])
-def folder(request, s3_server, tmp_path):
-    """(storage, folder) on the S3 server over HTTP, and in a local folder."""
-    if request.param == "s3":
-        return Storage(s3_server.endpoint_url), parse_uri(f"s3://{s3_server.create_bucket()}/store")
-    return Storage(), parse_uri(str(tmp_path / "store"))
-
-
-def test_a_missing_object_reads_as_file_not_found_on_both_backends(folder):
-    storage, root = folder
+def test_a_missing_object_reads_as_file_not_found_on_both_backends(storage_folder):
+    storage, root = storage_folder
     for read in (storage.read_bytes, storage.read_versioned):
         with pytest.raises(FileNotFoundError):
             read(root.join("nothing-here"))
 
 
-def test_a_conditional_replace_takes_effect_only_on_the_version_read(folder):
-    storage, root = folder
+def test_a_conditional_replace_takes_effect_only_on_the_version_read(storage_folder):
+    storage, root = storage_folder
     location = root.join("lease")
     first = storage.put_bytes(location, b"first", if_absent=True)
     assert storage.read_versioned(location) == (b"first", first)
@@ -92,8 +84,8 @@ def test_a_conditional_replace_takes_effect_only_on_the_version_read(folder):
     assert not storage.exists(root.join("absent"))
 
 
-def test_conditional_writes_are_probed_and_the_probe_leaves_nothing(folder):
-    storage, root = folder
+def test_conditional_writes_are_probed_and_the_probe_leaves_nothing(storage_folder):
+    storage, root = storage_folder
     storage.check_conditional_writes(root)
     assert [info.location.uri for info in storage.list_objects(root) if "probe" in info.location.path] == []
 
