@@ -16,9 +16,9 @@ process keeps its child for all the tasks Ray gives it (`shared_decoder`).
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
-import pickle
 import signal
 import socket
 import struct
@@ -43,22 +43,93 @@ _LENGTH = struct.Struct("!Q")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+# What crosses the socket is JSON with the arrays and byte strings beside it, raw, never a pickle: the reply names
+# its dataclasses and errors, and the parent rebuilds only the ones listed here.
+_DATACLASSES = ("ClipInfo", "DecodeLimits")
+_ERRORS = ("VideoDecodeError", "VideoTooLarge", "DecoderCrashed", "DecodeTimeout")
+
+
+def _encode(value: Any, buffers: list) -> Any:
+    import dataclasses
+
+    import numpy as np
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        buffers.append(memoryview(value).cast("B"))
+        return {"bytes": len(buffers) - 1}
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        buffers.append(memoryview(array).cast("B"))
+        return {"array": len(buffers) - 1, "dtype": array.dtype.str, "shape": list(array.shape)}
+    if isinstance(value, (list, tuple)):
+        return {"list" if isinstance(value, list) else "tuple": [_encode(item, buffers) for item in value]}
+    if isinstance(value, dict):
+        return {"dict": [[key, _encode(item, buffers)] for key, item in value.items()]}
+    if dataclasses.is_dataclass(value) and type(value).__name__ in _DATACLASSES:
+        fields = {field.name: _encode(getattr(value, field.name), buffers) for field in dataclasses.fields(value)}
+        return {"dataclass": type(value).__name__, "fields": fields}
+    if isinstance(value, BaseException):
+        name = type(value).__name__
+        known = name in _ERRORS or type(value) is getattr(builtins, name, None)
+        return {"error": name if known else "RuntimeError",
+                "message": str(value) if known else f"{name}: {value}"}
+    if callable(value):  # a request's function, imported by name in the child
+        return {"function": [value.__module__, value.__qualname__]}
+    raise TypeError(f"cannot send a {type(value).__name__} to or from the decoding process")
+
+
+def _decode(value: Any, buffers: list) -> Any:
+    import numpy as np
+
+    from pipeline import decode
+
+    if not isinstance(value, dict):
+        return value
+    if "bytes" in value:
+        return bytes(buffers[value["bytes"]])
+    if "array" in value:
+        return np.frombuffer(buffers[value["array"]], dtype=np.dtype(value["dtype"])).reshape(value["shape"])
+    if "list" in value:
+        return [_decode(item, buffers) for item in value["list"]]
+    if "tuple" in value:
+        return tuple(_decode(item, buffers) for item in value["tuple"])
+    if "dict" in value:
+        return {key: _decode(item, buffers) for key, item in value["dict"]}
+    if "dataclass" in value and value["dataclass"] in _DATACLASSES:
+        return getattr(decode, value["dataclass"])(**{k: _decode(v, buffers) for k, v in value["fields"].items()})
+    if "error" in value:
+        name = value["error"]
+        kind = getattr(decode, name) if name in _ERRORS else getattr(builtins, name, RuntimeError)
+        if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            kind = RuntimeError
+        return kind(value["message"])
+    if "function" in value:
+        import importlib
+
+        module, name = value["function"]
+        target = importlib.import_module(module)
+        for part in name.split("."):
+            target = getattr(target, part)
+        return target
+    raise ValueError(f"unexpected message part {sorted(value)}")
+
+
 def _send(channel: socket.socket, message: Any) -> None:
-    """Pickle with arrays out of band, each sent straight from its memory: a video's frames (megabytes) cross with
-    one copy into the socket and one out, where multiprocessing's Connection copies several times."""
-    buffers = []
-    payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    views = [buffer.raw() for buffer in buffers]
-    head = pickle.dumps((payload, [view.nbytes for view in views]))
+    """The message as JSON, then its arrays and byte strings each sent straight from its memory: a video's frames
+    (megabytes) cross with one copy into the socket and one out."""
+    buffers: list = []
+    head = json.dumps([_encode(message, buffers), [view.nbytes for view in buffers]]).encode("utf-8")
     channel.sendall(_LENGTH.pack(len(head)) + head)
-    for view in views:
+    for view in buffers:
         channel.sendall(view)
 
 
 def _receive(channel: socket.socket) -> Any:
     (length,) = _LENGTH.unpack(_receive_exactly(channel, _LENGTH.size))
-    payload, sizes = pickle.loads(_receive_exactly(channel, length))
-    return pickle.loads(payload, buffers=[_receive_exactly(channel, size) for size in sizes])
+    message, sizes = json.loads(_receive_exactly(channel, length))
+    return _decode(message, [_receive_exactly(channel, size) for size in sizes])
 
 
 def _receive_exactly(channel: socket.socket, size: int) -> bytearray:
