@@ -109,7 +109,6 @@ def synthesize(root: Path, count: int) -> None:
 
 def measure_driver_plan(root: str) -> dict:
     import dataclasses
-    import pickle
 
     from pipeline.epochs import EpochPlan
     from pipeline.manifest import load_manifest
@@ -119,22 +118,20 @@ def measure_driver_plan(root: str) -> dict:
     units = [dataclasses.astuple(unit) for unit in plan.units]
     figures = {"driver_plan_s": time.perf_counter() - started, "driver_plan_peak_mb": peak_mb() - before,
                "units": len(units)}
-    with open(os.path.join(root, "units.pickle"), "wb") as handle:  # what the loop config carries to workers
-        pickle.dump(units, handle)
-    figures["units_bytes_to_workers"] = os.path.getsize(os.path.join(root, "units.pickle"))
+    with open(os.path.join(root, "units.json"), "w") as handle:  # what the loop config carries to workers
+        json.dump(units, handle)
+    figures["units_bytes_to_workers"] = os.path.getsize(os.path.join(root, "units.json"))
     return figures
 
 
 def measure_worker_open(root: str) -> dict:
-    import pickle
-
     from pipeline.epochs import EpochPlan
     from pipeline.manifest import load_manifest
 
     before, started = rss_mb(), time.perf_counter()
     manifest = load_manifest(root)
-    with open(os.path.join(root, "units.pickle"), "rb") as handle:
-        units = pickle.load(handle)
+    with open(os.path.join(root, "units.json")) as handle:
+        units = json.load(handle)
     EpochPlan(root, manifest, "train", 0.1, world_size=8, seed=0, units=units)
     return {"worker_open_s": time.perf_counter() - started, "worker_open_peak_mb": peak_mb() - before}
 
