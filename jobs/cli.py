@@ -23,8 +23,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"uniformer {version('uniformer-pipeline')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main_options() -> None:
+def main_options(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Each sub-command is one job; `uniformer COMMAND --help` explains its options."""
 
 

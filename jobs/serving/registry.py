@@ -24,6 +24,14 @@ def model_versions(client, name: str) -> list:
     return client.search_model_versions(f"name={quote}{name}{quote}")
 
 
+def pinned_requirements() -> list[str]:
+    """What the pyfunc imports, at the versions that trained and logged it: a served model must not meet another
+    torch or safetensors than the one its weights were checked against."""
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in ("torch", "safetensors", "numpy", "mlflow")]
+
+
 def log_model(
     run_id: str,
     weights_path: str,
@@ -63,7 +71,7 @@ def log_model(
                 artifacts={"weights": weights_path, "config": config_path},
                 code_paths=[MODEL_PACKAGE_DIR],
                 signature=signature,
-                pip_requirements=["torch", "safetensors", "numpy", "mlflow"],
+                pip_requirements=pinned_requirements(),
             )
     version = None
     if register_as:

@@ -60,6 +60,10 @@ def test_evaluate_a_registered_model_like_production_scores_it(tmp_path, mlflow_
     client = mlflow.MlflowClient(mlflow_server.uri)
     run_id = client.create_run(client.create_experiment(f"eval-{uuid.uuid4().hex[:8]}")).info.run_id
     log_model(run_id, str(tmp_path / "package" / "model.safetensors"), CARD, mlflow_server.uri, register_as=name)
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    pinned = open(mlflow.pyfunc.get_model_dependencies(f"models:/{name}/1")).read().split()
+    # the served model meets the torch and safetensors it was logged with
+    assert {line.split("==")[0] for line in pinned if "==" in line} >= {"torch", "safetensors", "numpy", "mlflow"}
 
     experiment = f"evaluations-{uuid.uuid4().hex[:8]}"
     evaluation = evaluate_model(f"{clips}@1", f"models:/{name}/1", views="2x3", tracking_uri=mlflow_server.uri,
