@@ -51,11 +51,15 @@ def train_worker_pids(node=None) -> list[int]:
 
     node = node or ray._private.worker._global_node
     raylet = node.all_processes["raylet"][0].process.pid
-    return [
-        child.pid
-        for child in psutil.Process(raylet).children(recursive=True)
-        if "RayTrainWorker" in " ".join(child.cmdline())
-    ]
+    pids = []
+    for child in psutil.Process(raylet).children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):  # exited between the listing and the read: not running
+            continue
+        if "RayTrainWorker" in command:
+            pids.append(child.pid)
+    return pids
 
 
 def train_in_background(cfg: TrainConfig) -> tuple[threading.Thread, dict]:
