@@ -134,6 +134,10 @@ def ingest_command(
     out: str = typer.Option(..., "--out", help="Clip dataset: s3://bucket/prefix or a local folder."),
     labels: str = typer.Option(None, "--labels", help="CSV 'path,label' with paths relative to SRC."),
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Label = parent folder (Kinetics layout)."),
+    classes: str = typer.Option(
+        None, "--classes", help="Class names, one per line, in class id order (e.g. Kinetics-400's label map): ids "
+        "match a checkpoint's head however few classes the videos show; other labels become error rows."
+    ),
     frames: int = typer.Option(8, help="Frames per clip."),
     size: int = typer.Option(224, help="Model input (crop) size recorded in the manifest; <= --short-side."),
     short_side: int = typer.Option(256, help="Stored square side: short side resized to it, then centre-cropped."),
@@ -163,6 +167,7 @@ def ingest_command(
             out,
             labels_csv=labels,
             labels_from_dirs=labels_from_dirs,
+            classes=classes,
             frames=frames,
             size=size,
             short_side=short_side,

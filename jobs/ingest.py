@@ -20,7 +20,7 @@ from pipeline.ingest import (
     commit_ingest,
     plan_ingest,
 )
-from pipeline.listing import attach_labels, list_videos, read_labels_csv
+from pipeline.listing import attach_labels, list_videos, read_class_names, read_labels_csv
 from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, read_sources, write_manifest
 from pipeline.schema import ErrorRecord
 from pipeline.storage import DEFAULT_SPILL_THRESHOLD_BYTES, Storage, parse_uri
@@ -43,6 +43,7 @@ def run_ingest(
     out: str,
     labels_csv: str | None = None,
     labels_from_dirs: bool = False,
+    classes: str | None = None,
     frames: int = 8,
     size: int = 224,
     short_side: int = 256,
@@ -63,6 +64,8 @@ def run_ingest(
     params = SamplingParams(frames, short_side, size, sampling, stride, clips_per_video, frames_per_segment)
     if labels_csv and labels_from_dirs:
         raise ValueError("use either a labels CSV or labels from folders, not both")  # before any storage access
+    if classes and not (labels_csv or labels_from_dirs):
+        raise ValueError("a class list orders the labels' ids: give it with a labels CSV or labels from folders")
     storage = Storage(endpoint_url, spill_threshold_bytes=spill_threshold_bytes)
     source, root = parse_uri(src), parse_uri(out)
     storage.check_access(source)
@@ -70,13 +73,14 @@ def run_ingest(
     storage.check_conditional_writes(root)  # manifests are published if-absent
 
     labels = read_labels_csv(labels_csv, storage) if labels_csv else None  # refuses unsafe paths before any work
+    class_names = read_class_names(classes, storage) if classes else None
     listed = list_videos(source, storage)
     labelled, label_errors = attach_labels(listed, source, labels_csv=labels, labels_from_dirs=labels_from_dirs)
     labels_mode = "csv" if labels_csv else "dirs" if labels_from_dirs else "none"
     previous = latest_manifest(root, storage)
     previous_sources = read_sources(root, previous, storage) if previous else {}
     plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, previous_sources,
-                       max_shard_bytes)
+                       max_shard_bytes, class_names)
     storage.remove_stale_staging(root.join(SHARDS_DIR))
     echo(
         f"ingest {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already done, "

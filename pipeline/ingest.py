@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from pipeline.decode import DecodeLimits, decode_clips
 from pipeline.isolation import DecoderProcess, shared_decoder
-from pipeline.listing import SourceVideo, extend_class_map
+from pipeline.listing import SourceVideo, extend_class_map, fixed_class_map
 from pipeline.manifest import (
     ERRORS_DIR,
     SHARDS_DIR,
@@ -102,8 +102,10 @@ def plan_ingest(
     previous: Manifest | None,
     previous_sources: dict[str, dict],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    class_names: list[str] | None = None,
 ) -> IngestPlan:
-    """Decide what this run decodes. `labelled` are the listed videos that got a label (all of them when unlabeled)."""
+    """Decide what this run decodes. `labelled` are the listed videos that got a label (all of them when unlabeled).
+    With `class_names`, class ids follow that list and a video labelled outside it becomes an error row."""
     if previous is not None:
         if previous.sampling != sampling:
             raise IngestConfigError(
@@ -115,6 +117,15 @@ def plan_ingest(
                 f"{dst} was ingested with labels from {previous.labels!r}, this run uses {labels_mode!r}; "
                 "write to a new --out"
             )
+    if class_names is not None:
+        fixed = fixed_class_map(class_names, previous.class_map if previous else {})
+        unknown = [video for video in labelled if video.label_name not in fixed]
+        label_errors = label_errors + [
+            ErrorRecord(video.uri, video.etag, "labels", "UnknownClass",
+                        f"label {video.label_name!r} is not in the class list")
+            for video in unknown
+        ]
+        labelled = [video for video in labelled if video.label_name in fixed]
     already_done, pending = [], []
     for video in labelled:
         known = previous_sources.get(video.video_id)
@@ -125,9 +136,12 @@ def plan_ingest(
         )
         (already_done if unchanged else pending).append(video)
     superseded = {video.video_id for video in pending if video.video_id in previous_sources}
-    class_map = extend_class_map(
-        previous.class_map if previous else {}, [v.label_name for v in pending if v.label_name is not None]
-    )
+    if class_names is not None:
+        class_map = fixed
+    else:
+        class_map = extend_class_map(
+            previous.class_map if previous else {}, [v.label_name for v in pending if v.label_name is not None]
+        )
 
     per_shard_cap = max(1, max_shard_bytes // (sampling.clip_bytes * sampling.clips_per_video))
     # Depends only on the pending set, so a re-run after a kill plans the same groups (and shard names).

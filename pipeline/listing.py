@@ -96,6 +96,31 @@ def read_labels_csv(uri: str, storage: Storage) -> dict[str, str]:
     return parse_labels_csv(data.decode("utf-8-sig"), name=f"labels CSV {uri}")
 
 
+def parse_class_names(text: str, name: str = "class list") -> list[str]:
+    """One class name per line (MMAction2's label_map_k400.txt layout); line order is class id order."""
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for line_number, raw in enumerate(text.splitlines(), start=1):
+        class_name = unicodedata.normalize("NFC", raw.strip())
+        if not class_name:
+            continue
+        if class_name in seen:
+            first = seen[class_name]
+            raise LabelsError(f"{name} line {line_number}: {class_name!r} is listed twice (first on line {first})")
+        seen[class_name] = line_number
+        names.append(class_name)
+    if not names:
+        raise LabelsError(f"{name} names no class")
+    return names
+
+
+def read_class_names(uri: str, storage: Storage) -> list[str]:
+    location = parse_uri(uri)
+    if not storage.exists(location):
+        raise LabelsError(f"class list {uri} does not exist")
+    return parse_class_names(storage.read_bytes(location).decode("utf-8-sig"), name=f"class list {uri}")
+
+
 def attach_labels(
     videos: list[SourceVideo],
     src: Location,
@@ -135,6 +160,17 @@ def attach_labels(
                 )
             )
     return labelled, errors
+
+
+def fixed_class_map(class_names: list[str], existing: dict[str, int]) -> dict[str, int]:
+    """Class ids in the order of a class list (e.g. Kinetics-400's 400 names, so ids match a checkpoint's head however
+    few classes the videos show); a dataset's existing ids must agree with it."""
+    class_map = {class_name: class_id for class_id, class_name in enumerate(class_names)}
+    disagreeing = sorted(name for name, class_id in existing.items() if class_map.get(name) != class_id)
+    if disagreeing:
+        shown = ", ".join(f"{name!r} is {existing[name]} (list: {class_map.get(name)})" for name in disagreeing[:5])
+        raise LabelsError(f"the class list disagrees with the dataset's class ids: {shown}")
+    return class_map
 
 
 def extend_class_map(class_map: dict[str, int], names) -> dict[str, int]:

@@ -87,6 +87,27 @@ def test_local_folder_becomes_a_readable_clip_dataset(tmp_path, make_videos, ray
     assert tuple(frames.shape) == (8, 4, 32, 32, 3) and str(frames.dtype) == "torch.uint8"
 
 
+def test_a_class_list_fixes_class_ids_and_refuses_other_labels(tmp_path, make_videos, ray_local):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    make_videos(src)  # one video each of down, left, right, up
+    names = ["up", "left", "down"] + [f"filler {index}" for index in range(397)]  # a 400-class label map, no "right"
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    summary = run_ingest(str(src), dst, labels_from_dirs=True, classes=str(tmp_path / "classes.txt"), **SMALL)
+
+    assert (summary.ingested, summary.errored) == (3, 1)
+    assert [(error.stage, error.error_type) for error in summary.errors] == [("labels", "UnknownClass")]
+    manifest = load_manifest(dst)
+    assert manifest.class_names == names
+    assert {row["video_id"].split("/")[0]: row["label"] for row in _rows(dst)} == {"up": 0, "left": 1, "down": 2}
+
+    (tmp_path / "reordered.txt").write_text("left\nup\ndown\n")
+    with pytest.raises(LabelsError, match="disagrees with the dataset's class ids"):
+        run_ingest(str(src), dst, labels_from_dirs=True, classes=str(tmp_path / "reordered.txt"), **SMALL)
+    assert load_manifest(dst).version == manifest.version
+    with pytest.raises(ValueError, match="give it with a labels CSV or labels from folders"):
+        run_ingest(str(src), dst, classes=str(tmp_path / "classes.txt"), **SMALL)
+
+
 def test_candidate_frames_per_segment_are_stored_for_temporal_jitter(tmp_path, make_videos, ray_local):
     src, dst = tmp_path / "videos", str(tmp_path / "clips")
     make_videos(src, num_per_class=1)

@@ -7,7 +7,9 @@ from pipeline.listing import (
     SourceVideo,
     attach_labels,
     extend_class_map,
+    fixed_class_map,
     list_videos,
+    parse_class_names,
     parse_labels_csv,
 )
 from pipeline.storage import Storage, parse_uri
@@ -93,3 +95,18 @@ def test_class_map_only_grows_and_keeps_ids():
     assert first == {"left": 0, "up": 1}
     second = extend_class_map(first, ["up", "down", "right"])
     assert second == {"left": 0, "up": 1, "down": 2, "right": 3}
+
+
+def test_a_class_list_fixes_ids_in_its_order_and_must_agree_with_the_dataset():
+    names = parse_class_names("abseiling\nair drumming\n\nanswering questions\n")
+    assert names == ["abseiling", "air drumming", "answering questions"]
+    assert fixed_class_map(names, {}) == {"abseiling": 0, "air drumming": 1, "answering questions": 2}
+    assert fixed_class_map(names, {"air drumming": 1}) == fixed_class_map(names, {})
+    with pytest.raises(LabelsError, match="'air drumming' is 0 \\(list: 1\\)"):
+        fixed_class_map(names, {"air drumming": 0})
+    with pytest.raises(LabelsError, match="'zumba' is 3 \\(list: None\\)"):
+        fixed_class_map(names, {"zumba": 3})
+    with pytest.raises(LabelsError, match="line 3: 'a' is listed twice \\(first on line 1\\)"):
+        parse_class_names("a\nb\na\n")
+    with pytest.raises(LabelsError, match="names no class"):
+        parse_class_names("\n \n")
