@@ -4,7 +4,8 @@ For each size: a clip dataset of that many videos (one clip each, 1x2x2 pixels: 
 are not), written as ingest writes it (16-clip row groups, shards of SHARD_VIDEOS videos, a manifest, a source
 table), then, each in a fresh process so that its peak memory is its own:
   driver_plan        what the training driver does once: cut the epoch plan (the split by video, the units of
-                     every shard: reads each shard's footer and video ids)
+                     every shard: reads each shard's footer and video ids, and checks its sha256; with these tiny
+                     pixels the hashing is cheap, with real clips it reads the whole dataset: benchmarks/verify.py)
   worker_open        what a training worker does to open the version: load the manifest, take the driver's units
   incremental_plan   the driver of an incremental ingest of 10,000 new videos: read the version's sources, plan
   listing            a listing of every object (synthesized SourceVideo rows) held by the driver
@@ -67,7 +68,7 @@ def synthesize(root: Path, count: int) -> None:
 
     from pipeline.manifest import Manifest, SamplingParams, ShardEntry, write_manifest, write_sources
     from pipeline.schema import clip_schema, frames_array
-    from pipeline.shards import parquet_write_options
+    from pipeline.shards import file_sha256, parquet_write_options
     from pipeline.storage import Storage, parse_uri
 
     storage, location = Storage(), parse_uri(str(root))
@@ -97,7 +98,7 @@ def synthesize(root: Path, count: int) -> None:
         )
         path = f"shards/part-{first // SHARD_VIDEOS:06d}.parquet"
         pq.write_table(table, root / path, **options)
-        shards.append(ShardEntry(path, rows, "0" * 64, (root / path).stat().st_size))
+        shards.append(ShardEntry(path, rows, file_sha256(str(root / path)), (root / path).stat().st_size))
         for video in chunk:
             sources[video] = {"uri": f"s3://raw/{video}", "etag": "e", "size": 1000, "label_name": video.split("/")[0],
                               "clips": 1, "shard": path}

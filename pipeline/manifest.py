@@ -88,12 +88,27 @@ class SamplingParams:
         return asdict(self)
 
 
+def check_inside_root(path: str, what: str) -> None:
+    """Refuse a path a manifest names (a shard, a source or errors table) unless it stays inside the dataset root:
+    relative, `/`-separated, without `..`, and not a URI. A manifest that could point anywhere would let whoever
+    writes one make readers load, and gc delete, objects of other datasets or buckets."""
+    if not isinstance(path, str) or "://" in path or "\\" in path or {"", ".", ".."} & set(path.split("/")):
+        raise ManifestError(
+            f"the manifest names {what} {path!r}, which is not a relative path inside the dataset root (no leading "
+            "'/', '..', '.', empty parts, backslashes or URIs): refused; the manifest was not written by uniformer "
+            "or was edited"
+        )
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     path: str  # relative to the dataset root
     rows: int
     sha256: str
     bytes: int
+
+    def __post_init__(self):
+        check_inside_root(self.path, "shard")
 
 
 @dataclass
@@ -145,6 +160,10 @@ class Manifest:
             )
         body["sampling"] = SamplingParams(**body["sampling"])
         body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
+        for table in body["source_tables"]:
+            check_inside_root(table["path"], "source table")
+        if body.get("errors") is not None:
+            check_inside_root(body["errors"], "errors table")
         return cls(**body)
 
 
@@ -180,7 +199,10 @@ def read_manifest(root: Location, version: int, storage: Storage) -> Manifest:
     location = manifest_location(root, version)
     if not storage.exists(location):
         raise ManifestError(f"no manifest version {version} at {location.uri}")
-    return Manifest.from_json(storage.read_bytes(location).decode("utf-8"))
+    try:
+        return Manifest.from_json(storage.read_bytes(location).decode("utf-8"))
+    except ManifestError as error:
+        raise ManifestError(f"{location.uri}: {error}") from None
 
 
 def load_manifest(dst: str, version: int | None = None, endpoint_url: str | None = None) -> Manifest:

@@ -1,7 +1,7 @@
 """Reading a clip dataset version: as a Ray Dataset (training, scoring) or a plain pyarrow iterator (no Ray).
 
-Both check first that every shard the manifest lists exists with the recorded row count, so a reader never
-silently trains on part of a version.
+Both check first that every shard the manifest lists exists with the recorded row count and sha256, so a reader
+never silently trains on part of a version or on shards changed since it was published.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ import pyarrow.parquet as pq
 
 from pipeline.manifest import Manifest, ManifestError, load_manifest, parse_dataset_ref
 from pipeline.schema import clip_schema, frames_to_numpy, frames_type, with_frames_as_tensor
+from pipeline.shards import stream_sha256
 from pipeline.storage import Storage, parse_uri
+
+# (endpoint, path, sha256) of the shards this process has hashed and found as their manifest records them
+_verified: set[tuple[str | None, str, str]] = set()
 
 
 def shard_paths(dst: str, manifest: Manifest, storage: Storage) -> list[str]:
@@ -25,7 +29,12 @@ def shard_paths(dst: str, manifest: Manifest, storage: Storage) -> list[str]:
 
 
 def verify_shards(dst: str, manifest: Manifest, storage: Storage) -> list[str]:
-    """Arrow paths of the manifest's shards; raises ManifestError naming every missing or mismatched shard."""
+    """Arrow paths of the manifest's shards, each checked to exist with the recorded row count and sha256; raises
+    ManifestError naming every shard that does not match, before anything is read from them.
+
+    A shard's sha256 is computed on its first check in a process and remembered (hashing a shard costs about as much
+    as reading it, benchmarks/verify.py), so a training run hashes its dataset once, on its driver, while it cuts
+    the epoch plan, and its workers trust that cut."""
     root = parse_uri(dst)
     filesystem = storage.arrow_filesystem(root)
     paths = shard_paths(dst, manifest, storage)
@@ -34,19 +43,30 @@ def verify_shards(dst: str, manifest: Manifest, storage: Storage) -> list[str]:
         shard, path = item
         try:
             rows = pq.read_metadata(path, filesystem=filesystem).num_rows
+            if rows != shard.rows:
+                return f"{shard.path}: {rows} rows, manifest says {shard.rows}"
+            identity = (storage.endpoint_url, path, shard.sha256)
+            if identity not in _verified:
+                _, digest = stream_sha256(filesystem, path)
+                if digest != shard.sha256:
+                    return f"{shard.path}: sha256 {digest}, manifest says {shard.sha256} (altered or damaged)"
+                _verified.add(identity)
         except FileNotFoundError:
             return f"{shard.path}: missing"
-        except (OSError, pa.ArrowInvalid) as error:
+        except pa.ArrowInvalid as error:  # not Parquet; a store that cannot be read (OSError) stops the job instead
             return f"{shard.path}: unreadable ({' '.join(str(error).split())[:200]})"
-        return None if rows == shard.rows else f"{shard.path}: {rows} rows, manifest says {shard.rows}"
+        return None
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         problems = [problem for problem in pool.map(check, zip(manifest.shards, paths)) if problem]
     if problems:
         listing = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
         raise ManifestError(
-            f"dataset {dst} version {manifest.version} is incomplete: {len(problems)} of {len(paths)} shards do "
-            f"not match the manifest:\n  {listing}"
+            f"dataset {dst} version {manifest.version} is incomplete or altered: {len(problems)} of {len(paths)} "
+            f"shards do not match the manifest:\n  {listing}\nNothing was read from it. Re-ingesting into the same "
+            "destination does not repair a version (its videos count as done): restore these shards from a copy "
+            "(the manifest records each one's sha256 and size), or ingest the videos again into a new destination "
+            "(`uniformer ingest SRC --out NEW_DST ...`) and read that."
         )
     return paths
 

@@ -10,24 +10,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.schema import MAX_ROW_GROUP_CLIPS, clip_schema, frames_array
 from pipeline.storage import Location, Storage
 
 FOOTER_KEY = b"uniformer.ingest"
+_HASH_CHUNK_BYTES = 8 << 20
 
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+    return stream_sha256(pafs.LocalFileSystem(), path)[1]
+
+
+def stream_sha256(filesystem: pafs.FileSystem, path: str) -> tuple[int, str]:
+    """(bytes, sha256) of a file read as a stream, local or remote, without holding it in memory."""
+    digest, size = hashlib.sha256(), 0
+    with filesystem.open_input_stream(path) as handle:
+        while chunk := handle.read_buffer(_HASH_CHUNK_BYTES):
             digest.update(chunk)
-    return digest.hexdigest()
+            size += chunk.size
+    return size, digest.hexdigest()
 
 
 def parquet_write_options(schema: pa.Schema) -> dict:
@@ -144,16 +151,8 @@ def read_shard_description(storage: Storage, location: Location) -> tuple[int, d
 
 
 def measure_published(storage: Storage, location: Location) -> tuple[int, str]:
-    """(bytes, sha256) of a published file; downloads it when it is remote (only adopted shards need this)."""
-    if location.scheme == "file":
-        return os.path.getsize(location.path), file_sha256(location.path)
-    handle, local = tempfile.mkstemp(suffix=".parquet")
-    os.close(handle)
-    try:
-        storage.download(location, local)
-        return os.path.getsize(local), file_sha256(local)
-    finally:
-        os.unlink(local)
+    """(bytes, sha256) of a published file, streamed when it is remote (only adopted shards need this)."""
+    return stream_sha256(storage.arrow_filesystem(location), storage.arrow_path(location))
 
 
 def rewrite_without_videos(
