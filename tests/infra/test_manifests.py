@@ -1,13 +1,17 @@
 """The deployment in infra/ holds together: every manifest parses, every `uniformer` command it runs is a valid
 invocation by the CLI's own parser (without running it), and images, Secrets, service accounts, config maps, volumes
-and service addresses name things that exist, with credentials only ever referenced from Secrets. The Ray cluster's
-shape fits the jobs: whole 8-GPU pods for NCCL over NVLink, object stores inside a memory-backed /dev/shm, and a
-CPU-only group for decoding."""
+and service addresses name things that exist, with credentials only ever referenced from Secrets. It is closed: the
+MLflow server takes authenticated requests only and its clients have their password from a Secret, NetworkPolicies
+admit only the pods that need MLflow and the Ray head, every image is pinned by digest and every Python package comes
+from a lock with hashes. The Ray cluster's shape fits the jobs: whole 8-GPU pods for NCCL over NVLink, object stores
+inside a memory-backed /dev/shm, and a CPU-only group for decoding."""
 
 from __future__ import annotations
 
+import configparser
 import re
 import shlex
+import shutil
 import subprocess
 import tomllib
 from fractions import Fraction
@@ -16,12 +20,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.credentials import carries_credentials
 from jobs.submit import SubmitError, check_invocation
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 SECRETS_TEMPLATE = K8S / "secrets.template.yaml"
+LOCK = INFRA / "requirements.lock"
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|_URI$", re.IGNORECASE)
 SAFE_LITERAL_ENV = {"MLFLOW_TRACKING_URI"}  # a service address, not a credential (pointing at the in-cluster Service)
 GPU = "nvidia.com/gpu"
@@ -29,6 +35,12 @@ GPU = "nvidia.com/gpu"
 GPUS_PER_POD = 8
 # The option that says how many GPUs a `--gpu` job uses: one per training worker, one per scoring model actor.
 GPU_COUNT_OPTION = {"train": "--workers", "retrain": "--workers", "score": "--actors"}
+DIGEST = r"sha256:[0-9a-f]{64}"
+PLACEHOLDER_DIGEST = "sha256:" + "0" * 64  # what the repository holds until infra/pin-images.sh writes a real one
+MLFLOW_PORT, RAY_GCS_PORT, RAY_JOBS_API_PORT = 5000, 6379, 8265
+# Ports a Ray head could listen on: the three above's neighbours that nothing here uses (Ray Client, Serve, metrics
+# export, dashboard agent) must stay closed to everything but the Ray nodes themselves.
+RAY_HEAD_PORTS = (RAY_GCS_PORT, RAY_JOBS_API_PORT, 10001, 8000, 8080, 52365)
 
 
 def load_documents() -> list[tuple[str, dict]]:
@@ -52,21 +64,30 @@ def names(kind: str) -> set[str]:
     return {doc["metadata"]["name"] for doc in of_kind(kind)}
 
 
-def pod_specs() -> list[tuple[str, dict]]:
-    """(where, pod spec) of every pod the manifests run."""
-    specs = []
+def pod_templates() -> dict[str, dict]:
+    """{where: pod template (metadata and spec)} of every pod the manifests run."""
+    templates = {}
     for _, doc in DOCUMENTS:
         kind, spec, label = doc.get("kind"), doc.get("spec", {}), doc.get("kind", "") + "/" + _name(doc)
         if kind == "RayCluster":
-            specs.append((f"{label} head", spec["headGroupSpec"]["template"]["spec"]))
-            specs += [(f"{label} {g['groupName']}", g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
+            templates[f"{label} head"] = spec["headGroupSpec"]["template"]
+            templates.update({f"{label} {g['groupName']}": g["template"] for g in spec["workerGroupSpecs"]})
         elif kind == "RayJob":
-            specs.append((f"{label} submitter", spec["submitterPodTemplate"]["spec"]))
+            templates[f"{label} submitter"] = spec["submitterPodTemplate"]
         elif kind in ("Deployment", "Job", "StatefulSet"):
-            specs.append((label, spec["template"]["spec"]))
+            templates[label] = spec["template"]
         elif kind == "CronJob":
-            specs.append((label, spec["jobTemplate"]["spec"]["template"]["spec"]))
-    return specs
+            templates[label] = spec["jobTemplate"]["spec"]["template"]
+    return templates
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """(where, pod spec) of every pod the manifests run."""
+    return [(where, template["spec"]) for where, template in pod_templates().items()]
+
+
+def pod_labels(where: str) -> dict:
+    return pod_templates()[where].get("metadata", {}).get("labels", {})
 
 
 def containers() -> list[tuple[str, dict]]:
@@ -93,6 +114,84 @@ def walk(node, key: str):
 
 def env_of(container: dict) -> dict[str, dict]:
     return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels and matchExpressions) selects a pod with `labels`."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if operator == "In":
+            matched = key in labels and labels[key] in values
+        elif operator == "NotIn":
+            matched = labels.get(key) not in values
+        elif operator == "Exists":
+            matched = key in labels
+        elif operator == "DoesNotExist":
+            matched = key not in labels
+        else:
+            raise ValueError(f"not a label selector operator: {operator!r}")
+        if not matched:
+            return False
+    return True
+
+
+def ingress_policies(where: str) -> list[dict]:
+    """The NetworkPolicies that restrict connections to the pod `where`."""
+    return [policy for policy in of_kind("NetworkPolicy")
+            if "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+            and selects(policy["spec"]["podSelector"], pod_labels(where))]
+
+
+def admitted(target: str, port: int) -> set[str]:
+    """The pods of the manifests that the NetworkPolicies let open a TCP connection to pod `target` on `port`. The
+    namespace of a peer is taken to be theirs (the manifests are applied to one namespace), and an ipBlock to hold
+    every pod address: whatever a policy might let in counts as let in."""
+    pods = pod_templates()
+    policies = ingress_policies(target)
+    if not policies:
+        return set(pods)  # a pod that no policy selects takes every connection
+    container_ports = {p.get("name"): p["containerPort"] for c in pods[target]["spec"]["containers"]
+                       for p in c.get("ports", [])}
+
+    def opens(entry: dict) -> bool:
+        first = container_ports.get(entry["port"], entry["port"])  # a port by number or by the container's name
+        return entry.get("protocol", "TCP") == "TCP" and first <= port <= entry.get("endPort", first)
+
+    sources = set()
+    for rule in (rule for policy in policies for rule in policy["spec"].get("ingress", [])):
+        if "ports" in rule and not any(opens(entry) for entry in rule["ports"]):
+            continue
+        if "from" not in rule:
+            return set(pods)
+        for peer in rule["from"]:
+            if "ipBlock" in peer:
+                return set(pods)
+            sources |= {where for where in pods if selects(peer.get("podSelector", {}), pod_labels(where))}
+    return sources
+
+
+def ray_nodes() -> set[str]:
+    return {where for where in pod_templates() if where.startswith("RayCluster/")}
+
+
+def ray_head() -> str:
+    (head,) = [where for where in ray_nodes() if where.endswith(" head")]
+    return head
+
+
+def mlflow_server() -> str:
+    (server,) = [where for where, template in pod_templates().items()
+                 if any(c.get("command", [])[:2] == ["mlflow", "server"] for c in template["spec"]["containers"])]
+    return server
+
+
+def job_submitters() -> set[str]:
+    """The pods that submit jobs through the Ray Jobs API: KubeRay's submitters and `uniformer submit` runners."""
+    return {where for where, template in pod_templates().items()
+            if where.startswith("RayJob/") or any(c.get("command") == ["uniformer"] and "submit" in c.get("args", [])
+                                                  for c in template["spec"]["containers"])}
 
 
 def uniformer_commands() -> list[tuple[str, list[str]]]:
@@ -196,25 +295,31 @@ def test_every_uniformer_command_is_a_valid_invocation_of_the_cli():
 
 
 def test_the_cli_check_rejects_what_the_parser_rejects():
-    # the check above must be able to fail: an option the command lacks, a missing required option, a bad type
-    for argv in (["ingest", "s3://raw/", "--out", "s3://c/", "--frame", "8"], ["score", "s3://a/", "--out", "s3://s/"],
+    # the check above must be able to fail: an option the command lacks, an extra argument, a bad type
+    for argv in (["ingest", "s3://raw/", "--out", "s3://c/", "--frame", "8"],
+                 ["score", "s3://a/", "s3://b/", "--out", "s3://s/"],
                  ["submit", "--wait", "train", "--data", "s3://c/", "--epochs", "many"]):
         with pytest.raises(SubmitError):
             check_invocation(argv)
 
 
-def test_mlflow_server_arguments_parse_and_match_the_service_the_jobs_use():
+def mlflow_container() -> dict:
+    (container,) = pod_templates()[mlflow_server()]["spec"]["containers"]
+    return container
+
+
+def test_mlflow_server_arguments_parse_and_match_the_service_the_jobs_use(monkeypatch):
     from mlflow.cli import cli as mlflow_cli
 
     (deployment,) = [d for d in of_kind("Deployment") if d["metadata"]["name"] == "mlflow"]
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    container = mlflow_container()
     assert container["command"] == ["mlflow", "server"]
     env = env_of(container)
-    for reference in re.findall(r"\$\((\w+)\)", " ".join(container["args"])):
-        assert reference in env, f"$({reference}) is expanded by Kubernetes only from the container's own env"
+    monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", "postgresql://from-the-environment")
     with mlflow_cli.commands["server"].make_context("server", list(container["args"])) as context:
         params = context.params
-    assert params["backend_store_uri"] == "$(MLFLOW_BACKEND_STORE_URI)"
+    # the backend store's URI, password included, reaches the server through its environment, never an argument
+    assert params["backend_store_uri"] == "postgresql://from-the-environment"
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "uniformer-mlflow-db"
     assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"]
 
@@ -225,8 +330,41 @@ def test_mlflow_server_arguments_parse_and_match_the_service_the_jobs_use():
     (service,) = [s for s in of_kind("Service") if s["metadata"]["name"] == host]
     (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
     assert service_port["targetPort"] in (port, *(p["name"] for p in container["ports"] if p["containerPort"] == port))
-    assert int(params["port"]) == port and f"{host}:{port}" in params["allowed_hosts"].split(",")
+    assert int(params["port"]) == port == MLFLOW_PORT and f"{host}:{port}" in params["allowed_hosts"].split(",")
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_mlflow_server_takes_authenticated_requests_only():
+    from importlib.metadata import entry_points
+
+    from mlflow.cli import cli as mlflow_cli
+
+    container = mlflow_container()
+    with mlflow_cli.commands["server"].make_context("server", list(container["args"])) as context:
+        app_name = context.params["app_name"]
+    assert app_name == "basic-auth" and app_name in {e.name for e in entry_points(group="mlflow.app")}
+    env = env_of(container)
+    secret = "uniformer-mlflow-auth"
+    for name, key in (("MLFLOW_AUTH_ADMIN_PASSWORD", "admin_password"), ("MLFLOW_FLASK_SERVER_SECRET_KEY",
+                                                                         "flask_secret_key")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": key}, name
+    # the auth config file: a Secret's key mounted where MLFLOW_AUTH_CONFIG_PATH points
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent)]
+    (volume,) = [v for v in pod_templates()[mlflow_server()]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == secret and mount.get("readOnly") is True
+    assert {"key": "basic_auth.ini", "path": config_path.name} in volume["secret"]["items"]
+    (template,) = [d for d in of_kind("Secret", include_template=True) if d["metadata"]["name"] == secret]
+    config = configparser.ConfigParser()
+    config.read_string(template["stringData"]["basic_auth.ini"])
+    auth = config["mlflow"]
+    assert auth["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    # what any authenticated user may do with what others created: read at most
+    assert auth["default_permission"] in ("READ", "NO_PERMISSIONS") and auth["admin_username"]
+    assert "admin_password" not in auth, "the admin's password comes from its own Secret key, not the config file"
+    assert re.fullmatch(r"<postgresql://[^>]+>", auth["database_uri"]), "the user store is a PostgreSQL database"
+    probes = [container[probe]["httpGet"]["path"] for probe in ("readinessProbe", "livenessProbe")]
+    assert probes == ["/health", "/health"], "the auth app answers /health alone without credentials"
 
 
 # ---- images --------------------------------------------------------------------------------------------------------
@@ -236,47 +374,161 @@ def test_every_pod_runs_the_image_the_dockerfile_builds_as_non_root():
     assert image == f"{project['name']}:{project['version']}"
     assert f"-t {image} " in dockerfile(), "the build command in the Dockerfile header tags another image"
     for where, container in containers():
-        assert container["image"] == image, where
+        pinned = re.fullmatch(rf"(?P<image>[^@\s]+)@(?P<digest>{DIGEST})", container["image"])
+        assert pinned and pinned["image"] == image, f"{where}: {container['image']} is not {image} pinned by digest"
+    assert len({container["image"] for _, container in containers()}) == 1, "every pod runs the same build"
     users = re.findall(r"^USER\s+(\S+)", dockerfile(), re.MULTILINE)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must not run as root"
     for where, spec in pod_specs():
         assert spec.get("securityContext", {}).get("runAsNonRoot") is True, where
 
 
-def test_ray_and_cuda_versions_agree_between_base_image_pins_and_raycluster():
-    base = re.search(r"^FROM\s+rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-(cu\d+)", dockerfile(), re.MULTILINE)
+def test_the_base_image_is_pinned_by_digest():
+    (base,) = re.findall(r"^FROM\s+(\S+)", dockerfile(), re.MULTILINE)
+    assert re.fullmatch(rf"rayproject/ray:[\w.-]+@{DIGEST}", base), f"FROM {base}: pin the base image by digest"
+
+
+def test_pin_images_writes_one_digest_everywhere_and_refuses_what_is_not_a_digest(tmp_path):
+    shutil.copytree(INFRA, tmp_path / "infra")
+    script, digest = tmp_path / "infra" / "pin-images.sh", "sha256:" + "ab" * 32
+    pushed = f"registry.example.com:5000/ml/{image_built_by_dockerfile()}@{digest}"
+    subprocess.run([script, "app", pushed], check=True)
+    subprocess.run([script, "base", digest], check=True)
+    for path in (tmp_path / "infra" / "k8s").glob("*.yaml"):
+        images = [value for document in yaml.safe_load_all(path.read_text()) for value in walk(document, "image")]
+        assert all(image == pushed for image in images), (path.name, images)
+    assert re.search(rf"^FROM rayproject/ray:\S+@{digest}$", (tmp_path / "infra" / "Dockerfile").read_text(), re.M)
+    for refused in (["app", image_built_by_dockerfile()], ["app", f"other-image@{digest}"], ["base", "sha256:abc"],
+                    ["base", "latest"]):
+        result = subprocess.run([script, *refused], capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr, refused
+    assert all(c["image"].endswith(f"@{PLACEHOLDER_DIGEST}") for _, c in containers()), "the copy only was pinned"
+
+
+def lock_pins() -> dict[str, tuple[str, list[str]]]:
+    """{package name: (version, sha256 hashes)} of infra/requirements.lock; each pin must be `name==version` with at
+    least one --hash on its continuation lines."""
+    pins, current = {}, None
+    for line in LOCK.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if not line[0].isspace():
+            match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[\w,.-]+\])?==([\w.+!-]+)(\s*;[^\\]*)?\s*\\?", line)
+            assert match, f"requirements.lock: not an exact pin: {line}"
+            current = match.group(1).lower().replace("_", "-")
+            pins[current] = (match.group(3), [])
+        else:
+            hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", stripped)
+            assert hashes, f"requirements.lock: {current}: not a hash: {stripped}"
+            pins[current][1].extend(hashes)
+    assert pins
+    for name, (version, hashes) in pins.items():
+        assert hashes, f"requirements.lock: {name}=={version} has no --hash"
+    return pins
+
+
+def test_the_lock_pins_everything_with_hashes_and_covers_pyprojects_dependencies():
+    from packaging.requirements import Requirement
+
+    pins = lock_pins()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for dependency in project["dependencies"] + project["optional-dependencies"]["cluster"]:
+        requirement = Requirement(dependency)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{requirement.name} is a dependency of pyproject.toml but not in the lock: infra/lock.sh"
+        assert requirement.specifier.contains(pins[name][0], prereleases=True), (
+            f"the lock pins {name}=={pins[name][0]}, outside pyproject's {requirement}: run infra/lock.sh")
+    for package in ("psycopg2-binary", "flask-wtf"):  # the MLflow server's Postgres driver and its auth app's need
+        assert package in pins, package
+
+
+def test_the_image_installs_python_packages_from_the_lock_only():
+    installs = [" ".join(command.split()) for command in re.findall(r"pip install ((?:[^\n&]|\\\n)+)", dockerfile())]
+    assert installs, "the Dockerfile installs no Python package"
+    from_lock = [command for command in installs if "requirements.lock" in command]
+    assert len(from_lock) == 1 and "--require-hashes" in from_lock[0] and "--no-deps" in from_lock[0], from_lock
+    for command in installs:  # the project's own package: built offline, nothing resolved besides the lock
+        assert command in from_lock or {"--no-index", "--no-deps"} <= set(command.split()), command
+    assert "infra/requirements.lock" in dockerfile() and "infra/requirements.lock" in (
+        INFRA / "Dockerfile.dockerignore").read_text()
+
+
+def test_ray_and_torch_versions_agree_between_base_image_lock_dev_script_and_raycluster():
+    base = re.search(r"^FROM\s+rayproject/ray:(\d+\.\d+\.\d+)-py(\d)(\d+)-cu\d+@", dockerfile(), re.MULTILINE)
     assert base, "the Dockerfile builds FROM a pinned rayproject/ray:VERSION-pyXY-cuNNN tag"
-    ray_version, cuda = base.group(1), base.group(4)
-    pins = dict(line.split("==") for line in (INFRA / "constraints.txt").read_text().splitlines()
-                if line and not line.startswith("#"))
-    assert pins["ray"] == ray_version
-    assert re.search(rf"TORCH_INDEX_URL=https://download\.pytorch\.org/whl/{cuda}\b", dockerfile())
+    ray_version = base.group(1)
+    pins = lock_pins()
+    assert pins["ray"][0] == ray_version
     for cluster in of_kind("RayCluster"):
         assert cluster["spec"]["rayVersion"] == ray_version
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    named = {re.split(r"[\[<>=!~ ]", dep)[0].lower() for dep in dependencies}
-    assert named - {"torch"} <= {name.lower() for name in pins}, "every dependency is pinned for the image"
+    assert f"--python-version {base.group(2)}.{base.group(3)}" in (INFRA / "lock.sh").read_text(), (
+        "the lock is resolved for another Python than the base image's")
+    dev_pins = re.search(r"^TORCH_PINS=\((.*)\)", (REPO / "dev").read_text(), re.MULTILINE).group(1).split()
+    for pin in dev_pins:  # the torch build the tests run against is the one the image gets
+        name, version = pin.split("==")
+        assert pins[name][0] == version, f"the lock pins {name}=={pins[name][0]}, ./dev {pin}"
 
 
 # ---- secrets, identities, references -------------------------------------------------------------------------------
+def is_placeholder(key: str, value: str) -> bool:
+    """A template value says what to put there and holds none: `<...>`, or for a file (a key with a suffix) a text
+    whose every credential-looking setting is `<...>`."""
+    if re.fullmatch(r"<[^>]+>", value):
+        return True
+    if "." not in key:
+        return False
+    settings = re.findall(r"^\s*([\w.-]+)\s*[=:]\s*(.*?)\s*$", value, re.MULTILINE)
+    return all(re.fullmatch(r"<[^>]+>", setting) for name, setting in settings if CREDENTIAL_NAME.search(name))
+
+
 def test_credentials_come_only_from_secrets_the_template_defines():
     template = {doc["metadata"]["name"]: set(doc.get("stringData", {})) | set(doc.get("data", {}))
                 for doc in of_kind("Secret", include_template=True)}
     for secret in of_kind("Secret", include_template=True):
         for key, value in secret.get("stringData", {}).items():
-            assert re.fullmatch(r"<[^>]+>", value), f"{secret['metadata']['name']}.{key} is a value, not a placeholder"
+            assert is_placeholder(key, value), f"{secret['metadata']['name']}.{key} is a value, not a placeholder"
     assert not of_kind("Secret"), "Secrets live only in secrets.template.yaml (created out of band)"
     for _, doc in DOCUMENTS:
         for ref in walk(doc, "secretKeyRef"):
             assert ref["key"] in template.get(ref["name"], set()), f"{_name(doc)}: no Secret {ref['name']}/{ref['key']}"
         for ref in walk(doc, "secretRef"):
             assert ref["name"] in template, f"{_name(doc)}: no Secret {ref['name']}"
+        for volume in walk(doc, "secret"):  # a Secret mounted as files
+            assert volume["secretName"] in template, f"{_name(doc)}: no Secret {volume['secretName']}"
+            for item in volume.get("items", []):
+                assert item["key"] in template[volume["secretName"]], f"{_name(doc)}: no {volume['secretName']}/{item}"
         for env in walk(doc, "env"):
             for entry in env:
                 if CREDENTIAL_NAME.search(entry["name"]) and entry["name"] not in SAFE_LITERAL_ENV:
                     assert "value" not in entry, f"{_name(doc)}: {entry['name']} is inlined; use a secretKeyRef"
     for config in of_kind("ConfigMap"):
         assert not [key for key in config["data"] if CREDENTIAL_NAME.search(key) and key not in SAFE_LITERAL_ENV]
+
+
+def test_the_placeholder_check_tells_a_value_from_a_placeholder():
+    assert is_placeholder("password", "<openssl rand -hex 24>")
+    assert is_placeholder("auth.ini", "[mlflow]\ndefault_permission = READ\ndatabase_uri = <postgresql://U:P@H/db>\n")
+    assert not is_placeholder("password", "hunter2")
+    assert not is_placeholder("auth.ini", "[mlflow]\ndatabase_uri = postgresql://mlflow:hunter2@db/auth\n")
+    assert not is_placeholder("auth.ini", "[mlflow]\nadmin_password = hunter2\n")
+
+
+def test_no_credential_in_a_command_an_argument_or_a_config_map():
+    texts = [(f"RayJob/{_name(doc)}", doc["spec"]["entrypoint"]) for doc in of_kind("RayJob")]
+    for where, container in containers():
+        secret_env = {name for name, entry in env_of(container).items() if "valueFrom" in entry
+                      and "secretKeyRef" in entry["valueFrom"]}
+        for arg in container.get("command", []) + container.get("args", []):
+            texts.append((where, arg))
+            # Kubernetes expands $(NAME) into the argument, where every `ps` on the node shows it
+            assert not set(re.findall(r"\$\((\w+)\)", arg)) & secret_env, f"{where}: a Secret's value in {arg!r}"
+            option = re.match(r"--?([\w-]+)=", arg)
+            assert not (option and CREDENTIAL_NAME.search(option.group(1).replace("-", "_"))), f"{where}: {arg!r}"
+    texts += [(f"ConfigMap/{config['metadata']['name']}", value)
+              for config in of_kind("ConfigMap") for value in config["data"].values()]
+    for where, text in texts:
+        assert not carries_credentials(text), f"{where}: {text!r} holds a credential"
 
 
 def test_everything_that_talks_to_ray_presents_the_clusters_token():
@@ -314,6 +566,73 @@ def test_service_accounts_config_maps_and_volumes_exist():
     for _, doc in DOCUMENTS:
         for ref in walk(doc, "configMapRef"):
             assert ref["name"] in configs, _name(doc)
+
+
+# ---- network policies and MLflow's clients -----------------------------------------------------------------------
+def test_every_pod_is_closed_to_what_no_network_policy_opens():
+    for where in pod_templates():
+        assert ingress_policies(where), f"{where}: no NetworkPolicy selects it, so every pod may connect to it"
+
+
+def test_only_the_ray_nodes_reach_mlflow():
+    server = mlflow_server()
+    assert admitted(server, MLFLOW_PORT) == ray_nodes()
+    for port in RAY_HEAD_PORTS:
+        assert not admitted(server, port), f"MLflow's pod admits connections on {port}"
+
+
+def test_the_ray_head_admits_job_submitters_to_the_jobs_api_and_only_ray_nodes_elsewhere():
+    head, submitters = ray_head(), job_submitters()
+    assert {"CronJob/uniformer-retrain"} < submitters and not submitters & ray_nodes()
+    assert admitted(head, RAY_JOBS_API_PORT) == ray_nodes() | submitters
+    for port in set(RAY_HEAD_PORTS) - {RAY_JOBS_API_PORT}:
+        assert admitted(head, port) == ray_nodes(), f"the Ray head's port {port}"
+    assert mlflow_server() not in admitted(head, RAY_JOBS_API_PORT)
+    (container,) = pod_templates()[head]["spec"]["containers"]
+    assert {p["containerPort"] for p in container["ports"]} == {RAY_GCS_PORT, RAY_JOBS_API_PORT}, (
+        "the head exposes the GCS and the dashboard only; nothing uses the Ray Client or Serve ports")
+    for worker in ray_nodes() - {head}:
+        for port in (*RAY_HEAD_PORTS, MLFLOW_PORT):
+            assert admitted(worker, port) == ray_nodes(), f"{worker}: port {port}"
+
+
+def test_the_only_peer_from_outside_the_deployment_is_kuberays_operator_on_the_jobs_api():
+    for policy in of_kind("NetworkPolicy"):
+        for rule in policy["spec"].get("ingress", []):
+            assert "from" in rule, f"{policy['metadata']['name']} admits every pod in the cluster"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, f"{policy['metadata']['name']}: {peer}"
+                if "namespaceSelector" in peer:
+                    assert peer.get("podSelector") == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+                    assert rule["ports"] == [{"protocol": "TCP", "port": RAY_JOBS_API_PORT}], policy["metadata"]["name"]
+                    assert selects(policy["spec"]["podSelector"], pod_labels(ray_head()))
+
+
+@pytest.mark.parametrize("selector, labels, expected", [
+    ({}, {"a": "1"}, True),
+    ({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}, True),
+    ({"matchLabels": {"a": "1"}}, {"a": "2"}, False),
+    ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]}, {"a": "2"}, True),
+    ({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1"]}]}, {}, False),
+    ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {}, True),
+    ({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {"a": ""}, True),
+    ({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {"a": ""}, False),
+])
+def test_selects_reads_label_selectors_as_kubernetes_does(selector, labels, expected):
+    assert selects(selector, labels) is expected
+
+
+def test_every_mlflow_client_has_the_jobs_user_from_its_secret_and_nothing_else_has_it():
+    client_env = {"MLFLOW_TRACKING_USERNAME": {"name": "uniformer-mlflow-client", "key": "username"},
+                  "MLFLOW_TRACKING_PASSWORD": {"name": "uniformer-mlflow-client", "key": "password"}}
+    clients = admitted(mlflow_server(), MLFLOW_PORT)
+    assert clients
+    for where, template in pod_templates().items():
+        for container in template["spec"]["containers"]:
+            env = env_of(container)
+            found = {name: env[name].get("valueFrom", {}).get("secretKeyRef") for name in client_env if name in env}
+            expected = client_env if where in clients else {}
+            assert found == expected, f"{where} {container['name']}: {found}"
 
 
 # ---- the cluster's shape -------------------------------------------------------------------------------------------
