@@ -29,6 +29,7 @@ from jobs.serving.registry import model_versions
 from jobs.train import run_train, tracking_uri
 from jobs.training.config import TrainConfig
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
+from pipeline.manifest import content_fingerprint
 from pipeline.storage import Storage, VersionMismatch
 
 CHAMPION = "champion"
@@ -187,6 +188,18 @@ class PromotionLock:
             pass  # taken over after it expired, or removed: nothing of ours left to release
 
 
+def version_trained_on(client, model_name: str, fingerprint: str):
+    """The registered version that already learnt from a dataset of this content fingerprint, whatever its version
+    number: the champion, or a candidate the gate judged. A version registered by a retrain that stopped before its
+    gate is not one: training again is what gates it."""
+    champion = champion_version(client, model_name)
+    for version in model_versions(client, model_name):
+        judged = int(version.version) == champion or "gate.decision" in version.tags
+        if judged and version.tags.get("dataset_fingerprint") == fingerprint:
+            return version
+    return None
+
+
 def gate(candidate_accuracy: float, champion_accuracy: float | None, min_gain: float) -> tuple[bool, str]:
     if champion_accuracy is None:
         return True, "no champion yet: the first model becomes champion"
@@ -275,9 +288,10 @@ def run_retrain(
     data_ref = f"{dataset}@{manifest.version}"
     val_ref = f"{parse_dataset_ref(val)[0]}@{load_manifest(val, endpoint_url=endpoint_url).version}"
 
-    trained_on = {v.tags.get("dataset") for v in model_versions(client, model_name)}
-    if data_ref in trained_on:
-        echo(f"[retrain] nothing new in {source}: {model_name} already has a model trained on {data_ref}")
+    learnt = version_trained_on(client, model_name, content_fingerprint(manifest))
+    if learnt is not None:
+        echo(f"[retrain] nothing new in {source}: {data_ref} holds the data {model_name} v{learnt.version} was trained "
+             f"on ({learnt.tags.get('dataset')}, content {learnt.tags['dataset_fingerprint']})")
         return RetrainResult(manifest.version, summary.ingested, None, ["nothing new"])
 
     cfg = train or TrainConfig(data=data_ref)

@@ -20,6 +20,7 @@ from jobs.training.checkpoint import WEIGHTS
 from jobs.training.config import TrainConfig
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
+from pipeline.manifest import content_fingerprint
 from pipeline.storage import Storage
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -99,18 +100,9 @@ def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, ma
     client.log_dict(run.info.run_id, recorded, "config/train_config.json")
     client.set_tag(run.info.run_id, "dataset", cfg.data)
     client.set_tag(run.info.run_id, "dataset_version", str(manifest.version))
-    client.set_tag(run.info.run_id, "dataset_fingerprint", dataset_fingerprint(manifest))
+    client.set_tag(run.info.run_id, "dataset_fingerprint", content_fingerprint(manifest))
     _write_run_record(filesystem, record_path, {"mlflow_run_id": run.info.run_id, "run_name": cfg.name})
     return run.info.run_id
-
-
-def dataset_fingerprint(manifest) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for shard in manifest.shards:
-        digest.update(f"{shard.path}:{shard.sha256}:{shard.rows}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def build_trainer(cfg: TrainConfig, uri: str, run_id: str, manifest):
@@ -206,7 +198,7 @@ def model_card(cfg: TrainConfig, manifest, metrics: dict, run_id: str) -> ModelC
         short_side=manifest.sampling.short_side,
         extra={
             "dataset": cfg.data,
-            "dataset_fingerprint": dataset_fingerprint(manifest),
+            "dataset_fingerprint": content_fingerprint(manifest),
             "mlflow_run_id": run_id,
             "val_accuracy": metrics.get("val_accuracy"),
         },
@@ -229,7 +221,7 @@ def finish_registration(cfg: TrainConfig, manifest, uri: str, run_id: str):
             tags = {
                 "dataset": cfg.data,
                 "dataset_version": str(manifest.version),
-                "dataset_fingerprint": dataset_fingerprint(manifest),
+                "dataset_fingerprint": content_fingerprint(manifest),
                 "checkpoint_selected": cfg.select,
                 "checkpoint_epoch": str(chosen_progress["epoch"] - 1),  # the epoch whose end it is
                 "checkpoint_global_step": str(chosen_progress["global_step"]),

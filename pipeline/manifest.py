@@ -15,6 +15,7 @@ what changed and a reader replays at most about twice the dataset's rows. Traini
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -165,6 +166,19 @@ class Manifest:
         if body.get("errors") is not None:
             check_inside_root(body["errors"], "errors table")
         return cls(**body)
+
+
+def content_fingerprint(manifest: Manifest) -> str:
+    """What a model trained on this version learns from, whatever its version number: the shards' contents (their
+    sha256, as a set, which covers every clip, label and video id), the class map and the sampling (the crop size is
+    not in the shards). Versions published without a change, or with changes that cancel out, share it, so a
+    retrain can tell that it has nothing new to learn."""
+    body = {
+        "shards": sorted(shard.sha256 for shard in manifest.shards),
+        "class_map": manifest.class_map,
+        "sampling": manifest.sampling.to_dict(),
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 
 
 def parse_dataset_ref(ref: str) -> tuple[str, int | None]:

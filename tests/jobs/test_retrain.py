@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -29,7 +30,8 @@ from jobs.retrain import (
 from jobs.serving.registry import log_model, model_versions
 from jobs.training.config import TrainConfig
 from model.package import ModelCard, save_package
-from pipeline import generate_motion_dataset, parse_uri
+from pipeline import generate_motion_dataset, load_manifest, parse_uri
+from pipeline.manifest import content_fingerprint, write_manifest
 from pipeline.storage import Storage, StorageError
 from tests.conftest import ignore_conditional_writes, start_local_ray
 
@@ -366,3 +368,28 @@ def test_a_model_name_cannot_widen_or_redirect_the_versions_filter(mlflow_server
     assert [int(v.version) for v in model_versions(client, "gate-o'brien")] == [quoted]
     with pytest.raises(ValueError, match="both quote characters"):
         model_versions(client, """gate-'both"quotes""")
+
+
+def test_retrain_skips_a_new_version_number_holding_the_data_the_champion_learnt(
+    left_only_validation, mlflow_server, tmp_path, monkeypatch
+):
+    uri, name = mlflow_server.uri, "retrain-same-content"
+    videos, clips = tmp_path / "videos", str(tmp_path / "clips")
+    generate_motion_dataset(videos, 1, classes=("left",), size=(40, 40), num_frames=16, seed=7)
+    ingest = {"labels_from_dirs": True, "frames": 8, "size": 32, "short_side": 40}
+    run_ingest(str(videos), clips, **ingest)
+    first = load_manifest(clips)
+    client = mlflow.MlflowClient(uri)
+    champion = register_constant_model(name, "left", uri, tmp_path)
+    # as training tags what it registers
+    client.set_model_version_tag(name, str(champion), "dataset", f"{clips}@1")
+    client.set_model_version_tag(name, str(champion), "dataset_fingerprint", content_fingerprint(first))
+    client.set_registered_model_alias(name, CHAMPION, str(champion))
+    # what a re-run that only decoded its failing videos again published: the same shards as the next version
+    write_manifest(parse_uri(clips), dataclasses.replace(first, version=2, previous_version=1), Storage())
+    monkeypatch.setattr(jobs.retrain, "run_train", lambda cfg: pytest.fail(f"trained again on {cfg.data}"))
+    lines = []
+    result = run_retrain(str(videos), clips, name, left_only_validation, ingest_options=ingest, echo=lines.append,
+                         train=TrainConfig(data="set by retrain", storage=str(tmp_path / "runs"), tracking_uri=uri))
+    assert (result.dataset_version, result.decision, result.messages) == (2, None, ["nothing new"])
+    assert f"{clips}@2 holds the data {name} v{champion} was trained on" in lines[-1]
