@@ -24,6 +24,7 @@ from pipeline.listing import attach_labels, list_videos, read_class_names, read_
 from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, read_sources, write_manifest
 from pipeline.schema import ErrorRecord
 from pipeline.storage import DEFAULT_SPILL_THRESHOLD_BYTES, Storage, parse_uri
+from pipeline.versioned import RunRecord, nothing_new_line, read_failures
 
 
 @dataclass
@@ -55,11 +56,15 @@ def run_ingest(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES,
     decode_limits: DecodeLimits = DecodeLimits(),
+    retry_errors: bool = False,
+    keep_deleted: bool = False,
     echo: Callable[[str], None] = print,
 ) -> IngestSummary:
     """Ingest every video under `src` not yet in the dataset at `out`; see the module docstring of pipeline.ingest.
     A video above `decode_limits` (pipeline.decode.DecodeLimits) becomes an error row, as does one whose decoding
-    crashes or runs past its time limit."""
+    crashes or runs past its time limit. Videos that failed before are decoded again only when they changed, or with
+    `retry_errors`; videos gone from `src` leave the new version unless `keep_deleted`. A run with nothing new writes
+    no version."""
     started = time.monotonic()
     params = SamplingParams(frames, short_side, size, sampling, stride, clips_per_video, frames_per_segment)
     if labels_csv and labels_from_dirs:
@@ -77,32 +82,38 @@ def run_ingest(
     listed = list_videos(source, storage)
     labelled, label_errors = attach_labels(listed, source, labels_csv=labels, labels_from_dirs=labels_from_dirs)
     labels_mode = "csv" if labels_csv else "dirs" if labels_from_dirs else "none"
-    previous = latest_manifest(root, storage)
-    previous_sources = read_sources(root, previous, storage) if previous else {}
-    plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, previous_sources,
-                       max_shard_bytes, class_names)
-    storage.remove_stale_staging(root.join(SHARDS_DIR))
-    echo(
-        f"ingest {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already done, "
-        f"{plan.num_pending} to decode in {len(plan.groups)} shards"
-    )
+    # the run record comes before any part is looked at: `uniformer gc` leaves them
+    with RunRecord(storage, root, "ingest") as run:
+        previous = latest_manifest(root, storage)
+        previous_sources = read_sources(root, previous, storage) if previous else {}
+        previous_failures = read_failures(root, previous.errors, storage) if previous else {}
+        plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, previous_sources,
+                           max_shard_bytes, class_names, previous_failures, retry_errors, keep_deleted)
+        run.claim(group["shard"] for group in plan.groups)
+        storage.remove_stale_staging(root.join(SHARDS_DIR))
+        echo(
+            f"ingest {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already done, "
+            f"{len(plan.known_failures)} known failures, {plan.num_pending} to decode in {len(plan.groups)} shards"
+        )
 
-    results = []
-    if plan.groups:
-        import ray
+        results = []
+        if plan.groups:
+            import ray
 
-        if not ray.is_initialized():
-            ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
-        last_report = 0.0
-        for row in build_dataset(plan, storage, decode_limits).iter_rows():
-            results.append(_decoded(row))
-            if time.monotonic() - last_report >= 2.0 or len(results) == len(plan.groups):
-                echo(_progress_line(results, len(plan.groups)))
-                last_report = time.monotonic()
+            if not ray.is_initialized():
+                ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
+            last_report = 0.0
+            for row in build_dataset(plan, storage, decode_limits).iter_rows():
+                results.append(_decoded(row))
+                if time.monotonic() - last_report >= 2.0 or len(results) == len(plan.groups):
+                    echo(_progress_line(results, len(plan.groups)))
+                    last_report = time.monotonic()
 
-    outcome = commit_ingest(plan, results, storage)
-    if outcome.manifest is not None:
-        write_manifest(root, outcome.manifest, storage)
+        outcome = commit_ingest(plan, results, storage)
+        if outcome.manifest is not None:
+            write_manifest(root, outcome.manifest, storage)
+        else:
+            echo(nothing_new_line(asdict(outcome.counts), "ingested"))
     version = outcome.manifest.version if outcome.manifest else (previous.version if previous else None)
     errors_path = outcome.manifest.errors if outcome.manifest else None
     summary = IngestSummary(
@@ -137,6 +148,7 @@ def format_summary(summary: IngestSummary, max_errors: int = 10) -> str:
         ("listed", summary.listed),
         ("ingested", summary.ingested),
         ("already done", summary.already_done),
+        ("known failures", summary.known_failures),
         ("errored", summary.errored),
         ("clips written", summary.clips_written),
         ("shards written", summary.shards_written),
@@ -146,6 +158,8 @@ def format_summary(summary: IngestSummary, max_errors: int = 10) -> str:
         rows.append(("shards adopted", summary.shards_adopted))
     if summary.labels_missing:
         rows.append(("CSV rows without video", summary.labels_missing))
+    if summary.deleted:
+        rows.append(("deleted from source", summary.deleted))
     lines = [f"ingest summary  {summary.destination}  manifest {version} ({state})  {summary.seconds:.1f} s"]
     lines += table_lines(rows)
     lines += error_lines(summary.errors, summary.errors_uri, max_errors)

@@ -46,6 +46,7 @@ from pipeline.isolation import shared_decoder
 from pipeline.listing import SourceVideo, list_videos
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Storage, parse_uri
+from pipeline.versioned import RunRecord, nothing_new_line, read_failures
 from pipeline.views import decode_views, parse_views
 
 # Videos per decoding task call: enough to amortise a task, few enough that a task's output (V views of T frames
@@ -288,9 +289,12 @@ def run_score(
     tracking_uri: str | None = None,
     endpoint_url: str | None = None,
     videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD,
+    retry_errors: bool = False,
     echo: Callable[[str], None] = print,
 ) -> ScoreSummary:
-    """Score every video under `src` not yet scored into `out` by the same model; see the module docstring."""
+    """Score every video under `src` not yet scored into `out` by the same model; see the module docstring. Videos
+    that failed before are tried again only when they changed, or with `retry_errors`; a run with nothing new writes
+    no version."""
     started = time.monotonic()
     options = options or ScoreOptions()
     views = parse_views(views) if isinstance(views, str) else views  # usage errors before any storage access
@@ -301,27 +305,34 @@ def run_score(
     storage.check_access(source)
     storage.check_access(root, must_exist=False)
     storage.check_conditional_writes(root)  # manifests are published if-absent
-    with tempfile.TemporaryDirectory() as download_dir:
+    # the run record comes before any part is looked at: `uniformer gc` leaves the run's parts alone
+    with tempfile.TemporaryDirectory() as download_dir, RunRecord(storage, root, "score") as run:
         resolved = resolve_model(model, download_dir, tracking_uri)
         params = build_params(resolved.card, views, top_k, full_probs, short_side)
         echo(f"score with {resolved.identity.describe()}, views {params.views}, {params.frames} frames")
         listed = list_videos(source, storage)
         previous = latest_score_manifest(root, storage)
-        plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard)
+        previous_failures = read_failures(root, previous.errors, storage) if previous else {}
+        plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard,
+                          previous_failures, retry_errors)
+        run.claim([group["shard"] for group in plan.groups] + [result["shard"]["path"] for result in plan.adopted])
         storage.remove_stale_staging(root.join(PREDICTIONS_DIR))
         echo(
             f"score {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already "
-            f"scored, {sum(len(r['videos']) + len(r['errors']) for r in plan.adopted)} in adopted shards, "
+            f"scored, {len(plan.known_failures)} known failures, "
+            f"{sum(len(r['videos']) + len(r['errors']) for r in plan.adopted)} in adopted shards, "
             f"{plan.num_pending} to score in {len(plan.groups)} shards"
         )
         throughput = Throughput()
         results = _run_groups(plan, resolved, storage, options, echo, throughput) if plan.groups else []
 
-    manifest, counts, errors = commit_score(
-        plan, results, resolved.card.class_names, time.monotonic() - started, asdict(throughput), storage
-    )
-    if manifest is not None:
-        write_score_manifest(root, manifest, storage)
+        manifest, counts, errors = commit_score(
+            plan, results, resolved.card.class_names, time.monotonic() - started, asdict(throughput), storage
+        )
+        if manifest is not None:
+            write_score_manifest(root, manifest, storage)
+        else:
+            echo(nothing_new_line(asdict(counts), "scored"))
     version = manifest.version if manifest else (previous.version if previous else None)
     summary = ScoreSummary(
         **asdict(counts),
@@ -401,6 +412,7 @@ def format_summary(summary: ScoreSummary, max_errors: int = 10) -> str:
         ("listed", summary.listed),
         ("scored", summary.scored),
         ("already scored", summary.already_done),
+        ("known failures", summary.known_failures),
         ("errored", summary.errored),
         ("shards written", summary.shards_written),
     ]

@@ -3,9 +3,11 @@
     plan_ingest      (driver)   list + labels + previous manifest -> groups of pending videos, one shard each
     ingest_group     (any CPU)  read -> decode -> sample -> resize/crop -> one atomically written shard
     build_dataset    (Ray Data) ingest_group over all groups, streaming and parallel across the cluster
-    commit_ingest    (driver)   results -> copy-on-write of changed videos' old shards -> errors table -> manifest
+    commit_ingest    (driver)   results -> copy-on-write of changed and deleted videos' old shards -> errors table ->
+                                manifest
 
-Killed runs: a shard's name is a hash of its sampling parameters and its exact sources (key, fingerprint, label), and
+Versions, the errors table that remembers failed inputs, run tables and adoption are pipeline.versioned's, which the
+predictions dataset shares. Killed runs: a shard's name is a hash of its sampling parameters and its exact sources (key, fingerprint, label), and
 its footer says what it holds. A re-run plans the same groups for the same pending videos, finds the shards that
 were already published and adopts them without decoding; the manifest, written last, is the only thing that makes
 shards visible to readers. Shards never listed by a manifest are invisible leftovers.
@@ -23,23 +25,26 @@ from pipeline.decode import DecodeLimits, decode_clips
 from pipeline.isolation import DecoderProcess, shared_decoder
 from pipeline.listing import SourceVideo, extend_class_map, fixed_class_map
 from pipeline.manifest import (
-    ERRORS_DIR,
     SHARDS_DIR,
     Manifest,
     SamplingParams,
     ShardEntry,
     write_sources,
 )
-from pipeline.schema import ErrorRecord, clip_schema, errors_table
-from pipeline.shards import (
-    ShardWriter,
-    measure_published,
-    parquet_write_options,
-    publish_table,
-    read_shard_description,
-    rewrite_without_videos,
-)
+from pipeline.schema import ErrorRecord, clip_schema
+from pipeline.shards import FOOTER_KEY, ShardWriter, parquet_write_options, rewrite_without_videos
 from pipeline.storage import Location, Storage, parse_uri
+from pipeline.versioned import (
+    check_accounting,
+    check_adopted_parts,
+    failure_key,
+    failures_changed,
+    new_run_token,
+    partition_inputs,
+    publish_failures,
+    published_part,
+    version_failures,
+)
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 1024 * 1024
 # Enough groups for this many CPUs to share the work while shards stay small only where the data is small.
@@ -62,9 +67,13 @@ class IngestPlan:
     listed: list[SourceVideo]
     already_done: list[SourceVideo]
     groups: list[dict]
-    label_errors: list[ErrorRecord]
-    # video ids ingested before whose fingerprint or label changed: their old clips leave the dataset
+    label_errors: list[ErrorRecord]  # this run's, also of inputs that failed to be labelled before
+    # video ids ingested before whose fingerprint or label changed, or that left SRC: their old clips leave the dataset
     superseded: set[str] = field(default_factory=set)
+    # the previous version's failed inputs by key and ETag (its errors table), and those unchanged and not retried
+    previous_failures: dict[tuple[str, str], ErrorRecord] = field(default_factory=dict)
+    known_failures: list[ErrorRecord] = field(default_factory=list)
+    deleted: set[str] = field(default_factory=set)  # video ids of the previous version no longer listed in SRC
 
     @property
     def num_pending(self) -> int:
@@ -103,9 +112,17 @@ def plan_ingest(
     previous_sources: dict[str, dict],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     class_names: list[str] | None = None,
+    previous_failures: dict[tuple[str, str], ErrorRecord] | None = None,
+    retry_errors: bool = False,
+    keep_deleted: bool = False,
 ) -> IngestPlan:
     """Decide what this run decodes. `labelled` are the listed videos that got a label (all of them when unlabeled).
-    With `class_names`, class ids follow that list and a video labelled outside it becomes an error row."""
+    With `class_names`, class ids follow that list and a video labelled outside it becomes an error row.
+
+    A video that failed to decode before (`previous_failures`, the previous version's errors table) is decoded again
+    only when its ETag changed, or with `retry_errors`; one that failed to be labelled is labelled again every run.
+    Videos of the previous version no longer listed leave the dataset, unless `keep_deleted`."""
+    previous_failures = previous_failures or {}
     if previous is not None:
         if previous.sampling != sampling:
             raise IngestConfigError(
@@ -126,16 +143,19 @@ def plan_ingest(
             for video in unknown
         ]
         labelled = [video for video in labelled if video.label_name in fixed]
-    already_done, pending = [], []
-    for video in labelled:
-        known = previous_sources.get(video.video_id)
-        unchanged = known is not None and (known["etag"], known["size"], known["label_name"]) == (
-            video.etag,
-            video.size,
-            video.label_name,
-        )
-        (already_done if unchanged else pending).append(video)
-    superseded = {video.video_id for video in pending if video.video_id in previous_sources}
+    decode_failures = {key: error for key, error in previous_failures.items() if error.stage != "labels"}
+    inputs = partition_inputs(
+        labelled,
+        previous_sources,
+        lambda video, known: (known["etag"], known["size"], known["label_name"])
+        == (video.etag, video.size, video.label_name),
+        decode_failures,
+        retry_errors,
+    )
+    already_done, pending = inputs.already_done, inputs.pending
+    listed_ids = {video.video_id for video in listed}
+    deleted = set() if keep_deleted else {video_id for video_id in previous_sources if video_id not in listed_ids}
+    superseded = {video.video_id for video in pending if video.video_id in previous_sources} | deleted
     if class_names is not None:
         class_map = fixed
     else:
@@ -163,6 +183,9 @@ def plan_ingest(
         groups=groups,
         label_errors=label_errors,
         superseded=superseded,
+        previous_failures=previous_failures,
+        known_failures=inputs.known_failures,
+        deleted=deleted,
     )
 
 
@@ -184,12 +207,9 @@ def ingest_group(
     root = parse_uri(root_uri)
     final = root.join(group["shard"])
     if storage.exists(final):
-        adopted = read_shard_description(storage, final)
+        adopted = published_part(storage, final, group["shard"], FOOTER_KEY)
         if adopted is not None:
-            rows, description = adopted
-            size, digest = measure_published(storage, final)
-            shard = {"path": group["shard"], "rows": rows, "sha256": digest, "bytes": size}
-            return {**description, "shard": shard, "adopted": True}
+            return adopted
 
     writer = ShardWriter(storage, final, sampling.stored_frames, sampling.short_side)
     videos, errors = [], []
@@ -280,38 +300,44 @@ def build_dataset(plan: IngestPlan, storage: Storage, limits: DecodeLimits = Dec
 
 @dataclass
 class IngestCounts:
-    """What one run did with its inputs: listed = ingested + already_done + errored."""
+    """What one run did with its inputs: listed = ingested + already_done + known_failures + errored."""
 
     listed: int
     ingested: int
     already_done: int
-    errored: int
+    errored: int  # failed in this run
     labels_missing: int  # labels CSV rows naming no listed video
     clips_written: int
     shards_written: int
     shards_adopted: int  # published by a killed earlier run, taken over without decoding
+    known_failures: int  # failed before and unchanged since: not decoded again (see retry_errors)
+    deleted: int  # videos of the previous version no longer in SRC, whose clips left the dataset
 
 
 @dataclass
 class IngestOutcome:
     manifest: Manifest | None  # None when nothing changed since the previous version
     counts: IngestCounts
-    errors: list[ErrorRecord]
+    errors: list[ErrorRecord]  # this run's new failures (the version's errors table holds the known ones too)
 
 
 def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> IngestOutcome:
-    """Turn group results into a new manifest version (written last) plus this run's errors table."""
+    """Turn group results into a new manifest version (written last) plus its errors table: the run's new failures
+    and the known ones of inputs still listed and unchanged. No version when nothing changed."""
     previous = plan.previous
-    errors = list(plan.label_errors)
+    label_errors = [error for error in plan.label_errors if failure_key(error) not in plan.previous_failures]
+    known_label_errors = [error for error in plan.label_errors if failure_key(error) in plan.previous_failures]
+    errors = list(label_errors)
     new_sources: dict[str, dict] = {}
     new_shards: list[ShardEntry] = []
-    adopted = 0
+    adopted: list[str] = []
     for result in results:
         errors.extend(ErrorRecord(**error) for error in result["errors"])
         if result["shard"] is None:
             continue
         shard = ShardEntry(**{key: result["shard"][key] for key in ("path", "rows", "sha256", "bytes")})
-        adopted += bool(result.get("adopted"))
+        if result.get("adopted"):
+            adopted.append(shard.path)
         new_shards.append(shard)
         for video in result["videos"]:
             new_sources[video["video_id"]] = {
@@ -323,6 +349,29 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
                 "shard": shard.path,
             }
 
+    listed_uris = {video.uri for video in plan.listed}
+    counts = {
+        "listed": len(plan.listed),
+        "ingested": len(new_sources),
+        "already_done": len(plan.already_done),
+        "known_failures": len(plan.known_failures) + sum(1 for e in known_label_errors if e.source_uri in listed_uris),
+        "errored": len({error.source_uri for error in errors if error.source_uri in listed_uris}),
+        "labels_missing": sum(1 for error in plan.label_errors if error.error_type == "MissingVideo"),
+        "clips_written": sum(shard.rows for shard in new_shards),
+        "deleted": len(plan.deleted),
+    }
+    check_accounting(counts, ("ingested", "already_done", "known_failures", "errored"), "ingest")
+
+    outcome = IngestOutcome(
+        manifest=None,
+        counts=IngestCounts(**counts, shards_written=len(new_shards) - len(adopted), shards_adopted=len(adopted)),
+        errors=errors,
+    )
+    failures = version_failures(plan.known_failures + known_label_errors, errors)
+    changed = new_shards or plan.superseded or failures_changed(plan.previous_failures, failures)
+    if previous is not None and not changed:
+        return outcome  # nothing new: the previous version still describes the dataset
+
     kept_shards = list(previous.shards) if previous else []
     kept_sources = dict(plan.previous_sources)
     if plan.superseded:
@@ -330,36 +379,10 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
             storage, plan.root, kept_shards, kept_sources, plan.superseded, SHARDS_DIR,
             parquet_write_options(clip_schema(plan.sampling.stored_frames, plan.sampling.short_side)),
         )
-
-    listed_uris = {video.uri for video in plan.listed}
-    errored_uris = {error.source_uri for error in errors if error.source_uri in listed_uris}
-    ingested_ids = set(new_sources)
-    counts = {
-        "listed": len(plan.listed),
-        "ingested": len(ingested_ids),
-        "already_done": len(plan.already_done),
-        "errored": len(errored_uris),
-        "labels_missing": sum(1 for error in errors if error.error_type == "MissingVideo"),
-        "clips_written": sum(shard.rows for shard in new_shards),
-    }
-    if counts["listed"] != counts["ingested"] + counts["already_done"] + counts["errored"]:
-        raise RuntimeError(f"ingest lost track of inputs: {counts}")  # a bug, not bad input
-
-    outcome = IngestOutcome(
-        manifest=None,
-        counts=IngestCounts(**counts, shards_written=len(new_shards) - adopted, shards_adopted=adopted),
-        errors=errors,
-    )
-    if previous is not None and not new_shards and not errors and not plan.superseded:
-        return outcome  # nothing changed: the previous version still describes the dataset
-
-    version = (previous.version if previous else 0) + 1
-    errors_path = None
-    if errors:
-        errors_path = f"{ERRORS_DIR}/v{version:06d}.parquet"
-        publish_table(storage, plan.root.join(errors_path), errors_table(errors))
+    check_adopted_parts(storage, plan.root, adopted, "ingest")
+    version, token = (previous.version if previous else 0) + 1, new_run_token()
     sources = {**kept_sources, **new_sources}
-    source_tables = write_sources(plan.root, version, previous, plan.previous_sources, sources, storage)
+    source_tables = write_sources(plan.root, version, previous, plan.previous_sources, sources, storage, token)
     outcome.manifest = Manifest(
         version=version,
         source=plan.source.uri,
@@ -370,7 +393,7 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
         source_tables=source_tables,
         num_sources=len(sources),
         counts=counts,
-        errors=errors_path,
+        errors=publish_failures(storage, plan.root, version, token, failures),
         previous_version=previous.version if previous else None,
     )
     return outcome

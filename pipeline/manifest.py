@@ -1,10 +1,11 @@
 """Versioned JSON manifests: what a clip dataset version contains and how it was made.
 
-Layout under a dataset root DST:
-    DST/manifests/v000001.json   one per ingest run that changed something; written last, never overwritten
+Layout under a dataset root DST (pipeline.versioned is the part of it that prediction datasets share):
+    DST/manifests/v000001.json          one per ingest run that changed something; written last, never overwritten
     DST/shards/part-<hash>.parquet
-    DST/sources/v000001.parquet  the source videos that version 1 added, changed or removed (a delta), or all of them
-    DST/errors/v000001.parquet   the errors of the run that wrote manifest v000001
+    DST/sources/v000001-<run>.parquet   the source videos that version 1 added, changed or removed (a delta), or all
+    DST/errors/v000001-<run>.parquet    every input of version 1 that gave no clips (remembered by key and ETag)
+    DST/runs/<run>.json                 a running ingest's record (pipeline.versioned.RunRecord)
 
 A manifest lists every shard of its version (not only the run's new ones), so one small file describes what a
 reader needs. The source videos (a million rows for a large dataset) are not in it: they are the replay of a chain of
@@ -27,12 +28,17 @@ import pyarrow.parquet as pq
 
 from pipeline.schema import SCHEMA_VERSION
 from pipeline.storage import Location, Storage, parse_uri
+from pipeline.versioned import (
+    MANIFESTS_DIR,
+    list_manifest_versions,
+    manifest_location,
+    new_run_token,
+    publish_manifest,
+    run_table_path,
+)
 
-MANIFESTS_DIR = "manifests"
 SHARDS_DIR = "shards"
 SOURCES_DIR = "sources"
-ERRORS_DIR = "errors"
-_MANIFEST_NAME = re.compile(r"^v(\d{6,})\.json$")
 _DATASET_REF = re.compile(r"^(?P<dst>.+)@v?(?P<version>\d+|latest)$")
 
 
@@ -124,7 +130,7 @@ class Manifest:
     source_tables: list[dict]
     num_sources: int
     counts: dict[str, int]
-    errors: str | None = None  # relative path of this run's errors table
+    errors: str | None = None  # relative path of the version's errors table: its inputs that gave no clips
     previous_version: int | None = None
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
@@ -190,20 +196,6 @@ def parse_dataset_ref(ref: str) -> tuple[str, int | None]:
     return match.group("dst"), None if version == "latest" else int(version)
 
 
-def manifest_location(root: Location, version: int) -> Location:
-    return root.join(MANIFESTS_DIR, f"v{version:06d}.json")
-
-
-def list_manifest_versions(root: Location, storage: Storage) -> list[int]:
-    folder = root.join(MANIFESTS_DIR)
-    versions = []
-    for info in storage.list_objects(folder):
-        match = _MANIFEST_NAME.match(info.location.path.rsplit("/", 1)[-1].rsplit("\\", 1)[-1])
-        if match:
-            versions.append(int(match.group(1)))
-    return sorted(versions)
-
-
 def latest_manifest(root: Location, storage: Storage) -> Manifest | None:
     versions = list_manifest_versions(root, storage)
     return read_manifest(root, versions[-1], storage) if versions else None
@@ -231,22 +223,6 @@ def load_manifest(dst: str, version: int | None = None, endpoint_url: str | None
             raise ManifestError(f"no manifest under {root.join(MANIFESTS_DIR).uri}: nothing has been ingested there")
         return manifest
     return read_manifest(root, version, storage)
-
-
-def publish_manifest(
-    root: Location, version: int, text: str, storage: Storage, error: type[Exception], job: str
-) -> Location:
-    """Publish manifest `version` (of a clip or a predictions dataset) under `root`; refuses to replace an existing
-    one, raising `error`: two `job` runs raced for the same number."""
-    location = manifest_location(root, version)
-    try:
-        storage.put_bytes(location, text.encode("utf-8"), if_absent=True)
-    except FileExistsError:
-        raise error(
-            f"manifest version {version} already exists at {location.uri}: another {job} into the same "
-            "destination finished first; re-run to build on it"
-        ) from None
-    return location
 
 
 def write_manifest(root: Location, manifest: Manifest, storage: Storage) -> Location:
@@ -297,9 +273,11 @@ def write_sources(
     previous_sources: dict[str, dict],
     sources: dict[str, dict],
     storage: Storage,
+    token: str | None = None,
 ) -> list[dict]:
-    """Publishes version `version`'s source table and returns its chain: the previous chain plus a delta (what was
-    added, changed or removed), or one full table once the chain would hold more than twice the live rows."""
+    """Publishes version `version`'s source table (named for the run `token`, pipeline.versioned.run_table_path) and
+    returns its chain: the previous chain plus a delta (what was added, changed or removed), or one full table once
+    the chain would hold more than twice the live rows."""
     from pipeline.shards import publish_table
 
     changed = [video_id for video_id, entry in sources.items() if previous_sources.get(video_id) != entry]
@@ -309,6 +287,6 @@ def write_sources(
         chain, changed, removed = [], list(sources), []
     rows = [{"video_id": video_id, **sources[video_id], "deleted": False} for video_id in sorted(changed)]
     rows += [{"video_id": video_id, "deleted": True} for video_id in sorted(removed)]
-    path = f"{SOURCES_DIR}/v{version:06d}.parquet"
+    path = run_table_path(SOURCES_DIR, version, token or new_run_token())
     publish_table(storage, root.join(path), pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA), compression="zstd")
     return chain + [{"path": path, "rows": len(rows)}]

@@ -126,6 +126,7 @@ class ObjectInfo:
     location: Location
     size: int
     etag: str  # S3 ETag without quotes, or "<size>-<mtime_ns>" for local files
+    modified: float | None = None  # seconds since the epoch, when the listing says
 
 
 def resolve_endpoint_url(endpoint_url: str | None) -> str | None:
@@ -235,8 +236,13 @@ class Storage:
                 dirnames.sort()
                 for name in sorted(filenames):
                     full = os.path.join(dirpath, name)
-                    stat = os.stat(full)
-                    yield ObjectInfo(Location("file", "", full), stat.st_size, f"{stat.st_size}-{stat.st_mtime_ns}")
+                    try:
+                        stat = os.stat(full)
+                    except FileNotFoundError:
+                        continue  # renamed or removed by a writer since the folder was read
+                    yield ObjectInfo(
+                        Location("file", "", full), stat.st_size, f"{stat.st_size}-{stat.st_mtime_ns}", stat.st_mtime
+                    )
             return
         prefix = root.path.rstrip("/") + "/" if root.path.rstrip("/") else ""
         paginator = self._client().get_paginator("list_objects_v2")
@@ -245,7 +251,8 @@ class Storage:
                 if item["Key"].endswith("/"):
                     continue  # folder placeholder objects made by consoles
                 yield ObjectInfo(
-                    Location("s3", root.bucket, item["Key"]), int(item["Size"]), item["ETag"].strip('"')
+                    Location("s3", root.bucket, item["Key"]), int(item["Size"]), item["ETag"].strip('"'),
+                    item["LastModified"].timestamp(),
                 )
 
     def exists(self, location: Location) -> bool:

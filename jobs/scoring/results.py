@@ -1,11 +1,13 @@
 """The predictions dataset: its schema, versioned manifests, the incremental plan, and atomic shard publishing.
 
 Layout under a destination DST (one model package and one set of scoring parameters per DST):
-    DST/manifests/v000001.json       one per run that changed something; written last, never overwritten
+    DST/manifests/v000001.json             one per run that changed something; written last, never overwritten
     DST/predictions/part-<hash>.parquet
-    DST/errors/v000001.parquet       the errors of the run that wrote manifest v000001
+    DST/errors/v000001-<run>.parquet       every video of version 1 that could not be scored (by key and ETag)
+    DST/runs/<run>.json                    a running score job's record
 
-Like the clip dataset (pipeline.ingest): a shard's name is a hash of the model package, the parameters and its
+Versions, the errors table that remembers failed videos, run tables, adoption and run records are the versioned-
+dataset core's (pipeline.versioned), shared with the clip dataset. Like the clip dataset: a shard's name is a hash of the model package, the parameters and its
 exact sources, and its footer says what it holds (sources and errors). A killed run leaves complete shards that no
 manifest lists; a re-run adopts those whose sources are still pending and unchanged instead of scoring them again,
 so it finishes without duplicates. Only manifest-listed shards are part of the dataset (`read_predictions`).
@@ -16,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
@@ -26,13 +27,25 @@ import pyarrow.parquet as pq
 from jobs.scoring.model_ref import ModelIdentity
 from jobs.scoring.predict import prediction_fields
 from pipeline.listing import SourceVideo
-from pipeline.manifest import ShardEntry, list_manifest_versions, manifest_location, publish_manifest
+from pipeline.manifest import ShardEntry
 from pipeline.schema import ErrorRecord
-from pipeline.shards import measure_published, publish_table, rewrite_without_videos
+from pipeline.shards import publish_table, rewrite_without_videos
 from pipeline.storage import Location, Storage
+from pipeline.versioned import (
+    check_accounting,
+    check_adopted_parts,
+    failures_changed,
+    list_manifest_versions,
+    manifest_location,
+    new_run_token,
+    partition_inputs,
+    publish_failures,
+    publish_manifest,
+    published_part,
+    version_failures,
+)
 
 PREDICTIONS_DIR = "predictions"
-ERRORS_DIR = "errors"
 FOOTER_KEY = b"uniformer.score"
 MANIFEST_KIND = "predictions"
 MANIFEST_SCHEMA_VERSION = 1
@@ -163,8 +176,11 @@ class ScorePlan:
     previous: ScoreManifest | None
     listed: list[SourceVideo]
     already_done: list[SourceVideo]
-    adopted: list[dict]  # results of shards a killed run published (see `shard_result`)
+    adopted: list[dict]  # results of shards a killed run published (pipeline.versioned.published_part)
     groups: list[dict]  # {"shard": relative path, "videos": [source records]}
+    # the previous version's failed videos by key and ETag (its errors table), and those unchanged and not retried
+    previous_failures: dict[tuple[str, str], ErrorRecord] = field(default_factory=dict)
+    known_failures: list[ErrorRecord] = field(default_factory=list)
 
     @property
     def num_pending(self) -> int:
@@ -206,28 +222,32 @@ def plan_score(
     previous: ScoreManifest | None,
     storage: Storage,
     videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD,
+    previous_failures: dict[tuple[str, str], ErrorRecord] | None = None,
+    retry_errors: bool = False,
 ) -> ScorePlan:
-    """Decide what this run scores: listed videos not in the previous version with the same fingerprint, minus
-    those held by shards a killed run published (adopted whole when every source of theirs is still pending)."""
+    """Decide what this run scores: listed videos not in the previous version with the same fingerprint, nor failed
+    before with the same key and ETag (`previous_failures`, unless `retry_errors`), minus those held by shards a killed
+    run published (adopted whole when every source of theirs is still pending)."""
     check_compatible(previous, identity, params, root.uri)
-    done = previous.sources if previous else {}
-    already_done, pending = [], {}
-    for video in listed:
-        known = done.get(video.video_id)
-        if known is not None and (known["etag"], known["size"]) == (video.etag, video.size):
-            already_done.append(video)
-        else:
-            pending[video.video_id] = video
+    previous_failures = previous_failures or {}
+    inputs = partition_inputs(
+        listed,
+        previous.sources if previous else {},
+        lambda video, known: (known["etag"], known["size"]) == (video.etag, video.size),
+        previous_failures,
+        retry_errors,
+    )
+    pending = {video.video_id: video for video in inputs.pending}
 
     adopted = []
     listed_shards = {shard.path for shard in previous.shards} if previous else set()
     for info in storage.list_objects(root.join(PREDICTIONS_DIR)):
-        relative = f"{PREDICTIONS_DIR}/{os.path.basename(info.location.path)}"
+        relative = info.location.relative_to(root)
         if not (relative.startswith(f"{PREDICTIONS_DIR}/part-") and relative.endswith(".parquet")):
             continue  # staging files of a writer (maybe still running)
         if relative in listed_shards:
             continue
-        result = shard_result(storage, info.location, relative)
+        result = published_part(storage, info.location, relative, FOOTER_KEY)
         if result is None or result["model_sha256"] != identity.package_sha256 or result["params"] != params.to_dict():
             continue
         held = result["videos"] + [error["source"] for error in result["errors"]]
@@ -245,7 +265,8 @@ def plan_score(
         groups.append({"shard": shard_name(identity, params, sources), "videos": sources})
     return ScorePlan(
         root=root, source=source, identity=identity, params=params, previous=previous, listed=listed,
-        already_done=already_done, adopted=adopted, groups=groups,
+        already_done=inputs.already_done, adopted=adopted, groups=groups, previous_failures=previous_failures,
+        known_failures=inputs.known_failures,
     )
 
 
@@ -283,28 +304,16 @@ def publish_shard(
     return result
 
 
-def shard_result(storage: Storage, location: Location, relative: str) -> dict | None:
-    """The result a published shard describes in its footer, or None when it has no description."""
-    try:
-        metadata = pq.read_metadata(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))
-    except (OSError, pa.ArrowInvalid):
-        return None  # not a complete Parquet file: a leftover of some other writer
-    raw = (metadata.metadata or {}).get(FOOTER_KEY)
-    if not raw:
-        return None
-    size, digest = measure_published(storage, location)
-    return {**json.loads(raw), "shard": asdict(ShardEntry(relative, metadata.num_rows, digest, size)), "adopted": True}
-
-
 # ---- commit ------------------------------------------------------------------------------------------------------
 @dataclass
 class ScoreCounts:
-    """What one run did with its inputs: listed = scored + already_done + errored."""
+    """What one run did with its inputs: listed = scored + already_done + known_failures + errored."""
 
     listed: int
     scored: int  # including videos of adopted shards
     already_done: int
-    errored: int
+    known_failures: int  # failed before and unchanged since: not scored again (see retry_errors)
+    errored: int  # failed in this run
     shards_written: int
     shards_adopted: int
 
@@ -312,8 +321,8 @@ class ScoreCounts:
 def commit_score(
     plan: ScorePlan, results: list[dict], class_names: list[str], seconds: float, throughput: dict, storage: Storage
 ) -> tuple[ScoreManifest | None, ScoreCounts, list[ErrorRecord]]:
-    """Results -> this run's errors table and a new manifest version (returned, not yet written; None when nothing
-    changed)."""
+    """Results -> the version's errors table (this run's new failures and the known ones still listed) and a new
+    manifest version (returned, not yet written; None when nothing changed)."""
     previous = plan.previous
     results = plan.adopted + results
     errors = [ErrorRecord(**{k: e[k] for k in ErrorRecord.__dataclass_fields__}) for r in results for e in r["errors"]]
@@ -336,22 +345,20 @@ def commit_score(
         listed=len(plan.listed),
         scored=len(new_sources),
         already_done=len(plan.already_done),
+        known_failures=len(plan.known_failures),
         errored=len({error.source_uri for error in errors}),
         shards_written=sum(1 for r in results if r["shard"] and not r["adopted"]),
         shards_adopted=sum(1 for r in results if r["shard"] and r["adopted"]),
     )
-    if counts.listed != counts.scored + counts.already_done + counts.errored:
-        raise RuntimeError(f"scoring lost track of inputs: {counts}")  # a bug, not bad input
-    if previous is not None and not new_shards and not errors:
+    check_accounting(asdict(counts), ("scored", "already_done", "known_failures", "errored"), "scoring")
+    failures = version_failures(plan.known_failures, errors)
+    if previous is not None and not new_shards and not failures_changed(plan.previous_failures, failures):
         return None, counts, errors
 
+    check_adopted_parts(storage, plan.root, [r["shard"]["path"] for r in results if r["shard"] and r["adopted"]],
+                        "score run")
     version = (previous.version if previous else 0) + 1
-    errors_path = None
-    if errors:
-        from pipeline.schema import errors_table
-
-        errors_path = f"{ERRORS_DIR}/v{version:06d}.parquet"
-        publish_table(storage, plan.root.join(errors_path), errors_table(errors))
+    errors_path = publish_failures(storage, plan.root, version, new_run_token(), failures)
     manifest = ScoreManifest(
         version=version,
         source=plan.source.uri,

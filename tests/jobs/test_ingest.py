@@ -367,3 +367,99 @@ def test_unreachable_endpoint_fails_the_job_fast(tmp_path):
     with pytest.raises(StorageError, match=f"127.0.0.1:{port}"):
         run_ingest("s3://videos/raw", "s3://clips/out", endpoint_url=f"http://127.0.0.1:{port}", **SMALL)
     assert time.monotonic() - started < 15
+
+
+def test_failed_and_unlabelled_videos_are_remembered_and_a_rerun_with_nothing_new_writes_nothing(
+    tmp_path, make_videos, broken_video, ray_local
+):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    make_videos(src, num_per_class=1, classes=("left", "right"))
+    broken_video(src / "left" / "broken.mp4", "text")
+    write_motion_video(src / "no class folder.mp4", "up", size=(64, 48))  # unlabelled: not in a class folder
+    first = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    assert (first.listed, first.ingested, first.errored, first.known_failures) == (4, 2, 2, 0)
+
+    lines = []
+    second = run_ingest(str(src), dst, labels_from_dirs=True, echo=lines.append, **SMALL)
+    assert (second.ingested, second.already_done, second.known_failures, second.errored) == (0, 2, 2, 0)
+    assert (second.manifest_written, second.manifest_version) == (False, 1)
+    assert "nothing new: 4 listed, 2 already ingested, 2 known failures" in lines
+    assert any("0 to decode" in line for line in lines)  # the broken video was not decoded again
+
+    retried = run_ingest(str(src), dst, labels_from_dirs=True, retry_errors=True, **SMALL)
+    assert (retried.errored, retried.known_failures, retried.manifest_written) == (1, 1, False)  # failed again
+    assert [error.error_type for error in retried.errors] == ["VideoDecodeError"]
+
+    write_motion_video(src / "left" / "broken.mp4", "left", size=(64, 48), seed=7)  # replaced: a new ETag
+    fixed = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    assert (fixed.ingested, fixed.known_failures, fixed.manifest_version) == (1, 1, 2)
+    remembered = pq.read_table(fixed.errors_uri).to_pylist()  # the version's table: the unlabelled video alone
+    assert [(Path(row["source_uri"]).name, row["stage"]) for row in remembered] == [("no class folder.mp4", "labels")]
+    assert len(_rows(dst)) == 3
+
+
+def test_videos_deleted_from_the_source_leave_the_next_version_unless_kept(tmp_path, make_videos, ray_local):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    make_videos(src, num_per_class=2, classes=("left", "right"))
+    run_ingest(str(src), dst, labels_from_dirs=True, max_shard_bytes=1 << 30, **SMALL)  # one shard of 4 videos
+    (src / "left" / "left_0000.mp4").unlink()
+
+    kept = run_ingest(str(src), dst, labels_from_dirs=True, keep_deleted=True, **SMALL)
+    assert (kept.listed, kept.deleted, kept.manifest_written) == (3, 0, False)
+    assert "left/left_0000.mp4" in {row["video_id"] for row in _rows(dst, columns=["video_id"])}
+
+    dropped = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    assert (dropped.listed, dropped.already_done, dropped.deleted, dropped.manifest_version) == (3, 3, 1, 2)
+    v2 = load_manifest(dst)
+    assert set(_sources(dst, v2)) == {"left/left_0001.mp4", "right/right_0000.mp4", "right/right_0001.mp4"}
+    rows = _rows(dst, columns=["video_id", "clip_index"])
+    assert sorted(row["video_id"] for row in rows) == sorted(_sources(dst, v2))  # the shard was rewritten without it
+    assert len(_rows(f"{dst}@1", columns=["video_id"])) == 4  # version 1 still reads as it was
+
+
+def test_gc_racing_an_ingest_removes_unreferenced_files_and_the_ingest_publishes_a_whole_version(
+    tmp_path, make_videos, ray_local
+):
+    from pipeline.versioned import collect_garbage
+    from tests.conftest import published_parts
+
+    src, dst = tmp_path / "videos", tmp_path / "clips"
+    make_videos(src, num_per_class=1, classes=("left", "right"))
+    run_ingest(str(src), str(dst), labels_from_dirs=True, **SMALL)
+    (src / "right" / "right_0000.mp4").unlink()
+    run_ingest(str(src), str(dst), labels_from_dirs=True, **SMALL)  # v2: right_0000's shard is v1's alone
+
+    def files_of(manifest) -> set[str]:
+        return {shard.path for shard in manifest.shards} | {table["path"] for table in manifest.source_tables}
+
+    only_v1 = files_of(load_manifest(f"{dst}@1")) - files_of(load_manifest(f"{dst}@2"))
+    assert len([path for path in only_v1 if path.startswith("shards/")]) == 1
+    an_hour_ago = time.time() - 3600
+    for path in dst.rglob("*"):  # older than any margin gc gives a running job's clock
+        os.utime(path, (an_hour_ago, an_hour_ago))
+    before = published_parts(dst / "shards")
+    make_videos(src / "batch2", num_per_class=8, seed=5)  # 32 new videos, one shard each: a run of several seconds
+
+    outcome = {}
+    ingest = threading.Thread(
+        target=lambda: outcome.update(summary=run_ingest(str(src), str(dst), labels_from_dirs=True, **SMALL))
+    )
+    ingest.start()
+    deadline = time.monotonic() + 120
+    while not (published_parts(dst / "shards") - before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    racing = collect_garbage(parse_uri(str(dst)), Storage(), keep_versions=1, min_age_s=0)
+    running = "summary" not in outcome
+    ingest.join()
+
+    assert running, "the ingest finished before gc ran"
+    removed = {path for path, _ in racing.removed}
+    assert removed == {"manifests/v000001.json"} | only_v1
+    assert any(path.startswith("shards/part-") for path in racing.protected)  # the running ingest's shards
+    assert all(not (dst / path).exists() for path in removed) and racing.bytes_freed > 0
+    summary = outcome["summary"]
+    assert (summary.ingested, summary.already_done, summary.manifest_version) == (32, 1, 3)
+    rows = _rows(str(dst), columns=["video_id", "clip_index"])  # verifies every shard against the manifest
+    assert len(rows) == 33
+    _assert_each_clip_once(rows)
+    assert not list((dst / "runs").iterdir())  # the ingest removed its own record

@@ -276,3 +276,29 @@ def test_cli_scores_a_folder_and_refuses_usage_errors(packages, videos, tmp_path
     assert result.exit_code == 2 and "TEMPORALxSPATIAL" in result.output
     result = runner.invoke(app, ["score", str(videos), "--model", str(tmp_path / "nothing"), "--out", dst])
     assert result.exit_code == 2 and "not a model package folder" in result.output
+
+
+def test_failed_videos_are_remembered_and_a_rerun_with_nothing_new_writes_no_version(
+    packages, tmp_path, broken_video, ray_local
+):
+    src, dst = tmp_path / "videos", str(tmp_path / "scores")
+    write_motion_video(src / "good.mp4", "left", size=(40, 40), num_frames=12, seed=1)
+    broken_video(src / "broken.mp4", "truncated")
+    first = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2)
+    assert (first.scored, first.errored, first.manifest_version) == (1, 1, 1)
+
+    lines = []
+    again = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2, echo=lines.append)
+    assert (again.scored, again.already_done, again.known_failures, again.errored) == (0, 1, 1, 0)
+    assert not again.manifest_written and "nothing new: 2 listed, 1 already scored, 1 known failures" in lines
+    assert any("0 to score" in line for line in lines)  # the broken video was not decoded again
+
+    retried = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2, retry_errors=True)
+    assert (retried.errored, retried.known_failures, retried.manifest_written) == (1, 0, False)
+
+    write_motion_video(src / "broken.mp4", "up", size=(40, 40), num_frames=12, seed=2)  # replaced: a new ETag
+    fixed = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2)
+    assert (fixed.scored, fixed.errored, fixed.manifest_version, fixed.errors_uri) == (1, 0, 2, None)
+    assert sorted(read_predictions(dst, columns=["video_id"]).column("video_id").to_pylist()) == [
+        "broken.mp4", "good.mp4"
+    ]

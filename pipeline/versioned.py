@@ -1,0 +1,350 @@
+"""The versioned-dataset core that clip datasets (pipeline.ingest) and prediction datasets (jobs.scoring.results) share.
+
+A dataset root holds immutable parts (Parquet files named by what they hold), per-version tables (errors, sources)
+and one JSON manifest per version, published last and if-absent: the manifest is the only thing that makes a part
+visible. Around that contract this module keeps what both kinds of dataset do alike:
+
+    versions          manifests/vNNNNNN.json, numbered from 1, never overwritten (`publish_manifest`)
+    inputs            listed inputs -> pending, already done, known failures (`partition_inputs`): an input that gave
+                      no output is remembered by key and ETag in the version's errors table, and tried again only
+                      when it changed or when the run asks to retry errors
+    run tables        a version's tables get names unique to the run that wrote them (`run_table_path`), so a run
+                      that loses the race for a version number never overwrites the winner's tables
+    adoption          a part a killed run published is taken over from the description in its footer (`published_part`)
+    running jobs      a run record (`RunRecord`): heartbeat and the parts a run may publish or adopt
+    garbage           `collect_garbage` removes what no kept version and no running job refers to
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.schema import ERRORS_SCHEMA, ErrorRecord, errors_table
+from pipeline.storage import Location, ObjectInfo, Storage
+
+MANIFESTS_DIR = "manifests"
+RUNS_DIR = "runs"
+ERRORS_DIR = "errors"
+# What a dataset root may hold besides manifests and run records: the folders `collect_garbage` sweeps.
+DATA_DIRS = ("shards", "predictions", "sources", "errors")
+_MANIFEST_NAME = re.compile(r"^v(\d{6,})\.json$")
+# Files a running job wrote shortly before the run record it started with are left alone too (clock skew).
+_RUN_START_MARGIN_S = 300.0
+
+
+# ---- versions ------------------------------------------------------------------------------------------------------
+def manifest_location(root: Location, version: int) -> Location:
+    return root.join(MANIFESTS_DIR, f"v{version:06d}.json")
+
+
+def list_manifest_versions(root: Location, storage: Storage) -> list[int]:
+    versions = []
+    for info in storage.list_objects(root.join(MANIFESTS_DIR)):
+        match = _MANIFEST_NAME.match(_basename(info.location))
+        if match:
+            versions.append(int(match.group(1)))
+    return sorted(versions)
+
+
+def publish_manifest(
+    root: Location, version: int, text: str, storage: Storage, error: type[Exception], job: str
+) -> Location:
+    """Publish manifest `version` (of a clip or a predictions dataset) under `root`; refuses to replace an existing
+    one, raising `error`: two `job` runs raced for the same number."""
+    location = manifest_location(root, version)
+    try:
+        storage.put_bytes(location, text.encode("utf-8"), if_absent=True)
+    except FileExistsError:
+        raise error(
+            f"manifest version {version} already exists at {location.uri}: another {job} into the same "
+            "destination finished first; re-run to build on it"
+        ) from None
+    return location
+
+
+def new_run_token() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def run_table_path(folder: str, version: int, token: str) -> str:
+    """Where a run that writes `version` puts one of its tables: a name no other run uses, so that of two runs
+    racing for one version number the loser's table never replaces the winner's (the manifest names the table)."""
+    return f"{folder}/v{version:06d}-{token}.parquet"
+
+
+# ---- inputs and failures -------------------------------------------------------------------------------------------
+def failure_key(record: ErrorRecord) -> tuple[str, str]:
+    return record.source_uri, record.source_etag
+
+
+@dataclass
+class InputPartition:
+    pending: list
+    already_done: list
+    known_failures: list[ErrorRecord]  # earlier failures of inputs unchanged since, not tried again
+
+
+def partition_inputs(
+    inputs: Iterable,
+    done: dict[str, dict],
+    unchanged: Callable[[object, dict], bool],
+    failures: dict[tuple[str, str], ErrorRecord],
+    retry_errors: bool = False,
+) -> InputPartition:
+    """Split listed inputs (anything with `video_id`, `uri` and `etag`): already done (in `done`, the previous version's
+    record by video id, and `unchanged` against it), known failures (`failures`, keyed by `failure_key`, holds the same
+    key and ETag; unless `retry_errors`), and pending."""
+    partition = InputPartition([], [], [])
+    for item in inputs:
+        record = done.get(item.video_id)
+        failure = failures.get((item.uri, item.etag))
+        if record is not None and unchanged(item, record):
+            partition.already_done.append(item)
+        elif failure is not None and not retry_errors:
+            partition.known_failures.append(failure)
+        else:
+            partition.pending.append(item)
+    return partition
+
+
+def read_failures(root: Location, errors_path: str | None, storage: Storage) -> dict[tuple[str, str], ErrorRecord]:
+    """The failures a version remembers (its errors table), by key and ETag."""
+    if not errors_path:
+        return {}
+    location = root.join(errors_path)
+    table = pq.read_table(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location),
+                          schema=ERRORS_SCHEMA)
+    return {failure_key(record): record for record in (ErrorRecord(**row) for row in table.to_pylist())}
+
+
+def version_failures(known: Iterable[ErrorRecord], new: Iterable[ErrorRecord]) -> list[ErrorRecord]:
+    """A version's errors table: the known failures it carries over and the run's new ones (a new record replaces a
+    known one of the same input), in key order."""
+    merged = {failure_key(record): record for record in known}
+    merged.update((failure_key(record), record) for record in new)
+    return [merged[key] for key in sorted(merged)]
+
+
+def failures_changed(previous: dict[tuple[str, str], ErrorRecord], current: list[ErrorRecord]) -> bool:
+    def what(record: ErrorRecord) -> tuple:
+        return record.source_uri, record.source_etag, record.stage, record.error_type
+
+    return {what(record) for record in previous.values()} != {what(record) for record in current}
+
+
+def publish_failures(storage: Storage, root: Location, version: int, token: str,
+                     failures: list[ErrorRecord]) -> str | None:
+    """Publish a version's errors table under a name unique to this run; its relative path, None when empty."""
+    from pipeline.shards import publish_table
+
+    if not failures:
+        return None
+    path = run_table_path(ERRORS_DIR, version, token)
+    publish_table(storage, root.join(path), errors_table(failures))
+    return path
+
+
+def check_accounting(counts: dict[str, int], done_keys: tuple[str, ...], job: str) -> None:
+    """listed = the sum of `done_keys` counts (every input accounted for once); a mismatch is a bug, not bad input."""
+    if counts["listed"] != sum(counts[key] for key in done_keys):
+        raise RuntimeError(f"{job} lost track of inputs: {counts}")
+
+
+def nothing_new_line(counts: dict[str, int], done_word: str) -> str:
+    return (
+        f"nothing new: {counts['listed']} listed, {counts['already_done']} already {done_word}, "
+        f"{counts['known_failures']} known failures"
+    )
+
+
+# ---- adoption ------------------------------------------------------------------------------------------------------
+def published_part(storage: Storage, location: Location, relative: str, footer_key: bytes) -> dict | None:
+    """What a published part says it holds: its footer description plus `shard` (path, rows, sha256, bytes) and
+    `adopted`; None when it is not a complete Parquet file or has no description (a leftover of another writer)."""
+    from pipeline.shards import measure_published
+
+    try:
+        metadata = pq.read_metadata(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))
+    except (OSError, pa.ArrowInvalid):
+        return None
+    raw = (metadata.metadata or {}).get(footer_key)
+    if not raw:
+        return None
+    size, digest = measure_published(storage, location)
+    shard = {"path": relative, "rows": metadata.num_rows, "sha256": digest, "bytes": size}
+    return {**json.loads(raw), "shard": shard, "adopted": True}
+
+
+def check_adopted_parts(storage: Storage, root: Location, paths: Iterable[str], job: str) -> None:
+    """Right before a manifest names them: parts taken over from a killed run must still be there (a `gc` that
+    listed them before this run claimed them may have removed them)."""
+    missing = [path for path in paths if not storage.exists(root.join(path))]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} parts this {job} adopted were removed while it ran ({', '.join(missing[:3])}): "
+            "nothing published; re-run"
+        )
+
+
+# ---- running jobs --------------------------------------------------------------------------------------------------
+class RunRecord:
+    """A running job's record under `DST/runs/`: when it started, until when it is alive (renewed in the background),
+    and the parts it may publish or adopt. `collect_garbage` removes nothing a live record claims, and nothing
+    written after the start of the oldest live run. Written before the run looks at any part, removed at its end; a
+    killed run's record expires."""
+
+    def __init__(self, storage: Storage, root: Location, job: str, ttl_s: float = 600.0):
+        self.storage, self.job, self.ttl_s = storage, job, ttl_s
+        self.token = new_run_token()
+        self.location = root.join(RUNS_DIR, f"{self.token}.json")
+        self.started_at = time.time()
+        self.parts: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewal: threading.Thread | None = None
+
+    def _write(self) -> None:
+        with self._lock:
+            body = {"job": self.job, "started_at": self.started_at, "expires_at": time.time() + self.ttl_s,
+                    "parts": self.parts}
+            self.storage.put_bytes(self.location, json.dumps(body).encode("utf-8"))
+
+    def claim(self, parts: Iterable[str]) -> None:
+        """Add parts (relative paths) this run may publish or adopt; written before it looks at them."""
+        self.parts = sorted(set(self.parts) | set(parts))
+        self._write()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            self._write()
+
+    def __enter__(self) -> RunRecord:
+        self._write()
+        self._renewal = threading.Thread(target=self._renew, name=f"run record {self.token}", daemon=True)
+        self._renewal.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._renewal.join()
+        self.storage.delete(self.location)
+
+
+def live_runs(root: Location, storage: Storage, now: float) -> tuple[list[dict], list[ObjectInfo]]:
+    """(live run records, expired record files) under `root`."""
+    live, expired = [], []
+    for info in storage.list_objects(root.join(RUNS_DIR)):
+        try:
+            body = json.loads(storage.read_bytes(info.location))
+        except FileNotFoundError:
+            continue  # the run ended while we listed
+        except ValueError:
+            expired.append(info)  # not a record: nothing can be alive in it
+            continue
+        if body.get("expires_at", 0) > now:
+            live.append(body)
+        else:
+            expired.append(info)
+    return live, expired
+
+
+# ---- garbage -------------------------------------------------------------------------------------------------------
+@dataclass
+class GarbageReport:
+    kept_versions: list[int]
+    dropped_versions: list[int]
+    removed: list[tuple[str, int]] = field(default_factory=list)  # (path relative to the root, bytes)
+    protected: list[str] = field(default_factory=list)  # unreferenced, but a running job's or younger than min_age
+    dry_run: bool = False
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(size for _, size in self.removed)
+
+    def lines(self) -> list[str]:
+        verb = "would remove" if self.dry_run else "removed"
+        lines = [f"{verb} {path} ({size:,} bytes)" for path, size in self.removed]
+        kept = ", ".join(f"v{version:06d}" for version in self.kept_versions) or "none"
+        lines.append(f"gc: kept versions {kept}; {verb} {len(self.removed)} files, "
+                     f"{self.bytes_freed:,} bytes {'to free' if self.dry_run else 'freed'}")
+        if self.protected:
+            lines.append(f"gc: left {len(self.protected)} unreferenced files that a running job may use or that are "
+                         "younger than --min-age")
+        return lines
+
+
+def manifest_references(body: dict) -> set[str]:
+    """Every path (relative to the root) a manifest names: parts, source tables, the errors table."""
+    paths = {shard["path"] for shard in body.get("shards", [])}
+    paths |= {table["path"] for table in body.get("source_tables", [])}
+    if body.get("errors"):
+        paths.add(body["errors"])
+    return paths
+
+
+def collect_garbage(
+    root: Location, storage: Storage, keep_versions: int, dry_run: bool = False, min_age_s: float = 3600.0,
+    now: float | None = None,
+) -> GarbageReport:
+    """Keep the newest `keep_versions` manifests and everything they name; remove older manifests, then every part,
+    table and staging file under the data folders that no kept manifest names, except files a live run record claims,
+    files written after the oldest live run started (they may be its parts), and files younger than `min_age_s`.
+
+    The files are listed before the run records are read: a run that starts after that writes only files this pass
+    did not list, and checks before it publishes that the leftovers it adopted are still there."""
+    if keep_versions < 1:
+        raise ValueError("keep_versions must be >= 1: the newest version is always kept")
+    now = time.time() if now is None else now
+    versions = list_manifest_versions(root, storage)
+    kept, dropped = versions[-keep_versions:], versions[:-keep_versions]
+    referenced: set[str] = set()
+    for version in kept:
+        referenced |= manifest_references(json.loads(storage.read_bytes(manifest_location(root, version))))
+    candidates = [
+        info for folder in (*DATA_DIRS, MANIFESTS_DIR) for info in storage.list_objects(root.join(folder))
+        if _unreferenced(info, root, referenced)
+    ]
+    live, expired = live_runs(root, storage, now)
+    claimed = {path for run in live for path in run.get("parts", [])}
+    cutoff = min([now - min_age_s] + [run["started_at"] - _RUN_START_MARGIN_S for run in live])
+    report = GarbageReport(kept, dropped, dry_run=dry_run)
+    removals = [(manifest_location(root, version), None) for version in dropped]  # first: readers stop seeing them
+    for info in candidates:
+        relative = info.location.relative_to(root)
+        if relative in claimed or _modified(info) > cutoff:
+            report.protected.append(relative)
+        else:
+            removals.append((info.location, info.size))
+    removals += [(info.location, info.size) for info in expired]
+    for location, size in removals:
+        if size is None:
+            size = len(storage.read_bytes(location))
+        if not dry_run:
+            storage.delete(location)
+        report.removed.append((location.relative_to(root), size))
+    return report
+
+
+def _unreferenced(info: ObjectInfo, root: Location, referenced: set[str]) -> bool:
+    relative = info.location.relative_to(root)
+    if relative.startswith(f"{MANIFESTS_DIR}/"):
+        return _basename(info.location).startswith(".tmp-")  # manifests are removed by version, staging by age
+    return relative not in referenced
+
+
+def _modified(info: ObjectInfo) -> float:
+    return info.modified if info.modified is not None else float("inf")
+
+
+def _basename(location: Location) -> str:
+    return os.path.basename(location.path.replace("\\", "/"))

@@ -1,0 +1,175 @@
+"""The versioned-dataset core on both backends: racing writers, remembered failures, run records and gc."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.ingest import commit_ingest, plan_ingest
+from pipeline.listing import SourceVideo
+from pipeline.manifest import (
+    Manifest,
+    ManifestError,
+    SamplingParams,
+    ShardEntry,
+    latest_manifest,
+    read_sources,
+    write_manifest,
+    write_sources,
+)
+from pipeline.schema import ERRORS_SCHEMA, ErrorRecord
+from pipeline.shards import publish_table
+from pipeline.versioned import (
+    RUNS_DIR,
+    RunRecord,
+    collect_garbage,
+    failures_changed,
+    partition_inputs,
+    read_failures,
+    version_failures,
+)
+
+SAMPLING = SamplingParams(frames=4, short_side=32, size=28)
+
+
+def _video(root, name: str, etag: str = "e1") -> SourceVideo:
+    return SourceVideo(root.join("src", name).uri, name, 10, etag, "left")
+
+
+def _result(video: SourceVideo, shard: str | None, error: str | None = None) -> dict:
+    """What ingest_group returns for one video: its shard, or its error."""
+    record = {"uri": video.uri, "video_id": video.video_id, "etag": video.etag, "size": video.size,
+              "label_name": video.label_name, "label": 0, "clips": 1, "padded": False}
+    if error:
+        return {"videos": [], "errors": [ErrorRecord(video.uri, video.etag, "decode", error, "bad").to_dict()],
+                "shard": None, "adopted": False}
+    return {"videos": [record], "errors": [], "adopted": False,
+            "shard": {"path": shard, "rows": 1, "sha256": "00" * 32, "bytes": 1}}
+
+
+@pytest.mark.integration
+def test_a_writer_that_loses_the_version_race_leaves_the_winners_tables_alone(storage_folder):
+    storage, root = storage_folder
+    videos = [_video(root, "a.mp4"), _video(root, "b.mp4")]
+    plan = plan_ingest(root.uri, root.join("src").uri, videos, videos, [], "dirs", SAMPLING, None, {})
+    # Both runs decoded the same listing, each failing on another video: both build version 1.
+    winner = commit_ingest(plan, [_result(videos[0], "shards/part-a.parquet"), _result(videos[1], None, "Boom")],
+                           storage).manifest
+    loser = commit_ingest(plan, [_result(videos[0], None, "Crash"), _result(videos[1], "shards/part-b.parquet")],
+                          storage).manifest
+    assert winner.version == loser.version == 1
+    write_manifest(root, winner, storage)
+    with pytest.raises(ManifestError, match="already exists"):
+        write_manifest(root, loser, storage)
+
+    published = latest_manifest(root, storage)
+    assert published.errors != loser.errors and published.source_tables != loser.source_tables
+    failures = read_failures(root, published.errors, storage)
+    assert [(error.source_uri, error.error_type) for error in failures.values()] == [(videos[1].uri, "Boom")]
+    assert set(read_sources(root, published, storage)) == {"a.mp4"}
+
+
+def test_failures_are_remembered_by_key_and_etag():
+    root_video = SourceVideo("/src/a.mp4", "a.mp4", 1, "e1")
+    failed = ErrorRecord("/src/a.mp4", "e1", "decode", "VideoDecodeError", "bad")
+    failures = {(failed.source_uri, failed.source_etag): failed}
+    unchanged = lambda video, known: known["etag"] == video.etag  # noqa: E731
+
+    known = partition_inputs([root_video], {}, unchanged, failures)
+    assert (known.pending, known.known_failures) == ([], [failed])
+    assert partition_inputs([root_video], {}, unchanged, failures, retry_errors=True).pending == [root_video]
+    changed = SourceVideo("/src/a.mp4", "a.mp4", 1, "e2")
+    assert partition_inputs([changed], {}, unchanged, failures).pending == [changed]
+
+    again = ErrorRecord("/src/a.mp4", "e1", "decode", "VideoDecodeError", "another message")
+    assert version_failures([failed], [again]) == [again]
+    assert not failures_changed(failures, [again])  # the same failure again is nothing new
+    assert failures_changed(failures, [])
+
+
+def _dataset_with_two_versions(storage, root) -> dict[str, str]:
+    """v1: shards old + shared; v2: shared + new (old left). Returns {name: relative path} of what was written."""
+    table = pa.table({"video_id": ["x"]})
+    paths = {name: f"shards/part-{name}.parquet" for name in ("old", "shared", "new", "leftover")}
+    for path in paths.values():
+        publish_table(storage, root.join(path), table)
+    errors = pa.Table.from_pylist([ErrorRecord("/s/bad", "e", "decode", "X", "m").to_dict()], schema=ERRORS_SCHEMA)
+    paths["errors_v1"] = "errors/v000001-run1.parquet"
+    publish_table(storage, root.join(paths["errors_v1"]), errors)
+    manifest, sources = None, {}
+    for version, shards in ((1, ("old", "shared")), (2, ("shared", "new"))):
+        state = {name: {"uri": f"/s/{name}", "etag": "e", "size": 1, "label_name": "a", "clips": 1,
+                        "shard": paths[name]} for name in shards}
+        chain = write_sources(root, version, manifest, sources, state, storage, token=f"run{version}")
+        manifest = Manifest(version, "/s", SAMPLING, "dirs", {"a": 0},
+                            [ShardEntry(paths[name], 1, "00" * 32, 1) for name in shards], chain, len(state), {},
+                            errors=paths["errors_v1"] if version == 1 else None)
+        write_manifest(root, manifest, storage)
+        sources = state
+    paths.update(sources_v1="sources/v000001-run1.parquet", sources_v2="sources/v000002-run2.parquet")
+    return paths
+
+
+def _exists(storage, root, path: str) -> bool:
+    return storage.exists(root.join(path))
+
+
+@pytest.mark.integration
+def test_gc_removes_what_no_kept_version_or_running_job_uses(storage_folder):
+    storage, root = storage_folder
+    paths = _dataset_with_two_versions(storage, root)
+    claimed = "shards/part-claimed.parquet"
+    publish_table(storage, root.join(claimed), pa.table({"video_id": ["y"]}))
+    storage.put_bytes(root.join(RUNS_DIR, "dead.json"), json.dumps({"started_at": 0, "expires_at": 1}).encode())
+
+    dry = collect_garbage(root, storage, keep_versions=1, dry_run=True, min_age_s=0)
+    assert dry.dropped_versions == [1] and dry.kept_versions == [2]
+    assert _exists(storage, root, "manifests/v000001.json") and _exists(storage, root, paths["old"])
+
+    run = RunRecord(storage, root, "ingest", ttl_s=7200)
+    run.started_at += 3600  # gc runs an hour later, and the run started after every file above was written
+    with run:
+        run.claim([claimed])  # a leftover the run adopts: older than the run, kept only because it is claimed
+        report = collect_garbage(root, storage, keep_versions=1, min_age_s=0, now=time.time() + 3600)
+        assert _exists(storage, root, claimed) and claimed in report.protected
+    removed = {path for path, _ in report.removed}
+    assert removed | {claimed} == {path for path, _ in dry.removed}  # what the dry run listed, less the claim
+    assert removed == {"manifests/v000001.json", paths["old"], paths["leftover"], paths["errors_v1"],
+                       "runs/dead.json"}
+    assert report.bytes_freed == sum(size for _, size in report.removed) > 0
+    for path in removed:
+        assert not _exists(storage, root, path)
+    for path in (paths["shared"], paths["new"], paths["sources_v1"], paths["sources_v2"]):
+        assert _exists(storage, root, path)  # v2's shards and its chain of source tables (v1's table starts it)
+    assert not _exists(storage, root, run.location.relative_to(root))  # the record left with its run
+    v2 = latest_manifest(root, storage)
+    assert set(read_sources(root, v2, storage)) == {"shared", "new"}
+
+    # Young unreferenced files stay: a writer that keeps no record may still be publishing them.
+    publish_table(storage, root.join("shards/part-young.parquet"), pa.table({"video_id": ["z"]}))
+    young = collect_garbage(root, storage, keep_versions=1, min_age_s=3600)
+    assert "shards/part-young.parquet" in young.protected and _exists(storage, root, "shards/part-young.parquet")
+    with pytest.raises(ValueError, match="keep_versions"):
+        collect_garbage(root, storage, keep_versions=0)
+
+
+def test_gc_of_an_empty_destination_removes_nothing(tmp_path):
+    from pipeline.storage import Storage, parse_uri
+
+    report = collect_garbage(parse_uri(str(tmp_path)), Storage(), keep_versions=3)
+    assert (report.removed, report.kept_versions) == ([], [])
+    assert report.lines()[-1].startswith("gc: kept versions none; removed 0 files, 0 bytes freed")
+
+
+def test_an_errors_table_reads_back_by_key_and_etag(tmp_path):
+    from pipeline.storage import Storage, parse_uri
+
+    root, storage = parse_uri(str(tmp_path)), Storage()
+    record = ErrorRecord("/s/a.mp4", "e1", "decode", "VideoDecodeError", "bad")
+    pq.write_table(pa.Table.from_pylist([record.to_dict()], schema=ERRORS_SCHEMA), tmp_path / "errors.parquet")
+    assert read_failures(root, "errors.parquet", storage) == {("/s/a.mp4", "e1"): record}
+    assert read_failures(root, None, storage) == {}
