@@ -153,6 +153,12 @@ def ingest_command(
     max_frames: int = _MAX_FRAMES,
     max_seconds: float = _MAX_SECONDS,
     decode_timeout: float = _DECODE_TIMEOUT,
+    retry_errors: bool = typer.Option(
+        False, "--retry-errors", help="Decode again the videos that failed before, though they did not change."
+    ),
+    keep_deleted: bool = typer.Option(
+        False, "--keep-deleted", help="Keep the clips of videos gone from SRC (default: they leave the new version)."
+    ),
 ) -> None:
     """Decode sampled clips of every new video under SRC into a sharded Parquet clip dataset with a manifest."""
     from jobs.ingest import run_ingest
@@ -177,6 +183,8 @@ def ingest_command(
             frames_per_segment=frames_per_segment,
             endpoint_url=endpoint_url,
             decode_limits=limits,
+            retry_errors=retry_errors,
+            keep_deleted=keep_deleted,
             echo=typer.echo,
         )
     except (StorageError, LabelsError, ManifestError, ValueError) as error:
@@ -264,6 +272,31 @@ def evaluate_command(
         typer.echo(line, err=json_output)
     if json_output:
         typer.echo(to_json(evaluation))
+
+
+@app.command("gc")
+def gc_command(
+    dst: str = typer.Argument(..., help="A clip or predictions dataset: s3://bucket/prefix or a local folder."),
+    keep_versions: int = typer.Option(..., "--keep-versions", min=1, help="Newest versions to keep, with all they use."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be removed; remove nothing."),
+    min_age: float = typer.Option(3600.0, help="Seconds an unreferenced file must be old before it is removed."),
+    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+) -> None:
+    """Remove older versions' manifests and every shard, table and staging file no kept version refers to; never
+    what a running ingest or score uses. Prints what it removed and the bytes freed."""
+    from pipeline import StorageError
+    from pipeline.storage import Storage, parse_uri
+    from pipeline.versioned import collect_garbage
+
+    storage, root = Storage(endpoint_url), parse_uri(dst)
+    try:
+        storage.check_access(root)
+        report = collect_garbage(root, storage, keep_versions, dry_run=dry_run, min_age_s=min_age)
+    except StorageError as error:
+        typer.echo(f"gc failed: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    for line in report.lines():
+        typer.echo(line)
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -377,6 +410,9 @@ def retrain_command(
     init: str = typer.Option("champion", help="Candidate starts from the champion's weights or from --pretrained."),
     labels: str = typer.Option(None, help="Labels CSV for the new videos."),
     labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Labels from parent folder names."),
+    retry_errors: bool = typer.Option(
+        False, "--retry-errors", help="Ingest: decode again the videos that failed before, though unchanged."
+    ),
     frames: int = typer.Option(8),
     size: int = typer.Option(224),
     short_side: int = typer.Option(256),
@@ -402,7 +438,8 @@ def retrain_command(
         workers=workers, use_gpu=gpu, epochs=epochs, batch_size=batch_size, lr=lr, hflip=hflip, storage=storage,
         experiment=experiment, endpoint_url=endpoint_url,
     )
-    ingest = dict(labels_csv=labels, labels_from_dirs=labels_from_dirs, frames=frames, size=size, short_side=short_side)
+    ingest = dict(labels_csv=labels, labels_from_dirs=labels_from_dirs, frames=frames, size=size, short_side=short_side,
+                  retry_errors=retry_errors)
     result = run_retrain(source, dataset, model_name, val, min_gain=min_gain, init=init, train=train,
                          ingest_options=ingest, endpoint_url=endpoint_url, gate_views=gate_views,
                          gate_metric=gate_metric)

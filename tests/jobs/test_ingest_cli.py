@@ -13,7 +13,7 @@ def test_ingest_help_lists_the_options():
     result = runner.invoke(app, ["ingest", "--help"])
     assert result.exit_code == 0
     for option in ("--out", "--labels", "--labels-from-dirs", "--frames", "--size", "--short-side",
-                   "--clips-per-video", "--sampling", "--stride", "--endpoint-url"):
+                   "--clips-per-video", "--sampling", "--stride", "--endpoint-url", "--retry-errors", "--keep-deleted"):
         assert option in result.output
 
 
@@ -47,3 +47,38 @@ def test_ingest_command_writes_a_dataset_and_prints_the_summary(tmp_path, make_v
     manifest = load_manifest(str(tmp_path / "clips"))
     assert manifest.sampling.clips_per_video == 2 and manifest.sampling.stride == 2
     assert manifest.num_clips == 8
+
+
+def test_retrain_passes_retry_errors_to_its_ingest():
+    result = runner.invoke(app, ["retrain", "--help"])
+    assert result.exit_code == 0 and "--retry-errors" in result.output
+
+
+@pytest.mark.integration
+def test_gc_command_lists_with_dry_run_then_removes_and_prints_the_bytes_freed(tmp_path, make_videos, ray_local):
+    from jobs.ingest import run_ingest
+
+    src, dst = tmp_path / "videos", tmp_path / "clips"
+    make_videos(src, num_per_class=1, classes=("left", "right"))
+    options = dict(labels_from_dirs=True, frames=4, size=28, short_side=32, echo=lambda line: None)
+    run_ingest(str(src), str(dst), **options)
+    (src / "right" / "right_0000.mp4").unlink()
+    run_ingest(str(src), str(dst), **options)  # v2 without right_0000: its shard is version 1's alone
+    gone = {shard.path for shard in load_manifest(f"{dst}@1").shards} - {
+        shard.path for shard in load_manifest(str(dst)).shards
+    }
+
+    arguments = ["gc", str(dst), "--keep-versions", "1", "--min-age", "0"]
+    dry = runner.invoke(app, arguments + ["--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert all(f"would remove {path}" in dry.output for path in gone | {"manifests/v000001.json"})
+    assert all((dst / path).exists() for path in gone)
+
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert all(f"removed {path}" in result.output for path in gone) and "bytes freed" in result.output
+    assert not any((dst / path).exists() for path in gone) and not (dst / "manifests" / "v000001.json").exists()
+    assert load_manifest(str(dst)).num_clips == 1
+
+    result = runner.invoke(app, ["gc", str(dst), "--keep-versions", "0"])
+    assert result.exit_code == 2
