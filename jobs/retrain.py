@@ -12,13 +12,7 @@ unopposed: a registry that cannot be read stops the retrain with nothing promote
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import tempfile
-import threading
-import time
-import uuid
 from dataclasses import dataclass, field
 
 from jobs.evaluate import evaluate_model
@@ -29,8 +23,9 @@ from jobs.serving.registry import model_versions
 from jobs.train import run_train, tracking_uri
 from jobs.training.config import TrainConfig
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
+from pipeline.lease import Lease
 from pipeline.manifest import content_fingerprint
-from pipeline.storage import Storage, VersionMismatch
+from pipeline.storage import Storage
 
 CHAMPION = "champion"
 
@@ -72,10 +67,6 @@ class ChampionUnknown(RuntimeError):
     """The registry could not say which version is champion: nothing may be promoted."""
 
 
-class LeaseLost(RuntimeError):
-    """The promotion lease expired and was taken over (or removed) while this retrain held it."""
-
-
 def champion_version(client, model_name: str) -> int | None:
     """The version the champion alias points to; None only when the model or the alias does not exist yet."""
     from mlflow.exceptions import MlflowException
@@ -97,95 +88,11 @@ def champion_version(client, model_name: str) -> int | None:
     return int(version) if version is not None else None
 
 
-class PromotionLock:
-    """A lease object in storage, held by at most one retrain at a time.
+class PromotionLock(Lease):
+    """The promotion lease of one registered model: held by at most one retrain at a time, from reading the
+    champion alias to reading it back after moving it."""
 
-    Acquired by an if-absent write, or by replacing an expired lease (a crashed holder's) with a write conditioned on
-    the version read, so that of two waiters that saw it expire only one can replace it. Renewed in the background
-    while held; `ensure_held` checks that it is still ours right before an action only the holder may take.
-    Released by marking it expired, again conditioned on our version: a lease taken over or removed meanwhile is
-    someone else's, and is left alone."""
-
-    def __init__(self, storage: Storage, location, ttl_s: float = 900, wait_s: float = 600,
-                 renew_every_s: float | None = None):
-        self.storage, self.location, self.ttl_s, self.wait_s = storage, location, ttl_s, wait_s
-        self.renew_every_s = ttl_s / 3 if renew_every_s is None else renew_every_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._version: str | None = None  # the lease object's version as we last wrote it; None: not ours
-        self._guard = threading.Lock()  # renewal against ensure_held, which compares _version with the store
-        self._stop = threading.Event()
-        self._renewal: threading.Thread | None = None
-
-    def _body(self, expires_at: float) -> bytes:
-        return json.dumps({"owner": self.owner, "expires_at": expires_at}).encode()
-
-    def __enter__(self) -> PromotionLock:
-        deadline = time.monotonic() + self.wait_s
-        delay = 0.1
-        while True:
-            try:
-                self._version = self.storage.put_bytes(self.location, self._body(time.time() + self.ttl_s),
-                                                       if_absent=True)
-            except FileExistsError:
-                self._version = self._take_over_if_expired()
-            if self._version is not None:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"promotion lock {self.location.uri} is held by another retrain")
-            time.sleep(delay)
-            delay = min(2.0, delay * 2)
-        self._stop.clear()
-        self._renewal = threading.Thread(target=self._renew, name=f"renew {self.location.uri}", daemon=True)
-        self._renewal.start()
-        return self
-
-    def _take_over_if_expired(self) -> str | None:
-        try:
-            data, version = self.storage.read_versioned(self.location)
-            holder = json.loads(data)
-        except (FileNotFoundError, ValueError):
-            return None
-        if holder.get("expires_at", 0) >= time.time():
-            return None
-        try:
-            return self.storage.put_bytes(self.location, self._body(time.time() + self.ttl_s), if_match=version)
-        except (VersionMismatch, FileNotFoundError):
-            return None  # another waiter replaced it first, or it was removed
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.renew_every_s):
-            with self._guard:
-                try:
-                    self._version = self.storage.put_bytes(self.location, self._body(time.time() + self.ttl_s),
-                                                           if_match=self._version)
-                except (VersionMismatch, FileNotFoundError):
-                    self._version = None  # expired and taken over, or removed: it never becomes ours again
-                    return
-
-    def ensure_held(self) -> None:
-        """Raise LeaseLost unless the lease in storage is still the one we last wrote, and unexpired."""
-        with self._guard:
-            try:
-                data, version = self.storage.read_versioned(self.location)
-                unexpired = json.loads(data).get("expires_at", 0) > time.time()
-            except FileNotFoundError:
-                version, unexpired = None, False
-            if self._version is None or version != self._version or not unexpired:
-                raise LeaseLost(
-                    f"promotion lock {self.location.uri} is no longer held by this retrain (it expired and was taken "
-                    f"over, or was removed): the {CHAMPION} alias is left as it is"
-                )
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._renewal.join()
-        version, self._version = self._version, None
-        if version is None:
-            return  # lost while held: what is there now belongs to someone else
-        try:
-            self.storage.put_bytes(self.location, self._body(0.0), if_match=version)
-        except (VersionMismatch, FileNotFoundError):
-            pass  # taken over after it expired, or removed: nothing of ours left to release
+    name, contender, on_loss = "promotion lock", "another retrain", f"the {CHAMPION} alias is left as it is"
 
 
 def version_trained_on(client, model_name: str, fingerprint: str):

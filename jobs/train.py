@@ -8,10 +8,13 @@ as a registration that failed because MLflow was unreachable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from jobs.credentials import MASK, carries_credentials, mlflow_env_for_workers, redact, redacted_stdout
@@ -20,12 +23,15 @@ from jobs.training.checkpoint import WEIGHTS
 from jobs.training.config import TrainConfig
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import content_fingerprint
 from pipeline.storage import Storage
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SELECT_METRIC = "val_accuracy"  # what --select best ranks checkpoints by (validation top-1)
 RUN_RECORD = "uniformer_run.json"
+RUN_LOCK = "uniformer_run.lock"
+RUN_LOCK_TTL_S = 120.0  # renewed every third of it while the command runs
 
 
 @dataclass
@@ -171,18 +177,53 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) there"
         )
     cfg.tracking_uri = uri
-    ensure_ray(cfg)
-    storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
-    record_path = f"{storage_path}/{cfg.name}/{RUN_RECORD}"
-    run_id = open_mlflow_run(cfg, uri, record_path, filesystem, manifest)
+    with exclusive_run(cfg):
+        ensure_ray(cfg)
+        storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
+        record_path = f"{storage_path}/{cfg.name}/{RUN_RECORD}"
+        run_id = open_mlflow_run(cfg, uri, record_path, filesystem, manifest)
 
-    result = build_trainer(cfg, uri, run_id, manifest).fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {cfg.name} produced no checkpoint: {result.error}")
-    print(f"[train] finished {cfg.name}: {result.metrics} checkpoint {result.checkpoint.path}")
-    outcome = TrainResult(cfg.name, run_id, result.checkpoint.path, dict(result.metrics or {}))
-    outcome.model_uri, outcome.registered_version = finish_registration(cfg, manifest, uri, run_id)
-    return outcome
+        result = build_trainer(cfg, uri, run_id, manifest).fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training run {cfg.name} produced no checkpoint: {result.error}")
+        print(f"[train] finished {cfg.name}: {result.metrics} checkpoint {result.checkpoint.path}")
+        outcome = TrainResult(cfg.name, run_id, result.checkpoint.path, dict(result.metrics or {}))
+        outcome.model_uri, outcome.registered_version = finish_registration(cfg, manifest, uri, run_id)
+        return outcome
+
+
+class RunInProgress(RuntimeError):
+    """Another command is training the same run: the same options into the same storage."""
+
+
+class RunLock(Lease):
+    name, contender = "run lock", "another train command"
+
+
+@contextlib.contextmanager
+def exclusive_run(cfg: TrainConfig) -> Iterator[None]:
+    """Holds run `cfg.name`'s lock in its run directory while the body trains and registers it. Two commands with the
+    same options and storage make the same run and would resume and write one run directory (and open two MLflow
+    runs for it); the second fails here at once. A killed command's lock lapses RUN_LOCK_TTL_S after its last
+    renewal and is then taken over."""
+    storage, folder = Storage(cfg.endpoint_url), parse_uri(cfg.storage).join(cfg.name)
+    storage.check_conditional_writes(folder)  # the lock is only exclusive on a store that honours them
+    lock = RunLock(storage, folder.join(RUN_LOCK), ttl_s=RUN_LOCK_TTL_S, wait_s=0)
+    try:
+        lock.__enter__()
+    except LeaseHeld as held:
+        lapses = f" at {time.strftime('%H:%M:%S UTC', time.gmtime(held.expires_at))}" if held.expires_at else ""
+        raise RunInProgress(
+            f"training run {cfg.name} is already being trained into {redact(cfg.storage)} by another command "
+            f"({held.owner}), which holds {redact(lock.location.uri)}. The same options and storage make the same run: "
+            "wait for that command to finish (running this one again afterwards resumes or re-registers the run), or "
+            "give this one another --run-name (or other options) to train a separate run. If that command was "
+            f"killed, its lock lapses{lapses}, {RUN_LOCK_TTL_S:.0f} s after its last renewal; run this again then."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def model_card(cfg: TrainConfig, manifest, metrics: dict, run_id: str) -> ModelCard:

@@ -20,7 +20,6 @@ from jobs.ingest import run_ingest
 from jobs.retrain import (
     CHAMPION,
     ChampionUnknown,
-    LeaseLost,
     PromotionLock,
     champion_version,
     gate,
@@ -31,6 +30,7 @@ from jobs.serving.registry import log_model, model_versions
 from jobs.training.config import TrainConfig
 from model.package import ModelCard, save_package
 from pipeline import generate_motion_dataset, load_manifest, parse_uri
+from pipeline.lease import LeaseLost
 from pipeline.manifest import content_fingerprint, write_manifest
 from pipeline.storage import Storage, StorageError
 from tests.conftest import ignore_conditional_writes, start_local_ray

@@ -18,7 +18,14 @@ import torch
 from safetensors.torch import load_file
 
 from jobs.ingest import run_ingest
-from jobs.train import final_checkpoint, register_run, run_checkpoints, run_train, select_checkpoints
+from jobs.train import (
+    RunInProgress,
+    final_checkpoint,
+    register_run,
+    run_checkpoints,
+    run_train,
+    select_checkpoints,
+)
 from jobs.training.config import TrainConfig
 from pipeline import generate_motion_dataset, iter_clips
 from tests.conftest import MlflowServer, start_local_ray, two_node_ray
@@ -167,6 +174,22 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
     with torch.no_grad():
         direct = torch.softmax(net.eval()(eval_transform(torch.from_numpy(clips), 32)), dim=-1).numpy()
     np.testing.assert_allclose(probabilities, direct, atol=1e-5)
+
+
+def test_two_identical_train_commands_started_at_once_train_one_run(motion_dataset, tmp_path, mlflow_server):
+    start_local_ray()
+    commands = [train_in_background(small_config(f"{motion_dataset}@1", tmp_path, mlflow_server.uri,
+                                                 experiment="twice")) for _ in range(2)]
+    while all(thread.is_alive() for thread, _ in commands):
+        time.sleep(0.05)
+    (loser, refused), (winner, outcome) = sorted(commands, key=lambda command: command[0].is_alive())
+    assert winner.is_alive(), "the second command waited for the first instead of failing at once"
+    assert isinstance(refused.get("error"), RunInProgress), refused
+    result = finished(winner, outcome)
+    assert f"training run {result.run_name} is already being trained" in str(refused["error"])
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name("twice").experiment_id
+    assert [run.info.run_id for run in client.search_runs([experiment])] == [result.mlflow_run_id]
 
 
 def test_worker_killed_mid_run_resumes_with_exact_steps_and_weights(
