@@ -290,11 +290,12 @@ def run_score(
     endpoint_url: str | None = None,
     videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD,
     retry_errors: bool = False,
+    keep_deleted: bool = False,
     echo: Callable[[str], None] = print,
 ) -> ScoreSummary:
     """Score every video under `src` not yet scored into `out` by the same model; see the module docstring. Videos
-    that failed before are tried again only when they changed, or with `retry_errors`; a run with nothing new writes
-    no version."""
+    that failed before are tried again only when they changed, or with `retry_errors`; predictions of videos gone from
+    `src` leave the new version unless `keep_deleted`; a run with nothing new writes no version."""
     started = time.monotonic()
     options = options or ScoreOptions()
     views = parse_views(views) if isinstance(views, str) else views  # usage errors before any storage access
@@ -314,7 +315,7 @@ def run_score(
         previous = latest_score_manifest(root, storage)
         previous_failures = read_failures(root, previous.errors, storage) if previous else {}
         plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard,
-                          previous_failures, retry_errors)
+                          previous_failures, retry_errors, keep_deleted)
         run.claim([group["shard"] for group in plan.groups] + [result["shard"]["path"] for result in plan.adopted])
         storage.remove_stale_staging(root.join(PREDICTIONS_DIR))
         echo(
@@ -418,6 +419,8 @@ def format_summary(summary: ScoreSummary, max_errors: int = 10) -> str:
     ]
     if summary.shards_adopted:
         rows.append(("shards adopted", summary.shards_adopted))
+    if summary.deleted:
+        rows.append(("deleted from source", summary.deleted))
     lines = [
         f"score summary  {summary.destination}  manifest {version} ({state})  {summary.seconds:.1f} s",
         f"  model {summary.model.describe()}  views {summary.views}",

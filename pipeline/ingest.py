@@ -37,6 +37,7 @@ from pipeline.storage import Location, Storage, parse_uri
 from pipeline.versioned import (
     check_accounting,
     check_adopted_parts,
+    deleted_inputs,
     failure_key,
     failures_changed,
     new_run_token,
@@ -153,8 +154,7 @@ def plan_ingest(
         retry_errors,
     )
     already_done, pending = inputs.already_done, inputs.pending
-    listed_ids = {video.video_id for video in listed}
-    deleted = set() if keep_deleted else {video_id for video_id in previous_sources if video_id not in listed_ids}
+    deleted = deleted_inputs(previous_sources, listed, keep_deleted)
     superseded = {video.video_id for video in pending if video.video_id in previous_sources} | deleted
     if class_names is not None:
         class_map = fixed

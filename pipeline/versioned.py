@@ -117,6 +117,15 @@ def partition_inputs(
     return partition
 
 
+def deleted_inputs(done: dict[str, dict], listed: Iterable, keep_deleted: bool = False) -> set[str]:
+    """Video ids of the previous version that the source no longer lists: they leave the next version, unless
+    `keep_deleted`."""
+    if keep_deleted:
+        return set()
+    listed_ids = {item.video_id for item in listed}
+    return {video_id for video_id in done if video_id not in listed_ids}
+
+
 def read_failures(root: Location, errors_path: str | None, storage: Storage) -> dict[tuple[str, str], ErrorRecord]:
     """The failures a version remembers (its errors table), by key and ETag."""
     if not errors_path:

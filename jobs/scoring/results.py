@@ -34,6 +34,7 @@ from pipeline.storage import Location, Storage
 from pipeline.versioned import (
     check_accounting,
     check_adopted_parts,
+    deleted_inputs,
     failures_changed,
     list_manifest_versions,
     manifest_location,
@@ -181,6 +182,9 @@ class ScorePlan:
     # the previous version's failed videos by key and ETag (its errors table), and those unchanged and not retried
     previous_failures: dict[tuple[str, str], ErrorRecord] = field(default_factory=dict)
     known_failures: list[ErrorRecord] = field(default_factory=list)
+    # video ids of the previous version that changed or left the source: their old predictions leave the dataset
+    superseded: set[str] = field(default_factory=set)
+    deleted: set[str] = field(default_factory=set)  # of those, the ones no longer listed
 
     @property
     def num_pending(self) -> int:
@@ -224,10 +228,12 @@ def plan_score(
     videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD,
     previous_failures: dict[tuple[str, str], ErrorRecord] | None = None,
     retry_errors: bool = False,
+    keep_deleted: bool = False,
 ) -> ScorePlan:
     """Decide what this run scores: listed videos not in the previous version with the same fingerprint, nor failed
     before with the same key and ETag (`previous_failures`, unless `retry_errors`), minus those held by shards a killed
-    run published (adopted whole when every source of theirs is still pending)."""
+    run published (adopted whole when every source of theirs is still pending). Predictions of videos no longer
+    listed leave the next version, unless `keep_deleted`."""
     check_compatible(previous, identity, params, root.uri)
     previous_failures = previous_failures or {}
     inputs = partition_inputs(
@@ -238,6 +244,9 @@ def plan_score(
         retry_errors,
     )
     pending = {video.video_id: video for video in inputs.pending}
+    done = previous.sources if previous else {}
+    deleted = deleted_inputs(done, listed, keep_deleted)
+    superseded = {video_id for video_id in pending if video_id in done} | deleted
 
     adopted = []
     listed_shards = {shard.path for shard in previous.shards} if previous else set()
@@ -266,7 +275,7 @@ def plan_score(
     return ScorePlan(
         root=root, source=source, identity=identity, params=params, previous=previous, listed=listed,
         already_done=inputs.already_done, adopted=adopted, groups=groups, previous_failures=previous_failures,
-        known_failures=inputs.known_failures,
+        known_failures=inputs.known_failures, superseded=superseded, deleted=deleted,
     )
 
 
@@ -316,6 +325,7 @@ class ScoreCounts:
     errored: int  # failed in this run
     shards_written: int
     shards_adopted: int
+    deleted: int  # videos of the previous version no longer listed, whose predictions left the dataset
 
 
 def commit_score(
@@ -335,7 +345,7 @@ def commit_score(
     }
     kept_shards = list(previous.shards) if previous else []
     kept_sources = dict(previous.sources) if previous else {}
-    superseded = set(new_sources) & set(kept_sources)
+    superseded = plan.superseded | (set(new_sources) & set(kept_sources))  # also videos of adopted shards
     if superseded:
         kept_shards, kept_sources = rewrite_without_videos(
             storage, plan.root, kept_shards, kept_sources, superseded, PREDICTIONS_DIR,
@@ -349,10 +359,12 @@ def commit_score(
         errored=len({error.source_uri for error in errors}),
         shards_written=sum(1 for r in results if r["shard"] and not r["adopted"]),
         shards_adopted=sum(1 for r in results if r["shard"] and r["adopted"]),
+        deleted=len(plan.deleted),
     )
     check_accounting(asdict(counts), ("scored", "already_done", "known_failures", "errored"), "scoring")
     failures = version_failures(plan.known_failures, errors)
-    if previous is not None and not new_shards and not failures_changed(plan.previous_failures, failures):
+    changed = new_shards or superseded or failures_changed(plan.previous_failures, failures)
+    if previous is not None and not changed:
         return None, counts, errors
 
     check_adopted_parts(storage, plan.root, [r["shard"]["path"] for r in results if r["shard"] and r["adopted"]],

@@ -302,3 +302,21 @@ def test_failed_videos_are_remembered_and_a_rerun_with_nothing_new_writes_no_ver
     assert sorted(read_predictions(dst, columns=["video_id"]).column("video_id").to_pylist()) == [
         "broken.mp4", "good.mp4"
     ]
+
+
+def test_predictions_of_videos_deleted_from_the_source_leave_the_next_version_unless_kept(
+    packages, tmp_path, ray_local
+):
+    src, dst = tmp_path / "videos", str(tmp_path / "scores")
+    for index in range(3):
+        write_motion_video(src / f"v{index}.mp4", CLASSES[index], size=(40, 40), num_frames=12, seed=index)
+    run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2, videos_per_shard=3)  # one shard of 3 videos
+    (src / "v1.mp4").unlink()
+
+    kept = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2, keep_deleted=True)
+    assert (kept.listed, kept.deleted, kept.manifest_written) == (2, 0, False)
+
+    dropped = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2)
+    assert (dropped.already_done, dropped.deleted, dropped.manifest_version) == (2, 1, 2)
+    assert sorted(read_predictions(dst, columns=["video_id"]).column("video_id").to_pylist()) == ["v0.mp4", "v2.mp4"]
+    assert sorted(latest_score_manifest(parse_uri(dst), Storage()).sources) == ["v0.mp4", "v2.mp4"]
