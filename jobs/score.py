@@ -45,7 +45,7 @@ from pipeline.decode import DecodeLimits
 from pipeline.isolation import shared_decoder
 from pipeline.listing import SourceVideo, list_videos
 from pipeline.schema import ErrorRecord
-from pipeline.storage import Storage, parse_uri
+from pipeline.storage import Storage, is_object_error, parse_uri
 from pipeline.versioned import RunRecord, nothing_new_line, read_failures
 from pipeline.views import decode_views, parse_views
 
@@ -139,6 +139,8 @@ def decode_batch(
                     decoder=decoder,
                 )
         except Exception as error:  # one bad input must not lose the others
+            if stage == "read" and not is_object_error(error):
+                raise  # the store failed, not this video: the task fails, and a re-run resumes
             stages[row], types[row] = stage, type(error).__name__
             messages[row] = (" ".join(str(error).split()) or type(error).__name__)[:2000]
     return {
@@ -434,4 +436,3 @@ def format_summary(summary: ScoreSummary, max_errors: int = 10) -> str:
         )
     lines += error_lines(summary.errors, summary.errors_uri, max_errors)
     return "\n".join(lines)
-

@@ -33,7 +33,7 @@ from pipeline.manifest import (
 )
 from pipeline.schema import ErrorRecord, clip_schema
 from pipeline.shards import FOOTER_KEY, ShardWriter, parquet_write_options, rewrite_without_videos
-from pipeline.storage import Location, Storage, parse_uri
+from pipeline.storage import Location, Storage, is_object_error, parse_uri
 from pipeline.versioned import (
     check_accounting,
     check_adopted_parts,
@@ -231,6 +231,8 @@ def ingest_group(
                         decoder=decoder,
                     )
             except Exception as error:  # one bad input must not lose the others
+                if stage == "read" and not is_object_error(error):
+                    raise  # the store failed, not this video: the task fails, and a re-run resumes
                 errors.append(_error(source, stage, error))
                 continue
             writer.add_video(

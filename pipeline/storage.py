@@ -71,6 +71,13 @@ def _error_code(error) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
 
+def is_object_error(error: Exception) -> bool:
+    """Whether an error reading one object is that object's own (it is gone, or this process may not read that
+    file), so that it fails that input alone. Any other (a store that cannot be reached or refuses the credentials,
+    a full local disk) is the job's: recorded per input, it would fail every input and remember them as failed."""
+    return isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError))
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed storage URI. For S3 `path` is the key (no leading slash); for local it is an absolute path."""
@@ -291,8 +298,15 @@ class Storage:
         return response["Body"].read(), response["ETag"].strip('"')
 
     def download(self, location: Location, local_path: str) -> None:
-        """Stream an object to a local file without holding it in memory."""
-        self._client().download_file(location.bucket, location.path, local_path)
+        """Stream an object to a local file without holding it in memory; FileNotFoundError when there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client().download_file(location.bucket, location.path, local_path)
+        except ClientError as error:
+            if _error_code(error) in _NOT_FOUND_CODES:
+                raise FileNotFoundError(location.uri) from None
+            raise
 
     @contextmanager
     def fetched(self, location: Location, size: int) -> Iterator[bytes | str]:
