@@ -36,8 +36,20 @@ def main_options(
     show_version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True,
+        help="Also show Ray's and MLflow's own lines (Ray Train's controller, workers' output, Ray Data's execution "
+        "lines and progress bars); -vv adds debug lines.",
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings, errors and the final summary."),
 ) -> None:
-    """Each sub-command is one job; `uniformer COMMAND --help` explains its options."""
+    """Each sub-command is one job; `uniformer COMMAND --help` explains its options. Options of `uniformer` itself
+    (-v, -q) go before COMMAND."""
+    from jobs.console import QUIET, configure_logging
+
+    if verbose and quiet:
+        raise typer.BadParameter("-v and -q contradict each other", param_hint="-v/-q")
+    configure_logging(QUIET if quiet else verbose)
 
 
 @app.command("models")

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.console import eta, init_ray, rate
 from jobs.report import error_lines, table_lines
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
 from jobs.scoring.predict import ViewPredictor
@@ -229,10 +230,7 @@ def score_dataset(
     predictions and its `error_stage`, `error_type`, `error_message` (null otherwise). The model is resolved now,
     once, so the rows say which version made them even if an alias moves while the dataset executes.
     """
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()
     storage = Storage(endpoint_url)
     videos = list_videos(src, storage) if isinstance(src, str) else list(src)
     items = _items([{"videos": [_record(video) for video in videos]}])
@@ -363,12 +361,8 @@ def _run_groups(
     throughput: Throughput,
 ) -> list[dict]:
     """Stream prediction rows out of Ray Data and publish each group's shard as soon as all its videos are in."""
-    import ray
-
     started = time.monotonic()
-
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
+    init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
     dataset = _build(_items(plan.groups), resolved, plan.params, storage, options)
     waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
     buffered: dict[int, list[pa.Table]] = defaultdict(list)
@@ -392,7 +386,8 @@ def _run_groups(
                 done += rows.num_rows
                 failed += len(errors)
         if time.monotonic() - last_report >= 2.0 or done == total:
-            echo(f"  videos {done}/{total}  shards {len(results)}/{len(plan.groups)}  errors {failed}")
+            echo(f"  videos {done}/{total}  shards {len(results)}/{len(plan.groups)}  errors {failed}  "
+                 f"{rate(done, started, 'videos')}  {eta(done, total, started)}")
             last_report = time.monotonic()
     if any(waiting.values()):
         raise RuntimeError(f"scoring lost rows of shards {[i for i, n in waiting.items() if n]}")  # a bug

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -17,10 +18,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from jobs.console import init_ray
 from jobs.credentials import MASK, carries_credentials, mlflow_env_for_workers, redact, redacted_stdout
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
 from jobs.training.checkpoint import WEIGHTS
 from jobs.training.config import TrainConfig
+from jobs.training.progress import DriverConsole
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.lease import Lease, LeaseHeld
@@ -32,6 +35,8 @@ SELECT_METRIC = "val_accuracy"  # what --select best ranks checkpoints by (valid
 RUN_RECORD = "uniformer_run.json"
 RUN_LOCK = "uniformer_run.lock"
 RUN_LOCK_TTL_S = 120.0  # renewed every third of it while the command runs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,7 +116,7 @@ def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, ma
     return run.info.run_id
 
 
-def build_trainer(cfg: TrainConfig, uri: str, run_id: str, manifest):
+def build_trainer(cfg: TrainConfig, uri: str, run_id: str, manifest, progress_board=None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -132,6 +137,7 @@ def build_trainer(cfg: TrainConfig, uri: str, run_id: str, manifest):
             "tracking_uri": None if carries_credentials(uri) else uri,
             "mlflow_env": mlflow_env_for_workers(),
             "plan_units": units,
+            "progress_board": progress_board,  # rank 0 posts its progress there (jobs.training.progress)
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker={"CPU": cfg.cpus_per_worker},
@@ -153,16 +159,12 @@ def build_trainer(cfg: TrainConfig, uri: str, run_id: str, manifest):
 
 
 def ensure_ray(cfg: TrainConfig) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        init_ray()
         return
     # Locally, train workers each hold cpus_per_worker; leave room for the Ray Data readers feeding them.
     needed = int(cfg.workers * cfg.cpus_per_worker) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+    init_ray(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
@@ -183,10 +185,11 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         record_path = f"{storage_path}/{cfg.name}/{RUN_RECORD}"
         run_id = open_mlflow_run(cfg, uri, record_path, filesystem, manifest)
 
-        result = build_trainer(cfg, uri, run_id, manifest).fit()
+        with DriverConsole() as console:
+            result = build_trainer(cfg, uri, run_id, manifest, console.board).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training run {cfg.name} produced no checkpoint: {result.error}")
-        print(f"[train] finished {cfg.name}: {result.metrics} checkpoint {result.checkpoint.path}")
+        log.info("finished %s, checkpoint %s", cfg.name, result.checkpoint.path)
         outcome = TrainResult(cfg.name, run_id, result.checkpoint.path, dict(result.metrics or {}))
         outcome.model_uri, outcome.registered_version = finish_registration(cfg, manifest, uri, run_id)
         return outcome

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import tempfile
 import time
@@ -21,11 +22,14 @@ from jobs.metrics import Scores, scores_from_counts
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
 from jobs.training.optim import build_optimizer, build_scheduler
+from jobs.training.progress import RankZeroProgress
 from jobs.training.tracking import RunTracker
 from model.inference import predict_views
 from model.transforms import train_transform
 from pipeline import load_manifest
 from pipeline.epochs import EpochPlan
+
+log = logging.getLogger(__name__)
 
 
 def model_overrides(cfg: TrainConfig, frames: int) -> dict:
@@ -50,7 +54,7 @@ def load_initial_weights(net: torch.nn.Module, source: str, tracking_uri: str) -
         with tempfile.TemporaryDirectory() as scratch:
             report = model.load_pretrained(net, resolve_model(source, scratch, tracking_uri).weights_path)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"initial weights from {source} ({report.layout} layout):\n{report.summary()}", flush=True)
+        log.info("initial weights from %s (%s layout):\n%s", source, report.layout, report.summary())
 
 
 @dataclass
@@ -154,6 +158,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     warmup_steps = min(total_steps, max(1, round(cfg.warmup_epochs * steps_per_epoch[0])))
 
     steps_before = [sum(steps_per_epoch[:e]) for e in range(cfg.epochs)]
+    # before the model is built: rank 0's notices (the initial weights' load report) reach the driver's console too
+    console = RankZeroProgress(loop_config.get("progress_board"), rank == 0, cfg.epochs, total_steps, world)
 
     def epoch_stream(epoch: int, start_row: int) -> Iterator[dict]:
         # each epoch reads a whole number of steps, so no batch is left over or straddles two epochs
@@ -191,15 +197,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker = RunTracker(loop_config["tracking_uri"], progress.mlflow_run_id, enabled=rank == 0)
     step_metrics = StepMetrics(world, rows_per_step)
     if rank == 0 and resumed_from is not None:
-        print(f"[train] resumed at epoch {progress.epoch} step {progress.step_in_epoch} (global {progress.global_step})")
+        log.info("resumed at epoch %d step %d (global %d)", progress.epoch + 1, progress.step_in_epoch,
+                 progress.global_step)
+
+    def drain_step_metrics() -> list[tuple[int, dict]]:
+        drained = step_metrics.drain()
+        for step, values in drained:
+            tracker.step(step, **values)
+        return drained
 
     def report(metrics: dict) -> None:
         """Reports a checkpoint of the current state. Its upload runs in the background (every GPU waits for the
         barrier, not for the upload) except for the last one, which the driver registers right after."""
         from ray.train import CheckpointUploadMode
 
-        for step, values in step_metrics.drain():
-            tracker.step(step, **values)
+        drain_step_metrics()
         checkpoint = None
         if rank == 0:
             directory = tempfile.mkdtemp(prefix="uniformer-checkpoint-")  # Ray deletes it once uploaded
@@ -244,8 +256,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             progress.global_step += 1
             step_metrics.add(progress.global_step, step_loss, grad_norm, lr)
             if progress.global_step % cfg.log_every == 0:
-                for step, values in step_metrics.drain():
-                    tracker.step(step, **values)
+                console.steps(drain_step_metrics(), epoch, waited / max(time.perf_counter() - window_start, 1e-9))
             due = cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0
             epoch_done = progress.step_in_epoch >= steps_per_epoch[epoch] or progress.global_step >= total_steps
             if due and not epoch_done:
@@ -258,8 +269,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if following < cfg.epochs and steps_before[following] < total_steps:
             upcoming = epoch_stream(following, 0)  # its pipeline starts while this epoch is evaluated
 
-        for step, values in step_metrics.drain():
-            tracker.step(step, **values)
+        last_window = drain_step_metrics()
         scores = evaluate(core, val_plan, epoch, rank, world, num_classes, cfg, device)
         progress.epoch += 1
         progress.step_in_epoch = 0
@@ -275,8 +285,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         progress.metrics = None  # the next checkpoint is mid-epoch until this epoch's end says otherwise
         tracker.epoch(epoch, progress.global_step, {k: v for k, v in metrics.items() if k != "epoch"},
                       scores.confusion, manifest.class_names)
+        console.epoch_end(last_window, epoch, progress.global_step, metrics["data_wait_share"], scores.metrics)
     if rank == 0:
         tracker.curves()
+    console.close()
 
 
 class StepMetrics:

@@ -1,0 +1,71 @@
+"""What a person running the jobs sees: `uniformer ingest` and `uniformer train` as real commands (own processes,
+own local Ray) against the session's mlflow server; the console shows the jobs' progress and not Ray's internals
+unless -v asks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jobs.console import duration, eta
+from jobs.training.progress import progress_line
+from pipeline import generate_motion_dataset
+from tests.conftest import REPO_ROOT
+
+# What Ray printed on the console of every training run before: the cleaner actor's warning every few seconds (the
+# state API it polls needs the dashboard), the controller's and workers' lines, Ray Data's execution lines.
+RAY_INTERNALS = ("PlacementGroupCleaner", "Failed to query Ray Train Controller", "(TrainController",
+                 "(RayTrainWorker", "Starting execution of Dataset", "Execution plan of Dataset")
+
+
+def uniformer(*arguments: str, env: dict) -> str:
+    """Runs `uniformer ARGUMENTS` as its own process and returns what it wrote on stdout and stderr together."""
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", *arguments], cwd=REPO_ROOT, env=env, timeout=600,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode == 0, done.stdout
+    return done.stdout
+
+
+def test_durations_and_etas_read_as_people_write_them():
+    assert [duration(s) for s in (0, 42.4, 185, 7620)] == ["0s", "42s", "3m05s", "2h07m"]
+    assert eta(0, 10, started=0.0) == "ETA -"
+
+
+def test_a_progress_line_carries_the_figures_of_its_window_and_the_last_validation():
+    post = {"epoch": 1, "epochs": 10, "epoch_end": False, "step": 140, "total_steps": 480, "loss": 0.81234,
+            "lr": 9.1e-4, "clips_per_s": 88.04, "data_wait_share": 0.021, "eta_s": 185.0,
+            "validation": {"accuracy": 0.7123, "top5_accuracy": 0.99, "loss": 0.6421}}
+    assert progress_line(post) == ("epoch 2/10  step 140/480  loss 0.8123  lr 9.10e-04  88.0 clips/s  data wait 2%  "
+                                   "ETA 3m05s  val top-1 0.712 top-5 0.990 loss 0.642")
+    assert progress_line({**post, "eta_s": None, "validation": None}).endswith("ETA -")
+
+
+@pytest.mark.integration
+def test_train_console_shows_progress_not_ray(tmp_path, mlflow_server):
+    generate_motion_dataset(tmp_path / "videos", num_per_class=12, size=(40, 40), num_frames=16, seed=3)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(MLFLOW_TRACKING_URI=mlflow_server.uri)
+    clips = str(tmp_path / "clips")
+
+    ingested = uniformer("ingest", str(tmp_path / "videos"), "--out", clips, "--labels-from-dirs", "--frames", "8",
+                         "--size", "32", "--short-side", "40", env=env)
+    assert "clips/s  ETA" in ingested
+    assert not [line for line in ingested.splitlines() if any(noise in line for noise in RAY_INTERNALS)]
+
+    train = ["train", "--data", clips, "--model", "uniformerv2_tiny", "--workers", "2", "--epochs", "2",
+             "--batch-size", "4", "--lr", "1e-3", "--no-hflip", "--augment", "crop", "--log-every", "1",
+             "--storage", str(tmp_path / "runs"), "--register-as", "console-model"]
+    printed = uniformer(*train, env=env)
+    lines = printed.splitlines()
+    steps = [line for line in lines if line.startswith("epoch ") and " loss " in line and " ETA " in line]
+    assert any(line.startswith("epoch 1/2 ") and "step " in line and " clips/s " in line for line in steps), printed
+    assert any(line.startswith("epoch 2/2 done  step ") and "val top-1 " in line for line in steps), printed
+    assert not [line for line in lines if any(noise in line for noise in RAY_INTERNALS)], printed
+
+    # -v brings Ray's own lines back: Ray Data's execution lines of a second ingest (into a dataset of its own)
+    verbose = uniformer("-v", "ingest", str(tmp_path / "videos"), "--out", str(tmp_path / "clips-verbose"),
+                        "--labels-from-dirs", "--frames", "8", "--size", "32", "--short-side", "40", env=env)
+    assert "Starting execution of Dataset" in verbose and "clips/s  ETA" in verbose, verbose
