@@ -116,15 +116,26 @@ def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, ma
     return run.info.run_id
 
 
-def build_trainer(cfg: TrainConfig, uri: str, run_id: str, manifest, progress_board=None):
+def log_dataset_inputs(uri: str, run_id: str, plans: tuple) -> None:
+    """The training and validation clips as the run's MLflow dataset inputs; MLflow keeps one input per dataset,
+    so a resumed run logs nothing twice."""
+    import mlflow
+
+    from jobs.training.tracking import dataset_inputs
+
+    train, val = plans
+    mlflow.MlflowClient(uri).log_inputs(run_id, datasets=dataset_inputs({"training": train, "validation": val}))
+
+
+def build_trainer(cfg: TrainConfig, uri: str, run_id: str, plans: tuple, progress_board=None):
+    """`plans`: the (training, validation) epoch plans the driver cut, handed to the workers."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.training.loop import epoch_plans, plan_units, train_loop_per_worker
+    from jobs.training.loop import plan_units, train_loop_per_worker
 
-    # cut once here (and fail here on a missing or altered shard), not in every worker
-    units = ray.put(plan_units(*epoch_plans(cfg, manifest, cfg.workers)))
+    units = ray.put(plan_units(*plans))
 
     storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
     return TorchTrainer(
@@ -168,6 +179,8 @@ def ensure_ray(cfg: TrainConfig) -> None:
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
+    from jobs.training.loop import epoch_plans
+
     cfg.data, manifest = pin_dataset_version(cfg.data, cfg.endpoint_url)
     if cfg.val_data:
         cfg.val_data, _ = pin_dataset_version(cfg.val_data, cfg.endpoint_url)
@@ -183,10 +196,13 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         ensure_ray(cfg)
         storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
         record_path = f"{storage_path}/{cfg.name}/{RUN_RECORD}"
+        # cut once here (and fail here on a missing or altered shard), not in every worker
+        plans = epoch_plans(cfg, manifest, cfg.workers)
         run_id = open_mlflow_run(cfg, uri, record_path, filesystem, manifest)
+        log_dataset_inputs(uri, run_id, plans)
 
         with DriverConsole() as console:
-            result = build_trainer(cfg, uri, run_id, manifest, console.board).fit()
+            result = build_trainer(cfg, uri, run_id, plans, console.board).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"training run {cfg.name} produced no checkpoint: {result.error}")
         log.info("finished %s, checkpoint %s", cfg.name, result.checkpoint.path)
@@ -252,6 +268,8 @@ def model_card(cfg: TrainConfig, manifest, metrics: dict, run_id: str) -> ModelC
 def finish_registration(cfg: TrainConfig, manifest, uri: str, run_id: str):
     """Logs the selected checkpoint's model (`cfg.select`: the best validation top-1 or the last) to the run and
     registers it, recording which; safe to repeat (`uniformer register`)."""
+    import mlflow
+
     from jobs.serving.registry import log_model
 
     (_, final), (chosen_progress, chosen) = select_checkpoints(cfg.storage, cfg.name, cfg.select, cfg.endpoint_url)
@@ -273,7 +291,10 @@ def finish_registration(cfg: TrainConfig, manifest, uri: str, run_id: str):
             }
             try:
                 with redacted_stdout():
-                    return log_model(run_id, weights, card, uri, cfg.register_as, version_tags=tags)
+                    run = mlflow.MlflowClient(uri).get_run(run_id)
+                    description = version_description(cfg, manifest, chosen_progress, run)
+                    return log_model(run_id, weights, card, uri, cfg.register_as, version_tags=tags,
+                                     description=description)
             except Exception as exc:
                 # not chained: MLflow's own message names the request URL, the tracking URI's password included
                 raise RuntimeError(
@@ -282,6 +303,29 @@ def finish_registration(cfg: TrainConfig, manifest, uri: str, run_id: str):
                     f"command, or `uniformer register --run {cfg.name} --storage {redact(cfg.storage)}`, once MLflow "
                     "is reachable."
                 ) from None
+
+
+def version_description(cfg: TrainConfig, manifest, progress: dict, run) -> str:
+    """What a registered version was trained on and how it scored, for the registry's description field: the
+    datasets from the MLflow run's dataset inputs, the figures from the checkpoint's validation."""
+    datasets = []
+    for dataset_input in run.inputs.dataset_inputs:
+        tags = {tag.key: tag.value for tag in dataset_input.tags}
+        datasets.append(f"{tags.get('mlflow.data.context', 'input')} {dataset_input.dataset.name}: "
+                        f"{tags.get('clips', '?')} clips")
+    metrics = progress.get("metrics") or {}
+    figures = ", ".join(
+        f"{label} {metrics[key]:.4f}" for key, label in (
+            ("val_accuracy", "top-1"), ("val_top5_accuracy", "top-5"), ("val_mean_class_accuracy", "mean-class"),
+            ("val_loss", "loss"),
+        ) if key in metrics
+    )
+    return (
+        f"{cfg.model} ({len(manifest.class_map)} classes) trained on {cfg.data}, content fingerprint "
+        f"{content_fingerprint(manifest)}; {'; '.join(datasets) or 'datasets not recorded'}. Registered checkpoint: "
+        f"{cfg.select} (epoch {progress['epoch']} of {cfg.epochs}, step {progress['global_step']}). "
+        f"Validation: {figures or 'none'}. MLflow run {run.info.run_id}."
+    )
 
 
 def run_checkpoints(storage: str, run_name: str, endpoint_url: str | None = None) -> list[tuple[dict, object]]:

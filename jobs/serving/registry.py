@@ -32,6 +32,12 @@ def pinned_requirements() -> list[str]:
     return [f"{package}=={version(package)}" for package in ("torch", "safetensors", "numpy", "mlflow")]
 
 
+def input_example(card: ModelCard) -> np.ndarray:
+    """One clip in the stored format the pyfunc takes (uint8 `[1, T, S, S, 3]`, S the stored square side): black
+    frames, which say the shape and type without shipping anyone's video with the model."""
+    return np.zeros((1, card.frames, card.short_side, card.short_side, 3), dtype=np.uint8)
+
+
 def log_model(
     run_id: str,
     weights_path: str,
@@ -39,8 +45,9 @@ def log_model(
     tracking_uri: str,
     register_as: str | None = None,
     version_tags: dict | None = None,
+    description: str | None = None,
 ):
-    """Logs the model into run `run_id`; registers a new version of `register_as` when given.
+    """Logs the model into run `run_id`; registers a new version of `register_as` when given, with `description`.
 
     Returns (model_uri, registered version number or None)."""
     import mlflow
@@ -71,10 +78,13 @@ def log_model(
                 artifacts={"weights": weights_path, "config": config_path},
                 code_paths=[MODEL_PACKAGE_DIR],
                 signature=signature,
+                input_example=input_example(card),
                 pip_requirements=pinned_requirements(),
             )
     version = None
     if register_as:
         registered = mlflow.register_model(info.model_uri, register_as, tags=version_tags or {})
         version = int(registered.version)
+        if description:
+            client.update_model_version(register_as, registered.version, description=description)
     return info.model_uri, version

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 
 from model.transforms import AUGMENTATIONS
 
 from jobs.credentials import redact
+
+DEFAULT_EXPERIMENT = "uniformerv2"
 
 
 @dataclass
@@ -44,7 +47,7 @@ class TrainConfig:
     max_failures: int = 3
     storage: str = "./runs"
     run_name: str | None = None
-    experiment: str = "uniformerv2"
+    experiment: str | None = None  # MLflow experiment; default: MLFLOW_EXPERIMENT_NAME, else DEFAULT_EXPERIMENT
     tracking_uri: str | None = None
     register_as: str | None = None
     endpoint_url: str | None = None
@@ -53,6 +56,8 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between reading step metrics back from the device (one host sync)
 
     def __post_init__(self) -> None:
+        if not self.experiment:
+            self.experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         positive = dict(workers=self.workers, epochs=self.epochs, batch_size=self.batch_size,
                         grad_accum=self.grad_accum, keep_checkpoints=self.keep_checkpoints)
         for name, value in positive.items():

@@ -1,4 +1,5 @@
-"""MLflow from rank 0 of the training function: metrics, curves, confusion matrices and per-class tables.
+"""MLflow from rank 0 of the training function: metrics, system metrics, curves, confusion matrices and per-class
+tables; and from the driver, the run's dataset inputs.
 
 Step metrics are buffered and written after the checkpoint that covers them is reported. A worker group that
 fails can still have written steps its last committed checkpoint does not cover; the resumed group recomputes
@@ -12,7 +13,9 @@ collective for whatever rank 0 does at an epoch end, so that must not take secon
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,6 +44,7 @@ class RunTracker:
             for key in ("train_loss", "val_accuracy"):
                 history = self._try(self.client.get_metric_history, run_id, key) or []
                 self._logged_through[key] = max((m.step for m in history), default=0)
+            self._system = self._try(_start_system_metrics, run_id, tracking_uri)
 
     def step(self, step: int, **metrics: float) -> None:
         if not self.enabled:
@@ -83,6 +87,8 @@ class RunTracker:
         if not self.enabled:
             return
         self._background.shutdown(wait=True)  # the last epoch's tables and figures first
+        if self._system is not None:
+            self._try(self._system.finish)
         self.flush()
         history = self._try(
             lambda: {key: self.client.get_metric_history(self.run_id, key) for key in ("train_loss", "val_accuracy", "val_loss")}
@@ -96,6 +102,50 @@ class RunTracker:
         except Exception as exc:  # noqa: BLE001 (plots are not worth failing a training run for)
             log.warning("MLflow call failed, skipping: %s", exc)
             return None
+
+
+def _start_system_metrics(run_id: str, tracking_uri: str):
+    """MLflow's sampler of this node's CPU, memory, disk, network (and GPU, where nvidia-ml-py is installed): its
+    `system/*` metrics, every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL), continued by a resumed attempt."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+def dataset_inputs(plans: dict) -> list:
+    """MLflow dataset inputs (the run's Datasets) of `plans`, {context ("training", "validation"): EpochPlan}: a
+    version's source URI, version, content digest and clip count. A held-out split is a dataset of its own, named and
+    digested with its split, so that the training and validation clips of one version stay two datasets."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from jobs.credentials import redact
+    from pipeline.manifest import content_fingerprint
+    from pipeline.storage import parse_uri
+
+    inputs = []
+    for context, plan in plans.items():
+        location = parse_uri(plan.dst)
+        fingerprint = content_fingerprint(plan.manifest)
+        name = f"{location.uri.rstrip('/').rsplit('/', 1)[-1]}@{plan.manifest.version}"
+        digest = fingerprint
+        if plan.split != "all":
+            name += f" ({plan.split} split)"
+            digest = hashlib.sha256(f"{fingerprint}:{plan.split}:{plan.val_fraction}".encode()).hexdigest()[:32]
+        profile = {
+            "clips": plan.rows, "version": plan.manifest.version, "classes": len(plan.manifest.class_map),
+            "split": plan.split, "val_fraction": plan.val_fraction, "content_fingerprint": fingerprint,
+        }
+        dataset = Dataset(
+            name=name, digest=digest, source_type="s3" if location.scheme == "s3" else "local",
+            source=json.dumps({"uri": redact(f"{location.uri}@{plan.manifest.version}")}), profile=json.dumps(profile),
+        )
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("version", str(plan.manifest.version)),
+                InputTag("clips", str(plan.rows))]
+        inputs.append(DatasetInput(dataset, tags))
+    return inputs
 
 
 def _now_ms() -> int:

@@ -1,18 +1,21 @@
 """What a person running the jobs sees: `uniformer ingest` and `uniformer train` as real commands (own processes,
 own local Ray) against the session's mlflow server; the console shows the jobs' progress and not Ray's internals
-unless -v asks."""
+unless -v asks; MLflow shows the run's datasets, system metrics and a registered version with its input example and
+a description."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import mlflow
 import pytest
 
 from jobs.console import duration, eta
 from jobs.training.progress import progress_line
-from pipeline import generate_motion_dataset
+from pipeline import generate_motion_dataset, load_manifest
 from tests.conftest import REPO_ROOT
 
 # What Ray printed on the console of every training run before: the cleaner actor's warning every few seconds (the
@@ -44,10 +47,11 @@ def test_a_progress_line_carries_the_figures_of_its_window_and_the_last_validati
 
 
 @pytest.mark.integration
-def test_train_console_shows_progress_not_ray(tmp_path, mlflow_server):
+def test_train_console_shows_progress_not_ray_and_mlflow_shows_what_it_was_trained_on(tmp_path, mlflow_server):
     generate_motion_dataset(tmp_path / "videos", num_per_class=12, size=(40, 40), num_frames=16, seed=3)
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    env.update(MLFLOW_TRACKING_URI=mlflow_server.uri)
+    env.update(MLFLOW_TRACKING_URI=mlflow_server.uri, MLFLOW_EXPERIMENT_NAME="console-experiment",
+               MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     clips = str(tmp_path / "clips")
 
     ingested = uniformer("ingest", str(tmp_path / "videos"), "--out", clips, "--labels-from-dirs", "--frames", "8",
@@ -64,6 +68,30 @@ def test_train_console_shows_progress_not_ray(tmp_path, mlflow_server):
     assert any(line.startswith("epoch 1/2 ") and "step " in line and " clips/s " in line for line in steps), printed
     assert any(line.startswith("epoch 2/2 done  step ") and "val top-1 " in line for line in steps), printed
     assert not [line for line in lines if any(noise in line for noise in RAY_INTERNALS)], printed
+
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    version = client.get_model_version("console-model", "1")
+    run = client.get_run(version.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "console-experiment"  # no --experiment given
+    inputs = {tags["mlflow.data.context"]: (entry.dataset, tags) for entry in run.inputs.dataset_inputs
+              for tags in [{tag.key: tag.value for tag in entry.tags}]}
+    assert set(inputs) == {"training", "validation"}
+    manifest = load_manifest(clips)
+    assert sum(int(tags["clips"]) for _, tags in inputs.values()) == sum(shard.rows for shard in manifest.shards)
+    for dataset, tags in inputs.values():
+        assert json.loads(dataset.source)["uri"] == f"{clips}@1" and tags["version"] == "1"
+        assert json.loads(dataset.profile)["clips"] == int(tags["clips"]) > 0
+    assert inputs["training"][0].digest != inputs["validation"][0].digest  # two held-out splits of one version
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), run.data.metrics.keys()
+
+    description = version.description
+    assert f"trained on {clips}@1" in description and "validation" in description and "top-1 " in description
+    for _, tags in inputs.values():
+        assert f"{tags['clips']} clips" in description
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    model = mlflow.models.Model.load(version.source)
+    example = model.load_input_example(mlflow.artifacts.download_artifacts(version.source))
+    assert example.shape == (1, 8, 40, 40, 3) and str(example.dtype) == "uint8"
 
     # -v brings Ray's own lines back: Ray Data's execution lines of a second ingest (into a dataset of its own)
     verbose = uniformer("-v", "ingest", str(tmp_path / "videos"), "--out", str(tmp_path / "clips-verbose"),
