@@ -290,9 +290,10 @@ def broken_video():
 
 # ---- MLflow -------------------------------------------------------------------------------------------------------
 class MlflowServer:
-    """A real `mlflow server` process on 127.0.0.1 with a sqlite backend and proxied local artifacts."""
+    """A real `mlflow server` process on 127.0.0.1 with a sqlite backend and proxied local artifacts; `args` and `env`
+    add options and variables (e.g. an auth app and its settings)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, args: tuple[str, ...] = (), env: dict[str, str] | None = None):
         import socket
         import subprocess
         import sys
@@ -307,8 +308,9 @@ class MlflowServer:
                 sys.executable, "-m", "mlflow", "server",
                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                 "--artifacts-destination", str(root / "artifacts"),
-                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *args,
             ],
+            env={**os.environ, **env} if env else None,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.scheduler import CosineLRScheduler
 
 import model
 from jobs.credentials import adopt_mlflow_env
@@ -63,7 +64,7 @@ class TrainState:
 
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: CosineLRScheduler
     scaler: torch.amp.GradScaler
 
 
@@ -250,8 +251,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.scaler.step(state.optimizer)
             state.scaler.update()
             state.optimizer.zero_grad(set_to_none=True)
-            lr = state.scheduler.get_last_lr()[0]
-            state.scheduler.step()
+            lr = state.optimizer.param_groups[0]["lr"]  # this step's
+            state.scheduler.step_update(progress.global_step + 1)  # the next step's
             progress.step_in_epoch += 1
             progress.global_step += 1
             step_metrics.add(progress.global_step, step_loss, grad_norm, lr)

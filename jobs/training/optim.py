@@ -1,36 +1,26 @@
-"""The paper's recipe: AdamW without weight decay on 1-D parameters, linear warmup then cosine decay."""
+"""The paper's recipe, from timm: AdamW without weight decay on 1-D parameters (norms, biases, scales), linear warmup
+then cosine decay, per optimizer step."""
 
 from __future__ import annotations
 
-import math
-
 import torch
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
 
 
 def build_optimizer(net: torch.nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
     """`fused` (CUDA) updates every parameter in a few kernels instead of several per parameter tensor. Build it
     after the model sits on its device: a fused optimizer needs its parameters there, and `load_state_dict` places
     the loaded state next to each parameter as it is at that moment."""
-    decay, no_decay = [], []
-    for param in net.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups_weight_decay(net, weight_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, lr: float, min_lr: float):
-    """Multiplier of the base lr at optimizer step `step` (0-based)."""
-    floor = min_lr / lr
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def build_scheduler(optimizer, total_steps: int, warmup_steps: int, lr: float, min_lr: float):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, lr, min_lr))
+def build_scheduler(optimizer, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> CosineLRScheduler:
+    """From lr / warmup_steps up to lr over the warmup steps, then a cosine down to min_lr at `total_steps`. It sets
+    the optimizer's rate for an optimizer step: `step_update(n)` once n steps are done (a checkpoint keeps its
+    state, so a resumed run continues the same curve)."""
+    return CosineLRScheduler(
+        optimizer, t_initial=max(1, total_steps - warmup_steps), lr_min=min_lr, warmup_t=warmup_steps,
+        warmup_lr_init=lr / max(1, warmup_steps), warmup_prefix=True, t_in_epochs=False,
+    )

@@ -14,6 +14,9 @@ import shlex
 import shutil
 import subprocess
 import tomllib
+import urllib.error
+import urllib.request
+from base64 import b64encode
 from fractions import Fraction
 from pathlib import Path
 
@@ -22,6 +25,7 @@ import yaml
 
 from jobs.credentials import carries_credentials
 from jobs.submit import SubmitError, check_invocation
+from tests.conftest import MlflowServer
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
@@ -365,6 +369,61 @@ def test_mlflow_server_takes_authenticated_requests_only():
     assert re.fullmatch(r"<postgresql://[^>]+>", auth["database_uri"]), "the user store is a PostgreSQL database"
     probes = [container[probe]["httpGet"]["path"] for probe in ("readinessProbe", "livenessProbe")]
     assert probes == ["/health", "/health"], "the auth app answers /health alone without credentials"
+
+
+def auth_config_file(tmp_path: Path) -> Path:
+    """The auth config file of the template's uniformer-mlflow-auth Secret, written under `tmp_path` with a sqlite
+    user store in place of the PostgreSQL placeholder."""
+    (template,) = [doc for doc in of_kind("Secret", include_template=True)
+                   if doc["metadata"]["name"] == "uniformer-mlflow-auth"]
+    config = re.sub(r"^database_uri = <[^>]+>$", f"database_uri = sqlite:///{tmp_path / 'auth.db'}",
+                    template["stringData"]["basic_auth.ini"], flags=re.MULTILINE)
+    assert "<" not in config
+    (tmp_path / "basic_auth.ini").write_text(config)
+    return tmp_path / "basic_auth.ini"
+
+
+def http_status(url: str, user: str | None = None, password: str | None = None, body: dict | None = None) -> int:
+    import json
+
+    headers = {"Content-Type": "application/json"}
+    if user is not None:
+        headers["Authorization"] = "Basic " + b64encode(f"{user}:{password}".encode()).decode()
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.integration
+def test_the_mlflow_server_as_deployed_answers_only_authenticated_requests(tmp_path):
+    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth] (Flask-WTF)")
+    container = mlflow_container()
+    # the manifest's options that say what the server is; its addresses and stores are the cluster's
+    args = tuple(a for a in container["args"] if a.split("=")[0] in ("--app-name", "--serve-artifacts"))
+    assert "--app-name=basic-auth" in args
+    config_file = auth_config_file(tmp_path)
+    admin_password, jobs_password = "admin-password-marker", "jobs-password-marker"
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(config_file), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-marker"}
+    assert set(env) <= set(env_of(container)), "the test sets what the manifest sets"
+    server = MlflowServer(tmp_path, args=args, env=env)
+    try:
+        search = f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert http_status(f"{server.uri}/health") == 200  # the probes need no password
+        assert http_status(search) == 401
+        assert http_status(search, "admin", "wrong") == 401
+        assert http_status(search, "admin", admin_password) == 200
+        # the jobs' user, created as the template says, may create what it logs to; a wrong password may not
+        assert http_status(f"{server.uri}/api/2.0/mlflow/users/create", "admin", admin_password,
+                           {"username": "uniformer-jobs", "password": jobs_password}) == 200
+        create = f"{server.uri}/api/2.0/mlflow/experiments/create"
+        assert http_status(create, "uniformer-jobs", "wrong", {"name": "k400"}) == 401
+        assert http_status(create, "uniformer-jobs", jobs_password, {"name": "k400"}) == 200
+    finally:
+        server.stop()
 
 
 # ---- images --------------------------------------------------------------------------------------------------------

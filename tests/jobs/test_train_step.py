@@ -12,6 +12,7 @@ from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
 from jobs.metrics import per_class_report, scores_from_counts
 from jobs.training.loop import DeviceBatches, StepMetrics, build_train_state
+from jobs.training.optim import build_optimizer, build_scheduler
 from jobs.training.tracking import HEATMAP_MAX_CLASSES, _confusion_image
 from model.transforms import train_transform
 
@@ -22,13 +23,14 @@ def tiny_config(**overrides) -> TrainConfig:
     return TrainConfig(data="clips@1", model="uniformerv2_tiny", lr=1e-3, compile="off", **overrides)
 
 
-def one_step(state, seed: int = 0) -> None:
+def one_step(state, seed: int = 0, step: int = 1) -> None:
+    """Optimizer step number `step` (1-based)."""
     generator = torch.Generator().manual_seed(seed)
     clips = torch.randint(0, 256, (2, FRAMES, 40, 40, 3), dtype=torch.uint8, generator=generator)
     loss = F.cross_entropy(state.net(train_transform(clips, 32, generator)), torch.tensor([0, 3]))
     loss.backward()
     state.optimizer.step()
-    state.scheduler.step()
+    state.scheduler.step_update(step)
     state.optimizer.zero_grad()
 
 
@@ -52,7 +54,8 @@ def test_resume_places_optimizer_state_on_each_parameters_device(tmp_path):
             assert (value.device, value.dtype) == (param.device, param.dtype), name
             placed += 1
     assert placed == 2 * sum(1 for p in resumed.net.parameters() if p.requires_grad)  # exp_avg and exp_avg_sq
-    assert resumed.scheduler.last_epoch == 1
+    assert [group["lr"] for group in resumed.optimizer.param_groups] == [
+        group["lr"] for group in state.optimizer.param_groups]  # the rate of step 2
 
 
 def test_resumed_state_continues_exactly(tmp_path):
@@ -63,9 +66,25 @@ def test_resumed_state_continues_exactly(tmp_path):
     resumed = build_train_state(cfg, CLASSES, FRAMES, torch.device("cpu"), 10, 1, checkpoint_dir=str(tmp_path))
     for state in (straight, resumed):
         torch.manual_seed(1)
-        one_step(state, seed=1)
+        one_step(state, seed=1, step=2)
     for a, b in zip(straight.net.state_dict().values(), resumed.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_learning_rate_warms_up_to_lr_then_follows_a_cosine_to_min_lr():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = build_optimizer(net, lr=1e-3, weight_decay=0.05)
+    scheduler = build_scheduler(optimizer, total_steps=20, warmup_steps=4, lr=1e-3, min_lr=1e-5)
+    rates = []
+    for step in range(21):  # the rate of step n + 1 once n steps are done
+        scheduler.step_update(step)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(1e-3 / 4)
+    assert rates[:5] == sorted(rates[:5]) and rates[4] == pytest.approx(1e-3)
+    assert rates[4:] == sorted(rates[4:], reverse=True) and rates[20] == pytest.approx(1e-5)
+    assert rates[12] == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)  # half way down the cosine
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert [decay[id(p)] for p in net.parameters()] == [0.05, 0.0, 0.0, 0.0]  # only the matrix decays
 
 
 def test_compiled_blocks_match_eager_logits_and_gradients():
