@@ -11,6 +11,7 @@ alone. All of it rests on the store honouring conditional writes (`Storage.check
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -18,6 +19,8 @@ import time
 import uuid
 
 from pipeline.storage import Location, Storage, VersionMismatch
+
+log = logging.getLogger(__name__)
 
 
 class LeaseHeld(TimeoutError):
@@ -91,6 +94,8 @@ class Lease:
             return None  # another waiter replaced it first, or it was removed
 
     def _renew(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         while not self._stop.wait(self.renew_every_s):
             with self._guard:
                 try:
@@ -99,6 +104,11 @@ class Lease:
                 except (VersionMismatch, FileNotFoundError):
                     self._version = None  # expired and taken over, or removed: it never becomes ours again
                     return
+                except (OSError, BotoCoreError, ClientError) as error:
+                    # The store failing past its clients' retries: try again at the next renewal. Stopping here
+                    # would let the lease lapse while its holder works on, and another take it.
+                    log.warning("could not renew %s %s (%s); trying again in %.0f s", self.name, self.location.uri,
+                                type(error).__name__, self.renew_every_s)
 
     def ensure_held(self) -> None:
         """Raise LeaseLost unless the lease in storage is still the one we last wrote, and unexpired."""
