@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from jobs.scoring.model_ref import ModelIdentity
 from jobs.scoring.predict import prediction_fields
 from pipeline.listing import SourceVideo
-from pipeline.manifest import ShardEntry
+from pipeline.manifest import ShardEntry, check_inside_root
 from pipeline.schema import ErrorRecord
 from pipeline.shards import publish_table, rewrite_without_videos
 from pipeline.storage import Location, Storage
@@ -152,6 +152,8 @@ class ScoreManifest:
                 f"{body.get('schema_version')}); write predictions to their own --out"
             )
         body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
+        if body.get("errors") is not None:
+            check_inside_root(body["errors"], "errors table")
         return cls(**body)
 
 
