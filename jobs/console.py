@@ -13,7 +13,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 
 QUIET, NORMAL, VERBOSE, DEBUG = -1, 0, 1, 2
 
@@ -61,14 +60,6 @@ def configure_logging(verbosity: int = NORMAL) -> None:
     os.environ["MLFLOW_LOGGING_LEVEL"] = mlflow_level
     logging.getLogger("mlflow").setLevel(mlflow_level)  # in case it was imported already
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true" if verbosity >= VERBOSE else "false"
-    # The pyfunc's signature is given explicitly: type hints on predict would add MLflow's input conversion to
-    # every call, which its advice to add them does not say.
-    warnings.filterwarnings("ignore" if verbosity < VERBOSE else "default",
-                            message=r".*Add type hints to the `predict` method", category=UserWarning)
-
-
-def verbosity() -> int:
-    return _verbosity
 
 
 def init_ray(**options) -> None:
