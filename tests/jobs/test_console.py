@@ -6,6 +6,7 @@ a description."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ import sys
 import mlflow
 import pytest
 
-from jobs.console import duration, eta
-from jobs.training.progress import progress_line
+from jobs.cli import app
+from jobs.console import NORMAL, QUIET, configure_logging, duration, eta
+from jobs.training.progress import ProgressBoard, RankZeroProgress, progress_line
 from pipeline import generate_motion_dataset, load_manifest
 from tests.conftest import REPO_ROOT
 
@@ -44,6 +46,62 @@ def test_a_progress_line_carries_the_figures_of_its_window_and_the_last_validati
     assert progress_line(post) == ("epoch 2/10  step 140/480  loss 0.8123  lr 9.10e-04  88.0 clips/s  data wait 2%  "
                                    "ETA 3m05s  val top-1 0.712 top-5 0.990 loss 0.642")
     assert progress_line({**post, "eta_s": None, "validation": None}).endswith("ETA -")
+
+
+@pytest.fixture
+def console_logging():
+    """configure_logging as the CLI calls it; the handler it adds to the root logger is taken away afterwards."""
+    yield configure_logging
+    configure_logging(NORMAL)
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if type(h).__name__ == "_ConsoleHandler"]:
+        root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
+def test_quiet_drops_progress_and_keeps_warnings(console_logging, capsys):
+    console_logging(QUIET)
+    logging.getLogger("jobs.train").info("epoch 1/2  step 4/8")
+    logging.getLogger("jobs.train").warning("MLflow unavailable")
+    console_logging(NORMAL)
+    logging.getLogger("jobs.train").info("epoch 2/2  step 8/8")
+    logging.getLogger("ray.train").info("Started training worker group")  # another library's info: -v only
+    assert capsys.readouterr().err.splitlines() == ["WARNING [jobs.train] MLflow unavailable", "epoch 2/2  step 8/8"]
+
+
+def test_verbose_and_quiet_together_are_a_usage_error():
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["-v", "-q", "models"])
+    assert result.exit_code == 2 and "contradict" in result.output
+
+
+@pytest.mark.integration
+def test_rank_zero_posts_paced_figures_and_forwards_notices(ray_local):
+    board = ray_local.remote(num_cpus=0)(ProgressBoard).remote()
+    reporter = RankZeroProgress(board, True, epochs=2, total_steps=10, world=2, interval_s=0.0)
+    try:
+        reporter.steps([(1, {"train_loss": 2.0, "lr": 1e-4, "clips_per_s_per_worker": 5.0})], 0, 0.5)
+        reporter.steps([(2, {"train_loss": 1.0, "lr": 2e-4}), (3, {"train_loss": 3.0, "lr": 3e-4,
+                                                                     "clips_per_s_per_worker": 10.0})], 0, 0.25)
+        logging.getLogger("jobs.training.loop").info("resumed at epoch 1 step 3 (global 3)")
+        reporter.epoch_end([], 0, 3, 0.2, {"accuracy": 0.5, "top5_accuracy": 1.0, "loss": 0.7})
+    finally:
+        reporter.close()
+    logging.getLogger("jobs.training.loop").info("after close: not forwarded")
+    window, notice, epoch_end = ray_local.get(board.take.remote())
+    # the first read-back starts the pace and posts nothing; the next posts its window's mean loss and all ranks' rate
+    assert (window["step"], window["loss"], window["lr"], window["clips_per_s"]) == (3, 2.0, 3e-4, 20.0)
+    assert window["eta_s"] > 0 and window["data_wait_share"] == 0.25 and window["validation"] is None
+    assert notice == {"logger": "jobs.training.loop", "level": logging.INFO,
+                      "message": "resumed at epoch 1 step 3 (global 3)"}
+    # an epoch that ended on a read-back step still shows that window, and now the validation
+    assert epoch_end["epoch_end"] and epoch_end["loss"] == 2.0 and epoch_end["validation"]["accuracy"] == 0.5
+
+    silent = RankZeroProgress(board, False, epochs=2, total_steps=10, world=2, interval_s=0.0)  # another rank
+    silent.steps([(4, {"train_loss": 1.0, "lr": 1e-4, "clips_per_s_per_worker": 1.0})], 0, 0.0)
+    logging.getLogger("jobs.train").info("not rank 0's")
+    assert ray_local.get(board.take.remote()) == []
 
 
 @pytest.mark.integration
