@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import sys
 
 import typer
 
-from pipeline.decode import DecodeLimits
-
 if not os.environ.get("RAY_ADDRESS"):
     # A Ray started here for a local run listens on loopback only (on Linux Ray would otherwise bind the machine's
     # address). Ray reads this at import, so it is set before any job imports Ray.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# The jobs' config classes hold the options' defaults, which the flags show in --help.
+from jobs.evaluate import EvaluateConfig  # noqa: E402
+from jobs.exitcodes import ExitCode  # noqa: E402
+from jobs.ingest import IngestConfig  # noqa: E402
+from jobs.retrain import RETRAIN_EXPERIMENT, RetrainConfig  # noqa: E402
+from jobs.score import ScoreConfig  # noqa: E402
+from jobs.training.config import TrainConfig  # noqa: E402
 
 app = typer.Typer(
     help="Distributed video training pipeline for UniFormerV2: ingest videos, train, score archives, retrain.",
@@ -89,7 +97,7 @@ def weights_inspect_command(
         checkpoint = model.read_checkpoint(path)
     except (OSError, ValueError) as error:
         typer.echo(f"cannot read {path}: {error}", err=True)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=ExitCode.FAILURE) from None
     typer.echo(f"layout        {checkpoint.layout}: {model.LAYOUTS[checkpoint.layout]}")
     typer.echo("architecture  " + ", ".join(f"{key}={value}" for key, value in checkpoint.architecture().items()))
     with torch.device("meta"):  # the check reads shapes only: no memory for a B/16 or L/14
@@ -98,7 +106,7 @@ def weights_inspect_command(
         report = model.check_pretrained(net, checkpoint)
     except ValueError as error:
         typer.echo(f"does not load into {model_name}: {error}", err=True)
-        raise typer.Exit(code=1) from None
+        raise typer.Exit(code=ExitCode.FAILURE) from None
     typer.echo(f"into {model_name} ({classes} classes):")
     typer.echo(report.summary())
 
@@ -118,172 +126,252 @@ def weights_convert_command(
         checkpoint = model.convert_checkpoint(src, out)
     except (OSError, ValueError) as error:
         typer.echo(f"cannot convert {src}: {error}", err=True)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=ExitCode.FAILURE) from None
     typer.echo(f"wrote {len(checkpoint.state)} tensors of a {checkpoint.layout} checkpoint to {out} "
                f"({len(checkpoint.ignored)} of the file ignored; `uniformer weights inspect` lists them)")
 
 
-_LIMITS = DecodeLimits()
-
-
-def _decode_limits(max_frame_side: int, max_frames: int, max_seconds: float, decode_timeout: float) -> DecodeLimits:
-    try:
-        return DecodeLimits(max_frame_side, max_frames, max_seconds, decode_timeout)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
-
-
 # Shared by ingest and score: what one video may cost before it is refused as an error row.
-_MAX_FRAME_SIDE = typer.Option(_LIMITS.max_frame_side, help="Refuse videos with a longer frame side (pixels).")
-_MAX_FRAMES = typer.Option(_LIMITS.max_frames, help="Refuse videos that declare more frames.")
-_MAX_SECONDS = typer.Option(_LIMITS.max_seconds, help="Refuse videos that declare a longer duration (seconds).")
-_DECODE_TIMEOUT = typer.Option(_LIMITS.timeout_s, help="Seconds one video's decoding may take before it is stopped.")
+_MAX_FRAME_SIDE = "Refuse videos with a longer frame side (pixels)."
+_MAX_FRAMES = "Refuse videos that declare more frames."
+_MAX_SECONDS = "Refuse videos that declare a longer duration (seconds)."
+_DECODE_TIMEOUT = "Seconds one video's decoding may take before it is stopped."
+
+
+# ---- job options: config files, --print-config, --json, exit codes ------------------------------------------------
+_CONFIG_FILE = typer.Option(
+    None, "--config", help="YAML file of this job's options (`--print-config` writes one); the flags given override it."
+)
+_PRINT_CONFIG = typer.Option(False, "--print-config", help="Print the resolved configuration as YAML and exit.")
+_JSON = typer.Option(False, "--json", help="Print one JSON summary on stdout; the text goes to stderr.")
+_DRY_RUN = typer.Option(False, "--dry-run", help="Print what the job would do, and write nothing.")
+# the parameters above: how the job is invoked, not its configuration
+_INVOCATION = {"config_file", "print_config", "json_output", "dry_run"}
+# errors in the JSON summary: the whole table is at its errors_uri
+_JSON_ERRORS = 100
+
+
+def _option(config_class: type, field: str, *names: str, help: str):
+    """A flag of a config class field: no default of its own (the class has it, and --help shows it), so that only a
+    flag given on the command line overrides the config file."""
+    default = {item.name: item for item in dataclasses.fields(config_class)}[field].default
+    shown = default not in (None, dataclasses.MISSING)
+    return typer.Option(None, *names, help=help, show_default=str(default) if shown else False)
+
+
+def _given(ctx: typer.Context, renamed: dict[str, str] | None = None) -> dict:
+    """The options given on the command line, under their config field names (`renamed`: parameter -> field)."""
+    renamed = renamed or {}
+    return {  # by the source's name: typer vendors its own click, whose ParameterSource is not click's
+        renamed.get(name, name): value
+        for name, value in ctx.params.items()
+        if name not in _INVOCATION and ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")
+    }
+
+
+def _resolve(ctx: typer.Context, config_class: type, config_file: str | None, given: dict, print_config: bool):
+    """The job's configuration: the class's defaults, the file over them, the given flags over both."""
+    from jobs.config import ConfigError, build, merge, read_file, to_yaml
+
+    try:
+        config = build(config_class, merge(read_file(config_file) if config_file else {}, given))
+    except ConfigError as error:
+        ctx.fail(str(error))  # a usage error: exit code 2
+    if print_config:
+        typer.echo(to_yaml(config), nl=False)
+        raise typer.Exit()
+    return config
+
+
+@contextlib.contextmanager
+def _job(name: str, json_output: bool, *handled: type[Exception]):
+    """Runs a job's body with the `echo` it prints its text with: stdout, or with --json stderr, where whatever its
+    libraries print goes too, so that stdout carries the JSON summary alone. A `handled` error ends the command with
+    its message and exit code 1 (a JSON summary saying so with --json)."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
+            yield lambda line: typer.echo(line, err=json_output)
+    except handled as error:
+        typer.echo(f"{name} failed: {error}", err=True)
+        _finish(json_output, {"error": str(error)}, ExitCode.FAILURE)
+
+
+def _finish(json_output: bool, summary: dict, code: ExitCode = ExitCode.SUCCESS) -> None:
+    """Exit with `code`; with --json, print the summary first, with its outcome."""
+    if json_output:
+        typer.echo(json.dumps({"outcome": code.name.lower(), "exit_code": int(code), **summary}, indent=1, default=str))
+    raise typer.Exit(code=int(code))
+
+
+def _dataset_outcome(written: bool, errored: int) -> ExitCode:
+    """Of ingest and score: per-video errors over nothing new over success."""
+    if errored:
+        return ExitCode.PARTIAL
+    return ExitCode.SUCCESS if written else ExitCode.NOTHING_NEW
+
+
+def _summary_dict(summary) -> dict:
+    values = dataclasses.asdict(summary)
+    if "errors" in values:
+        values["errors"] = values["errors"][:_JSON_ERRORS]
+    return values
 
 
 @app.command("ingest")
 def ingest_command(
-    src: str = typer.Argument(..., help="Videos: s3://bucket/prefix or a local folder."),
-    out: str = typer.Option(..., "--out", help="Clip dataset: s3://bucket/prefix or a local folder."),
-    labels: str = typer.Option(None, "--labels", help="CSV 'path,label' with paths relative to SRC."),
-    labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Label = parent folder (Kinetics layout)."),
-    classes: str = typer.Option(
-        None, "--classes", help="Class names, one per line, in class id order (e.g. Kinetics-400's label map): ids "
-        "match a checkpoint's head however few classes the videos show; other labels become error rows."
+    ctx: typer.Context,
+    src: str = typer.Argument(None, help="Videos: s3://bucket/prefix or a local folder.", show_default=False),
+    out: str = _option(IngestConfig, "out", "--out", help="Clip dataset: s3://bucket/prefix or a local folder."),
+    labels: str = _option(IngestConfig, "labels", "--labels", help="CSV 'path,label' with paths relative to SRC."),
+    labels_from_dirs: bool = _option(
+        IngestConfig, "labels_from_dirs", "--labels-from-dirs", help="Label = parent folder (Kinetics layout)."
     ),
-    frames: int = typer.Option(8, help="Frames per clip."),
-    size: int = typer.Option(224, help="Model input (crop) size recorded in the manifest; <= --short-side."),
-    short_side: int = typer.Option(256, help="Stored square side: short side resized to it, then centre-cropped."),
-    clips_per_video: int = typer.Option(1, help="Clips per video, at spread temporal offsets."),
-    sampling: str = typer.Option("uniform", help="uniform (TSN segments) | dense (frames --stride apart)."),
-    stride: int = typer.Option(16, help="Frame stride for dense sampling."),
-    frames_per_segment: int = typer.Option(
-        1, help="Candidate frames stored per segment (uniform): training picks one per segment each epoch "
-        "(temporal jitter); storage grows by this factor."
+    classes: str = _option(
+        IngestConfig, "classes", "--classes", help="Class names, one per line, in class id order (e.g. Kinetics-400's "
+        "label map): ids match a checkpoint's head however few classes the videos show; other labels become error rows."
     ),
-    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
-    max_frame_side: int = _MAX_FRAME_SIDE,
-    max_frames: int = _MAX_FRAMES,
-    max_seconds: float = _MAX_SECONDS,
-    decode_timeout: float = _DECODE_TIMEOUT,
-    retry_errors: bool = typer.Option(
-        False, "--retry-errors", help="Decode again the videos that failed before, though they did not change."
+    frames: int = _option(IngestConfig, "frames", "--frames", help="Frames per clip."),
+    size: int = _option(IngestConfig, "size", "--size", help="Model input (crop) size recorded in the manifest; "
+                        "<= --short-side."),
+    short_side: int = _option(IngestConfig, "short_side", "--short-side",
+                              help="Stored square side: short side resized to it, then centre-cropped."),
+    clips_per_video: int = _option(IngestConfig, "clips_per_video", "--clips-per-video",
+                                   help="Clips per video, at spread temporal offsets."),
+    sampling: str = _option(IngestConfig, "sampling", "--sampling",
+                            help="uniform (TSN segments) | dense (frames --stride apart)."),
+    stride: int = _option(IngestConfig, "stride", "--stride", help="Frame stride for dense sampling."),
+    frames_per_segment: int = _option(
+        IngestConfig, "frames_per_segment", "--frames-per-segment", help="Candidate frames stored per segment "
+        "(uniform): training picks one per segment each epoch (temporal jitter); storage grows by this factor."
     ),
-    keep_deleted: bool = typer.Option(
-        False, "--keep-deleted", help="Keep the clips of videos gone from SRC (default: they leave the new version)."
-    ),
+    retry_errors: bool = _option(IngestConfig, "retry_errors", "--retry-errors",
+                                 help="Decode again the videos that failed before, though they did not change."),
+    keep_deleted: bool = _option(IngestConfig, "keep_deleted", "--keep-deleted",
+                                 help="Keep the clips of videos gone from SRC (default: they leave the new version)."),
+    endpoint_url: str = _option(IngestConfig, "endpoint_url", "--endpoint-url",
+                                help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    max_frame_side: int = _option(IngestConfig, "max_frame_side", "--max-frame-side", help=_MAX_FRAME_SIDE),
+    max_frames: int = _option(IngestConfig, "max_frames", "--max-frames", help=_MAX_FRAMES),
+    max_seconds: float = _option(IngestConfig, "max_seconds", "--max-seconds", help=_MAX_SECONDS),
+    decode_timeout: float = _option(IngestConfig, "decode_timeout", "--decode-timeout", help=_DECODE_TIMEOUT),
+    config_file: str = _CONFIG_FILE,
+    print_config: bool = _PRINT_CONFIG,
+    json_output: bool = _JSON,
+    dry_run: bool = _DRY_RUN,
 ) -> None:
     """Decode sampled clips of every new video under SRC into a sharded Parquet clip dataset with a manifest."""
     from jobs.ingest import run_ingest
     from pipeline import LabelsError, ManifestError, StorageError
 
-    if sampling not in ("uniform", "dense"):
-        raise typer.BadParameter("must be 'uniform' or 'dense'", param_hint="--sampling")
-    limits = _decode_limits(max_frame_side, max_frames, max_seconds, decode_timeout)
-    try:
-        run_ingest(
-            src,
-            out,
-            labels_csv=labels,
-            labels_from_dirs=labels_from_dirs,
-            classes=classes,
-            frames=frames,
-            size=size,
-            short_side=short_side,
-            clips_per_video=clips_per_video,
-            sampling=sampling,
-            stride=stride,
-            frames_per_segment=frames_per_segment,
-            endpoint_url=endpoint_url,
-            decode_limits=limits,
-            retry_errors=retry_errors,
-            keep_deleted=keep_deleted,
-            echo=typer.echo,
-        )
-    except (StorageError, LabelsError, ManifestError, ValueError) as error:
-        typer.echo(f"ingest failed: {error}", err=True)
-        raise typer.Exit(code=2) from None
+    config = _resolve(ctx, IngestConfig, config_file, _given(ctx), print_config)
+    with _job("ingest", json_output, StorageError, LabelsError, ManifestError, ValueError) as echo:
+        summary = run_ingest(config.src, config.out, endpoint_url=config.endpoint_url, dry_run=dry_run, echo=echo,
+                             **config.run_options())
+    if dry_run:
+        _finish(json_output, _summary_dict(summary))
+    _finish(json_output, _summary_dict(summary), _dataset_outcome(summary.manifest_written, summary.errored))
 
 
 @app.command("score")
 def score_command(
-    src: str = typer.Argument(..., help="Videos: s3://bucket/prefix or a local folder."),
-    model_ref: str = typer.Option(
-        ..., "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID, or a local package folder."
-    ),
-    out: str = typer.Option(..., "--out", help="Predictions: s3://bucket/prefix or a local folder (one model each)."),
-    views: str = typer.Option("4x3", help="Test views TEMPORALxSPATIAL: clips at spread offsets x crops."),
-    top_k: int = typer.Option(5, help="Classes kept per video, best first."),
-    full_probs: bool = typer.Option(False, "--full-probs", help="Also store every class's probability."),
-    short_side: int = typer.Option(None, help="Scale short sides to this before cropping; default: the crop size."),
-    batch_size: int = typer.Option(4, help="Videos per model call (each brings TEMPORALxSPATIAL clips)."),
-    gpu: bool = typer.Option(False, "--gpu", help="One GPU per model actor."),
-    actors: int = typer.Option(
-        None, help="Most model actors (the pool starts with one); default: the cluster's GPUs now with --gpu, else 1."
-    ),
-    cpus_per_actor: float = typer.Option(1.0, help="CPUs per model actor (its torch threads on CPU)."),
-    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (autocast)."),
-    tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),
-    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
-    max_frame_side: int = _MAX_FRAME_SIDE,
-    max_frames: int = _MAX_FRAMES,
-    max_seconds: float = _MAX_SECONDS,
-    decode_timeout: float = _DECODE_TIMEOUT,
+    ctx: typer.Context,
+    src: str = typer.Argument(None, help="Videos: s3://bucket/prefix or a local folder.", show_default=False),
+    model_ref: str = _option(ScoreConfig, "model", "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, "
+                             "models:/m-ID, or a local package folder."),
+    out: str = _option(ScoreConfig, "out", "--out",
+                       help="Predictions: s3://bucket/prefix or a local folder (one model each)."),
+    views: str = _option(ScoreConfig, "views", "--views",
+                         help="Test views TEMPORALxSPATIAL: clips at spread offsets x crops."),
+    top_k: int = _option(ScoreConfig, "top_k", "--top-k", help="Classes kept per video, best first."),
+    full_probs: bool = _option(ScoreConfig, "full_probs", "--full-probs", help="Also store every class's probability."),
+    short_side: int = _option(ScoreConfig, "short_side", "--short-side",
+                              help="Scale short sides to this before cropping; default: the crop size."),
+    batch_size: int = _option(ScoreConfig, "batch_size", "--batch-size",
+                              help="Videos per model call (each brings TEMPORALxSPATIAL clips)."),
+    gpu: bool = _option(ScoreConfig, "use_gpu", "--gpu", help="One GPU per model actor."),
+    actors: int = _option(ScoreConfig, "actors", "--actors", help="Most model actors (the pool starts with one); "
+                          "default: the cluster's GPUs now with --gpu, else 1."),
+    cpus_per_actor: float = _option(ScoreConfig, "cpus_per_actor", "--cpus-per-actor",
+                                    help="CPUs per model actor (its torch threads on CPU)."),
+    precision: str = _option(ScoreConfig, "precision", "--precision",
+                             help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (autocast)."),
+    tracking_uri: str = _option(ScoreConfig, "tracking_uri", "--tracking-uri",
+                                help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),
+    endpoint_url: str = _option(ScoreConfig, "endpoint_url", "--endpoint-url",
+                                help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    max_frame_side: int = _option(ScoreConfig, "max_frame_side", "--max-frame-side", help=_MAX_FRAME_SIDE),
+    max_frames: int = _option(ScoreConfig, "max_frames", "--max-frames", help=_MAX_FRAMES),
+    max_seconds: float = _option(ScoreConfig, "max_seconds", "--max-seconds", help=_MAX_SECONDS),
+    decode_timeout: float = _option(ScoreConfig, "decode_timeout", "--decode-timeout", help=_DECODE_TIMEOUT),
+    retry_errors: bool = _option(ScoreConfig, "retry_errors", "--retry-errors",
+                                 help="Score again the videos that failed before, changed or not."),
+    config_file: str = _CONFIG_FILE,
+    print_config: bool = _PRINT_CONFIG,
+    json_output: bool = _JSON,
+    dry_run: bool = _DRY_RUN,
 ) -> None:
     """Score every video under SRC not yet scored into --out by the same model: multi-view predictions as Parquet."""
-    from jobs.score import ScoreOptions, run_score
+    from jobs.score import run_score
     from jobs.scoring.model_ref import ModelReferenceError
     from pipeline import StorageError
 
-    limits = _decode_limits(max_frame_side, max_frames, max_seconds, decode_timeout)
-    try:
-        run_score(
-            src, out, model_ref, views=views, top_k=top_k, full_probs=full_probs, short_side=short_side,
-            options=ScoreOptions(batch_size, gpu, actors, cpus_per_actor, precision, decode_limits=limits),
-            tracking_uri=tracking_uri, endpoint_url=endpoint_url, echo=typer.echo,
+    given = _given(ctx, {"model_ref": "model", "gpu": "use_gpu"})
+    config = _resolve(ctx, ScoreConfig, config_file, given, print_config)
+    with _job("score", json_output, StorageError, ModelReferenceError, ValueError) as echo:
+        summary = run_score(
+            config.src, config.out, config.model, views=config.views, top_k=config.top_k,
+            full_probs=config.full_probs, short_side=config.short_side, options=config.options(),
+            tracking_uri=config.tracking_uri, endpoint_url=config.endpoint_url, retry_errors=config.retry_errors,
+            dry_run=dry_run, echo=echo,
         )
-    except (StorageError, ModelReferenceError, ValueError) as error:
-        typer.echo(f"score failed: {error}", err=True)
-        raise typer.Exit(code=2) from None
+    if dry_run:
+        _finish(json_output, _summary_dict(summary))
+    _finish(json_output, _summary_dict(summary), _dataset_outcome(summary.manifest_written, summary.errored))
 
 
 @app.command("evaluate")
 def evaluate_command(
-    data: str = typer.Option(..., "--data", help="Labelled clip dataset: DST or DST@VERSION (its source videos)."),
-    model_ref: str = typer.Option(
-        ..., "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID, or a local package folder."
-    ),
-    views: str = typer.Option("4x3", help="Test views TEMPORALxSPATIAL, as scoring takes them."),
-    batch_size: int = typer.Option(4, help="Videos per model call."),
-    gpu: bool = typer.Option(False, "--gpu", help="One GPU per model actor."),
-    actors: int = typer.Option(None, help="Most model actors; default: the cluster's GPUs with --gpu, else 1."),
-    cpus_per_actor: float = typer.Option(1.0, help="CPUs per model actor (its torch threads on CPU)."),
-    precision: str = typer.Option("auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (autocast)."),
-    experiment: str = typer.Option("uniformerv2-evaluations", help="MLflow experiment of the evaluation run."),
-    json_output: bool = typer.Option(False, "--json", help="Print the evaluation as JSON on stdout (text on stderr)."),
-    tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),
-    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    ctx: typer.Context,
+    data: str = _option(EvaluateConfig, "data", "--data",
+                        help="Labelled clip dataset: DST or DST@VERSION (its source videos)."),
+    model_ref: str = _option(EvaluateConfig, "model", "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, "
+                             "models:/m-ID, or a local package folder."),
+    views: str = _option(EvaluateConfig, "views", "--views", help="Test views TEMPORALxSPATIAL, as scoring takes them."),
+    batch_size: int = _option(EvaluateConfig, "batch_size", "--batch-size", help="Videos per model call."),
+    gpu: bool = _option(EvaluateConfig, "use_gpu", "--gpu", help="One GPU per model actor."),
+    actors: int = _option(EvaluateConfig, "actors", "--actors",
+                          help="Most model actors; default: the cluster's GPUs with --gpu, else 1."),
+    cpus_per_actor: float = _option(EvaluateConfig, "cpus_per_actor", "--cpus-per-actor",
+                                    help="CPUs per model actor (its torch threads on CPU)."),
+    precision: str = _option(EvaluateConfig, "precision", "--precision",
+                             help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 (autocast)."),
+    experiment: str = _option(EvaluateConfig, "experiment", "--experiment",
+                              help="MLflow experiment of the evaluation run."),
+    tracking_uri: str = _option(EvaluateConfig, "tracking_uri", "--tracking-uri",
+                                help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),
+    endpoint_url: str = _option(EvaluateConfig, "endpoint_url", "--endpoint-url",
+                                help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    config_file: str = _CONFIG_FILE,
+    print_config: bool = _PRINT_CONFIG,
+    json_output: bool = _JSON,
 ) -> None:
     """Top-1, top-5 and mean-class accuracy, loss and a per-class table of a model on a labelled dataset version,
     scored at multi-view like production; logged to MLflow."""
-    from jobs.evaluate import EvaluationError, evaluate_model, summary_lines, to_json
-    from jobs.score import ScoreOptions
+    from jobs.evaluate import EvaluationError, evaluate_model, summary_lines
     from jobs.scoring.model_ref import ModelReferenceError
     from pipeline import ManifestError, StorageError
 
-    # with --json, stdout carries the JSON alone: whatever the job's libraries print goes to stderr
-    try:
-        with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
-            evaluation = evaluate_model(
-                data, model_ref, views=views, options=ScoreOptions(batch_size, gpu, actors, cpus_per_actor, precision),
-                tracking_uri=tracking_uri, endpoint_url=endpoint_url, experiment=experiment,
-            )
-    except (StorageError, ManifestError, ModelReferenceError, EvaluationError, ValueError) as error:
-        typer.echo(f"evaluate failed: {error}", err=True)
-        raise typer.Exit(code=2) from None
-    for line in summary_lines(evaluation):
-        typer.echo(line, err=json_output)
-    if json_output:
-        typer.echo(to_json(evaluation))
+    config = _resolve(ctx, EvaluateConfig, config_file, _given(ctx, {"model_ref": "model", "gpu": "use_gpu"}),
+                      print_config)
+    with _job("evaluate", json_output, StorageError, ManifestError, ModelReferenceError, EvaluationError,
+              ValueError) as echo:
+        evaluation = evaluate_model(
+            config.data, config.model, views=config.views, options=config.options(),
+            tracking_uri=config.tracking_uri, endpoint_url=config.endpoint_url, experiment=config.experiment,
+        )
+        for line in summary_lines(evaluation):
+            echo(line)
+    _finish(json_output, evaluation.to_dict())
 
 
 @app.command("gc")
@@ -306,7 +394,7 @@ def gc_command(
         report = collect_garbage(root, storage, keep_versions, dry_run=dry_run, min_age_s=min_age)
     except StorageError as error:
         typer.echo(f"gc failed: {error}", err=True)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=ExitCode.FAILURE) from None
     for line in report.lines():
         typer.echo(line)
 
@@ -326,137 +414,204 @@ def _parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+# train's parameters whose TrainConfig fields have other names
+_TRAIN_RENAMED = {"model_name": "model", "overrides": "model_overrides", "val": "val_data", "gpu": "use_gpu",
+                  "compile_blocks": "compile"}
+
+
+def _train_given(ctx: typer.Context, renamed: dict[str, str]) -> dict:
+    given = _given(ctx, renamed)
+    if "model_overrides" in given:
+        given["model_overrides"] = _parse_overrides(given["model_overrides"])
+    return given
+
+
 @app.command("train")
 def train_command(
-    data: str = typer.Option(..., help="Clip dataset: DST or DST@VERSION (s3://... or a local folder)."),
-    model_name: str = typer.Option("uniformerv2_b16", "--model", help="Named configuration (see `uniformer models`)."),
-    overrides: list[str] = typer.Option([], "--set", help="Model option override KEY=VALUE, e.g. --set no_lmhra=True."),
-    pretrained: str = typer.Option(None, help="Initial weights: CLIP / timm / official / MMAction2 checkpoint file."),
-    val_data: str = typer.Option(None, "--val", help="Validation dataset DST[@VERSION]; default: a held-out split."),
-    val_fraction: float = typer.Option(0.2, help="Share of videos held out for validation when --val is not given."),
-    workers: int = typer.Option(1, help="Ray Train workers (one per GPU with --gpu)."),
-    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, NCCL; otherwise CPU workers with gloo."),
-    cpus_per_worker: float = typer.Option(1.0, help="CPUs reserved per training worker."),
-    placement_strategy: str = typer.Option(
-        "PACK", help="Where workers go: PACK fills nodes, SPREAD puts them on different nodes when it can."
+    ctx: typer.Context,
+    data: str = _option(TrainConfig, "data", "--data",
+                        help="Clip dataset: DST or DST@VERSION (s3://... or a local folder)."),
+    model_name: str = _option(TrainConfig, "model", "--model", help="Named configuration (see `uniformer models`)."),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="Model option override KEY=VALUE, e.g. --set no_lmhra=True (merged into the file's)."
     ),
-    epochs: int = typer.Option(10),
-    batch_size: int = typer.Option(8, help="Clips per worker per micro-step."),
-    grad_accum: int = typer.Option(1, help="Micro-steps per optimizer step."),
-    lr: float = typer.Option(4e-4),
-    min_lr: float = typer.Option(1e-6),
-    weight_decay: float = typer.Option(0.05),
-    warmup_epochs: float = typer.Option(1.0),
-    label_smoothing: float = typer.Option(0.0),
-    hflip: bool = typer.Option(True, "--hflip/--no-hflip", help="Random horizontal flips (off for left/right classes)."),
-    augment: str = typer.Option(
-        "recipe", help="recipe: RandAugment m7 n4 + RandomResizedCrop + flip (the paper's); crop: random crop + flip."
+    pretrained: str = _option(TrainConfig, "pretrained", "--pretrained",
+                              help="Initial weights: CLIP / timm / official / MMAction2 checkpoint file."),
+    val: str = _option(TrainConfig, "val_data", "--val",
+                       help="Validation dataset DST[@VERSION]; default: a held-out split."),
+    val_fraction: float = _option(TrainConfig, "val_fraction", "--val-fraction",
+                                  help="Share of videos held out for validation when --val is not given."),
+    workers: int = _option(TrainConfig, "workers", "--workers", help="Ray Train workers (one per GPU with --gpu)."),
+    gpu: bool = _option(TrainConfig, "use_gpu", "--gpu",
+                        help="One GPU per worker, NCCL; otherwise CPU workers with gloo."),
+    cpus_per_worker: float = _option(TrainConfig, "cpus_per_worker", "--cpus-per-worker",
+                                     help="CPUs reserved per training worker."),
+    placement_strategy: str = _option(
+        TrainConfig, "placement_strategy", "--placement-strategy",
+        help="Where workers go: PACK fills nodes, SPREAD puts them on different nodes when it can.",
     ),
-    grad_clip: float = typer.Option(1.0, help="Max gradient norm; 0 disables clipping."),
-    precision: str = typer.Option("bf16", help="bf16 | fp16 | fp32 (autocast applies on CUDA)."),
-    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing"),
-    compile_blocks: str = typer.Option(
-        "auto", "--compile", help="torch.compile each block: on | off | auto (on with CUDA)."
+    epochs: int = _option(TrainConfig, "epochs", "--epochs", help="Passes over the training set."),
+    batch_size: int = _option(TrainConfig, "batch_size", "--batch-size", help="Clips per worker per micro-step."),
+    grad_accum: int = _option(TrainConfig, "grad_accum", "--grad-accum", help="Micro-steps per optimizer step."),
+    lr: float = _option(TrainConfig, "lr", "--lr", help="Peak learning rate."),
+    min_lr: float = _option(TrainConfig, "min_lr", "--min-lr", help="Learning rate at the end of the cosine."),
+    weight_decay: float = _option(TrainConfig, "weight_decay", "--weight-decay",
+                                  help="AdamW weight decay (not on 1-D parameters)."),
+    warmup_epochs: float = _option(TrainConfig, "warmup_epochs", "--warmup-epochs", help="Linear warmup length."),
+    label_smoothing: float = _option(TrainConfig, "label_smoothing", "--label-smoothing", help="Label smoothing."),
+    hflip: bool = _option(TrainConfig, "hflip", "--hflip/--no-hflip",
+                          help="Random horizontal flips (off for left/right classes)."),
+    augment: str = _option(
+        TrainConfig, "augment", "--augment",
+        help="recipe: RandAugment m7 n4 + RandomResizedCrop + flip (the paper's); crop: random crop + flip.",
     ),
-    log_every: int = typer.Option(10, help="Optimizer steps between reading step metrics back from the device."),
-    seed: int = typer.Option(0),
-    checkpoint_every: int = typer.Option(0, help="Optimizer steps between checkpoints; 0 = each epoch end."),
-    keep_checkpoints: int = typer.Option(2),
-    max_failures: int = typer.Option(3, help="Automatic restarts after worker or node loss (-1: forever)."),
-    max_steps: int = typer.Option(None, help="Stop after this many optimizer steps."),
-    select: str = typer.Option("best", help="Checkpoint to register: best (validation top-1 at an epoch end) | last."),
-    storage: str = typer.Option("./runs", help="Checkpoint storage: local folder or s3://bucket/prefix."),
-    run_name: str = typer.Option(None, help="Ray Train run name; default derived from the options (same command = same run)."),
-    experiment: str = typer.Option("uniformerv2", help="MLflow experiment."),
-    register_as: str = typer.Option(None, help="Register the final model under this MLflow model name."),
-    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    grad_clip: float = _option(TrainConfig, "grad_clip", "--grad-clip", help="Max gradient norm; 0 disables clipping."),
+    precision: str = _option(TrainConfig, "precision", "--precision", help="bf16 | fp16 | fp32 (autocast on CUDA)."),
+    activation_checkpointing: bool = _option(TrainConfig, "activation_checkpointing", "--activation-checkpointing",
+                                             help="Recompute block activations in the backward pass."),
+    compile_blocks: str = _option(TrainConfig, "compile", "--compile",
+                                  help="torch.compile each block: on | off | auto (on with CUDA)."),
+    log_every: int = _option(TrainConfig, "log_every", "--log-every",
+                             help="Optimizer steps between reading step metrics back from the device."),
+    seed: int = _option(TrainConfig, "seed", "--seed", help="Seed of weights, data order and augmentation."),
+    checkpoint_every: int = _option(TrainConfig, "checkpoint_every", "--checkpoint-every",
+                                    help="Optimizer steps between checkpoints; 0 = each epoch end."),
+    keep_checkpoints: int = _option(TrainConfig, "keep_checkpoints", "--keep-checkpoints",
+                                    help="Checkpoints kept (the best ones with --select best, and the latest)."),
+    max_failures: int = _option(TrainConfig, "max_failures", "--max-failures",
+                                help="Automatic restarts after worker or node loss (-1: forever)."),
+    max_steps: int = _option(TrainConfig, "max_steps", "--max-steps", help="Stop after this many optimizer steps."),
+    select: str = _option(TrainConfig, "select", "--select",
+                          help="Checkpoint to register: best (validation top-1 at an epoch end) | last."),
+    storage: str = _option(TrainConfig, "storage", "--storage",
+                           help="Checkpoint storage: local folder or s3://bucket/prefix."),
+    run_name: str = _option(TrainConfig, "run_name", "--run-name",
+                            help="Ray Train run name; default derived from the options (same command = same run)."),
+    experiment: str = _option(TrainConfig, "experiment", "--experiment", help="MLflow experiment."),
+    register_as: str = _option(TrainConfig, "register_as", "--register-as",
+                               help="Register the final model under this MLflow model name."),
+    endpoint_url: str = _option(TrainConfig, "endpoint_url", "--endpoint-url",
+                                help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    config_file: str = _CONFIG_FILE,
+    print_config: bool = _PRINT_CONFIG,
+    json_output: bool = _JSON,
 ) -> None:
     """Train UniFormerV2 with Ray Train; resumes automatically from the last checkpoint in --storage."""
     from jobs.train import run_train
-    from jobs.training.config import TrainConfig
+    from pipeline import ManifestError, StorageError
 
-    config = TrainConfig(
-        data=data, model=model_name, model_overrides=_parse_overrides(overrides), pretrained=pretrained,
-        val_data=val_data, val_fraction=val_fraction, workers=workers, use_gpu=gpu, cpus_per_worker=cpus_per_worker,
-        placement_strategy=placement_strategy,
-        epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, hflip=hflip, augment=augment, grad_clip=grad_clip,
-        precision=precision,
-        activation_checkpointing=activation_checkpointing, compile=compile_blocks, log_every=log_every, seed=seed,
-        checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, max_failures=max_failures,
-        max_steps=max_steps, select=select, storage=storage,
-        run_name=run_name, experiment=experiment, register_as=register_as, endpoint_url=endpoint_url,
-    )
-    result = run_train(config)
-    typer.echo(f"run {result.run_name} (mlflow {result.mlflow_run_id}) checkpoint {result.checkpoint}")
-    if result.registered_version is not None:
-        typer.echo(f"registered {register_as} version {result.registered_version}")
+    config = _resolve(ctx, TrainConfig, config_file, _train_given(ctx, _TRAIN_RENAMED), print_config)
+    with _job("train", json_output, StorageError, ManifestError, ValueError, RuntimeError) as echo:
+        result = run_train(config)
+        echo(f"run {result.run_name} (mlflow {result.mlflow_run_id}) checkpoint {result.checkpoint}")
+        if result.registered_version is not None:
+            echo(f"registered {config.register_as} version {result.registered_version}")
+    _finish(json_output, {**dataclasses.asdict(result), "registered_as": config.register_as})
 
 
 @app.command("register")
 def register_command(
     run: str = typer.Option(..., help="Ray Train run name (printed by `uniformer train`)."),
-    storage: str = typer.Option("./runs", help="The checkpoint storage the run used."),
+    storage: str = typer.Option(TrainConfig.storage, help="The checkpoint storage the run used."),
     register_as: str = typer.Option(None, help="Model name; default: the run's --register-as."),
     tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the run's."),
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint for s3:// storage."),
+    json_output: bool = _JSON,
 ) -> None:
     """Log and register the final model of a finished training run (after MLflow was unreachable at its end)."""
     from jobs.train import register_run
+    from pipeline import ManifestError, StorageError
 
-    model_uri, version = register_run(run, storage, register_as, tracking_uri, endpoint_url)
-    typer.echo(f"logged {model_uri}" + (f", registered version {version}" if version is not None else ""))
+    with _job("register", json_output, FileNotFoundError, StorageError, ManifestError, ValueError,
+              RuntimeError) as echo:
+        model_uri, version = register_run(run, storage, register_as, tracking_uri, endpoint_url)
+        echo(f"logged {model_uri}" + (f", registered version {version}" if version is not None else ""))
+    _finish(json_output, {"run_name": run, "model_uri": model_uri, "registered_version": version})
+
+
+# retrain's flags: its own fields, and the most used of its sections' (the files take all of them)
+_RETRAIN_TRAIN_FLAGS = {"model_config": "model", "overrides": "model_overrides", "pretrained": "pretrained",
+                        "workers": "workers", "gpu": "use_gpu", "epochs": "epochs", "batch_size": "batch_size",
+                        "lr": "lr", "hflip": "hflip", "storage": "storage", "experiment": "experiment"}
+_RETRAIN_INGEST_FLAGS = {"labels": "labels", "labels_from_dirs": "labels_from_dirs", "frames": "frames",
+                         "size": "size", "short_side": "short_side", "retry_errors": "retry_errors"}
 
 
 @app.command("retrain")
 def retrain_command(
-    source: str = typer.Option(..., help="Raw videos (s3://... or a folder); what is new is ingested."),
-    dataset: str = typer.Option(..., help="The clip dataset to grow (DST)."),
-    model_name: str = typer.Option(..., help="Registered model name; its `champion` alias is gated."),
-    val: str = typer.Option(..., help="Fixed validation dataset DST[@VERSION] for candidate and champion."),
-    min_gain: float = typer.Option(0.0, help="What the candidate must gain over the champion to be promoted."),
-    gate_metric: str = typer.Option(
-        "accuracy", help="Gate figure: accuracy (top-1) | top5_accuracy | mean_class_accuracy."
-    ),
-    gate_views: str = typer.Option("4x3", help="Views the gate evaluates at: the ones scoring uses."),
-    init: str = typer.Option("champion", help="Candidate starts from the champion's weights or from --pretrained."),
-    labels: str = typer.Option(None, help="Labels CSV for the new videos."),
-    labels_from_dirs: bool = typer.Option(False, "--labels-from-dirs", help="Labels from parent folder names."),
-    retry_errors: bool = typer.Option(
-        False, "--retry-errors", help="Ingest: decode again the videos that failed before, though unchanged."
-    ),
-    frames: int = typer.Option(8),
-    size: int = typer.Option(224),
-    short_side: int = typer.Option(256),
-    model_config: str = typer.Option("uniformerv2_b16", "--model", help="Named configuration of the candidate."),
-    overrides: list[str] = typer.Option([], "--set", help="Model option override KEY=VALUE."),
-    pretrained: str = typer.Option(None, help="Initial weights when --init pretrained (or no champion yet)."),
-    workers: int = typer.Option(1),
-    gpu: bool = typer.Option(False, "--gpu"),
-    epochs: int = typer.Option(10),
-    batch_size: int = typer.Option(8),
-    lr: float = typer.Option(4e-4),
-    hflip: bool = typer.Option(True, "--hflip/--no-hflip"),
-    storage: str = typer.Option("./runs", help="Checkpoints and the promotion lock (local folder or s3://)."),
-    experiment: str = typer.Option("uniformerv2-retrain"),
-    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    ctx: typer.Context,
+    source: str = _option(RetrainConfig, "source", "--source",
+                          help="Raw videos (s3://... or a folder); what is new is ingested."),
+    dataset: str = _option(RetrainConfig, "dataset", "--dataset", help="The clip dataset to grow (DST)."),
+    model_name: str = _option(RetrainConfig, "model_name", "--model-name",
+                              help="Registered model name; its `champion` alias is gated."),
+    val: str = _option(RetrainConfig, "val", "--val",
+                       help="Fixed validation dataset DST[@VERSION] for candidate and champion."),
+    min_gain: float = _option(RetrainConfig, "min_gain", "--min-gain",
+                              help="What the candidate must gain over the champion to be promoted."),
+    gate_metric: str = _option(RetrainConfig, "gate_metric", "--gate-metric",
+                               help="Gate figure: accuracy (top-1) | top5_accuracy | mean_class_accuracy."),
+    gate_views: str = _option(RetrainConfig, "gate_views", "--gate-views",
+                              help="Views the gate evaluates at: the ones scoring uses."),
+    init: str = _option(RetrainConfig, "init", "--init",
+                        help="Candidate starts from the champion's weights or from --pretrained."),
+    labels: str = _option(IngestConfig, "labels", "--labels", help="Labels CSV for the new videos (ingest.labels)."),
+    labels_from_dirs: bool = _option(IngestConfig, "labels_from_dirs", "--labels-from-dirs",
+                                     help="Labels from parent folder names (ingest.labels_from_dirs)."),
+    frames: int = _option(IngestConfig, "frames", "--frames", help="Frames per clip (ingest.frames)."),
+    size: int = _option(IngestConfig, "size", "--size", help="Crop size (ingest.size)."),
+    short_side: int = _option(IngestConfig, "short_side", "--short-side", help="Stored side (ingest.short_side)."),
+    retry_errors: bool = _option(IngestConfig, "retry_errors", "--retry-errors",
+                                 help="Decode again videos that failed before, though unchanged (ingest.retry_errors)."),
+    model_config: str = _option(TrainConfig, "model", "--model",
+                                help="Named configuration of the candidate (train.model)."),
+    overrides: list[str] = typer.Option(None, "--set", help="Model option override KEY=VALUE (train.model_overrides)."),
+    pretrained: str = _option(TrainConfig, "pretrained", "--pretrained",
+                              help="Initial weights when --init pretrained, or no champion yet (train.pretrained)."),
+    workers: int = _option(TrainConfig, "workers", "--workers", help="Ray Train workers (train.workers)."),
+    gpu: bool = _option(TrainConfig, "use_gpu", "--gpu", help="Train and evaluate on GPUs (train.use_gpu)."),
+    epochs: int = _option(TrainConfig, "epochs", "--epochs", help="train.epochs"),
+    batch_size: int = _option(TrainConfig, "batch_size", "--batch-size", help="train.batch_size"),
+    lr: float = _option(TrainConfig, "lr", "--lr", help="train.lr"),
+    hflip: bool = _option(TrainConfig, "hflip", "--hflip/--no-hflip", help="train.hflip"),
+    storage: str = _option(TrainConfig, "storage", "--storage",
+                           help="Checkpoints and the promotion lock, local folder or s3:// (train.storage)."),
+    experiment: str = typer.Option(None, "--experiment", help="MLflow experiment (train.experiment).",
+                                   show_default=RETRAIN_EXPERIMENT),
+    endpoint_url: str = _option(RetrainConfig, "endpoint_url", "--endpoint-url",
+                                help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    config_file: str = _CONFIG_FILE,
+    print_config: bool = _PRINT_CONFIG,
+    json_output: bool = _JSON,
+    dry_run: bool = _DRY_RUN,
 ) -> None:
-    """Ingest new videos, train a candidate, promote it to `champion` only if it beats the champion."""
+    """Ingest new videos, train a candidate, promote it to `champion` only if it beats the champion. Every training
+    option goes in the config file's `train:` section, every ingest option in `ingest:`."""
     from jobs.retrain import run_retrain
-    from jobs.training.config import TrainConfig
+    from pipeline import LabelsError, ManifestError, StorageError
 
-    train = TrainConfig(
-        data=dataset, model=model_config, model_overrides=_parse_overrides(overrides), pretrained=pretrained,
-        workers=workers, use_gpu=gpu, epochs=epochs, batch_size=batch_size, lr=lr, hflip=hflip, storage=storage,
-        experiment=experiment, endpoint_url=endpoint_url,
-    )
-    ingest = dict(labels_csv=labels, labels_from_dirs=labels_from_dirs, frames=frames, size=size, short_side=short_side,
-                  retry_errors=retry_errors)
-    result = run_retrain(source, dataset, model_name, val, min_gain=min_gain, init=init, train=train,
-                         ingest_options=ingest, endpoint_url=endpoint_url, gate_views=gate_views,
-                         gate_metric=gate_metric)
-    if result.decision is None:
-        typer.echo("nothing new to train on")
+    given = _train_given(ctx, {**_RETRAIN_TRAIN_FLAGS, **_RETRAIN_INGEST_FLAGS})
+    sections = {"train": _RETRAIN_TRAIN_FLAGS.values(), "ingest": _RETRAIN_INGEST_FLAGS.values()}
+    for section, keys in sections.items():
+        flags = {key: given.pop(key) for key in keys if key in given}
+        if flags:
+            given[section] = flags
+    config = _resolve(ctx, RetrainConfig, config_file, given, print_config)
+    with _job("retrain", json_output, StorageError, LabelsError, ManifestError, ValueError, RuntimeError,
+              TimeoutError) as echo:
+        result = run_retrain(
+            config.source, config.dataset, config.model_name, config.val, min_gain=config.min_gain,
+            init=config.init, train=config.train, ingest_options=config.ingest.run_options(),
+            endpoint_url=config.endpoint_url, gate_views=config.gate_views, gate_metric=config.gate_metric,
+            dry_run=dry_run, echo=echo,
+        )
+        if not dry_run and result.decision is None:
+            echo("nothing new to train on")
+    if dry_run or result.decision is not None and result.decision.promoted:
+        code = ExitCode.SUCCESS
+    else:
+        code = ExitCode.NOTHING_NEW if result.decision is None else ExitCode.REJECTED
+    _finish(json_output, dataclasses.asdict(result), code)
 
 
 @app.command("demo")
@@ -464,11 +619,14 @@ def demo_command(
     workdir: str = typer.Option("demo-output", help="Where videos, clips, runs, scores and mlflow.db go."),
     size: str = typer.Option("default", help="default (shows learning) or small (a quick smoke run)."),
     workers: int = typer.Option(2, help="Ray Train workers."),
+    json_output: bool = _JSON,
 ) -> None:
     """Run ingest, train, register, score and a gated retrain end to end on embedded defaults."""
     from jobs.demo import run_demo
 
-    run_demo(workdir, size, workers)
+    with _job("demo", json_output, ValueError) as echo:
+        summary = run_demo(workdir, size, workers, echo=echo)
+    _finish(json_output, summary)
 
 
 @app.command("submit", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -499,14 +657,14 @@ def submit_command(
                             submission_id=job_id)
     except SubmitError as error:
         typer.echo(f"submit failed: {error}", err=True)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=ExitCode.FAILURE) from None
     typer.echo(f"submitted {submission.job_id} to {submission.address}: {submission.entrypoint}")
     if not wait:
         typer.echo(f"follow it with: ray job logs --follow {submission.job_id} --address {submission.address}")
         return
     status = follow(client, submission.job_id)
     typer.echo(f"job {submission.job_id} {status.value}")
-    raise typer.Exit(code=0 if status.value == "SUCCEEDED" else 1)
+    raise typer.Exit(code=ExitCode.SUCCESS if status.value == "SUCCEEDED" else ExitCode.FAILURE)
 
 
 def main() -> None:

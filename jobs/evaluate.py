@@ -26,7 +26,7 @@ import numpy as np
 from jobs.credentials import redact, redacted_stdout
 from jobs.metrics import per_class_report, scores_from_counts
 from jobs.report import table_lines
-from jobs.score import score_dataset
+from jobs.score import ScoreConfig, ScoreOptions, score_dataset
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
 from jobs.train import tracking_uri as resolve_tracking_uri
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
@@ -39,6 +39,32 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "uniformerv2-evaluations"
 METRICS = ("accuracy", "top5_accuracy", "mean_class_accuracy", "loss")
+
+
+@dataclass
+class EvaluateConfig:
+    """The options of `uniformer evaluate`: the model runs as scoring runs it, with scoring's defaults."""
+
+    data: str  # labelled clip dataset DST[@VERSION]: its source videos are evaluated
+    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or a package folder
+    views: str = ScoreConfig.views
+    batch_size: int = ScoreOptions.batch_size
+    use_gpu: bool = ScoreOptions.use_gpu
+    actors: int | None = ScoreOptions.actors
+    cpus_per_actor: float = ScoreOptions.cpus_per_actor
+    precision: str = ScoreOptions.precision
+    experiment: str = DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None
+    endpoint_url: str | None = None
+
+    def __post_init__(self) -> None:
+        parse_views(self.views)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.options()
+
+    def options(self) -> ScoreOptions:
+        return ScoreOptions(self.batch_size, self.use_gpu, self.actors, self.cpus_per_actor, self.precision)
 
 
 class EvaluationError(ValueError):

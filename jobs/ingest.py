@@ -6,6 +6,7 @@ the manifest commit and the end summary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,92 @@ from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, read_
 from pipeline.schema import ErrorRecord
 from pipeline.storage import DEFAULT_SPILL_THRESHOLD_BYTES, Storage, parse_uri
 from pipeline.versioned import RunRecord, nothing_new_line, read_failures
+
+
+@dataclass
+class IngestConfig:
+    """The options of `uniformer ingest` (and of retrain's `ingest:` section, whose src and out are retrain's):
+    the sampling defaults are SamplingParams', the limits DecodeLimits'."""
+
+    src: str  # videos: s3://bucket/prefix or a local folder
+    out: str  # the clip dataset
+    labels: str | None = None  # CSV 'path,label' with paths relative to src
+    labels_from_dirs: bool = False
+    classes: str | None = None  # class names, one per line, in class id order
+    frames: int = SamplingParams.frames
+    size: int = SamplingParams.size
+    short_side: int = SamplingParams.short_side
+    clips_per_video: int = SamplingParams.clips_per_video
+    sampling: str = SamplingParams.sampling
+    stride: int = SamplingParams.stride
+    frames_per_segment: int = SamplingParams.frames_per_segment
+    endpoint_url: str | None = None
+    max_frame_side: int = DecodeLimits.max_frame_side
+    max_frames: int = DecodeLimits.max_frames
+    max_seconds: float = DecodeLimits.max_seconds
+    decode_timeout: float = DecodeLimits.timeout_s
+    retry_errors: bool = False  # decode again the videos that failed before, changed or not
+    keep_deleted: bool = False  # keep the clips of videos no longer listed
+
+    def __post_init__(self) -> None:
+        if self.labels and self.labels_from_dirs:
+            raise ValueError("labels and labels_from_dirs: use either a labels CSV or labels from folders, not both")
+        for name in ("max_frame_side", "max_frames", "max_seconds", "decode_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        self.sampling_params()  # refuses frames, size, sampling, ... by name
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(self.frames, self.short_side, self.size, self.sampling, self.stride,
+                              self.clips_per_video, self.frames_per_segment)
+
+    def run_options(self) -> dict:
+        """`run_ingest`'s keyword arguments besides src, out and endpoint_url (retrain passes its own)."""
+        return dict(
+            labels_csv=self.labels, labels_from_dirs=self.labels_from_dirs, classes=self.classes,
+            frames=self.frames, size=self.size,
+            short_side=self.short_side, clips_per_video=self.clips_per_video, sampling=self.sampling,
+            stride=self.stride, frames_per_segment=self.frames_per_segment,
+            decode_limits=DecodeLimits(self.max_frame_side, self.max_frames, self.max_seconds, self.decode_timeout),
+            retry_errors=self.retry_errors, keep_deleted=self.keep_deleted,
+        )
+
+
+@dataclass
+class IngestPreview:
+    """What a run would do (`dry_run`): read from the listing and the dataset, nothing written."""
+
+    source: str
+    destination: str
+    listed: int
+    already_done: int
+    known_failures: int  # failed before, unchanged: not decoded again
+    label_errors: int
+    to_decode: int
+    shards: int
+    replaced_or_removed: int  # videos whose clips would leave the dataset: changed (then decoded again), or gone
+    first_to_decode: list[str]
+    dry_run: bool = True
+
+
+PREVIEW_NAMES = 5  # videos a preview names
+
+
+def format_preview(preview: IngestPreview) -> str:
+    lines = [f"ingest dry run  {preview.source} -> {preview.destination}  (nothing written)"]
+    lines += table_lines([
+        ("listed", preview.listed),
+        ("already done", preview.already_done),
+        ("known failures", preview.known_failures),
+        ("label errors", preview.label_errors),
+        ("would decode", preview.to_decode),
+        ("in shards", preview.shards),
+        ("clips replaced or removed", preview.replaced_or_removed),
+    ])
+    lines += [f"    {uri}" for uri in preview.first_to_decode]
+    if preview.to_decode > len(preview.first_to_decode):
+        lines.append(f"    ... {preview.to_decode - len(preview.first_to_decode)} more")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -59,13 +146,14 @@ def run_ingest(
     decode_limits: DecodeLimits = DecodeLimits(),
     retry_errors: bool = False,
     keep_deleted: bool = False,
+    dry_run: bool = False,
     echo: Callable[[str], None] = print,
-) -> IngestSummary:
+) -> IngestSummary | IngestPreview:
     """Ingest every video under `src` not yet in the dataset at `out`; see the module docstring of pipeline.ingest.
     A video above `decode_limits` (pipeline.decode.DecodeLimits) becomes an error row, as does one whose decoding
     crashes or runs past its time limit. Videos that failed before are decoded again only when they changed, or with
     `retry_errors`; videos gone from `src` leave the new version unless `keep_deleted`. A run with nothing new writes
-    no version."""
+    no version. With `dry_run`, returns what the run would do and writes nothing."""
     started = time.monotonic()
     params = SamplingParams(frames, short_side, size, sampling, stride, clips_per_video, frames_per_segment)
     if labels_csv and labels_from_dirs:
@@ -76,7 +164,8 @@ def run_ingest(
     source, root = parse_uri(src), parse_uri(out)
     storage.check_access(source)
     storage.check_access(root, must_exist=False)
-    storage.check_conditional_writes(root)  # manifests are published if-absent
+    if not dry_run:
+        storage.check_conditional_writes(root)  # manifests are published if-absent
 
     labels = read_labels_csv(labels_csv, storage) if labels_csv else None  # refuses unsafe paths before any work
     class_names = read_class_names(classes, storage) if classes else None
@@ -84,12 +173,14 @@ def run_ingest(
     labelled, label_errors = attach_labels(listed, source, labels_csv=labels, labels_from_dirs=labels_from_dirs)
     labels_mode = "csv" if labels_csv else "dirs" if labels_from_dirs else "none"
     # the run record comes before any part is looked at: `uniformer gc` leaves them
-    with RunRecord(storage, root, "ingest") as run:
+    with contextlib.nullcontext() if dry_run else RunRecord(storage, root, "ingest") as run:
         previous = latest_manifest(root, storage)
         previous_sources = read_sources(root, previous, storage) if previous else {}
         previous_failures = read_failures(root, previous.errors, storage) if previous else {}
         plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, previous_sources,
                            max_shard_bytes, class_names, previous_failures, retry_errors, keep_deleted)
+        if dry_run:
+            return _preview(plan, echo)
         run.claim(group["shard"] for group in plan.groups)
         storage.remove_stale_staging(root.join(SHARDS_DIR))
         echo(
@@ -127,6 +218,18 @@ def run_ingest(
     )
     echo(format_summary(summary))
     return summary
+
+
+def _preview(plan, echo: Callable[[str], None]) -> IngestPreview:
+    pending = [video["uri"] for group in plan.groups for video in group["videos"]]
+    preview = IngestPreview(
+        source=plan.source.uri, destination=plan.root.uri, listed=len(plan.listed),
+        already_done=len(plan.already_done), known_failures=len(plan.known_failures),
+        label_errors=len(plan.label_errors), to_decode=len(pending), shards=len(plan.groups),
+        replaced_or_removed=len(plan.superseded), first_to_decode=pending[:PREVIEW_NAMES],
+    )
+    echo(format_preview(preview))
+    return preview
 
 
 def _decoded(row: dict) -> dict:

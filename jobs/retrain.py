@@ -15,22 +15,55 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 
+from jobs.config import DEFAULTS, SUPPLIED
 from jobs.evaluate import evaluate_model
-from jobs.ingest import run_ingest
+from jobs.ingest import IngestConfig, run_ingest
 from jobs.scoring.model_ref import resolve_model
-from jobs.score import ScoreOptions
+from jobs.score import ScoreConfig, ScoreOptions
 from jobs.serving.registry import model_versions
 from jobs.train import run_train, tracking_uri
 from jobs.training.config import TrainConfig
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.lease import Lease
-from pipeline.manifest import content_fingerprint
+from pipeline.manifest import content_fingerprint, latest_manifest
 from pipeline.storage import Storage
+from pipeline.views import parse_views
 
 CHAMPION = "champion"
 
 
 GATE_METRICS = ("accuracy", "top5_accuracy", "mean_class_accuracy")
+RETRAIN_EXPERIMENT = "uniformerv2-retrain"  # the MLflow experiment of candidates, unless train.experiment says another
+
+
+@dataclass
+class RetrainConfig:
+    """The options of `uniformer retrain`: its own, every training option in `train` and every ingest option in
+    `ingest`, less what retrain sets itself (the dataset, the validation set, the registered name, the endpoint)."""
+
+    source: str  # raw videos; what is new is ingested
+    dataset: str  # the clip dataset it grows
+    model_name: str  # registered model whose champion alias is gated
+    val: str  # fixed validation dataset DST[@VERSION]
+    min_gain: float = 0.0
+    gate_metric: str = "accuracy"
+    gate_views: str = ScoreConfig.views  # the views scoring uses
+    init: str = "champion"  # champion: from the champion's weights; pretrained: from train.pretrained
+    endpoint_url: str | None = None
+    train: TrainConfig = field(kw_only=True, metadata={
+        SUPPLIED: {"data": "dataset", "val_data": "val", "register_as": "model_name", "endpoint_url": "endpoint_url"},
+        DEFAULTS: {"experiment": RETRAIN_EXPERIMENT},
+    })
+    ingest: IngestConfig = field(kw_only=True, metadata={
+        SUPPLIED: {"src": "source", "out": "dataset", "endpoint_url": "endpoint_url"},
+    })
+
+    def __post_init__(self) -> None:
+        if self.gate_metric not in GATE_METRICS:
+            raise ValueError(f"gate_metric must be one of {', '.join(GATE_METRICS)}, not {self.gate_metric!r}")
+        if self.init not in ("champion", "pretrained"):
+            raise ValueError(f"init must be 'champion' or 'pretrained', not {self.init!r}")
+        parse_views(self.gate_views)
 
 
 @dataclass
@@ -51,6 +84,48 @@ class RetrainResult:
     new_videos: int
     decision: GateDecision | None  # None when there was nothing new to train on
     messages: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RetrainPreview:
+    """What a retrain would do (`dry_run`): the listing, the dataset and the registry read; nothing ingested,
+    trained, registered or promoted."""
+
+    new_videos: int  # what ingest would decode
+    dataset_version: int | None  # the dataset's version now
+    would_train: bool
+    reason: str
+    champion_version: int | None
+    starts_from: str  # the candidate's initial weights
+    dry_run: bool = True
+
+
+def preview_retrain(source: str, dataset: str, model_name: str, client, init: str, train: TrainConfig | None,
+                    ingest_options: dict, endpoint_url: str | None, echo=print) -> RetrainPreview:
+    ingest = run_ingest(source, dataset, endpoint_url=endpoint_url, dry_run=True, echo=echo, **ingest_options)
+    current = latest_manifest(parse_uri(dataset), Storage(endpoint_url))
+    if ingest.to_decode or ingest.replaced_or_removed:
+        would_train = True
+        reason = (f"ingest would decode {ingest.to_decode} videos and drop the clips of "
+                  f"{ingest.replaced_or_removed} changed or removed")
+    elif current is None:
+        would_train, reason = False, f"nothing to ingest from {source} and no dataset at {dataset}"
+    else:
+        learnt = version_trained_on(client, model_name, content_fingerprint(current))
+        would_train = learnt is None
+        reason = (f"{model_name} v{learnt.version} learnt {dataset}@{current.version}'s data" if learnt else
+                  f"no gated version of {model_name} learnt {dataset}@{current.version}'s data")
+    champion = champion_version(client, model_name)
+    pretrained = (train.pretrained if train else None) or "random initialisation"
+    starts_from = f"models:/{model_name}/{champion}" if init == "champion" and champion is not None else pretrained
+    preview = RetrainPreview(ingest.to_decode, current.version if current else None, would_train, reason, champion,
+                             starts_from)
+    if would_train:
+        echo(f"[retrain] dry run: would train a candidate ({reason}) from {starts_from}, register it and gate it "
+             f"against champion v{champion}; nothing written")
+    else:
+        echo(f"[retrain] dry run: nothing new ({reason}); nothing written")
+    return preview
 
 
 def evaluate_version(model_name: str, version: int, val_ref: str, views: str, metric: str, uri: str,
@@ -181,15 +256,19 @@ def run_retrain(
     endpoint_url: str | None = None,
     gate_views: str = "4x3",
     gate_metric: str = "accuracy",
+    dry_run: bool = False,
     echo=print,
-) -> RetrainResult:
-    """One scheduled retraining cycle; see the module docstring."""
+) -> RetrainResult | RetrainPreview:
+    """One scheduled retraining cycle; see the module docstring. With `dry_run`, what it would do."""
     import mlflow
 
     if init not in ("champion", "pretrained"):
         raise ValueError(f"init must be 'champion' or 'pretrained', not {init!r}")
     uri = tracking_uri(train.tracking_uri if train else None)
     client = mlflow.MlflowClient(uri)
+    if dry_run:
+        return preview_retrain(source, dataset, model_name, client, init, train, ingest_options or {}, endpoint_url,
+                               echo)
     summary = run_ingest(source, dataset, endpoint_url=endpoint_url, echo=echo, **(ingest_options or {}))
     manifest = load_manifest(dataset, endpoint_url=endpoint_url)
     data_ref = f"{dataset}@{manifest.version}"

@@ -14,6 +14,7 @@ without the publishing, for users composing their own pipelines.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections import defaultdict
@@ -75,6 +76,47 @@ class ScoreOptions:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.actors is not None and self.actors < 1:
             raise ValueError("actors must be >= 1")
+
+
+@dataclass
+class ScoreConfig:
+    """The options of `uniformer score`; how the model runs takes its defaults from ScoreOptions, the limits from
+    DecodeLimits."""
+
+    src: str  # videos: s3://bucket/prefix or a local folder
+    out: str  # predictions (one model per folder)
+    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or a package folder
+    views: str = "4x3"  # TEMPORALxSPATIAL; evaluation and the retrain gate judge at the same by default
+    top_k: int = 5
+    full_probs: bool = False
+    short_side: int | None = None  # default: the model's crop size
+    batch_size: int = ScoreOptions.batch_size
+    use_gpu: bool = ScoreOptions.use_gpu
+    actors: int | None = ScoreOptions.actors
+    cpus_per_actor: float = ScoreOptions.cpus_per_actor
+    precision: str = ScoreOptions.precision
+    tracking_uri: str | None = None
+    endpoint_url: str | None = None
+    max_frame_side: int = DecodeLimits.max_frame_side
+    max_frames: int = DecodeLimits.max_frames
+    max_seconds: float = DecodeLimits.max_seconds
+    decode_timeout: float = DecodeLimits.timeout_s
+    retry_errors: bool = False  # score again the videos that failed before, changed or not
+
+    def __post_init__(self) -> None:
+        parse_views(self.views)
+        for name in ("top_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_frame_side", "max_frames", "max_seconds", "decode_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        self.options()  # refuses precision and actors by name
+
+    def options(self) -> ScoreOptions:
+        limits = DecodeLimits(self.max_frame_side, self.max_frames, self.max_seconds, self.decode_timeout)
+        return ScoreOptions(self.batch_size, self.use_gpu, self.actors, self.cpus_per_actor, self.precision,
+                            decode_limits=limits)
 
 
 def actor_pool_bounds(actors: int | None, use_gpu: bool, cluster_gpus: float) -> tuple[int, int]:
@@ -264,6 +306,44 @@ class Throughput:
 
 
 @dataclass
+class ScorePreview:
+    """What a run would do (`dry_run`): the model resolved, the listing and the predictions read, nothing written."""
+
+    source: str
+    destination: str
+    model: ModelIdentity
+    views: str
+    listed: int
+    already_done: int
+    known_failures: int  # failed before, unchanged: not scored again
+    in_adopted_shards: int  # scored by a killed run, whose shards this run would take over
+    to_score: int
+    shards: int
+    first_to_score: list[str]
+    dry_run: bool = True
+
+
+PREVIEW_NAMES = 5  # videos a preview names
+
+
+def format_preview(preview: ScorePreview) -> str:
+    lines = [f"score dry run  {preview.source} -> {preview.destination}  (nothing written)",
+             f"  model {preview.model.describe()}  views {preview.views}"]
+    lines += table_lines([
+        ("listed", preview.listed),
+        ("already scored", preview.already_done),
+        ("known failures", preview.known_failures),
+        ("in adopted shards", preview.in_adopted_shards),
+        ("would score", preview.to_score),
+        ("in shards", preview.shards),
+    ])
+    lines += [f"    {uri}" for uri in preview.first_to_score]
+    if preview.to_score > len(preview.first_to_score):
+        lines.append(f"    ... {preview.to_score - len(preview.first_to_score)} more")
+    return "\n".join(lines)
+
+
+@dataclass
 class ScoreSummary(ScoreCounts):
     source: str
     destination: str
@@ -291,11 +371,12 @@ def run_score(
     videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD,
     retry_errors: bool = False,
     keep_deleted: bool = False,
+    dry_run: bool = False,
     echo: Callable[[str], None] = print,
-) -> ScoreSummary:
+) -> ScoreSummary | ScorePreview:
     """Score every video under `src` not yet scored into `out` by the same model; see the module docstring. Videos
     that failed before are tried again only when they changed, or with `retry_errors`; predictions of videos gone from
-    `src` leave the new version unless `keep_deleted`; a run with nothing new writes no version."""
+    `src` leave the new version unless `keep_deleted`; a run with nothing new writes no version. With `dry_run`, returns what the run would do and writes nothing."""
     started = time.monotonic()
     options = options or ScoreOptions()
     views = parse_views(views) if isinstance(views, str) else views  # usage errors before any storage access
@@ -305,9 +386,11 @@ def run_score(
     source, root = parse_uri(src), parse_uri(out)
     storage.check_access(source)
     storage.check_access(root, must_exist=False)
-    storage.check_conditional_writes(root)  # manifests are published if-absent
+    if not dry_run:
+        storage.check_conditional_writes(root)  # manifests are published if-absent
     # the run record comes before any part is looked at: `uniformer gc` leaves the run's parts alone
-    with tempfile.TemporaryDirectory() as download_dir, RunRecord(storage, root, "score") as run:
+    record = contextlib.nullcontext() if dry_run else RunRecord(storage, root, "score")
+    with tempfile.TemporaryDirectory() as download_dir, record as run:
         resolved = resolve_model(model, download_dir, tracking_uri)
         params = build_params(resolved.card, views, top_k, full_probs, short_side)
         echo(f"score with {resolved.identity.describe()}, views {params.views}, {params.frames} frames")
@@ -316,6 +399,8 @@ def run_score(
         previous_failures = read_failures(root, previous.errors, storage) if previous else {}
         plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard,
                           previous_failures, retry_errors, keep_deleted)
+        if dry_run:
+            return _preview(plan, echo)
         run.claim([group["shard"] for group in plan.groups] + [result["shard"]["path"] for result in plan.adopted])
         storage.remove_stale_staging(root.join(PREDICTIONS_DIR))
         echo(
@@ -350,6 +435,18 @@ def run_score(
     )
     echo(format_summary(summary))
     return summary
+
+
+def _preview(plan: ScorePlan, echo: Callable[[str], None]) -> ScorePreview:
+    pending = [video["uri"] for group in plan.groups for video in group["videos"]]
+    preview = ScorePreview(
+        source=plan.source.uri, destination=plan.root.uri, model=plan.identity, views=plan.params.views,
+        listed=len(plan.listed), already_done=len(plan.already_done), known_failures=len(plan.known_failures),
+        in_adopted_shards=sum(len(r["videos"]) + len(r["errors"]) for r in plan.adopted), to_score=len(pending),
+        shards=len(plan.groups), first_to_score=pending[:PREVIEW_NAMES],
+    )
+    echo(format_preview(preview))
+    return preview
 
 
 def _run_groups(
@@ -431,3 +528,4 @@ def format_summary(summary: ScoreSummary, max_errors: int = 10) -> str:
         )
     lines += error_lines(summary.errors, summary.errors_uri, max_errors)
     return "\n".join(lines)
+

@@ -14,12 +14,13 @@ is set in the submitting shell; RAY_AUTH_MODE=disabled sends none.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import shlex
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -67,12 +68,29 @@ def check_invocation(argv: Sequence[str]) -> None:
         try:
             with command.make_context(name, rest, parent=parent) as context:
                 params = dict(context.params)
+                _resolve_configuration(command, context)
         except (typer.Exit, typer.Abort):  # --help and other eager options exit before the job would run
             raise SubmitError(f"'uniformer {name}' with these options exits without running") from None
         except typer.TyperException as error:  # click's usage errors, raised by typer's bundled click
             raise SubmitError(f"uniformer {name}: {error.format_message()}") from None
     if name == "submit":
         check_invocation([params["job"], *(params["args"] or [])])
+
+
+def _resolve_configuration(command, context) -> None:
+    """Resolve a job's configuration as `--print-config` does, which refuses a missing or bad option that the parser
+    alone cannot (it may come from the config file). A config file that is not here is the cluster's: left alone."""
+    import typer
+
+    config_file = context.params.get("config_file")
+    if "print_config" not in context.params or (config_file and not os.path.isfile(config_file)):
+        return
+    context.params["print_config"] = True
+    try:
+        with redirect_stdout(io.StringIO()):
+            command.invoke(context)
+    except typer.Exit:
+        pass  # the configuration resolved
 
 
 def entrypoint_for(job: str, args: Sequence[str]) -> str:

@@ -18,11 +18,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from jobs.config import to_yaml
 from jobs.console import init_ray
 from jobs.credentials import MASK, carries_credentials, mlflow_env_for_workers, redact, redacted_stdout
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
 from jobs.training.checkpoint import WEIGHTS
-from jobs.training.config import TrainConfig
+from jobs.training.config import CONFIG_ARTIFACT, TrainConfig
 from jobs.training.progress import DriverConsole
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
@@ -108,7 +109,7 @@ def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, ma
     recorded = cfg.redacted()
     params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in recorded.items()]
     client.log_batch(run.info.run_id, params=params)
-    client.log_dict(run.info.run_id, recorded, "config/train_config.json")
+    client.log_text(run.info.run_id, to_yaml(recorded), CONFIG_ARTIFACT)
     client.set_tag(run.info.run_id, "dataset", cfg.data)
     client.set_tag(run.info.run_id, "dataset_version", str(manifest.version))
     client.set_tag(run.info.run_id, "dataset_fingerprint", content_fingerprint(manifest))

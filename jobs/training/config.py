@@ -14,6 +14,8 @@ from jobs.credentials import redact
 
 DEFAULT_EXPERIMENT = "uniformerv2"
 
+# The resolved configuration in the run's MLflow artifacts, in the format `uniformer train --config` reads.
+CONFIG_ARTIFACT = "config/train.yaml"
 
 @dataclass
 class TrainConfig:

@@ -105,5 +105,5 @@ def test_limits_that_admit_nothing_are_refused_before_any_work(tmp_path, command
     required = ["--model", str(tmp_path / "pkg")] if command == "score" else []
     result = CliRunner().invoke(app, [command, str(tmp_path), "--out", str(tmp_path / "out"), *required,
                                       "--decode-timeout", "0"])
-    assert result.exit_code == 2 and "decode limits must be > 0" in result.output
+    assert result.exit_code == 2 and "decode_timeout must be > 0" in result.output
     assert not (tmp_path / "out").exists()

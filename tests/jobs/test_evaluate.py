@@ -103,4 +103,4 @@ def test_evaluate_a_registered_model_like_production_scores_it(tmp_path, mlflow_
     run_ingest(str(videos), unlabelled, frames=8, short_side=40, size=32)
     refused = CliRunner().invoke(app, ["evaluate", "--data", unlabelled, "--model", f"models:/{name}/1",
                                        "--tracking-uri", mlflow_server.uri])
-    assert refused.exit_code == 2 and "has no labels" in refused.stderr
+    assert refused.exit_code == 1 and "has no labels" in refused.stderr

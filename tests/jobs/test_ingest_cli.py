@@ -22,7 +22,7 @@ def test_unsafe_labels_csv_exits_with_a_message(tmp_path, make_videos):
     (tmp_path / "labels.csv").write_text("path,label\n/etc/passwd,left\n")
     arguments = ["ingest", str(tmp_path / "videos"), "--out", str(tmp_path / "clips")]
     result = runner.invoke(app, arguments + ["--labels", str(tmp_path / "labels.csv")])
-    assert result.exit_code == 2
+    assert result.exit_code == 1  # a handled failure, not a usage error
     assert "absolute path" in result.output
 
 

@@ -275,7 +275,7 @@ def test_cli_scores_a_folder_and_refuses_usage_errors(packages, videos, tmp_path
     result = runner.invoke(app, ["score", str(videos), "--model", str(packages[2]), "--out", dst, "--views", "4"])
     assert result.exit_code == 2 and "TEMPORALxSPATIAL" in result.output
     result = runner.invoke(app, ["score", str(videos), "--model", str(tmp_path / "nothing"), "--out", dst])
-    assert result.exit_code == 2 and "not a model package folder" in result.output
+    assert result.exit_code == 1 and "not a model package folder" in result.output
 
 
 def test_failed_videos_are_remembered_and_a_rerun_with_nothing_new_writes_no_version(

@@ -21,11 +21,11 @@ def test_commands_are_checked_by_the_cli_parser_before_submission():
     check_invocation(["ingest", "s3://raw/", "--out", "s3://clips/", "--frames", "8"])
     check_invocation(["submit", "--wait", "train", "--data", "s3://clips/", "--epochs", "2"])
     for argv, message in [
-        (["ingest", "s3://raw/"], "Missing option '--out'"),
+        (["ingest", "s3://raw/"], "missing out"),
         (["train", "--data", "x", "--workers", "two"], "--workers"),
         (["train", "--data", "x", "--bogus"], "No such option: --bogus"),
         (["fly", "--to", "moon"], "'fly' is not a uniformer command"),
-        (["submit", "train", "--epochs", "3"], "Missing option '--data'"),  # checked through to the inner job
+        (["submit", "train", "--epochs", "3"], "missing data"),  # checked through to the inner job
         (["ingest", "--help"], "prints help"),
     ]:
         with pytest.raises(SubmitError, match=message):

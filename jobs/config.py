@@ -1,0 +1,163 @@
+"""Job configurations as files: `--config FILE` reads one, `--print-config` writes one.
+
+A file is a YAML mapping of one job's config class fields (snake_case, e.g. `batch_size`, `use_gpu`); a field whose
+type is itself a config class is a section, a nested mapping (retrain's `train:` and `ingest:`). Values are layered:
+the class's defaults, then the file, then the flags given on the command line; a mapping (`model_overrides`, a
+section) merges key by key. What `to_yaml` writes, `read_file` and `build` read back to an equal configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+
+import yaml
+
+from jobs.credentials import MASK, redact
+
+# Field metadata of a section: which of its fields the enclosing configuration supplies (section field -> field of
+# the enclosing class), so that a file cannot set them, and the section's own defaults where they differ.
+SUPPLIED = "supplied"
+DEFAULTS = "defaults"
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that does not fit its config class; the message names the key."""
+
+
+def read_file(path: str) -> dict:
+    """The mapping in a YAML (or JSON) configuration file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values, not a {type(values).__name__}")
+    _refuse_masked(values, "")
+    return values
+
+
+def _refuse_masked(values: dict, where: str) -> None:
+    # A logged or printed configuration has its credentials masked; read back, the mask would be used as the value.
+    for key, value in values.items():
+        if isinstance(value, dict):
+            _refuse_masked(value, f"{where}{key}.")
+        elif isinstance(value, str) and MASK in value:
+            raise ConfigError(
+                f"{where}{key} holds a masked credential ({value}): configurations are written without them; give "
+                "the real value with its flag or leave the key out to use the environment"
+            )
+
+
+def merge(base: Mapping, over: Mapping) -> dict:
+    """`over` laid on `base`; mappings in both merge key by key."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            value = merge(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def build(cls: type, values: Mapping, where: str = "", supplied: Mapping | None = None):
+    """An instance of the config dataclass `cls` from `values` over its defaults, refusing unknown keys and values
+    of the wrong type by name; `supplied` are fields the enclosing configuration sets. `where` prefixes key names
+    (`train.`) in messages."""
+    supplied = dict(supplied or {})
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where.rstrip('.') or 'the configuration'} must be a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
+    settable = [name for name in fields if name not in supplied]
+    for key in values:
+        if key in supplied:
+            raise ConfigError(f"{where}{key} is not set here: it comes from the enclosing configuration")
+        if key not in fields:
+            raise ConfigError(f"unknown key {where}{key}; valid keys: {', '.join(settable)}")
+    arguments = dict(supplied)
+    sections = [name for name in settable if dataclasses.is_dataclass(hints[name])]
+    for name in settable:
+        if name in sections:
+            continue
+        if name in values:
+            arguments[name] = _checked(f"{where}{name}", values[name], hints[name])
+        elif _required(fields[name]):
+            raise ConfigError(f"missing {where}{name}: give its flag or `{name}:` in the config file")
+        else:
+            arguments[name] = _default(fields[name])
+    for name in sections:  # after the plain fields: they supply some of the sections' values
+        metadata = fields[name].metadata
+        if not isinstance(values.get(name) or {}, Mapping):
+            raise ConfigError(f"{where}{name} must be a mapping of keys to values, got {values[name]!r}")
+        own = merge(metadata.get(DEFAULTS, {}), values.get(name) or {})
+        sources = metadata.get(SUPPLIED, {})
+        for key in own:
+            if key in sources:
+                raise ConfigError(f"{where}{name}.{key} is not set here: it comes from {where}{sources[key]}")
+        given = {key: arguments[source] for key, source in sources.items()}
+        arguments[name] = build(hints[name], own, f"{where}{name}.", given)
+    try:
+        return cls(**arguments)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where.rstrip('.') + ': ' if where else ''}{error}") from None
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _default(field: dataclasses.Field):
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def _checked(key: str, value, hint):
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in kinds
+    kinds = [kind for kind in kinds if kind is not type(None)]
+    if value is None and optional:
+        return None
+    for kind in kinds:
+        if isinstance(value, bool) and kind is not bool:
+            continue
+        if kind is float and isinstance(value, (int, float)):
+            return float(value)
+        if kind is float and isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, kind):
+            return dict(value) if kind is dict else value
+    expected = " or ".join(_KIND_NAMES.get(kind, kind.__name__) for kind in kinds) + (" or null" if optional else "")
+    hint_on = " (YAML reads on/off/yes/no as true/false: quote it)" if isinstance(value, bool) and str in kinds else ""
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}{hint_on}")
+
+
+def to_dict(config) -> dict:
+    """The configuration as `build` reads it: every field, sections without what their enclosing class supplies,
+    addresses with their credentials masked."""
+    values = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            value = {key: item for key, item in to_dict(value).items() if key not in field.metadata.get(SUPPLIED, {})}
+        elif isinstance(value, str):
+            value = redact(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        values[field.name] = value
+    return values
+
+
+def to_yaml(config_or_values) -> str:
+    values = config_or_values if isinstance(config_or_values, Mapping) else to_dict(config_or_values)
+    return yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True)
