@@ -36,7 +36,7 @@ from pipeline.shards import FOOTER_KEY, ShardWriter, parquet_write_options, rewr
 from pipeline.storage import Location, Storage, is_object_error, parse_uri
 from pipeline.versioned import (
     check_accounting,
-    check_adopted_parts,
+    check_parts_present,
     deleted_inputs,
     failure_key,
     failures_changed,
@@ -332,14 +332,13 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
     errors = list(label_errors)
     new_sources: dict[str, dict] = {}
     new_shards: list[ShardEntry] = []
-    adopted: list[str] = []
+    adopted = 0
     for result in results:
         errors.extend(ErrorRecord(**error) for error in result["errors"])
         if result["shard"] is None:
             continue
         shard = ShardEntry(**{key: result["shard"][key] for key in ("path", "rows", "sha256", "bytes")})
-        if result.get("adopted"):
-            adopted.append(shard.path)
+        adopted += bool(result.get("adopted"))
         new_shards.append(shard)
         for video in result["videos"]:
             new_sources[video["video_id"]] = {
@@ -366,7 +365,7 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
 
     outcome = IngestOutcome(
         manifest=None,
-        counts=IngestCounts(**counts, shards_written=len(new_shards) - len(adopted), shards_adopted=len(adopted)),
+        counts=IngestCounts(**counts, shards_written=len(new_shards) - adopted, shards_adopted=adopted),
         errors=errors,
     )
     failures = version_failures(plan.known_failures + known_label_errors, errors)
@@ -381,7 +380,7 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
             storage, plan.root, kept_shards, kept_sources, plan.superseded, SHARDS_DIR,
             parquet_write_options(clip_schema(plan.sampling.stored_frames, plan.sampling.short_side)),
         )
-    check_adopted_parts(storage, plan.root, adopted, "ingest")
+    check_parts_present(storage, plan.root, [shard.path for shard in new_shards], "ingest")
     version, token = (previous.version if previous else 0) + 1, new_run_token()
     sources = {**kept_sources, **new_sources}
     source_tables = write_sources(plan.root, version, previous, plan.previous_sources, sources, storage, token)

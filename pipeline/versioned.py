@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.schema import ERRORS_SCHEMA, ErrorRecord, errors_table
+from pipeline.shards import measure_published, publish_table
 from pipeline.storage import Location, ObjectInfo, Storage
 
 MANIFESTS_DIR = "manifests"
@@ -154,8 +155,6 @@ def failures_changed(previous: dict[tuple[str, str], ErrorRecord], current: list
 def publish_failures(storage: Storage, root: Location, version: int, token: str,
                      failures: list[ErrorRecord]) -> str | None:
     """Publish a version's errors table under a name unique to this run; its relative path, None when empty."""
-    from pipeline.shards import publish_table
-
     if not failures:
         return None
     path = run_table_path(ERRORS_DIR, version, token)
@@ -180,8 +179,6 @@ def nothing_new_line(counts: dict[str, int], done_word: str) -> str:
 def published_part(storage: Storage, location: Location, relative: str, footer_key: bytes) -> dict | None:
     """What a published part says it holds: its footer description plus `shard` (path, rows, sha256, bytes) and
     `adopted`; None when it is not a complete Parquet file or has no description (a leftover of another writer)."""
-    from pipeline.shards import measure_published
-
     try:
         metadata = pq.read_metadata(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))
     except (OSError, pa.ArrowInvalid):
@@ -194,14 +191,17 @@ def published_part(storage: Storage, location: Location, relative: str, footer_k
     return {**json.loads(raw), "shard": shard, "adopted": True}
 
 
-def check_adopted_parts(storage: Storage, root: Location, paths: Iterable[str], job: str) -> None:
-    """Right before a manifest names them: parts taken over from a killed run must still be there (a `gc` that
-    listed them before this run claimed them may have removed them)."""
-    missing = [path for path in paths if not storage.exists(root.join(path))]
+def check_parts_present(storage: Storage, root: Location, paths: Iterable[str], job: str) -> None:
+    """Right before a manifest names them, the parts a run wrote or adopted must still be there: a leftover of a killed
+    run that a `gc` listed before this run claimed it may be gone. One listing per folder, not a request per part."""
+    paths = set(paths)
+    folders = {path.rsplit("/", 1)[0] for path in paths}
+    present = {info.location.relative_to(root) for folder in folders for info in storage.list_objects(root.join(folder))}
+    missing = sorted(paths - present)
     if missing:
         raise RuntimeError(
-            f"{len(missing)} parts this {job} adopted were removed while it ran ({', '.join(missing[:3])}): "
-            "nothing published; re-run"
+            f"{len(missing)} parts of this {job} were removed while it ran ({', '.join(missing[:3])}): nothing "
+            "published; re-run"
         )
 
 
@@ -235,7 +235,10 @@ class RunRecord:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            self._write()
+            try:
+                self._write()
+            except Exception:  # a store that failed once is tried again next time; the record lasts ttl_s meanwhile
+                continue
 
     def __enter__(self) -> RunRecord:
         self._write()

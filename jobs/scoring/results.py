@@ -33,7 +33,7 @@ from pipeline.shards import publish_table, rewrite_without_videos
 from pipeline.storage import Location, Storage
 from pipeline.versioned import (
     check_accounting,
-    check_adopted_parts,
+    check_parts_present,
     deleted_inputs,
     failures_changed,
     list_manifest_versions,
@@ -369,8 +369,7 @@ def commit_score(
     if previous is not None and not changed:
         return None, counts, errors
 
-    check_adopted_parts(storage, plan.root, [r["shard"]["path"] for r in results if r["shard"] and r["adopted"]],
-                        "score run")
+    check_parts_present(storage, plan.root, [shard.path for shard in new_shards], "score run")
     version = (previous.version if previous else 0) + 1
     errors_path = publish_failures(storage, plan.root, version, new_run_token(), failures)
     manifest = ScoreManifest(

@@ -56,6 +56,8 @@ def test_a_writer_that_loses_the_version_race_leaves_the_winners_tables_alone(st
     storage, root = storage_folder
     videos = [_video(root, "a.mp4"), _video(root, "b.mp4")]
     plan = plan_ingest(root.uri, root.join("src").uri, videos, videos, [], "dirs", SAMPLING, None, {})
+    for name in ("a", "b"):
+        publish_table(storage, root.join(f"shards/part-{name}.parquet"), pa.table({"video_id": [f"{name}.mp4"]}))
     # Both runs decoded the same listing, each failing on another video: both build version 1.
     winner = commit_ingest(plan, [_result(videos[0], "shards/part-a.parquet"), _result(videos[1], None, "Boom")],
                            storage).manifest
@@ -71,6 +73,16 @@ def test_a_writer_that_loses_the_version_race_leaves_the_winners_tables_alone(st
     failures = read_failures(root, published.errors, storage)
     assert [(error.source_uri, error.error_type) for error in failures.values()] == [(videos[1].uri, "Boom")]
     assert set(read_sources(root, published, storage)) == {"a.mp4"}
+
+
+@pytest.mark.integration
+def test_a_run_whose_part_was_removed_while_it_ran_publishes_nothing(storage_folder):
+    storage, root = storage_folder
+    videos = [_video(root, "a.mp4")]
+    plan = plan_ingest(root.uri, root.join("src").uri, videos, videos, [], "dirs", SAMPLING, None, {})
+    with pytest.raises(RuntimeError, match="removed while it ran .*shards/part-gone.parquet"):
+        commit_ingest(plan, [_result(videos[0], "shards/part-gone.parquet")], storage)  # as if gc had removed it
+    assert latest_manifest(root, storage) is None
 
 
 def test_failures_are_remembered_by_key_and_etag():
