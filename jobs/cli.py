@@ -634,7 +634,7 @@ def submit_command(
     job: str = typer.Argument(..., help="The uniformer command to run on the cluster (ingest, train, score, ...)."),
     args: list[str] = typer.Argument(None, help="Its options and arguments, as for a local run."),
     address: str = typer.Option(None, help="Ray dashboard http://HEAD:8265; default: RAY_ADDRESS."),
-    wait: bool = typer.Option(False, "--wait", help="Follow the job's logs and exit with its outcome."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job's logs and exit with its exit code."),
     working_dir: str = typer.Option(
         "auto", help="Code shipped with the job: 'auto' (this checkout; nothing when installed), a folder, or 'none'."
     ),
@@ -648,7 +648,7 @@ def submit_command(
 
     MLFLOW_TRACKING_URI and AWS_ENDPOINT_URL are forwarded when set. Ray's token (RAY_AUTH_TOKEN,
     RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) authenticates the request."""
-    from jobs.submit import SubmitError, connect, follow, submit
+    from jobs.submit import SubmitError, connect, exit_code_of, follow, submit
 
     shipped = {"auto": True, "none": None}.get(working_dir, working_dir)
     try:
@@ -664,7 +664,7 @@ def submit_command(
         return
     status = follow(client, submission.job_id)
     typer.echo(f"job {submission.job_id} {status.value}")
-    raise typer.Exit(code=ExitCode.SUCCESS if status.value == "SUCCEEDED" else ExitCode.FAILURE)
+    raise typer.Exit(code=exit_code_of(client, submission.job_id))
 
 
 def main() -> None:

@@ -248,6 +248,16 @@ def follow(client, job_id: str, write: Callable[[str], object] | None = None, ti
     return status
 
 
+def exit_code_of(client, job_id: str) -> int:
+    """The ended job's own exit code (jobs.exitcodes: nothing new, candidate rejected, ... pass through), or 1 for a
+    job that failed without one (stopped, or its driver killed by a signal)."""
+    info = client.get_job_info(job_id)
+    if info.status.value == "SUCCEEDED":
+        return 0
+    code = info.driver_exit_code
+    return code if code is not None and code > 0 else 1
+
+
 def _stdout_write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()

@@ -28,7 +28,8 @@ import mlflow
 import psutil
 import pytest
 
-from jobs.submit import SubmitError, connect, follow, submit
+from jobs.exitcodes import ExitCode
+from jobs.submit import SubmitError, connect, exit_code_of, follow, submit
 from pipeline import load_manifest
 
 pytestmark = pytest.mark.integration
@@ -162,6 +163,11 @@ def test_ingest_and_train_jobs_run_on_a_token_authenticated_two_node_cluster(
                                   "--short-side", "40", "--size", "32"], environ)
     manifest = load_manifest(clips, endpoint_url=s3_server.endpoint_url)
     assert manifest.num_clips == 16 and manifest.counts["listed"] == 16 and manifest.sampling.size == 32
+    # the job's exit code comes back through `submit --wait`: here the same ingest again, which finds nothing new
+    again = submit("ingest", [f"s3://{s3_bucket}/raw", "--out", clips, "--labels-from-dirs", "--frames", "8",
+                              "--short-side", "40", "--size", "32"], client=client, environ=environ)
+    follow(client, again.job_id, write=lambda text: None, timeout_s=JOB_TIMEOUT_S)
+    assert exit_code_of(client, again.job_id) == ExitCode.NOTHING_NEW
 
     experiment = f"submit-{uuid.uuid4().hex[:8]}"
     storage = tmp_path / "runs"
