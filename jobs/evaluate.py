@@ -137,7 +137,7 @@ def score_rows(rows: list[dict], labels: dict[str, str], class_names: list[str])
 def evaluate_model(
     data: str,
     model: str | ResolvedModel,
-    views: str = "4x3",
+    views: str = ScoreConfig.views,
     options=None,
     tracking_uri: str | None = None,
     endpoint_url: str | None = None,

@@ -75,7 +75,7 @@ class GateDecision:
     champion_version: int | None
     champion_score: float | None
     metric: str = "accuracy"  # what was compared (jobs.evaluate figures: top-1 by default)
-    views: str = "4x3"
+    views: str = ScoreConfig.views
 
 
 @dataclass
@@ -193,7 +193,7 @@ def gate(candidate_accuracy: float, champion_accuracy: float | None, min_gain: f
 
 def promote_if_better(model_name: str, candidate_version: int, candidate_score: float, val_ref: str,
                       min_gain: float, lock: PromotionLock, uri: str, endpoint_url: str | None = None,
-                      views: str = "4x3", metric: str = "accuracy", options=None) -> GateDecision:
+                      views: str = ScoreConfig.views, metric: str = "accuracy", options=None) -> GateDecision:
     """The guarded read-decide-set-verify of the champion alias. The champion is evaluated before the lease is taken
     (usually read from its version's tags); the lease covers reading the alias, comparing, setting the alias and
     reading it back, and an evaluation only when the champion moved in between."""
@@ -254,7 +254,7 @@ def run_retrain(
     train: TrainConfig | None = None,
     ingest_options: dict | None = None,
     endpoint_url: str | None = None,
-    gate_views: str = "4x3",
+    gate_views: str = ScoreConfig.views,
     gate_metric: str = "accuracy",
     dry_run: bool = False,
     echo=print,
