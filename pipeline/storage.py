@@ -409,6 +409,26 @@ class Storage:
             return
         self._client().delete_object(Bucket=location.bucket, Key=location.path)
 
+    def incomplete_uploads(self, root: Location) -> Iterator[tuple[ObjectInfo, str]]:
+        """S3 multipart uploads below `root` that were neither completed nor aborted (a killed writer's staging: never
+        visible, but stored and billed), as (object with the parts' total size and the upload's start time, upload
+        id). None on a local destination, whose staging files are listed like any file."""
+        if root.scheme == "file":
+            return
+        client = self._client()
+        prefix = root.path.rstrip("/") + "/" if root.path.rstrip("/") else ""
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=root.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                parts = client.get_paginator("list_parts").paginate(
+                    Bucket=root.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                size = sum(part["Size"] for page in parts for part in page.get("Parts", []))
+                location = Location("s3", root.bucket, upload["Key"])
+                yield ObjectInfo(location, size, "", upload["Initiated"].timestamp()), upload["UploadId"]
+
+    def abort_upload(self, location: Location, upload_id: str) -> None:
+        self._client().abort_multipart_upload(Bucket=location.bucket, Key=location.path, UploadId=upload_id)
+
     # ---- atomic file publishing ----------------------------------------------------------------------------------
     def staging_path(self, final: Location) -> str:
         """A local path to write `final`'s content to before `commit_staged`."""

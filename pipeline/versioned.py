@@ -310,7 +310,8 @@ def collect_garbage(
 ) -> GarbageReport:
     """Keep the newest `keep_versions` manifests and everything they name; remove older manifests, then every part,
     table and staging file under the data folders that no kept manifest names, except files a live run record claims,
-    files written after the oldest live run started (they may be its parts), and files younger than `min_age_s`.
+    files written after the oldest live run started (they may be its parts), and files younger than `min_age_s`. On S3
+    incomplete multipart uploads below the root are aborted by the same rules.
 
     The files are listed before the run records are read: a run that starts after that writes only files this pass
     did not list, and checks before it publishes that the leftovers it adopted are still there."""
@@ -323,27 +324,34 @@ def collect_garbage(
     for version in kept:
         referenced |= manifest_references(json.loads(storage.read_bytes(manifest_location(root, version))))
     candidates = [
-        info for folder in (*DATA_DIRS, MANIFESTS_DIR) for info in storage.list_objects(root.join(folder))
+        (info, None) for folder in (*DATA_DIRS, MANIFESTS_DIR) for info in storage.list_objects(root.join(folder))
         if _unreferenced(info, root, referenced)
     ]
+    candidates += list(storage.incomplete_uploads(root))  # on S3, the staging of killed (or running) writers
     live, expired = live_runs(root, storage, now)
     claimed = {path for run in live for path in run.get("parts", [])}
     cutoff = min([now - min_age_s] + [run["started_at"] - _RUN_START_MARGIN_S for run in live])
     report = GarbageReport(kept, dropped, dry_run=dry_run)
-    removals = [(manifest_location(root, version), None) for version in dropped]  # first: readers stop seeing them
-    for info in candidates:
+    # (location, bytes, multipart upload id): the dropped manifests first, so that readers stop seeing those versions
+    removals = [(manifest_location(root, version), None, None) for version in dropped]
+    for info, upload_id in candidates:
         relative = info.location.relative_to(root)
         if relative in claimed or _modified(info) > cutoff:
             report.protected.append(relative)
         else:
-            removals.append((info.location, info.size))
-    removals += [(info.location, info.size) for info in expired]
-    for location, size in removals:
+            removals.append((info.location, info.size, upload_id))
+    removals += [(info.location, info.size, None) for info in expired]
+    for location, size, upload_id in removals:
         if size is None:
             size = len(storage.read_bytes(location))
-        if not dry_run:
+        if dry_run:
+            pass
+        elif upload_id:
+            storage.abort_upload(location, upload_id)
+        else:
             storage.delete(location)
-        report.removed.append((location.relative_to(root), size))
+        relative = location.relative_to(root)
+        report.removed.append((f"{relative} (incomplete upload)" if upload_id else relative, size))
     return report
 
 

@@ -131,9 +131,18 @@ def _exists(storage, root, path: str) -> bool:
 
 
 @pytest.mark.integration
-def test_gc_removes_what_no_kept_version_or_running_job_uses(storage_folder):
+def test_gc_removes_what_no_kept_version_or_running_job_uses(storage_folder, s3_server):
     storage, root = storage_folder
     paths = _dataset_with_two_versions(storage, root)
+    if root.scheme == "s3":  # a killed writer's multipart upload: S3's staging, invisible but stored
+        upload = s3_server.client().create_multipart_upload(Bucket=root.bucket, Key=root.join("shards/part-k").path)
+        s3_server.client().upload_part(Bucket=root.bucket, Key=upload["Key"], UploadId=upload["UploadId"],
+                                       PartNumber=1, Body=b"x" * 1024)
+        staged = {"shards/part-k (incomplete upload)"}
+    else:  # a killed writer's staging file beside the final name
+        staged = {"shards/.tmp-part-k.parquet-0123456789ab"}
+        with open(root.join(*staged).path, "wb") as handle:
+            handle.write(b"x" * 1024)
     claimed = "shards/part-claimed.parquet"
     publish_table(storage, root.join(claimed), pa.table({"video_id": ["y"]}))
     storage.put_bytes(root.join(RUNS_DIR, "dead.json"), json.dumps({"started_at": 0, "expires_at": 1}).encode())
@@ -151,10 +160,12 @@ def test_gc_removes_what_no_kept_version_or_running_job_uses(storage_folder):
     removed = {path for path, _ in report.removed}
     assert removed | {claimed} == {path for path, _ in dry.removed}  # what the dry run listed, less the claim
     assert removed == {"manifests/v000001.json", paths["old"], paths["leftover"], paths["errors_v1"],
-                       "runs/dead.json"}
+                       "runs/dead.json"} | staged
+    if root.scheme == "s3":
+        assert "Uploads" not in s3_server.client().list_multipart_uploads(Bucket=root.bucket)
     assert report.bytes_freed == sum(size for _, size in report.removed) > 0
     for path in removed:
-        assert not _exists(storage, root, path)
+        assert not _exists(storage, root, path.removesuffix(" (incomplete upload)"))
     for path in (paths["shared"], paths["new"], paths["sources_v1"], paths["sources_v2"]):
         assert _exists(storage, root, path)  # v2's shards and its chain of source tables (v1's table starts it)
     assert not _exists(storage, root, run.location.relative_to(root))  # the record left with its run
