@@ -13,10 +13,12 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tomllib
 import urllib.error
 import urllib.request
 from base64 import b64encode
+from functools import cache
 from fractions import Fraction
 from pathlib import Path
 
@@ -37,8 +39,11 @@ SAFE_LITERAL_ENV = {"MLFLOW_TRACKING_URI"}  # a service address, not a credentia
 GPU = "nvidia.com/gpu"
 # A GPU pod takes a whole 8-GPU node: the workers of one training run then share NVLink, not sockets between pods.
 GPUS_PER_POD = 8
-# The option that says how many GPUs a `--gpu` job uses: one per training worker, one per scoring model actor.
-GPU_COUNT_OPTION = {"train": "--workers", "retrain": "--workers", "score": "--actors"}
+# (section of the resolved configuration, field) that says whether a job uses GPUs, and the field that says how many:
+# one per training worker, one per scoring model actor.
+GPU_FIELDS = {"train": ("", "workers"), "retrain": ("train", "workers"), "score": ("", "actors")}
+JOB_CONFIGS = "uniformer-jobs"  # the ConfigMap of the jobs' config files, generated from infra/k8s/jobs/
+UNIFORMER = Path(sys.executable).with_name("uniformer")
 DIGEST = r"sha256:[0-9a-f]{64}"
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64  # what the repository holds until infra/pin-images.sh writes a real one
 MLFLOW_PORT, RAY_GCS_PORT, RAY_JOBS_API_PORT = 5000, 6379, 8265
@@ -225,6 +230,41 @@ def option_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+def generated_config_maps() -> dict[str, dict[str, Path]]:
+    """{name: {key: file}} of the ConfigMaps kustomization.yaml generates from files."""
+    kustomization = of_kind("Kustomization")[0]
+    return {generator["name"]: {Path(file).name: K8S / file for file in generator["files"]}
+            for generator in kustomization.get("configMapGenerator", [])}
+
+
+def job_config_file(where: str, argv: list[str]) -> Path:
+    """The file in infra/k8s/jobs/ that `uniformer JOB --config PATH` reads where its driver runs, the Ray head: PATH
+    must be a key of the ConfigMap the head mounts there."""
+    path = option_value(argv, "--config")
+    assert path, f"{where}: `{shlex.join(argv)}` takes no --config file"
+    head = pod_templates()[ray_head()]["spec"]
+    (container,) = head["containers"]
+    volumes = {v["name"]: v for v in head.get("volumes", [])}
+    mounted = {m["mountPath"]: volumes[m["name"]]["configMap"]["name"] for m in container.get("volumeMounts", [])
+               if "configMap" in volumes[m["name"]]}
+    folder, name = str(Path(path).parent), Path(path).name
+    assert mounted.get(folder) == JOB_CONFIGS, f"{where}: the Ray head has no ConfigMap {JOB_CONFIGS} at {folder}"
+    files = generated_config_maps()[JOB_CONFIGS]
+    assert name in files, f"{where}: {path} is not a key of {JOB_CONFIGS} ({sorted(files)})"
+    return files[name]
+
+
+@cache
+def resolved_config(job: str, file: Path) -> dict:
+    """The configuration `uniformer JOB --config FILE` runs with, as the CLI itself resolves it (`--print-config`):
+    an unknown key or a bad value fails here as it would on the cluster."""
+    result = subprocess.run([UNIFORMER, job, "--config", str(file), "--print-config"], capture_output=True, text=True)
+    assert result.returncode == 0, f"uniformer {job} --config {file}:\n{result.stderr}"
+    config = yaml.safe_load(result.stdout)
+    assert isinstance(config, dict), result.stdout
+    return config
+
+
 _QUANTITY = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))(?:[eE]([+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E))?")
 _QUANTITY_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
                     "m": Fraction(1, 1000), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
@@ -305,6 +345,38 @@ def test_the_cli_check_rejects_what_the_parser_rejects():
                  ["submit", "--wait", "train", "--data", "s3://c/", "--epochs", "many"]):
         with pytest.raises(SubmitError):
             check_invocation(argv)
+
+
+def test_every_job_takes_its_options_from_a_config_file_the_ray_head_mounts():
+    files = generated_config_maps()[JOB_CONFIGS]
+    used = set()
+    for where, argv in uniformer_commands():
+        job = job_of(argv)
+        # the options live in the file: the command names the job and the file, nothing else
+        assert argv[argv.index(job):] in ([job, "--config", option_value(argv, "--config")],
+                                          [job, f"--config={option_value(argv, '--config')}"]), (where, argv)
+        file = job_config_file(where, argv)
+        assert file.name == f"{job}.yaml", f"{where}: {job} reads {file.name}"
+        used.add(file.name)
+    assert used == set(files), f"config files no job reads: {set(files) - used}"
+
+
+def test_every_job_config_file_resolves_through_the_cli():
+    for where, argv in uniformer_commands():
+        job = job_of(argv)
+        config = resolved_config(job, job_config_file(where, argv))
+        assert not [value for value in config.values() if isinstance(value, str) and carries_credentials(value)], where
+
+
+def test_the_config_check_refuses_a_key_the_job_does_not_have(tmp_path):
+    # the check above must be able to fail: a misspelt key, and a training option outside retrain's train: section
+    misspelt = yaml.safe_load((K8S / "jobs" / "score.yaml").read_text()) | {"batch_sise": 8}
+    outside = yaml.safe_load((K8S / "jobs" / "retrain.yaml").read_text()) | {"epochs": 3}
+    for job, config in (("score", misspelt), ("retrain", outside)):
+        file = tmp_path / f"{job}.yaml"
+        file.write_text(yaml.safe_dump(config))
+        with pytest.raises(AssertionError, match="unknown key"):
+            resolved_config(job, file)
 
 
 def mlflow_container() -> dict:
@@ -614,7 +686,8 @@ def test_everything_that_talks_to_ray_presents_the_clusters_token():
 
 
 def test_service_accounts_config_maps_and_volumes_exist():
-    accounts, configs, claims = names("ServiceAccount"), names("ConfigMap"), names("PersistentVolumeClaim")
+    accounts, claims = names("ServiceAccount"), names("PersistentVolumeClaim")
+    configs = names("ConfigMap") | set(generated_config_maps())
     for where, spec in pod_specs():
         assert spec.get("serviceAccountName") in accounts, where
         for volume in spec.get("volumes", []):
@@ -625,6 +698,8 @@ def test_service_accounts_config_maps_and_volumes_exist():
     for _, doc in DOCUMENTS:
         for ref in walk(doc, "configMapRef"):
             assert ref["name"] in configs, _name(doc)
+        for volume in walk(doc, "configMap"):
+            assert volume["name"] in configs, _name(doc)
 
 
 # ---- network policies and MLflow's clients -----------------------------------------------------------------------
@@ -728,17 +803,21 @@ def test_gpu_pods_take_a_whole_8_gpu_node_and_gpu_jobs_fill_whole_pods():
         assert requested == limited == GPUS_PER_POD, (
             f"{name}: requests {requested} and limits {limited} GPUs per pod; one pod per node, all {GPUS_PER_POD}")
     capacity = sum(GPUS_PER_POD * group["maxReplicas"] for _, group in gpu_groups)
-    gpu_commands = [(where, argv) for where, argv in uniformer_commands() if "--gpu" in argv]
-    assert gpu_commands
-    for where, argv in gpu_commands:
+    gpu_jobs = []
+    for where, argv in uniformer_commands():
         job = job_of(argv)
-        assert job in GPU_COUNT_OPTION, f"{where}: how many GPUs does `{job} --gpu` use?"
-        count = option_value(argv, GPU_COUNT_OPTION[job])
-        # left out, score counts the GPUs present at its start: none while the GPU group is scaled to zero
-        assert count is not None, f"{where}: {job} --gpu without {GPU_COUNT_OPTION[job]}"
-        gpus = int(count)
-        assert gpus <= GPUS_PER_POD or gpus % GPUS_PER_POD == 0, f"{where}: {gpus} GPUs leave a pod part-used"
-        assert gpus <= capacity, f"{where}: {gpus} GPUs, the GPU groups scale to {capacity}"
+        config = resolved_config(job, job_config_file(where, argv))
+        section, count_field = GPU_FIELDS.get(job, ("", None))
+        options = config[section] if section else config
+        if options.get("use_gpu"):
+            gpu_jobs.append(where)
+            assert count_field, f"{where}: how many GPUs does `{job}` with use_gpu use?"
+            # left out, score counts the GPUs present at its start: none while the GPU group is scaled to zero
+            assert options.get(count_field) is not None, f"{where}: {job} uses GPUs without {count_field}"
+            gpus = int(options[count_field])
+            assert gpus <= GPUS_PER_POD or gpus % GPUS_PER_POD == 0, f"{where}: {gpus} GPUs leave a pod part-used"
+            assert gpus <= capacity, f"{where}: {gpus} GPUs, the GPU groups scale to {capacity}"
+    assert gpu_jobs
 
 
 def test_every_ray_pod_keeps_its_object_store_in_a_memory_backed_dev_shm_that_holds_it():
