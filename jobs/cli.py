@@ -305,6 +305,9 @@ def score_command(
     decode_timeout: float = _option(ScoreConfig, "decode_timeout", "--decode-timeout", help=_DECODE_TIMEOUT),
     retry_errors: bool = _option(ScoreConfig, "retry_errors", "--retry-errors",
                                  help="Score again the videos that failed before, changed or not."),
+    keep_deleted: bool = _option(ScoreConfig, "keep_deleted", "--keep-deleted",
+                                 help="Keep the predictions of videos gone from SRC (default: they leave the new "
+                                 "version)."),
     config_file: str = _CONFIG_FILE,
     print_config: bool = _PRINT_CONFIG,
     json_output: bool = _JSON,
@@ -322,7 +325,7 @@ def score_command(
             config.src, config.out, config.model, views=config.views, top_k=config.top_k,
             full_probs=config.full_probs, short_side=config.short_side, options=config.options(),
             tracking_uri=config.tracking_uri, endpoint_url=config.endpoint_url, retry_errors=config.retry_errors,
-            dry_run=dry_run, echo=echo,
+            keep_deleted=config.keep_deleted, dry_run=dry_run, echo=echo,
         )
     if dry_run:
         _finish(json_output, _summary_dict(summary))

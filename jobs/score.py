@@ -102,6 +102,7 @@ class ScoreConfig:
     max_seconds: float = DecodeLimits.max_seconds
     decode_timeout: float = DecodeLimits.timeout_s
     retry_errors: bool = False  # score again the videos that failed before, changed or not
+    keep_deleted: bool = False  # keep the predictions of videos no longer listed
 
     def __post_init__(self) -> None:
         parse_views(self.views)
