@@ -199,8 +199,7 @@ def mlflow_server() -> str:
 def job_submitters() -> set[str]:
     """The pods that submit jobs through the Ray Jobs API: KubeRay's submitters and `uniformer submit` runners."""
     return {where for where, template in pod_templates().items()
-            if where.startswith("RayJob/") or any(c.get("command") == ["uniformer"] and "submit" in c.get("args", [])
-                                                  for c in template["spec"]["containers"])}
+            if where.startswith("RayJob/") or any(submits(c) for c in template["spec"]["containers"])}
 
 
 def uniformer_commands() -> list[tuple[str, list[str]]]:
@@ -210,10 +209,22 @@ def uniformer_commands() -> list[tuple[str, list[str]]]:
         argv = shlex.split(doc["spec"]["entrypoint"])
         commands.append((f"RayJob/{_name(doc)}", argv))
     for where, container in containers():
-        argv = list(container.get("command", [])) + list(container.get("args", []))
-        if argv and argv[0] == "uniformer":
-            commands.append((where, argv))
+        commands += [(where, argv) for argv in uniformer_runs(container)]
     return commands
+
+
+def uniformer_runs(container: dict) -> list[list[str]]:
+    """The `uniformer ...` argvs a container runs: its command itself, or the lines of its `sh -c` script."""
+    argv = list(container.get("command", [])) + list(container.get("args", []))
+    if argv[:1] == ["uniformer"]:
+        return [argv]
+    if argv[:2] in (["/bin/sh", "-c"], ["sh", "-c"]):
+        return [shlex.split(line) for line in argv[2].splitlines() if line.split()[:1] == ["uniformer"]]
+    return []
+
+
+def submits(container: dict) -> bool:
+    return any(argv[1] == "submit" for argv in uniformer_runs(container))
 
 
 def job_of(argv: list[str]) -> str:
@@ -678,7 +689,7 @@ def test_everything_that_talks_to_ray_presents_the_clusters_token():
         assert doc["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     head_service = f"http://{cluster['metadata']['name']}-head-svc:8265"  # the Service KubeRay creates for the head
     submitters = [(w, c) for w, c in containers()
-                  if c.get("command") == ["uniformer"] and "submit" in c.get("args", [])]
+                  if submits(c)]
     assert submitters
     for where, container in submitters:  # `uniformer submit` reads the token itself; RAY_AUTH_MODE is not needed
         env = env_of(container)
@@ -770,6 +781,23 @@ def test_every_mlflow_client_has_the_jobs_user_from_its_secret_and_nothing_else_
 
 
 # ---- the cluster's shape -------------------------------------------------------------------------------------------
+def test_the_retrain_cronjob_fails_on_a_failure_not_on_nothing_new_or_a_rejected_candidate(tmp_path):
+    from jobs.exitcodes import ExitCode
+
+    (cron,) = of_kind("CronJob")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    (argv,) = uniformer_runs(container)
+    stub, calls = tmp_path / "uniformer", tmp_path / "calls"  # stands in for the image's `uniformer` on PATH
+    stub.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit "$EXIT_CODE"\n')
+    stub.chmod(0o755)
+    ordinary = {ExitCode.SUCCESS, ExitCode.NOTHING_NEW, ExitCode.REJECTED}
+    for code in ExitCode:
+        result = subprocess.run([*container["command"], *container["args"]], capture_output=True, text=True,
+                                env={"PATH": f"{tmp_path}:/usr/bin:/bin", "EXIT_CODE": str(int(code))})
+        assert result.returncode == (0 if code in ordinary else int(code)), (code, result.stderr)
+    assert calls.read_text().splitlines() == [shlex.join(argv[1:])] * len(ExitCode), "the stub ran every time"
+
+
 def test_worker_groups_autoscale_within_bounds():
     (cluster,) = of_kind("RayCluster")
     assert cluster["spec"]["enableInTreeAutoscaling"] is True
