@@ -25,6 +25,9 @@ CLIENT_SETTINGS = (
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
     "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
 )
+# The driver's console settings (jobs.console sets them from -v/-q): no secret, and they travel to Ray Train workers
+# only (a submitted job's driver sets its own).
+CONSOLE_SETTINGS = ("MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
 # Service addresses: they travel too, but only while they hold no credentials.
 ADDRESSES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
@@ -74,7 +77,7 @@ def mlflow_env_for_workers(environ: Mapping[str, str] | None = None) -> dict:
     for name, value in sorted(environ.items()):
         if not name.startswith("MLFLOW_"):
             continue
-        if name in CLIENT_SETTINGS or (name in ADDRESSES and not carries_credentials(value)):
+        if name in CLIENT_SETTINGS + CONSOLE_SETTINGS or (name in ADDRESSES and not carries_credentials(value)):
             values[name] = value
         else:
             names.append(name)

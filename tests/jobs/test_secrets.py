@@ -197,3 +197,9 @@ def test_secrets_reach_workers_by_name_and_a_worker_without_one_fails_naming_it(
     worker["MLFLOW_TRACKING_TOKEN"] = "the worker's own"
     adopt_mlflow_env(env)
     assert worker["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and worker["MLFLOW_TRACKING_TOKEN"] == "the worker's own"
+
+
+def test_the_drivers_console_settings_reach_workers_as_values():
+    # jobs.console sets them in the driver from -v/-q, after the cluster's workers started: they cannot be required
+    driver = {"MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    assert mlflow_env_for_workers(driver) == {"values": driver, "names": []}
