@@ -39,16 +39,16 @@ SAFE_LITERAL_ENV = {"MLFLOW_TRACKING_URI"}  # a service address, not a credentia
 GPU = "nvidia.com/gpu"
 # A GPU pod takes a whole 8-GPU node: the workers of one training run then share NVLink, not sockets between pods.
 GPUS_PER_POD = 8
-# (section of the resolved configuration, field) that says whether a job uses GPUs, and the field that says how many:
-# one per training worker, one per scoring model actor.
+# Where a job's resolved configuration says that it uses GPUs (`use_gpu` in this section; "" = the top level) and how
+# many (this field of it): one per training worker, one per scoring model actor.
 GPU_FIELDS = {"train": ("", "workers"), "retrain": ("train", "workers"), "score": ("", "actors")}
 JOB_CONFIGS = "uniformer-jobs"  # the ConfigMap of the jobs' config files, generated from infra/k8s/jobs/
 UNIFORMER = Path(sys.executable).with_name("uniformer")
 DIGEST = r"sha256:[0-9a-f]{64}"
 PLACEHOLDER_DIGEST = "sha256:" + "0" * 64  # what the repository holds until infra/pin-images.sh writes a real one
 MLFLOW_PORT, RAY_GCS_PORT, RAY_JOBS_API_PORT = 5000, 6379, 8265
-# Ports a Ray head could listen on: the three above's neighbours that nothing here uses (Ray Client, Serve, metrics
-# export, dashboard agent) must stay closed to everything but the Ray nodes themselves.
+# Ports a Ray head may listen on: the GCS, the Jobs API, and those nothing here uses (Ray Client, Serve, metrics
+# export, dashboard agent), which must stay closed to every pod but the Ray nodes themselves.
 RAY_HEAD_PORTS = (RAY_GCS_PORT, RAY_JOBS_API_PORT, 10001, 8000, 8080, 52365)
 
 
