@@ -2,9 +2,9 @@
 
 By default the console carries the jobs' own lines (plans, progress with rate and ETA, notices, summaries) and every
 warning; Ray's internal logging (controller and worker lines, the actors' warnings, Ray Data's per-dataset execution
-lines and progress bars) and MLflow's info lines stay in their log files (Ray's under
-`/tmp/ray/session_latest/logs` of each node). `-v` brings Ray's and MLflow's lines back to the console, `-vv` adds
-debug lines, and `-q` keeps warnings and the summaries only.
+lines and progress bars) stays in Ray's log files (`/tmp/ray/session_latest/logs` of each node), and MLflow's info
+lines are left out. `-v` brings Ray's and MLflow's lines to the console, `-vv` adds debug lines, and `-q` keeps
+warnings and the summaries only.
 """
 
 from __future__ import annotations
