@@ -46,9 +46,12 @@ class DriverConsole:
 
     def __enter__(self) -> DriverConsole:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        # no CPU: it must find room on a head node that runs no tasks, and beside workers that hold every CPU
-        self.board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        # On the driver's node, so that it is lost only with the driver (a head node that runs no tasks has room
+        # for it: it takes no CPU, as it must beside workers that hold every CPU).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.board = ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressBoard).remote()
         self._thread.start()
         return self
 
