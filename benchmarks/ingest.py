@@ -7,8 +7,13 @@ On one set of synthetic videos (several resolutions up to 720p and several lengt
 producing the same clips (same frame indices, same resize + centre crop):
 - ingest: `jobs.ingest.run_ingest` on a local Ray with N CPUs (Ray already started; the time covers listing,
   decoding, Parquet shards and the manifest), in clips/s;
-- decode-only limit: decord decoding the same frame indices of the same files in a pool of N processes, one decoder
-  thread each, and nothing else (no resize, no writing): the ceiling for any decord-based ingest;
+- decode-only limit: decord decoding the same frame indices of the same files at their own size in a pool of N
+  processes, one decoder thread each, and nothing else (no resize, no writing): the ceiling for an ingest that decodes
+  at the source's size. Ingest asks decord for frames scaled to the clips' short side (`pipeline.decode.decode_size`),
+  which costs less than that: the same pool decoding at that size is reported too (`decode_only_at_clip_size`), the
+  ceiling for everything ingest does besides decoding;
+- both run at the niceness Ray gives its workers (15), so that other load on a shared machine takes the same share
+  from each;
 - read_videos: the same clips from a pipeline built on `ray.data.read_videos` (decodes every frame, keeps the
   sampled ones, resizes them, groups them into clips per video, writes Parquet);
 - CPU time per clip of each side (all its processes: for ingest the driver, Ray's own processes and the workers),
@@ -78,20 +83,37 @@ def wanted_indices(path: str, frames: int) -> list[int]:
     return sorted(set(indices.ravel().tolist()))
 
 
+def clip_decode_sizes(paths: list[str], short_side: int) -> dict[str, dict[str, int]]:
+    """The width and height ingest asks decord for, per video (empty: the source's own)."""
+    from pipeline.decode import decode_size, probe_video
+
+    return {path: decode_size(probe_video(path), short_side) for path in paths}
+
+
 def _decode_only(job) -> int:
     import decord
 
-    path, indices = job
-    decord.VideoReader(path, num_threads=1).get_batch(indices).asnumpy()
+    path, indices, size = job
+    decord.VideoReader(path, num_threads=1, **size).get_batch(indices).asnumpy()
     return 1
 
 
-def bench_decode_only(paths: list[str], indices: dict[str, list[int]], cpus: int) -> tuple[float, float]:
-    """(clips/s, CPU ms per clip)."""
-    with ProcessPoolExecutor(max_workers=cpus) as pool:
-        list(pool.map(_decode_only, [(paths[0], indices[paths[0]])] * cpus))  # start and warm the workers
+def ray_worker_niceness() -> int:
+    """The niceness Ray gives its worker processes (15 unless RAY_worker_niceness says otherwise; the decoding
+    children inherit it). A limit measured at niceness 0 beside them gets a larger share of a machine that other
+    processes load too, so the pools that measure limits run at this niceness as well."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
+
+
+def bench_decode_only(paths: list[str], indices: dict[str, list[int]], sizes: dict[str, dict[str, int]], cpus: int,
+                      niceness: int) -> tuple[float, float]:
+    """(clips/s, CPU ms per clip) decoding each video at `sizes` (empty: its own size)."""
+    with ProcessPoolExecutor(max_workers=cpus, initializer=os.nice, initargs=(niceness,)) as pool:
+        list(pool.map(_decode_only, [(paths[0], indices[paths[0]], sizes[paths[0]])] * cpus))  # start, warm
         with Measured() as measured:
-            clips = sum(pool.map(_decode_only, [(path, indices[path]) for path in paths]))
+            clips = sum(pool.map(_decode_only, [(path, indices[path], sizes[path]) for path in paths]))
     return clips / measured.wall, 1000 * measured.cpu / clips
 
 
@@ -293,15 +315,21 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     try:
         # Alternate the two and keep each one's best round, so that both see the same machine load.
-        decode_only = ingest = 0.0
-        decode_only_cpu = ingest_cpu = float("inf")
+        decode_only = ingest = scaled = 0.0
+        decode_only_cpu = ingest_cpu = scaled_cpu = float("inf")
+        niceness = ray_worker_niceness()
+        own_sizes = {path: {} for path in paths}
+        clip_sizes = clip_decode_sizes(paths, args.short_side)
         for _ in range(args.rounds):
-            rate, cpu_ms = bench_decode_only(paths, indices, args.cpus)
+            rate, cpu_ms = bench_decode_only(paths, indices, own_sizes, args.cpus, niceness)
             decode_only, decode_only_cpu = max(decode_only, rate), min(decode_only_cpu, cpu_ms)
+            rate, cpu_ms = bench_decode_only(paths, indices, clip_sizes, args.cpus, niceness)
+            scaled, scaled_cpu = max(scaled, rate), min(scaled_cpu, cpu_ms)
             rate, cpu_ms, clips = bench_ingest(src, scratch / "ingest", args.frames, args.size, args.short_side)
             ingest, ingest_cpu = max(ingest, rate), min(ingest_cpu, cpu_ms)
         result = {
-            "machine": {"cpus": args.cpus, "platform": platform.platform(), "python": platform.python_version()},
+            "machine": {"cpus": args.cpus, "platform": platform.platform(), "python": platform.python_version(),
+                        "niceness_of_both_sides": niceness, "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
             "videos": {"count": count, "configs": [f"{w}x{h} {n} frames @{f} fps" for w, h, n, f in configs],
                        "key_frame_every": args.gop or "2 s",
                        "bytes": sum(os.path.getsize(path) for path in paths)},
@@ -314,6 +342,9 @@ def main() -> None:
             "ingest_cpu_ms_per_clip": round(ingest_cpu, 1),
             "decode_only_cpu_ms_per_clip": round(decode_only_cpu, 1),
             "ingest_vs_decode_only_by_cpu_time": round(decode_only_cpu / ingest_cpu, 3),
+            "decode_only_at_clip_size": {"clips_per_s": round(scaled, 2), "cpu_ms_per_clip": round(scaled_cpu, 1),
+                                         "ingest_vs_it": round(ingest / scaled, 3),
+                                         "ingest_vs_it_by_cpu_time": round(scaled_cpu / ingest_cpu, 3)},
         }
         if not args.skip_read_videos:
             read_videos, read_clips = bench_read_videos(paths, indices, scratch / "read_videos", args.frames,
