@@ -16,11 +16,13 @@ if not os.environ.get("RAY_ADDRESS"):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # The jobs' config classes hold the options' defaults, which the flags show in --help.
+from jobs.demo import DemoConfig  # noqa: E402
 from jobs.evaluate import EvaluateConfig  # noqa: E402
 from jobs.exitcodes import ExitCode  # noqa: E402
 from jobs.ingest import IngestConfig  # noqa: E402
 from jobs.retrain import RETRAIN_EXPERIMENT, RetrainConfig  # noqa: E402
 from jobs.score import ScoreConfig  # noqa: E402
+from jobs.train import RegisterConfig  # noqa: E402
 from jobs.training.config import TrainConfig  # noqa: E402
 
 app = typer.Typer(
@@ -515,22 +517,30 @@ def train_command(
 
 @app.command("register")
 def register_command(
-    run: str = typer.Option(..., help="Ray Train run name (printed by `uniformer train`)."),
-    storage: str = typer.Option(TrainConfig.storage, help="The checkpoint storage the run used."),
-    register_as: str = typer.Option(None, help="Model name; default: the run's --register-as."),
-    tracking_uri: str = typer.Option(None, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the run's."),
-    endpoint_url: str = typer.Option(None, help="S3-compatible endpoint for s3:// storage."),
+    ctx: typer.Context,
+    run: str = _option(RegisterConfig, "run", "--run", help="Ray Train run name (printed by `uniformer train`)."),
+    storage: str = _option(RegisterConfig, "storage", "--storage", help="The checkpoint storage the run used."),
+    register_as: str = _option(RegisterConfig, "register_as", "--register-as",
+                               help="Model name; default: the run's --register-as."),
+    tracking_uri: str = _option(RegisterConfig, "tracking_uri", "--tracking-uri",
+                                help="MLflow tracking URI; default: MLFLOW_TRACKING_URI or the run's."),
+    endpoint_url: str = _option(RegisterConfig, "endpoint_url", "--endpoint-url",
+                                help="S3-compatible endpoint for s3:// storage."),
+    config_file: str = _CONFIG_FILE,
+    print_config: bool = _PRINT_CONFIG,
     json_output: bool = _JSON,
 ) -> None:
     """Log and register the final model of a finished training run (after MLflow was unreachable at its end)."""
     from jobs.train import register_run
     from pipeline import ManifestError, StorageError
 
+    config = _resolve(ctx, RegisterConfig, config_file, _given(ctx), print_config)
     with _job("register", json_output, FileNotFoundError, StorageError, ManifestError, ValueError,
               RuntimeError) as echo:
-        model_uri, version = register_run(run, storage, register_as, tracking_uri, endpoint_url)
+        model_uri, version = register_run(config.run, config.storage, config.register_as, config.tracking_uri,
+                                          config.endpoint_url)
         echo(f"logged {model_uri}" + (f", registered version {version}" if version is not None else ""))
-    _finish(json_output, {"run_name": run, "model_uri": model_uri, "registered_version": version})
+    _finish(json_output, {"run_name": config.run, "model_uri": model_uri, "registered_version": version})
 
 
 # retrain's flags: its own fields, and the most used of its sections' (the files take all of them)
@@ -620,16 +630,21 @@ def retrain_command(
 
 @app.command("demo")
 def demo_command(
-    workdir: str = typer.Option("demo-output", help="Where videos, clips, runs, scores and mlflow.db go."),
-    size: str = typer.Option("default", help="default (shows learning) or small (a quick smoke run)."),
-    workers: int = typer.Option(2, help="Ray Train workers."),
+    ctx: typer.Context,
+    workdir: str = _option(DemoConfig, "workdir", "--workdir",
+                           help="Where videos, clips, runs, scores and mlflow.db go."),
+    size: str = _option(DemoConfig, "size", "--size", help="default (shows learning) or small (a quick smoke run)."),
+    workers: int = _option(DemoConfig, "workers", "--workers", help="Ray Train workers."),
+    config_file: str = _CONFIG_FILE,
+    print_config: bool = _PRINT_CONFIG,
     json_output: bool = _JSON,
 ) -> None:
     """Run ingest, train, register, score and a gated retrain end to end on embedded defaults."""
     from jobs.demo import run_demo
 
+    config = _resolve(ctx, DemoConfig, config_file, _given(ctx), print_config)
     with _job("demo", json_output, ValueError) as echo:
-        summary = run_demo(workdir, size, workers, echo=echo)
+        summary = run_demo(config.workdir, config.size, config.workers, echo=echo)
     _finish(json_output, summary)
 
 

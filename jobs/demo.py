@@ -48,7 +48,22 @@ MODEL_NAME = "demo-motion"
 SCORE_VIEWS = "2x1"  # the demo scores at these views, and its gate judges at the same ones
 
 
-def run_demo(workdir: str = "demo-output", size: str = "default", workers: int = 2, echo=print) -> dict:
+@dataclass
+class DemoConfig:
+    """The options of `uniformer demo`."""
+
+    workdir: str = "demo-output"  # videos, clips, runs, scores and mlflow.db
+    size: str = "default"  # default (shows learning) | small (a quick smoke run)
+    workers: int = 2  # Ray Train workers
+
+    def __post_init__(self) -> None:
+        DemoSize.named(self.size)  # refuses an unknown size by name
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+
+def run_demo(workdir: str = DemoConfig.workdir, size: str = DemoConfig.size, workers: int = DemoConfig.workers,
+             echo=print) -> dict:
     started = time.monotonic()
     sizes = DemoSize.named(size)
     workdir = os.path.abspath(workdir)

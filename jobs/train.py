@@ -367,6 +367,17 @@ def select_checkpoints(storage: str, run_name: str, select: str, endpoint_url: s
     return final, max(scored, key=lambda item: item[0]["metrics"][SELECT_METRIC], default=final)
 
 
+@dataclass
+class RegisterConfig:
+    """The options of `uniformer register`."""
+
+    run: str  # the Ray Train run name `uniformer train` printed
+    storage: str = TrainConfig.storage  # the checkpoint storage the run used
+    register_as: str | None = None  # default: the run's own
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else the run's
+    endpoint_url: str | None = None
+
+
 def register_run(run_name: str, storage: str, register_as: str | None = None, tracking: str | None = None,
                  endpoint_url: str | None = None) -> tuple[str, int | None]:
     """Logs and registers the final model of a finished run whose end-of-run registration failed."""

@@ -12,10 +12,12 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.config import ConfigError, build, read_file, to_yaml
+from jobs.demo import DemoConfig
 from jobs.evaluate import EvaluateConfig
 from jobs.ingest import IngestConfig
 from jobs.retrain import RETRAIN_EXPERIMENT, RetrainConfig
 from jobs.score import ScoreConfig
+from jobs.train import RegisterConfig
 from jobs.training.config import TrainConfig
 
 runner = CliRunner()
@@ -29,6 +31,8 @@ COMMANDS = {
     "score": (ScoreConfig, ["archive", "--model", "models:/m@champion", "--out", "scores", "--views", "2x1",
                             "--gpu", "--actors", "3"]),
     "evaluate": (EvaluateConfig, ["--data", "val@1", "--model", "models:/m/2", "--precision", "fp32"]),
+    "register": (RegisterConfig, ["--run", "uniformerv2-0a1b2c3d4e", "--storage", "s3://runs/", "--register-as", "m"]),
+    "demo": (DemoConfig, ["--size", "small", "--workers", "1"]),
     "retrain": (RetrainConfig, ["--source", "raw", "--dataset", "clips", "--model-name", "m", "--val", "val@1",
                                 "--min-gain", "0.01", "--workers", "2", "--set", "no_lmhra=True", "--frames", "4",
                                 "--labels-from-dirs", "--experiment", "weekly"]),
@@ -106,6 +110,8 @@ def test_flags_given_override_the_file_and_flags_left_out_do_not(tmp_path):
         ("ingest", "src: a\nout: b\nmax_seconds: 0\n", "max_seconds must be > 0"),
         ("score", "src: a\nout: b\nmodel: m\nviews: '4'\n", "views must be TEMPORALxSPATIAL"),
         ("evaluate", "data: a\nmodel: m\nprecision: fp8\n", "precision must be one of"),
+        ("demo", "size: huge\n", "unknown demo size 'huge'"),
+        ("register", "storage: s3://runs/\n", "missing run"),
         ("retrain", "source: a\ndataset: b\nmodel_name: m\nval: v\ntrain: {batchsize: 2}\n",
          "unknown key train.batchsize; valid keys: model, model_overrides"),
         ("retrain", "source: a\ndataset: b\nmodel_name: m\nval: v\ntrain: {data: other}\n",
