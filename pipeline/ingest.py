@@ -18,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 
 from pipeline.decode import DecodeLimits, decode_clips
@@ -199,7 +202,8 @@ def ingest_group(
 ) -> dict:
     """Decode every video of a group into one shard. Never raises for a bad video: it becomes an error record.
     That includes a video above `limits` and, when `decoder` (a child process, pipeline.isolation) decodes, one that
-    crashes it or runs past `limits.timeout_s`; without `decoder` the videos are decoded in this process.
+    crashes it or runs past `limits.timeout_s`; without `decoder` the videos are decoded in this process. The next
+    video is read and decoded while the current one's clips are written (`one_ahead`).
 
     Returns a JSON-able result: the shard entry (None when no video gave clips), per-video clip counts, errors, and
     whether an already published shard (from a killed run) was adopted instead of decoding again.
@@ -213,28 +217,34 @@ def ingest_group(
 
     writer = ShardWriter(storage, final, sampling.stored_frames, sampling.short_side)
     videos, errors = [], []
+
+    def read_and_decode(source: dict) -> tuple | ErrorRecord:
+        stage = "read"
+        try:
+            with storage.fetched(parse_uri(source["uri"]), source["size"]) as video:
+                stage = "decode"
+                return decode_clips(
+                    video,
+                    frames=sampling.frames,
+                    short_side=sampling.short_side,
+                    sampling=sampling.sampling,
+                    stride=sampling.stride,
+                    clips_per_video=sampling.clips_per_video,
+                    frames_per_segment=sampling.frames_per_segment,
+                    limits=limits,
+                    decoder=decoder,
+                )
+        except Exception as error:  # one bad input must not lose the others
+            if stage == "read" and not is_object_error(error):
+                raise  # the store failed, not this video: the task fails, and a re-run resumes
+            return _error(source, stage, error)
+
     try:
-        for source in group["videos"]:
-            stage = "read"
-            try:
-                with storage.fetched(parse_uri(source["uri"]), source["size"]) as video:
-                    stage = "decode"
-                    clips, info = decode_clips(
-                        video,
-                        frames=sampling.frames,
-                        short_side=sampling.short_side,
-                        sampling=sampling.sampling,
-                        stride=sampling.stride,
-                        clips_per_video=sampling.clips_per_video,
-                        frames_per_segment=sampling.frames_per_segment,
-                        limits=limits,
-                        decoder=decoder,
-                    )
-            except Exception as error:  # one bad input must not lose the others
-                if stage == "read" and not is_object_error(error):
-                    raise  # the store failed, not this video: the task fails, and a re-run resumes
-                errors.append(_error(source, stage, error))
+        for source, decoded in zip(group["videos"], one_ahead(read_and_decode, group["videos"])):
+            if isinstance(decoded, ErrorRecord):
+                errors.append(decoded)
                 continue
+            clips, info = decoded
             writer.add_video(
                 clips,
                 info.frame_indices,
@@ -257,6 +267,19 @@ def ingest_group(
     except BaseException:
         writer.abort()
         raise
+
+
+def one_ahead(function: Callable[[Any], Any], items: list) -> Iterator[Any]:
+    """`function(item)` of each item in order, the next item's computed in a thread while the caller handles the
+    current one's: a video is read and decoded (in the decoding child) while the previous one's clips are written.
+    An exception of `function` is raised where its result would have been."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-decode-ahead") as ahead:
+        upcoming = ahead.submit(function, items[0]) if items else None
+        for index in range(len(items)):
+            current = upcoming
+            if index + 1 < len(items):
+                upcoming = ahead.submit(function, items[index + 1])
+            yield current.result()
 
 
 def _error(source: dict, stage: str, error: Exception) -> ErrorRecord:

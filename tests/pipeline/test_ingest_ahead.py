@@ -1,0 +1,39 @@
+"""Ingest reads and decodes a group's next video while it writes the current one's clips (`one_ahead`)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pipeline.ingest import one_ahead
+
+
+def test_the_next_item_is_computed_while_the_current_one_is_handled_and_results_keep_their_order():
+    started = {index: threading.Event() for index in range(4)}
+
+    def work(index: int) -> int:
+        started[index].set()
+        return index * 10
+
+    results = []
+    for index, result in zip(range(4), one_ahead(work, list(range(4)))):
+        if index + 1 < 4:
+            # the caller is still handling this item, and the next one is already under way
+            assert started[index + 1].wait(timeout=10)
+        results.append(result)
+    assert results == [0, 10, 20, 30]
+    assert list(one_ahead(work, [])) == []
+
+
+def test_an_error_is_raised_where_its_result_would_have_been():
+    def work(index: int) -> int:
+        if index == 2:
+            raise ConnectionError("the store went away")
+        return index
+
+    handled = []
+    with pytest.raises(ConnectionError, match="went away"):
+        for result in one_ahead(work, [0, 1, 2, 3]):
+            handled.append(result)
+    assert handled == [0, 1]
