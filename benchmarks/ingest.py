@@ -210,28 +210,48 @@ def _memory_kb(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and all its descendants that are alive now."""
-    total = 0
+def _cpu_seconds_by_process(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of a process and each of its descendants alive now."""
+    seconds = {}
     for member in _tree(pid):
         try:
             with open(f"/proc/{member}/stat") as handle:
                 fields = handle.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            seconds[member] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except OSError:
             continue
-    return total / os.sysconf("SC_CLK_TCK")
+    return seconds
 
 
 class Measured:
-    """Wall time and CPU time of this process tree (Ray's processes and pool workers are its descendants)."""
+    """Wall time and CPU time of this process tree (Ray's processes and pool workers are its descendants). A thread
+    samples every process's CPU time every 200 ms, so that one that ends before the measurement does (a model actor
+    when its dataset finishes) still counts up to its last sample, and one that ended before it began counts not at
+    all."""
+
+    _INTERVAL_S = 0.2
 
     def __enter__(self):
-        self.cpu, self.wall = tree_cpu_seconds(os.getpid()), time.perf_counter()
+        import threading
+
+        self._start = _cpu_seconds_by_process(os.getpid())
+        self._last = dict(self._start)
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        self.wall = time.perf_counter()
         return self
 
+    def _sample(self) -> None:
+        while not self._stop.wait(self._INTERVAL_S):
+            self._last.update(_cpu_seconds_by_process(os.getpid()))
+
     def __exit__(self, *exc):
-        self.cpu, self.wall = tree_cpu_seconds(os.getpid()) - self.cpu, time.perf_counter() - self.wall
+        self.wall = time.perf_counter() - self.wall
+        self._stop.set()
+        self._sampler.join()
+        self._last.update(_cpu_seconds_by_process(os.getpid()))
+        self.cpu = sum(seconds - self._start.get(pid, 0.0) for pid, seconds in self._last.items())
 
 
 _JOB = """

@@ -10,11 +10,16 @@
 - decode-only limit: `pipeline.views.decode_views` of the same videos in a pool of N processes and nothing else;
 - model-only limit: the model on already decoded views of the same videos, batch by batch as the actor runs it,
   with the whole machine (the better of 1 and N torch threads on CPU, or the GPU);
-- ratio: score (steady) / min(decode-only, model-only), the issue's goal >= 0.8. On a CPU-only machine decoding and
-  the model share the same cores, so the job can at best reach the harmonic combination 1 / (1/decode + 1/model);
-  that bound and the ratio to it are reported too, with CPU ms per video of each (the job's whole process tree),
-  which load from other processes skews less than wall time.
-The three are measured in interleaved rounds (--rounds) and medians compared, so they see similar machine load.
+- ratio: score (steady) / min(decode-only, model-only). On a CPU-only machine decoding and the model share the same
+  cores, so the job can at best reach the harmonic combination 1 / (1/decode + 1/model): the goal is >= 0.9 of that
+  bound (`ratio_to_shared_cpu_bound`); CPU ms per video of each (the job's whole process tree) are reported too,
+  which load from other processes skews less than wall time;
+- first prediction: seconds from `run_score`'s start (model resolved, videos listed, plan made, on the running Ray)
+  to its first prediction row, goal <= 5 s;
+- sizing: `decode_cpus_per_model_actor` = model-only videos/s / (decode-only videos/s per CPU), the decoding CPUs
+  that keep one model actor busy; with --gpu, the CPU decode tasks a GPU actor needs.
+The three are measured in interleaved rounds (--rounds) and medians compared, so they see similar machine load, all
+at the niceness Ray gives its workers.
 Videos (several resolutions, a key frame every 2 s) are generated once and cached in --work-dir.
 """
 
@@ -34,7 +39,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.ingest import Measured, make_videos  # noqa: E402
+from benchmarks.ingest import Measured, make_videos, ray_worker_niceness  # noqa: E402
 
 from bench_output import emit
 
@@ -107,9 +112,9 @@ class ModelOnly:
         return count / measured.wall, 1000 * measured.cpu / count
 
 
-def bench_score(src: Path, work: Path, package: Path, views: str, options) -> tuple[float, float, float, float]:
+def bench_score(src: Path, work: Path, package: Path, views: str, options) -> tuple[float, ...]:
     """(videos/s of the Ray phase, the same after the first predictions, videos/s of the whole job, CPU ms per video
-    of the whole process tree)."""
+    of the whole process tree, seconds from the job's start to its first prediction row)."""
     from jobs.score import run_score
 
     out = work / "scores"
@@ -118,7 +123,8 @@ def bench_score(src: Path, work: Path, package: Path, views: str, options) -> tu
         summary = run_score(str(src), str(out), str(package), views=views, options=options, echo=lambda _: None)
     assert summary.errored == 0 and summary.scored == summary.listed, summary
     speed, count = summary.throughput, summary.scored
-    return speed.videos_per_s, speed.steady_videos_per_s, count / measured.wall, 1000 * measured.cpu / count
+    return (speed.videos_per_s, speed.steady_videos_per_s, count / measured.wall, 1000 * measured.cpu / count,
+            speed.first_prediction_seconds)
 
 
 def warm_score(src: Path, work: Path, package: Path, views: str, options) -> None:
@@ -180,6 +186,10 @@ def main() -> None:
     ray.init(num_cpus=ray_cpus, num_gpus=1 if args.gpu else 0, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray runs its workers (decoding tasks, model actors) at niceness 15; the limits are measured at the same, so that
+    # other load on a shared machine takes the same share from each (the pools below inherit it).
+    niceness = ray_worker_niceness()
+    os.nice(niceness - os.nice(0))
     options = ScoreOptions(args.batch_size, args.gpu, args.actors, args.cpus_per_actor, args.precision)
     decode_only = DecodeOnly(paths, params, args.cpus)
     model_only = ModelOnly(paths, package, params, args.batch_size, args.gpu, args.precision)
@@ -200,14 +210,14 @@ def main() -> None:
 
     decode_limit, decode_cpu = median([r[0] for r in decode]), median([r[1] for r in decode])
     model_limit, model_cpu = median([r[0] for r in model_runs]), median([r[1] for r in model_runs])
-    score_rate, steady_rate, job_rate, score_cpu = (median([r[i] for r in score]) for i in range(4))
+    score_rate, steady_rate, job_rate, score_cpu, first_prediction = (median([r[i] for r in score]) for i in range(5))
     limit = min(decode_limit, model_limit)
     shared = 1 / (1 / decode_limit + 1 / model_limit)
     result = {
         "benchmark": "score",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "ray": ray.__version__, "device": torch.cuda.get_device_name() if args.gpu else "cpu",
-                    "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
+                    "load_average_1m_at_end": round(os.getloadavg()[0], 2), "niceness_of_all_sides": niceness},
         "setting": {"videos": total, "resolutions": [f"{w}x{h} {n}f" for w, h, n, _ in configs], "model": args.model,
                     "crop": crop, "frames": args.frames, "views": args.views, "batch_size": args.batch_size,
                     "cpus": args.cpus, "ray_cpus": ray_cpus, "cpus_per_actor": args.cpus_per_actor, "gpu": args.gpu,
@@ -221,11 +231,17 @@ def main() -> None:
         "ratio_to_min_limit_with_startup": round(score_rate / limit, 3),
         "shared_cpu_bound_videos_per_s": round(shared, 3),
         "ratio_to_shared_cpu_bound": round(steady_rate / shared, 3),
+        "goal_ratio_to_shared_cpu_bound": 0.9,
+        "first_prediction_s": round(first_prediction, 2),
+        "goal_first_prediction_s": 5.0,
+        # decoding CPUs that keep one model actor busy (on a GPU: CPU decode tasks per GPU actor)
+        "decode_cpus_per_model_actor": round(model_limit / (decode_limit / args.cpus), 2),
         "cpu_ms_per_video": {"score_job": round(score_cpu, 1), "decode_only": round(decode_cpu, 1),
                              "model_only": round(model_cpu, 1)},
         "rounds": {"score_steady": [round(r[1], 3) for r in score], "score": [round(r[0], 3) for r in score],
-                   "decode_only": [round(r[0], 3) for r in decode], "model_only": [round(r[0], 3) for r in model_runs]},
-        "goal": ">= 0.8 of min(decode-only, model-only)",
+                   "decode_only": [round(r[0], 3) for r in decode], "model_only": [round(r[0], 3) for r in model_runs],
+                   "first_prediction_s": [round(r[4], 2) for r in score]},
+        "goal": ">= 0.9 of the shared-CPU bound on CPUs, >= 0.8 of min(decode-only, model-only) with a GPU",
     }
     emit(result, args.output)
 

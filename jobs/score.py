@@ -296,6 +296,7 @@ class Throughput:
     videos: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0  # until the first predictions: actors started, model loaded, first views decoded
+    first_prediction_seconds: float = 0.0  # from the job's start (resolving, listing, planning too) to its first row
     videos_per_s: float = 0.0  # over the whole phase
     steady_videos_per_s: float = 0.0  # after the first predictions: what a long run approaches
 
@@ -411,7 +412,7 @@ def run_score(
             f"{plan.num_pending} to score in {len(plan.groups)} shards"
         )
         throughput = Throughput()
-        results = _run_groups(plan, resolved, storage, options, echo, throughput) if plan.groups else []
+        results = _run_groups(plan, resolved, storage, options, echo, throughput, started) if plan.groups else []
 
         manifest, counts, errors = commit_score(
             plan, results, resolved.card.class_names, time.monotonic() - started, asdict(throughput), storage
@@ -457,6 +458,7 @@ def _run_groups(
     options: ScoreOptions,
     echo: Callable[[str], None],
     throughput: Throughput,
+    job_started: float,
 ) -> list[dict]:
     """Stream prediction rows out of Ray Data and publish each group's shard as soon as all its videos are in."""
     started = time.monotonic()
@@ -470,6 +472,7 @@ def _run_groups(
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         if not first_rows:
             throughput.startup_seconds, first_rows = time.monotonic() - started, batch.num_rows
+            throughput.first_prediction_seconds = time.monotonic() - job_started
         throughput.videos += batch.num_rows
         for index in set(batch.column("shard").to_pylist()):
             part = batch.filter(pc.equal(batch.column("shard"), index))

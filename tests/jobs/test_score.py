@@ -136,6 +136,8 @@ def test_registered_alias_scores_s3_videos_like_the_model_run_directly(
     assert manifest.counts["errored"] == 2 and manifest.model["version"] == 1 and manifest.num_rows == 6
     assert manifest.params["temporal_views"] == 2 and manifest.params["spatial_views"] == 3
     assert manifest.throughput["videos"] == 8 and manifest.throughput["videos_per_s"] > 0
+    # the first prediction counts from the job's start, before the Ray phase its startup counts from
+    assert manifest.throughput["first_prediction_seconds"] > manifest.throughput["startup_seconds"] > 0
 
 
 def test_alias_moved_during_a_run_does_not_change_the_version_used(
