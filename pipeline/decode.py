@@ -227,8 +227,8 @@ def decode_size(header: VideoHeader, min_short_side: int | None) -> dict[str, in
     sides); empty to decode at the source's size.
 
     Scaling in the decoder (FFmpeg's scaler, bicubic, its filter widened when shrinking) costs less than converting
-    full-size frames to RGB: a quarter less decoding CPU for 720p scaled to 256, a tenth for 360p
-    (benchmarks/ingest.py), and the frames need no resize after, only a crop. Its pixels differ from torch's
+    full-size frames to RGB: a fifth less decoding CPU for 720p scaled to 256, a tenth over benchmarks/ingest.py's
+    mix of 240p to 720p, and the frames need no resize after, only a crop. Its pixels differ from torch's
     antialiased bilinear resize of full frames by about one level in 255 on average."""
     short = min(header.width, header.height)
     if min_short_side is None or short <= min_short_side:
