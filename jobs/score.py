@@ -220,6 +220,10 @@ def _build(items: list[dict], resolved: ResolvedModel, params: ScoreParams, stor
     with open(resolved.config_path, encoding="utf-8") as handle:
         config = handle.read()
 
+    # The decoding group is sized by the cluster, not here: decoding tasks (one CPU each, no concurrency cap) take
+    # every CPU the model actors leave free, so each actor is fed at the rate of the CPUs beside it. Keeping a GPU
+    # busy takes model videos/s / decoding videos/s per CPU of them (`decode_cpus_per_model_actor` of
+    # benchmarks/score.py --gpu; the README's Score section): decord's PyPI wheel decodes on CPUs only.
     cpus = int(ray.cluster_resources().get("CPU", 1))
     blocks = max(1, min(len(items), max(2 * cpus, -(-len(items) // _VIDEOS_PER_DECODE_BATCH))))
     # Decoding tasks reserve the memory their output and the decoder need. The reservation also keeps Ray Data
