@@ -37,3 +37,23 @@ def test_an_error_is_raised_where_its_result_would_have_been():
         for result in one_ahead(work, [0, 1, 2, 3]):
             handled.append(result)
     assert handled == [0, 1]
+
+
+@pytest.mark.integration
+def test_ingest_dataset_runs_without_cpu_reservation_and_leaves_the_process_context_alone(tmp_path, ray_local):
+    import ray.data
+
+    from pipeline.ingest import IngestPlan, build_dataset
+    from pipeline.manifest import SamplingParams
+    from pipeline.storage import Storage, parse_uri
+
+    plan = IngestPlan(
+        root=parse_uri(str(tmp_path / "dst")), source=parse_uri(str(tmp_path / "src")), sampling=SamplingParams(),
+        labels_mode="folders", class_map={}, previous=None, previous_sources={}, listed=[], already_done=[],
+        groups=[{"shard": "shards/part-a.parquet", "videos": [{"uri": str(tmp_path / "src" / "a.mp4")}]}],
+        label_errors=[],
+    )
+    dataset = build_dataset(plan, Storage())
+    # one operator: a reservation for it would only hold CPUs back until its first tasks finished
+    assert dataset.context.op_resource_reservation_enabled is False
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled is True  # training's datasets keep it
