@@ -30,14 +30,16 @@ class _ConsoleFormatter(logging.Formatter):
 
 
 class _ConsoleHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is when a line is written (a test or a redirect may have swapped it)."""
+    """Writes to whatever sys.stderr is when a line is written (a test or a redirect may have swapped it, and closed
+    the one there before), as logging's own last-resort handler does."""
 
-    def __init__(self):
-        super().__init__(sys.stderr)
+    @property
+    def stream(self):
+        return sys.stderr
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.setStream(sys.stderr)
-        super().emit(record)
+    @stream.setter
+    def stream(self, _):
+        pass  # StreamHandler.__init__ and setStream assign it; the console is always the current sys.stderr
 
 
 def configure_logging(verbosity: int = NORMAL) -> None:

@@ -69,6 +69,18 @@ def test_quiet_drops_progress_and_keeps_warnings(console_logging, capsys):
     assert capsys.readouterr().err.splitlines() == ["WARNING [jobs.train] MLflow unavailable", "epoch 2/2  step 8/8"]
 
 
+def test_the_console_follows_stderr_after_the_one_it_started_on_was_closed(console_logging, monkeypatch, tmp_path):
+    import io
+
+    with open(tmp_path / "captured", "w") as first:  # as a CLI command run in-process under a capture that ends
+        monkeypatch.setattr(sys, "stderr", first)
+        console_logging(NORMAL)
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("jobs.train").warning("could not renew the run lock")
+    assert second.getvalue() == "WARNING [jobs.train] could not renew the run lock\n"
+
+
 def test_verbose_and_quiet_together_are_a_usage_error():
     from typer.testing import CliRunner
 
