@@ -481,7 +481,6 @@ def http_status(url: str, user: str | None = None, password: str | None = None, 
 
 @pytest.mark.integration
 def test_the_mlflow_server_as_deployed_answers_only_authenticated_requests(tmp_path):
-    pytest.importorskip("flask_wtf", reason="MLflow's basic-auth app needs mlflow[auth] (Flask-WTF)")
     container = mlflow_container()
     # the manifest's options that say what the server is; its addresses and stores are the cluster's
     args = tuple(a for a in container["args"] if a.split("=")[0] in ("--app-name", "--serve-artifacts"))
