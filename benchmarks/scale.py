@@ -8,11 +8,21 @@ table), then, each in a fresh process so that its peak memory is its own:
                      pixels the hashing is cheap, with real clips it reads the whole dataset: benchmarks/verify.py)
   worker_open        what a training worker does to open the version: load the manifest, take the driver's units
   incremental_plan   the driver of an incremental ingest of 10,000 new videos: read the version's sources, plan
-  listing            a listing of every object (synthesized SourceVideo rows) held by the driver
+  listing            `list_videos` over synthesized pages of 1,000 objects (S3 ListObjectsV2's page, built in memory
+                     so that what is timed is the driver's own work, not a network), the listing held by the driver
+  ingest_plan        the whole driver side of an incremental ingest of 10,000 new videos: list, label from
+                     folders, read the version's sources and errors, plan; ingest_first_plan: the same into an
+                     empty destination (every video pending), up to the items handed to Ray Data
+  score_plan         the same for scoring (a predictions version holding every video, 10,000 new);
+                     score_first_plan: a first run (every video pending), up to the items handed to Ray Data
 Peaks are the phase's peak resident memory less the resident memory just before it (after the imports).
-Also the bytes a new version writes besides shards: its manifest and its source table (a delta of 10,000 videos).
+Also the bytes a new version writes besides shards: its manifest and its source table (a delta of 10,000 videos),
+and the listing time of real paged listings at a size that fits here (`--listing-objects`, default 5,000): a local
+folder of empty files walked, and a moto S3 server's ListObjectsV2 pages of 1,000 keys; both per 1,000 objects,
+which a listing of N objects takes N/1,000 times (pages come one after another: each needs the previous one's
+continuation token).
 
-    .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000] [--output FILE]
+    .venv/bin/python benchmarks/scale.py [--sizes 10000 100000 1000000] [--listing-objects 5000] [--output FILE]
 
 Prints one JSON object: {"sizes": {"1000000": {"worker_open_s": .., "worker_open_peak_mb": ..,
 "incremental_plan_s": .., "manifest_bytes_per_version": .., "driver_peak_mb": .., ...}, ...}}.
@@ -29,11 +39,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_output import emit
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `model` is the repository's, not benchmarks/model.py
+
+from bench_output import emit  # noqa: E402
 
 NEW_VIDEOS = 10_000
 SHARD_VIDEOS = 160  # an 8x256x256 clip is 1.57 MB: ingest's 256 MB shards hold about 160 clips
 CLASSES = 400
+SIZE = 1000
 
 
 def _status_mb(field: str) -> float:
@@ -56,8 +69,36 @@ def peak_mb() -> float:
     return _status_mb("VmHWM")
 
 
+def video_id(i: int) -> str:
+    return f"class_{i % CLASSES:03d}/video_{i:08d}.mp4"
+
+
 def video_ids(count: int, start: int = 0) -> list[str]:
-    return [f"class_{i % CLASSES:03d}/video_{i:08d}.mp4" for i in range(start, start + count)]
+    return [video_id(i) for i in range(start, start + count)]
+
+
+def etag(i: int) -> str:
+    return f"{i:032x}"  # an S3 ETag's length
+
+
+def synthetic_storage(count: int):
+    """Storage whose listing of s3://raw/ is `count` synthesized videos, in key order, in pages of 1,000; every other
+    call is the real Storage's."""
+    from pipeline.storage import Location, ObjectInfo, Storage
+
+    order = sorted(range(count), key=video_id)
+
+    class ListedStorage(Storage):
+        def list_objects(self, root):
+            if root.uri.rstrip("/") != "s3://raw":
+                yield from super().list_objects(root)
+                return
+            for first in range(0, count, 1000):
+                page = [ObjectInfo(Location("s3", "raw", video_id(i)), SIZE, etag(i), 0.0)
+                        for i in order[first : first + 1000]]
+                yield from page
+
+    return ListedStorage()
 
 
 def synthesize(root: Path, count: int) -> None:
@@ -85,7 +126,7 @@ def synthesize(root: Path, count: int) -> None:
             {
                 "video_id": chunk,
                 "source_uri": [f"s3://raw/{v}" for v in chunk],
-                "source_etag": ["e"] * rows,
+                "source_etag": [etag(first + i) for i in range(rows)],
                 "clip_index": pa.array(np.zeros(rows, np.int32)),
                 "label": pa.array([hash(v) % CLASSES for v in chunk], pa.int32()),
                 "label_name": [v.split("/")[0] for v in chunk],
@@ -99,9 +140,9 @@ def synthesize(root: Path, count: int) -> None:
         path = f"shards/part-{first // SHARD_VIDEOS:06d}.parquet"
         pq.write_table(table, root / path, **options)
         shards.append(ShardEntry(path, rows, file_sha256(str(root / path)), (root / path).stat().st_size))
-        for video in chunk:
-            sources[video] = {"uri": f"s3://raw/{video}", "etag": "e", "size": 1000, "label_name": video.split("/")[0],
-                              "clips": 1, "shard": path}
+        for i, video in enumerate(chunk, start=first):
+            sources[video] = {"uri": f"s3://raw/{video}", "etag": etag(i), "size": SIZE,
+                              "label_name": video.split("/")[0], "clips": 1, "shard": path}
     chain = write_sources(location, 1, None, {}, sources, storage)
     class_map = {f"class_{i:03d}": i for i in range(CLASSES)}
     manifest = Manifest(1, "s3://raw/", sampling, "dirs", class_map, shards, chain, len(sources), {"listed": count})
@@ -138,9 +179,11 @@ def measure_worker_open(root: str) -> dict:
 
 
 def listing(count: int):
-    from pipeline.listing import SourceVideo
+    from pipeline.listing import attach_labels, list_videos
+    from pipeline.storage import parse_uri
 
-    return [SourceVideo(f"s3://raw/{v}", v, 1000, "e", v.split("/")[0]) for v in video_ids(count)]
+    listed = list_videos("s3://raw/", synthetic_storage(count))
+    return listed, attach_labels(listed, parse_uri("s3://raw/"), labels_from_dirs=True)[0]
 
 
 def measure_incremental_plan(root: str, count: int) -> dict:
@@ -148,22 +191,132 @@ def measure_incremental_plan(root: str, count: int) -> dict:
     from pipeline.manifest import latest_manifest, read_sources
     from pipeline.storage import Storage, parse_uri
 
-    listed = listing(count + NEW_VIDEOS)
+    listed, labelled = listing(count + NEW_VIDEOS)
     before, started = rss_mb(), time.perf_counter()
     storage, location = Storage(), parse_uri(root)
     previous = latest_manifest(location, storage)
     sources = read_sources(location, previous, storage)
-    plan = plan_ingest(root, "s3://raw/", listed, listed, [], "dirs", previous.sampling, previous, sources)
+    plan = plan_ingest(root, "s3://raw/", listed, labelled, [], "dirs", previous.sampling, previous, sources)
     assert plan.num_pending == NEW_VIDEOS, plan.num_pending
     return {"incremental_plan_s": time.perf_counter() - started, "incremental_plan_peak_mb": peak_mb() - before}
 
 
 def measure_listing(count: int) -> dict:
-    import pipeline.listing  # noqa: F401 (imports are the baseline, not the listing)
+    from pipeline.listing import list_videos
 
+    storage = synthetic_storage(count)
     before, started = rss_mb(), time.perf_counter()
-    held = listing(count)
+    held = list_videos("s3://raw/", storage)
     return {"listing_s": time.perf_counter() - started, "driver_peak_mb": peak_mb() - before, "objects": len(held)}
+
+
+def measure_ingest_plan(root: str, count: int, first_run: bool) -> dict:
+    """The ingest driver from listing to the items Ray Data gets (jobs.ingest.run_ingest's steps, without the run
+    record): incremental against the version at `root`, or into an empty destination."""
+    from pipeline.ingest import plan_ingest, ray_items
+    from pipeline.listing import attach_labels, list_videos
+    from pipeline.manifest import SamplingParams, latest_manifest, read_sources
+    from pipeline.storage import parse_uri
+    from pipeline.versioned import read_failures
+
+    listed_count = count if first_run else count + NEW_VIDEOS
+    storage, source = synthetic_storage(listed_count), parse_uri("s3://raw/")
+    destination = parse_uri(os.path.join(root, "empty") if first_run else root)
+    before, started = rss_mb(), time.perf_counter()
+    listed = list_videos(source, storage)
+    labelled, label_errors = attach_labels(listed, source, labels_from_dirs=True)
+    previous = latest_manifest(destination, storage)
+    sources = read_sources(destination, previous, storage) if previous else {}
+    failures = read_failures(destination, previous.errors, storage) if previous else {}
+    sampling = previous.sampling if previous else SamplingParams(frames=1, short_side=2, size=2)
+    plan = plan_ingest(destination.uri, source.uri, listed, labelled, label_errors, "dirs", sampling, previous,
+                       sources, previous_failures=failures)
+    handed = sum(1 for _ in ray_items(plan))
+    assert plan.num_pending == (count if first_run else NEW_VIDEOS), plan.num_pending
+    prefix = "ingest_first_plan" if first_run else "ingest_plan"
+    return {f"{prefix}_s": time.perf_counter() - started, f"{prefix}_peak_mb": peak_mb() - before,
+            f"{prefix}_ray_items": handed}
+
+
+MODEL = dict(uri="models:/actions/1", name="actions", version=1, alias=None, run_id=None, model_id=None,
+             package_sha256="0" * 64)
+PARAMS = dict(frames=8, crop=224, short_side=256, temporal_views=1, spatial_views=1, sampling="uniform", stride=0,
+              top_k=5, full_probs=False)
+
+
+def synthesize_predictions(root: Path, count: int) -> None:
+    """A predictions version (manifest only: planning reads no shard) holding `count` videos, 1,000 per shard."""
+    from jobs.scoring.results import ScoreManifest, write_score_manifest
+    from pipeline.manifest import ShardEntry
+    from pipeline.storage import Storage, parse_uri
+
+    shards = [ShardEntry(f"predictions/part-{n:06d}.parquet", 1000, "0" * 64, 1) for n in range(-(-count // 1000))]
+    sources = {video_id(i): {"uri": f"s3://raw/{video_id(i)}", "etag": etag(i), "size": SIZE,
+                             "shard": shards[i // 1000].path} for i in range(count)}
+    manifest = ScoreManifest(1, "s3://raw/", MODEL, PARAMS, [f"class_{i:03d}" for i in range(CLASSES)], shards,
+                             dict(sorted(sources.items())), {"listed": count}, {})
+    write_score_manifest(parse_uri(str(root)), manifest, Storage())
+
+
+def measure_score_plan(root: str, count: int, first_run: bool) -> dict:
+    """The score driver from listing to the items Ray Data gets (jobs.score.run_score's steps, without the model)."""
+    from jobs.score import ray_items
+    from jobs.scoring.model_ref import ModelIdentity
+    from jobs.scoring.results import ScoreParams, latest_score_manifest, plan_score
+    from pipeline.listing import list_videos
+    from pipeline.storage import parse_uri
+    from pipeline.versioned import read_failures
+
+    listed_count = count if first_run else count + NEW_VIDEOS
+    storage, source = synthetic_storage(listed_count), parse_uri("s3://raw/")
+    destination = parse_uri(os.path.join(root, "empty-predictions" if first_run else "predictions-root"))
+    before, started = rss_mb(), time.perf_counter()
+    listed = list_videos(source, storage)
+    previous = latest_score_manifest(destination, storage)
+    failures = read_failures(destination, previous.errors, storage) if previous else {}
+    plan = plan_score(destination, source, listed, ModelIdentity(**MODEL), ScoreParams(**PARAMS), previous, storage,
+                      previous_failures=failures)
+    handed = sum(1 for _ in ray_items(plan.groups))
+    assert plan.num_pending == (count if first_run else NEW_VIDEOS), plan.num_pending
+    prefix = "score_first_plan" if first_run else "score_plan"
+    return {f"{prefix}_s": time.perf_counter() - started, f"{prefix}_peak_mb": peak_mb() - before,
+            f"{prefix}_ray_items": handed}
+
+
+def measure_listing_time(objects: int) -> dict:
+    """Real paged listings of `objects` objects: a local folder walked, and a moto S3 server's ListObjectsV2 pages."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from pipeline.listing import list_videos
+    from pipeline.storage import Storage
+
+    figures = {"listing_objects": objects}
+    with tempfile.TemporaryDirectory(prefix="scale-listing-") as folder:
+        for i in range(objects):
+            path = Path(folder, video_id(i))
+            path.parent.mkdir(exist_ok=True)
+            path.touch()
+        started = time.perf_counter()
+        assert len(list_videos(folder, Storage())) == objects
+        figures["local_walk_s_per_1000"] = (time.perf_counter() - started) / objects * 1000
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="raw")
+        for i in range(objects):
+            client.put_object(Bucket="raw", Key=video_id(i), Body=b"")
+        started = time.perf_counter()
+        assert len(list_videos("s3://raw/", Storage(endpoint))) == objects
+        figures["moto_s3_s_per_1000"] = (time.perf_counter() - started) / objects * 1000
+    finally:
+        server.stop()
+    return figures
 
 
 def new_version_bytes(root: str, count: int) -> dict:
@@ -193,6 +346,7 @@ def in_fresh_process(kind: str, root: str, count: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--listing-objects", type=int, default=5000)
     parser.add_argument("--output")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -202,7 +356,12 @@ def main() -> None:
         measures = {"driver_plan": lambda: measure_driver_plan(args.root),
                     "worker_open": lambda: measure_worker_open(args.root),
                     "incremental_plan": lambda: measure_incremental_plan(args.root, args.count),
-                    "listing": lambda: measure_listing(args.count)}
+                    "listing": lambda: measure_listing(args.count),
+                    "ingest_plan": lambda: measure_ingest_plan(args.root, args.count, first_run=False),
+                    "ingest_first_plan": lambda: measure_ingest_plan(args.root, args.count, first_run=True),
+                    "score_plan": lambda: measure_score_plan(args.root, args.count, first_run=False),
+                    "score_first_plan": lambda: measure_score_plan(args.root, args.count, first_run=True),
+                    "listing_time": lambda: measure_listing_time(args.count)}
         print(json.dumps(measures[args.measure]()))
         return
     result = {"new_videos_per_version": NEW_VIDEOS, "videos_per_shard": SHARD_VIDEOS, "sizes": {}}
@@ -212,11 +371,14 @@ def main() -> None:
             root = os.path.join(scratch, "clips")
             started = time.perf_counter()
             synthesize(Path(root), count)
+            synthesize_predictions(Path(root, "predictions-root"), count)
             figures = {"synthesize_s": time.perf_counter() - started}
-            for kind in ("driver_plan", "worker_open", "incremental_plan", "listing"):
+            for kind in ("driver_plan", "worker_open", "incremental_plan", "listing", "ingest_plan",
+                         "ingest_first_plan", "score_plan", "score_first_plan"):
                 figures.update(in_fresh_process(kind, root, count))
             figures.update(new_version_bytes(root, count))
         result["sizes"][str(count)] = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
+    result["listing_time"] = in_fresh_process("listing_time", "", args.listing_objects)
     result["goals"] = goals
     emit(result, args.output)
 

@@ -196,7 +196,7 @@ def decode_batch(
     }
 
 
-def _items(groups: list[dict]) -> list[dict]:
+def ray_items(groups: list[dict]) -> list[dict]:
     return [
         {
             "video_id": video["video_id"],
@@ -280,7 +280,7 @@ def score_dataset(
     init_ray()
     storage = Storage(endpoint_url)
     videos = list_videos(src, storage) if isinstance(src, str) else list(src)
-    items = _items([{"videos": [_record(video) for video in videos]}])
+    items = ray_items([{"videos": [_record(video) for video in videos]}])
     with tempfile.TemporaryDirectory() as directory:
         resolved = resolve_model(model, directory, tracking_uri) if isinstance(model, str) else model
         params = build_params(resolved.card, views, top_k, full_probs, short_side)
@@ -467,7 +467,7 @@ def _run_groups(
     """Stream prediction rows out of Ray Data and publish each group's shard as soon as all its videos are in."""
     started = time.monotonic()
     init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
-    dataset = _build(_items(plan.groups), resolved, plan.params, storage, options)
+    dataset = _build(ray_items(plan.groups), resolved, plan.params, storage, options)
     waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
     buffered: dict[int, list[pa.Table]] = defaultdict(list)
     results, done, failed, last_report = [], 0, 0, 0.0

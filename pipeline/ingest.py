@@ -287,6 +287,10 @@ def _error(source: dict, stage: str, error: Exception) -> ErrorRecord:
     return ErrorRecord(source["uri"], source["etag"], stage, type(error).__name__, message[:2000])
 
 
+def ray_items(plan: IngestPlan) -> list[dict]:
+    return [{"group": json.dumps(group, ensure_ascii=False)} for group in plan.groups]
+
+
 # Videos per Ray task at least, so that scheduling a task costs little next to decoding; shards stay per group.
 _MIN_VIDEOS_PER_TASK = 8
 
@@ -314,7 +318,7 @@ def build_dataset(plan: IngestPlan, storage: Storage, limits: DecodeLimits = Dec
             results.append(json.dumps({**result, "node_id": node_id}, ensure_ascii=False))
         return {"result": results}
 
-    items = [{"group": json.dumps(group, ensure_ascii=False)} for group in plan.groups]
+    items = ray_items(plan)
     videos_per_group = max(len(group["videos"]) for group in plan.groups) if plan.groups else 1
     groups_per_task = max(1, math.ceil(_MIN_VIDEOS_PER_TASK / videos_per_group))
     cpus = int(ray.cluster_resources().get("CPU", 1))
