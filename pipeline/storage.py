@@ -17,7 +17,8 @@ Conditional writes: `put_bytes(if_absent=True)` (S3 `If-None-Match: *`, locally 
 name exists) publishes manifests; `put_bytes(if_match=version)` (S3 `If-Match: <ETag>`, locally a version check and
 rename under a file lock) replaces an object only if it is still the version read, a compare-and-swap that the
 promotion lease is built on. Some S3-compatible stores ignore these headers, so jobs probe the store once
-(`check_conditional_writes`). A missing object reads as FileNotFoundError on both backends.
+(`check_conditional_writes`). A missing object reads as FileNotFoundError on both backends, and a write the
+credentials may not make raises PermissionError.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class VersionMismatch(Exception):
 _NOT_FOUND_CODES = ("404", "NoSuchKey", "NotFound")
 # 412: the condition does not hold; 409: a concurrent conditional write to the same key is in flight.
 _PRECONDITION_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
+_ACCESS_DENIED_CODES = ("AccessDenied", "403")
 
 
 def _error_code(error) -> str:
@@ -329,7 +331,8 @@ class Storage:
     def put_bytes(self, location: Location, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str:
         """Write a small object atomically and return its version (see `read_versioned`). With `if_absent`, raise
         FileExistsError instead of replacing one; with `if_match`, replace only that version of the object, raising
-        VersionMismatch when another is there and FileNotFoundError when none is."""
+        VersionMismatch when another is there and FileNotFoundError when none is; PermissionError when the
+        credentials may not write it."""
         if if_absent and if_match is not None:
             raise ValueError("if_absent and if_match exclude each other")
         if location.scheme == "file":
@@ -368,6 +371,8 @@ class Storage:
                 raise VersionMismatch(location.uri) from None
             if if_match is not None and code in _NOT_FOUND_CODES:
                 raise FileNotFoundError(location.uri) from None
+            if code in _ACCESS_DENIED_CODES:
+                raise PermissionError(f"{location.uri}: access denied") from None
             raise
         return response["ETag"].strip('"')
 

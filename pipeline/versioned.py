@@ -11,20 +11,24 @@ visible. Around that contract this module keeps what both kinds of dataset do al
     run tables        a version's tables get names unique to the run that wrote them (`run_table_path`), so a run
                       that loses the race for a version number never overwrites the winner's tables
     adoption          a part a killed run published is taken over from the description in its footer (`published_part`)
-    running jobs      a run record (`RunRecord`): heartbeat and the parts a run may publish or adopt
+    running jobs      a run record (`RunRecord`): heartbeat, the parts a run may publish or adopt, and the versions
+                      a reader (training, evaluation) reads (`reading_versions`)
     garbage           `collect_garbage` removes what no kept version and no running job refers to
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import re
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,6 +45,8 @@ DATA_DIRS = ("shards", "predictions", "sources", "errors")
 _MANIFEST_NAME = re.compile(r"^v(\d{6,})\.json$")
 # Files a running job wrote shortly before the run record it started with are left alone too (clock skew).
 _RUN_START_MARGIN_S = 300.0
+
+log = logging.getLogger(__name__)
 
 
 # ---- versions ------------------------------------------------------------------------------------------------------
@@ -208,16 +214,17 @@ def check_parts_present(storage: Storage, root: Location, paths: Iterable[str], 
 # ---- running jobs --------------------------------------------------------------------------------------------------
 class RunRecord:
     """A running job's record under `DST/runs/`: when it started, until when it is alive (renewed in the background),
-    and the parts it may publish or adopt. `collect_garbage` removes nothing a live record claims, and nothing
-    written after the start of the oldest live run. Written before the run looks at any part, removed at its end; a
-    killed run's record expires."""
+    the parts it may publish or adopt, and the versions it reads. `collect_garbage` removes nothing a live record
+    claims, no version it reads (nor anything that version names), and nothing written after the start of the oldest
+    live writer. Written before the run looks at any part, removed at its end; a killed run's record expires."""
 
-    def __init__(self, storage: Storage, root: Location, job: str, ttl_s: float = 600.0):
+    def __init__(self, storage: Storage, root: Location, job: str, ttl_s: float = 600.0, reads: Iterable[int] = ()):
         self.storage, self.job, self.ttl_s = storage, job, ttl_s
         self.token = new_run_token()
         self.location = root.join(RUNS_DIR, f"{self.token}.json")
         self.started_at = time.time()
         self.parts: list[str] = []
+        self.reads = sorted(set(reads))
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._renewal: threading.Thread | None = None
@@ -225,7 +232,7 @@ class RunRecord:
     def _write(self) -> None:
         with self._lock:
             body = {"job": self.job, "started_at": self.started_at, "expires_at": time.time() + self.ttl_s,
-                    "parts": self.parts}
+                    "parts": self.parts, "reads": self.reads}
             self.storage.put_bytes(self.location, json.dumps(body).encode("utf-8"))
 
     def claim(self, parts: Iterable[str]) -> None:
@@ -252,6 +259,49 @@ class RunRecord:
         self.storage.delete(self.location)
 
 
+@contextlib.contextmanager
+def reading_versions(storage: Storage, reads: Iterable[tuple[Location, int]], job: str,
+                     error: type[Exception]) -> Iterator[None]:
+    """While the body runs, a run record under each dataset root names the versions this `job` reads (`reads`:
+    (dataset root, version) pairs), so that `collect_garbage` keeps them and everything they name. The versions are
+    resolved before, so each is checked to be still there once its record is written: a gc that removed one in
+    between fails the job with `error`, before it read anything of it.
+
+    A dataset the job may read but not write (read-only credentials, a read-only mount) gets no record, and a warning
+    says what gc may then do: the job goes on rather than demand write access that reading never needed."""
+    by_root: dict[str, tuple[Location, set[int]]] = {}
+    for root, version in reads:
+        by_root.setdefault(root.uri, (root, set()))[1].add(version)
+    with contextlib.ExitStack() as records:
+        for root, versions in by_root.values():
+            record = RunRecord(storage, root, job, reads=versions)
+            try:
+                records.enter_context(record)
+            except OSError as refused:
+                if not isinstance(refused, PermissionError) and refused.errno != errno.EROFS:
+                    raise
+                what = _version_list(versions)
+                log.warning(
+                    "this %s may not write %s (%s), so no record keeps %s of %s from gc: `uniformer gc %s "
+                    "--keep-versions N` removes %s while this %s runs as soon as N newer versions exist, and the %s "
+                    "then fails on a missing file. Allow writes under %s/ to protect it.", job, record.location.uri,
+                    type(refused).__name__, what, root.uri, root.uri, what, job, job, root.join(RUNS_DIR).uri,
+                )
+                continue
+            gone = [version for version in sorted(versions) if not storage.exists(manifest_location(root, version))]
+            if gone:
+                raise error(
+                    f"{_version_list(gone)} of {root.uri} was removed (uniformer gc) before this {job} began to read "
+                    "it: re-run to read a version gc keeps"
+                )
+        yield
+
+
+def _version_list(versions: Iterable[int]) -> str:
+    versions = sorted(versions)
+    return f"version{'s' if len(versions) > 1 else ''} {', '.join(map(str, versions))}"
+
+
 def live_runs(root: Location, storage: Storage, now: float) -> tuple[list[dict], list[ObjectInfo]]:
     """(live run records, expired record files) under `root`."""
     live, expired = [], []
@@ -273,8 +323,9 @@ def live_runs(root: Location, storage: Storage, now: float) -> tuple[list[dict],
 # ---- garbage -------------------------------------------------------------------------------------------------------
 @dataclass
 class GarbageReport:
-    kept_versions: list[int]
+    kept_versions: list[int]  # the newest, as asked
     dropped_versions: list[int]
+    read_versions: list[int] = field(default_factory=list)  # older, kept because a running job reads them
     removed: list[tuple[str, int]] = field(default_factory=list)  # (path relative to the root, bytes)
     protected: list[str] = field(default_factory=list)  # unreferenced, but a running job's or younger than min_age
     dry_run: bool = False
@@ -289,6 +340,9 @@ class GarbageReport:
         kept = ", ".join(f"v{version:06d}" for version in self.kept_versions) or "none"
         lines.append(f"gc: kept versions {kept}; {verb} {len(self.removed)} files, "
                      f"{self.bytes_freed:,} bytes {'to free' if self.dry_run else 'freed'}")
+        if self.read_versions:
+            read = ", ".join(f"v{version:06d}" for version in self.read_versions)
+            lines.append(f"gc: kept {read} too, and all it names: a running job reads it")
         if self.protected:
             lines.append(f"gc: left {len(self.protected)} unreferenced files that a running job may use or that are "
                          "younger than --min-age")
@@ -308,33 +362,57 @@ def collect_garbage(
     root: Location, storage: Storage, keep_versions: int, dry_run: bool = False, min_age_s: float = 3600.0,
     now: float | None = None,
 ) -> GarbageReport:
-    """Keep the newest `keep_versions` manifests and everything they name; remove older manifests, then every part,
-    table and staging file under the data folders that no kept manifest names, except files a live run record claims,
-    files written after the oldest live run started (they may be its parts), and files younger than `min_age_s`. On S3
-    incomplete multipart uploads below the root are aborted by the same rules.
+    """Keep the newest `keep_versions` manifests, every version a live run record reads, and everything they name;
+    remove older manifests, then every part, table and staging file under the data folders that no kept manifest
+    names, except files a live run record claims, files written after the oldest live writer started (they may be its
+    parts), and files younger than `min_age_s`. On S3 incomplete multipart uploads below the root are aborted by the
+    same rules.
 
     The files are listed before the run records are read: a run that starts after that writes only files this pass
-    did not list, and checks before it publishes that the leftovers it adopted are still there."""
+    did not list, and checks before it publishes that the leftovers it adopted are still there. The records are read
+    again once the older manifests are gone: a reader that recorded one of those versions in between (it checks, after
+    writing its record, that its versions are still there) has its manifest put back and everything it names kept."""
     if keep_versions < 1:
         raise ValueError("keep_versions must be >= 1: the newest version is always kept")
     now = time.time() if now is None else now
     versions = list_manifest_versions(root, storage)
-    kept, dropped = versions[-keep_versions:], versions[:-keep_versions]
-    referenced: set[str] = set()
-    for version in kept:
-        referenced |= manifest_references(json.loads(storage.read_bytes(manifest_location(root, version))))
-    candidates = [
-        (info, None) for folder in (*DATA_DIRS, MANIFESTS_DIR) for info in storage.list_objects(root.join(folder))
-        if _unreferenced(info, root, referenced)
-    ]
-    candidates += list(storage.incomplete_uploads(root))  # on S3, the staging of killed (or running) writers
+    files = [(info, None) for folder in (*DATA_DIRS, MANIFESTS_DIR) for info in storage.list_objects(root.join(folder))]
+    files += list(storage.incomplete_uploads(root))  # on S3, the staging of killed (or running) writers
     live, expired = live_runs(root, storage, now)
+    read = _versions_read(live)
+    kept = versions[-keep_versions:]
+    dropped = [version for version in versions[:-keep_versions] if version not in read]
+    manifests = {version: storage.read_bytes(manifest_location(root, version)) for version in versions}
+    report = GarbageReport(kept, dropped, [version for version in versions[:-keep_versions] if version in read],
+                           dry_run=dry_run)
+    # the dropped manifests first, so that readers stop seeing those versions
+    for version in dropped:
+        if not dry_run:
+            storage.delete(manifest_location(root, version))
+        report.removed.append((manifest_location(root, version).relative_to(root), len(manifests[version])))
+    if dropped and not dry_run:
+        late, _ = live_runs(root, storage, now)
+        for version in sorted(_versions_read(late) & set(dropped)):
+            try:
+                storage.put_bytes(manifest_location(root, version), manifests[version], if_absent=True)
+            except FileExistsError:
+                pass
+            report.dropped_versions.remove(version)
+            report.read_versions = sorted({*report.read_versions, version})
+            report.removed.remove((manifest_location(root, version).relative_to(root), len(manifests[version])))
+        live += late
+    referenced: set[str] = set()
+    for version in (*report.kept_versions, *report.read_versions):
+        referenced |= manifest_references(json.loads(manifests[version]))
     claimed = {path for run in live for path in run.get("parts", [])}
-    cutoff = min([now - min_age_s] + [run["started_at"] - _RUN_START_MARGIN_S for run in live])
-    report = GarbageReport(kept, dropped, dry_run=dry_run)
-    # (location, bytes, multipart upload id): the dropped manifests first, so that readers stop seeing those versions
-    removals = [(manifest_location(root, version), None, None) for version in dropped]
-    for info, upload_id in candidates:
+    # a reader (a record of versions read, no parts) writes nothing, so it holds back no young file
+    writers = [run for run in live if run.get("parts") or not run.get("reads")]
+    cutoff = min([now - min_age_s] + [run["started_at"] - _RUN_START_MARGIN_S for run in writers])
+    # (location, bytes, multipart upload id)
+    removals = []
+    for info, upload_id in files:
+        if not _unreferenced(info, root, referenced):
+            continue
         relative = info.location.relative_to(root)
         if relative in claimed or _modified(info) > cutoff:
             report.protected.append(relative)
@@ -342,8 +420,6 @@ def collect_garbage(
             removals.append((info.location, info.size, upload_id))
     removals += [(info.location, info.size, None) for info in expired]
     for location, size, upload_id in removals:
-        if size is None:
-            size = len(storage.read_bytes(location))
         if dry_run:
             pass
         elif upload_id:
@@ -353,6 +429,10 @@ def collect_garbage(
         relative = location.relative_to(root)
         report.removed.append((f"{relative} (incomplete upload)" if upload_id else relative, size))
     return report
+
+
+def _versions_read(runs: list[dict]) -> set[int]:
+    return {version for run in runs for version in run.get("reads", [])}
 
 
 def _unreferenced(info: ObjectInfo, root: Location, referenced: set[str]) -> bool:

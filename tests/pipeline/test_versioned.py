@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
+import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -23,13 +25,16 @@ from pipeline.manifest import (
 )
 from pipeline.schema import ERRORS_SCHEMA, ErrorRecord
 from pipeline.shards import publish_table
+from pipeline.storage import Storage, parse_uri
 from pipeline.versioned import (
     RUNS_DIR,
     RunRecord,
     collect_garbage,
     failures_changed,
+    manifest_location,
     partition_inputs,
     read_failures,
+    reading_versions,
     version_failures,
 )
 
@@ -181,18 +186,126 @@ def test_gc_removes_what_no_kept_version_or_running_job_uses(storage_folder, s3_
 
 
 def test_gc_of_an_empty_destination_removes_nothing(tmp_path):
-    from pipeline.storage import Storage, parse_uri
-
     report = collect_garbage(parse_uri(str(tmp_path)), Storage(), keep_versions=3)
     assert (report.removed, report.kept_versions) == ([], [])
     assert report.lines()[-1].startswith("gc: kept versions none; removed 0 files, 0 bytes freed")
 
 
 def test_an_errors_table_reads_back_by_key_and_etag(tmp_path):
-    from pipeline.storage import Storage, parse_uri
-
     root, storage = parse_uri(str(tmp_path)), Storage()
     record = ErrorRecord("/s/a.mp4", "e1", "decode", "VideoDecodeError", "bad")
     pq.write_table(pa.Table.from_pylist([record.to_dict()], schema=ERRORS_SCHEMA), tmp_path / "errors.parquet")
     assert read_failures(root, "errors.parquet", storage) == {("/s/a.mp4", "e1"): record}
     assert read_failures(root, None, storage) == {}
+
+
+def _record_files(storage, root) -> list:
+    return list(storage.list_objects(root.join(RUNS_DIR)))
+
+
+@pytest.mark.integration
+def test_gc_keeps_the_versions_a_running_reader_reads_until_its_record_ends(storage_folder):
+    storage, root = storage_folder
+    paths = _dataset_with_two_versions(storage, root)
+    only_v1 = {"manifests/v000001.json", paths["old"], paths["errors_v1"]}
+
+    with reading_versions(storage, [(root, 1), (root, 2)], "train", ManifestError):
+        [record] = _record_files(storage, root)  # one record per dataset, naming both versions
+        assert json.loads(storage.read_bytes(record.location))["reads"] == [1, 2]
+        kept = collect_garbage(root, storage, keep_versions=1, min_age_s=0)
+        assert (kept.kept_versions, kept.read_versions, kept.dropped_versions) == ([2], [1], [])
+        assert "gc: kept v000001 too, and all it names: a running job reads it" in kept.lines()
+        for path in only_v1 | {paths["sources_v1"]}:
+            assert _exists(storage, root, path), path
+        # a reader writes nothing: unlike a writer's, its record holds back no young unreferenced file
+        assert {path for path, _ in kept.removed} == {paths["leftover"]}
+        # a killed reader's record expires: an hour later gc sees no reader, and drops version 1
+        expired = collect_garbage(root, storage, keep_versions=1, min_age_s=0, dry_run=True, now=time.time() + 3600)
+        assert {path for path, _ in expired.removed} == only_v1 | {record.location.relative_to(root)}
+    assert not _record_files(storage, root)  # the record left with its reader
+
+    report = collect_garbage(root, storage, keep_versions=1, min_age_s=0)
+    assert (report.dropped_versions, report.read_versions) == ([1], [])
+    assert {path for path, _ in report.removed} == only_v1
+    assert all(not _exists(storage, root, path) for path in only_v1)
+
+    with pytest.raises(ManifestError, match="version 1 of .* was removed .*before this evaluate began"):
+        with reading_versions(storage, [(root, 1)], "evaluate", ManifestError):
+            pass
+    assert not _record_files(storage, root)
+
+
+class _ReaderStartsWhileGcDeletes(Storage):
+    """The store as a reader racing gc sees it: the reader writes its record of version 1 just before gc deletes that
+    version's manifest, after gc read the records without it."""
+
+    def __init__(self, endpoint_url, root):
+        super().__init__(endpoint_url)
+        self.root, self.reader = root, None
+        self.deleted_while_read = False
+
+    def delete(self, location) -> None:
+        if location == manifest_location(self.root, 1) and self.reader is None:
+            self.reader = RunRecord(Storage(self.endpoint_url), self.root, "evaluate", reads=[1]).__enter__()
+            super().delete(location)
+            self.deleted_while_read = not self.exists(location)
+            return
+        super().delete(location)
+
+
+@pytest.mark.integration
+def test_gc_puts_back_a_version_a_reader_recorded_while_gc_dropped_it(storage_folder):
+    storage, root = storage_folder
+    paths = _dataset_with_two_versions(storage, root)
+    v1 = storage.read_bytes(manifest_location(root, 1))
+    racing = _ReaderStartsWhileGcDeletes(storage.endpoint_url, root)
+    try:
+        report = collect_garbage(root, racing, keep_versions=1, min_age_s=0)
+        assert racing.reader is not None and racing.deleted_while_read  # the race really happened
+        assert (report.dropped_versions, report.read_versions) == ([], [1])
+        assert storage.read_bytes(manifest_location(root, 1)) == v1  # put back as it was
+        for path in (paths["old"], paths["errors_v1"], paths["sources_v1"]):
+            assert _exists(storage, root, path), path
+        assert {path for path, _ in report.removed} == {paths["leftover"]}
+    finally:
+        racing.reader.__exit__(None, None, None)
+    assert collect_garbage(root, storage, keep_versions=1, min_age_s=0).dropped_versions == [1]
+
+
+@pytest.mark.integration
+def test_a_reader_that_may_not_write_the_dataset_reads_unrecorded_and_says_what_gc_may_do(
+    s3_server, s3_bucket, monkeypatch, caplog
+):
+    import pipeline.storage
+
+    root, storage = parse_uri(f"s3://{s3_bucket}/clips"), Storage(s3_server.endpoint_url)
+    paths = _dataset_with_two_versions(storage, root)
+    iam = boto3.client("iam", endpoint_url=s3_server.endpoint_url)
+    user = f"reader-{s3_bucket}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
+    }))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setattr(pipeline.storage, "_clients", {})  # clients made with the test's own keys
+    s3_server.require_credentials(True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.versioned"):
+            with reading_versions(storage, [(root, 1)], "train", ManifestError):
+                with pytest.raises(PermissionError):  # the store really refuses this reader's writes
+                    storage.put_bytes(root.join(RUNS_DIR, "probe.json"), b"{}")
+                assert not _record_files(storage, root)
+                s3_server.require_credentials(False)  # the dataset's owner runs gc meanwhile
+                report = collect_garbage(root, storage, keep_versions=1, min_age_s=0)
+    finally:
+        s3_server.require_credentials(False)
+    [warning] = [record.getMessage() for record in caplog.records if record.name == "pipeline.versioned"]
+    assert f"this train may not write s3://{s3_bucket}/clips/runs/" in warning
+    assert (f"so no record keeps version 1 of {root.uri} from gc: `uniformer gc {root.uri} --keep-versions N` removes "
+            "version 1 while this train runs as soon as N newer versions exist") in warning
+    assert f"Allow writes under {root.uri}/runs/ to protect it" in warning
+    # which is what the warning said gc may do
+    assert report.dropped_versions == [1] and not _exists(storage, root, paths["old"])
