@@ -15,7 +15,8 @@ table), then, each in a fresh process so that its peak memory is its own:
                      empty destination (every video pending), up to the items handed to Ray Data
   score_plan         the same for scoring (a predictions version holding every video, 10,000 new);
                      score_first_plan: a first run (every video pending), up to the items handed to Ray Data
-Peaks are the phase's peak resident memory less the resident memory just before it (after the imports).
+Peaks are the phase's peak resident memory less the resident memory just before it (after the imports); `_cpu_s`
+is the phase's CPU time, which other processes on a shared machine do not inflate as they do wall time (`_s`).
 Also the bytes a new version writes besides shards: its manifest and its source table (a delta of 10,000 videos),
 and the listing time of real paged listings at a size that fits here (`--listing-objects`, default 5,000): a local
 folder of empty files walked, and a moto S3 server's ListObjectsV2 pages of 1,000 keys; both per 1,000 objects,
@@ -192,22 +193,24 @@ def measure_incremental_plan(root: str, count: int) -> dict:
     from pipeline.storage import Storage, parse_uri
 
     listed, labelled = listing(count + NEW_VIDEOS)
-    before, started = rss_mb(), time.perf_counter()
+    before, started, cpu = rss_mb(), time.perf_counter(), time.process_time()
     storage, location = Storage(), parse_uri(root)
     previous = latest_manifest(location, storage)
     sources = read_sources(location, previous, storage)
     plan = plan_ingest(root, "s3://raw/", listed, labelled, [], "dirs", previous.sampling, previous, sources)
     assert plan.num_pending == NEW_VIDEOS, plan.num_pending
-    return {"incremental_plan_s": time.perf_counter() - started, "incremental_plan_peak_mb": peak_mb() - before}
+    return {"incremental_plan_s": time.perf_counter() - started, "incremental_plan_cpu_s": time.process_time() - cpu,
+            "incremental_plan_peak_mb": peak_mb() - before}
 
 
 def measure_listing(count: int) -> dict:
     from pipeline.listing import list_videos
 
     storage = synthetic_storage(count)
-    before, started = rss_mb(), time.perf_counter()
+    before, started, cpu = rss_mb(), time.perf_counter(), time.process_time()
     held = list_videos("s3://raw/", storage)
-    return {"listing_s": time.perf_counter() - started, "driver_peak_mb": peak_mb() - before, "objects": len(held)}
+    return {"listing_s": time.perf_counter() - started, "listing_cpu_s": time.process_time() - cpu,
+            "driver_peak_mb": peak_mb() - before, "objects": len(held)}
 
 
 def measure_ingest_plan(root: str, count: int, first_run: bool) -> dict:
@@ -222,7 +225,7 @@ def measure_ingest_plan(root: str, count: int, first_run: bool) -> dict:
     listed_count = count if first_run else count + NEW_VIDEOS
     storage, source = synthetic_storage(listed_count), parse_uri("s3://raw/")
     destination = parse_uri(os.path.join(root, "empty") if first_run else root)
-    before, started = rss_mb(), time.perf_counter()
+    before, started, cpu = rss_mb(), time.perf_counter(), time.process_time()
     listed = list_videos(source, storage)
     labelled, label_errors = attach_labels(listed, source, labels_from_dirs=True)
     previous = latest_manifest(destination, storage)
@@ -234,7 +237,8 @@ def measure_ingest_plan(root: str, count: int, first_run: bool) -> dict:
     handed = sum(1 for _ in ray_items(plan))
     assert plan.num_pending == (count if first_run else NEW_VIDEOS), plan.num_pending
     prefix = "ingest_first_plan" if first_run else "ingest_plan"
-    return {f"{prefix}_s": time.perf_counter() - started, f"{prefix}_peak_mb": peak_mb() - before,
+    return {f"{prefix}_s": time.perf_counter() - started, f"{prefix}_cpu_s": time.process_time() - cpu,
+            f"{prefix}_peak_mb": peak_mb() - before,
             f"{prefix}_ray_items": handed}
 
 
@@ -270,7 +274,7 @@ def measure_score_plan(root: str, count: int, first_run: bool) -> dict:
     listed_count = count if first_run else count + NEW_VIDEOS
     storage, source = synthetic_storage(listed_count), parse_uri("s3://raw/")
     destination = parse_uri(os.path.join(root, "empty-predictions" if first_run else "predictions-root"))
-    before, started = rss_mb(), time.perf_counter()
+    before, started, cpu = rss_mb(), time.perf_counter(), time.process_time()
     listed = list_videos(source, storage)
     previous = latest_score_manifest(destination, storage)
     failures = read_failures(destination, previous.errors, storage) if previous else {}
@@ -279,7 +283,8 @@ def measure_score_plan(root: str, count: int, first_run: bool) -> dict:
     handed = sum(1 for _ in ray_items(plan.groups))
     assert plan.num_pending == (count if first_run else NEW_VIDEOS), plan.num_pending
     prefix = "score_first_plan" if first_run else "score_plan"
-    return {f"{prefix}_s": time.perf_counter() - started, f"{prefix}_peak_mb": peak_mb() - before,
+    return {f"{prefix}_s": time.perf_counter() - started, f"{prefix}_cpu_s": time.process_time() - cpu,
+            f"{prefix}_peak_mb": peak_mb() - before,
             f"{prefix}_ray_items": handed}
 
 
