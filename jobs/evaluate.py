@@ -28,6 +28,7 @@ from jobs.metrics import per_class_report, scores_from_counts
 from jobs.report import table_lines
 from jobs.score import ScoreConfig, ScoreOptions, score_dataset
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
+from jobs.train import reading_datasets
 from jobs.train import tracking_uri as resolve_tracking_uri
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.listing import SourceVideo
@@ -149,8 +150,9 @@ def evaluate_model(
     `use_cache`, a registered version already evaluated on this dataset version and views is not evaluated again."""
     temporal, spatial = parse_views(views)
     views = f"{temporal}x{spatial}"
-    dataset, videos, _ = dataset_videos(data, endpoint_url)
-    with tempfile.TemporaryDirectory() as directory:
+    pinned = f"{parse_dataset_ref(data)[0]}@{load_manifest(data, endpoint_url=endpoint_url).version}"
+    with reading_datasets([pinned], endpoint_url, "evaluate"), tempfile.TemporaryDirectory() as directory:
+        dataset, videos, _ = dataset_videos(pinned, endpoint_url)
         resolved = resolve_model(model, directory, tracking_uri) if isinstance(model, str) else model
         if use_cache:
             cached = cached_evaluation(resolved.identity, dataset, views, tracking_uri)

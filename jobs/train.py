@@ -15,7 +15,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from jobs.config import to_yaml
@@ -28,8 +28,9 @@ from jobs.training.progress import DriverConsole
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.lease import Lease, LeaseHeld
-from pipeline.manifest import content_fingerprint
+from pipeline.manifest import ManifestError, content_fingerprint
 from pipeline.storage import Storage
+from pipeline.versioned import reading_versions
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SELECT_METRIC = "val_accuracy"  # what --select best ranks checkpoints by (validation top-1)
@@ -65,6 +66,13 @@ def pin_dataset_version(ref: str, endpoint_url: str | None) -> tuple[str, object
     if manifest.labels == "none" or not manifest.class_map:
         raise ValueError(f"dataset {ref} has no labels: training needs a labelled dataset (--labels or --labels-from-dirs)")
     return f"{dst}@{manifest.version}", manifest
+
+
+def reading_datasets(refs: Iterable[str], endpoint_url: str | None, job: str):
+    """Records, for as long as the `with` body runs, that `job` reads the pinned dataset versions `refs` (`DST@V`),
+    so that `uniformer gc` keeps them (`pipeline.versioned.reading_versions`)."""
+    reads = [(parse_uri(dst), version) for dst, version in map(parse_dataset_ref, refs)]
+    return reading_versions(Storage(endpoint_url), reads, job, ManifestError)
 
 
 def _storage_filesystem(storage_uri: str, endpoint_url: str | None):
@@ -193,7 +201,9 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) there"
         )
     cfg.tracking_uri = uri
-    with exclusive_run(cfg):
+    # the workers read the shards for as long as this driver lives
+    read = [cfg.data, cfg.val_data] if cfg.val_data else [cfg.data]
+    with exclusive_run(cfg), reading_datasets(read, cfg.endpoint_url, "train"):
         ensure_ray(cfg)
         storage_path, filesystem = _storage_filesystem(cfg.storage, cfg.endpoint_url)
         record_path = f"{storage_path}/{cfg.name}/{RUN_RECORD}"
