@@ -388,7 +388,7 @@ def gc_command(
     endpoint_url: str = typer.Option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
 ) -> None:
     """Remove older versions' manifests and every shard, table and staging file no kept version refers to; never
-    what a running ingest or score uses. Prints what it removed and the bytes freed."""
+    what a running job writes or reads (ingest, score, train, evaluate). Prints what it removed and the bytes freed."""
     from pipeline import StorageError
     from pipeline.storage import Storage, parse_uri
     from pipeline.versioned import collect_garbage
