@@ -184,10 +184,15 @@ def nothing_new_line(counts: dict[str, int], done_word: str) -> str:
 # ---- adoption ------------------------------------------------------------------------------------------------------
 def published_part(storage: Storage, location: Location, relative: str, footer_key: bytes) -> dict | None:
     """What a published part says it holds: its footer description plus `shard` (path, rows, sha256, bytes) and
-    `adopted`; None when it is not a complete Parquet file or has no description (a leftover of another writer)."""
+    `adopted`; None when it is gone, is not a whole Parquet file or has no description (a leftover of another writer).
+    Any other error is raised rather than taken for a leftover, which would have the part decoded again (ingest) or
+    its inputs scored twice (scoring): a store that refuses or cannot be reached, or a damaged footer, which an atomic
+    commit never leaves."""
     try:
         metadata = pq.read_metadata(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))
-    except (OSError, pa.ArrowInvalid):
+    except FileNotFoundError:  # removed since it was listed
+        return None
+    except pa.ArrowInvalid:  # no Parquet footer: cut short, empty, or something else under a part's name
         return None
     raw = (metadata.metadata or {}).get(footer_key)
     if not raw:

@@ -33,6 +33,7 @@ from pipeline.versioned import (
     failures_changed,
     manifest_location,
     partition_inputs,
+    published_part,
     read_failures,
     reading_versions,
     version_failures,
@@ -309,3 +310,37 @@ def test_a_reader_that_may_not_write_the_dataset_reads_unrecorded_and_says_what_
     assert f"Allow writes under {root.uri}/runs/ to protect it" in warning
     # which is what the warning said gc may do
     assert report.dropped_versions == [1] and not _exists(storage, root, paths["old"])
+
+
+def _described_part(storage, location) -> None:
+    table = pa.table({"video_id": ["a.mp4"]}).replace_schema_metadata({b"uniformer.test": b'{"videos": ["a.mp4"]}'})
+    publish_table(storage, location, table)
+
+
+@pytest.mark.integration
+def test_adoption_takes_a_part_gone_or_not_whole_for_a_leftover(storage_folder):
+    storage, root = storage_folder
+    whole = root.join("shards/part-whole.parquet")
+    _described_part(storage, whole)
+    adopted = published_part(storage, whole, "shards/part-whole.parquet", b"uniformer.test")
+    assert adopted["videos"] == ["a.mp4"] and adopted["shard"]["rows"] == 1 and adopted["adopted"]
+
+    data = storage.read_bytes(whole)
+    for name, content in (("cut", data[: len(data) // 2]), ("empty", b""), ("text", b"not parquet")):
+        storage.put_bytes(root.join(f"shards/part-{name}.parquet"), content)
+        assert published_part(storage, root.join(f"shards/part-{name}.parquet"), "x", b"uniformer.test") is None
+    assert published_part(storage, root.join("shards/part-gone.parquet"), "x", b"uniformer.test") is None
+
+
+@pytest.mark.integration
+def test_adoption_raises_a_store_that_refuses_instead_of_taking_the_part_for_a_leftover(s3_server, s3_bucket):
+    storage, root = Storage(s3_server.endpoint_url), parse_uri(f"s3://{s3_bucket}/clips")
+    part = root.join("shards/part-whole.parquet")
+    _described_part(storage, part)
+    s3_server.require_credentials(True)  # every key refused from now on
+    try:
+        with pytest.raises(OSError, match="ACCESS_DENIED"):
+            published_part(storage, part, "shards/part-whole.parquet", b"uniformer.test")
+    finally:
+        s3_server.require_credentials(False)
+    assert published_part(storage, part, "shards/part-whole.parquet", b"uniformer.test")["adopted"]
