@@ -5,7 +5,7 @@ Layout under a dataset root DST (pipeline.versioned is the part of it that predi
     DST/shards/part-<hash>.parquet
     DST/sources/v000001-<run>.parquet   the source videos that version 1 added, changed or removed (a delta), or all
     DST/errors/v000001-<run>.parquet    every input of version 1 that gave no clips (remembered by key and ETag)
-    DST/runs/<run>.json                 a running ingest's record (pipeline.versioned.RunRecord)
+    DST/runs/<run>.json                 a running job's record: an ingest's parts, the versions a reader reads
 
 A manifest lists every shard of its version (not only the run's new ones), so one small file describes what a
 reader needs. The source videos (a million rows for a large dataset) are not in it: they are the replay of a chain of
