@@ -130,166 +130,315 @@ def plan_units(train: EpochPlan, val: EpochPlan) -> dict:
     return {name: [dataclasses.astuple(unit) for unit in plan.units] for name, plan in (("train", train), ("val", val))}
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+@dataclass(frozen=True)
+class StepLayout:
+    """How a run's optimizer steps fall into epochs: the same on every rank (DDP needs equal step counts)."""
 
-    adopt_mlflow_env(loop_config["mlflow_env"])
-    cfg = TrainConfig.from_dict(loop_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    configure_device(device)
+    steps_per_epoch: tuple[int, ...]  # what each epoch's rows allow
+    total_steps: int  # all of them, or --max-steps when smaller
+    rows_per_step: int  # per rank: batch size x accumulation
 
-    manifest = load_manifest(cfg.data, endpoint_url=cfg.endpoint_url)
-    sampling = manifest.sampling
-    num_classes = len(manifest.class_map)
-    # the units the driver cut for this world size: a worker then reads no shard to plan (benchmarks/scale.py)
-    units = ray.get(loop_config["plan_units"]) if world == cfg.workers else None
-    train_plan, val_plan = epoch_plans(cfg, manifest, world, units)
+    @classmethod
+    def of(cls, cfg: TrainConfig, plan: EpochPlan) -> StepLayout:
+        rows_per_step = cfg.batch_size * cfg.grad_accum
+        steps_per_epoch = tuple(plan.steps_per_epoch(e, rows_per_step) for e in range(cfg.epochs))
+        total = sum(steps_per_epoch) if cfg.max_steps is None else min(cfg.max_steps, sum(steps_per_epoch))
+        if total == 0:
+            raise ValueError(
+                f"{plan.rows} training clips are too few for {plan.world_size} workers x batch {cfg.batch_size} x "
+                f"accumulation {cfg.grad_accum}"
+            )
+        return cls(steps_per_epoch, total, rows_per_step)
 
-    rows_per_step = cfg.batch_size * cfg.grad_accum
-    steps_per_epoch = [train_plan.steps_per_epoch(e, rows_per_step) for e in range(cfg.epochs)]
-    total_steps = sum(steps_per_epoch) if cfg.max_steps is None else min(cfg.max_steps, sum(steps_per_epoch))
-    if total_steps == 0:
-        raise ValueError(
-            f"{train_plan.rows} training clips are too few for {world} workers x batch {cfg.batch_size} x "
-            f"accumulation {cfg.grad_accum}"
-        )
-    warmup_steps = min(total_steps, max(1, round(cfg.warmup_epochs * steps_per_epoch[0])))
+    def steps_before(self, epoch: int) -> int:
+        return sum(self.steps_per_epoch[:epoch])
 
-    steps_before = [sum(steps_per_epoch[:e]) for e in range(cfg.epochs)]
-    # before the model is built: rank 0's notices (the initial weights' load report) reach the driver's console too
-    console = RankZeroProgress(loop_config.get("progress_board"), rank == 0, cfg.epochs, total_steps, world)
+    def epoch_steps(self, epoch: int) -> int:
+        """The steps epoch `epoch` takes: its own, cut short where the run's total ends (0 past the last epoch)."""
+        if epoch >= len(self.steps_per_epoch):
+            return 0
+        return max(0, min(self.steps_per_epoch[epoch], self.total_steps - self.steps_before(epoch)))
 
-    def epoch_stream(epoch: int, start_row: int) -> Iterator[dict]:
-        # each epoch reads a whole number of steps, so no batch is left over or straddles two epochs
-        rows = min(steps_per_epoch[epoch], total_steps - steps_before[epoch]) * rows_per_step
-        if rows <= start_row:  # an epoch too short for one step on every rank
+    def warmup_steps(self, warmup_epochs: float) -> int:
+        return min(self.total_steps, max(1, round(warmup_epochs * self.steps_per_epoch[0])))
+
+
+class EpochStreams:
+    """One rank's training batches, an epoch at a time, from the epoch plan: each epoch reads a whole number of
+    steps, so that no batch is left over or straddles two epochs, and a stream opened at step k of an epoch starts
+    at row k x rows per step (exact resume)."""
+
+    def __init__(self, plan: EpochPlan, layout: StepLayout, rank: int, batch_size: int, device: torch.device):
+        self.plan, self.layout, self.rank, self.batch_size, self.device = plan, layout, rank, batch_size, device
+
+    def open(self, epoch: int, step_in_epoch: int) -> Iterator[dict]:
+        """Starts reading at once (its pipeline's start-up runs in the background): open an epoch before the work
+        its first batch can overlap."""
+        rows_per_step = self.layout.rows_per_step
+        start, stop = step_in_epoch * rows_per_step, self.layout.epoch_steps(epoch) * rows_per_step
+        if stop <= start:  # an epoch too short for one step on every rank
             return iter(())
-        dataset = train_plan.dataset(epoch, rank, start=start_row, stop=rows)
+        dataset = self.plan.dataset(epoch, self.rank, start=start, stop=stop)
         # batches stay on the host, pinned where a GPU will take them, and DeviceBatches copies them over
         return DeviceBatches(EpochStream(dataset.iter_torch_batches(
-            batch_size=cfg.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64},
-            device="cpu", pin_memory=device.type == "cuda",
-        )), device)
+            batch_size=self.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64},
+            device="cpu", pin_memory=self.device.type == "cuda",
+        )), self.device)
 
-    resumed_from = ray.train.get_checkpoint()
-    with resumed_from.as_directory() if resumed_from else contextlib.nullcontext() as checkpoint_dir:
-        if checkpoint_dir:
-            progress = ckpt.read_progress(checkpoint_dir)
-            progress.metrics = None  # they describe the checkpoint resumed from, not the next one
-        else:
-            progress = ckpt.Progress(mlflow_run_id=loop_config["mlflow_run_id"], config=cfg.to_dict())
-        upcoming = None
-        if progress.epoch < cfg.epochs and progress.global_step < total_steps:
-            # started first, so that its start-up overlaps building the model and loading weights
-            upcoming = epoch_stream(progress.epoch, progress.step_in_epoch * rows_per_step)
-        state = build_train_state(cfg, num_classes, sampling.frames, device, total_steps, warmup_steps,
-                                  checkpoint_dir, loop_config["tracking_uri"])
 
-    net = ray.train.torch.prepare_model(state.net, parallel_strategy_kwargs=ddp_options(cfg))
-    core = state.net
-    use_cuda = device.type == "cuda"
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
-    autocast = (
-        torch.autocast("cuda", dtype=autocast_dtype) if use_cuda and autocast_dtype else contextlib.nullcontext()
-    )
-    tracker = RunTracker(loop_config["tracking_uri"], progress.mlflow_run_id, enabled=rank == 0)
-    step_metrics = StepMetrics(world, rows_per_step)
-    if rank == 0 and resumed_from is not None:
-        log.info("resumed at epoch %d step %d (global %d)", progress.epoch + 1, progress.step_in_epoch,
-                 progress.global_step)
+class RayCheckpoints:
+    """Checkpoints through Ray Train: rank 0 writes the state to a local directory, every rank reports (Ray Train's
+    barrier). The upload runs in the background (every GPU waits for the barrier, not for the upload) except for the
+    last checkpoint's, which the driver registers right after."""
 
-    def drain_step_metrics() -> list[tuple[int, dict]]:
-        drained = step_metrics.drain()
-        for step, values in drained:
-            tracker.step(step, **values)
-        return drained
+    def __init__(self, rank: int):
+        self.rank = rank
 
-    def report(metrics: dict) -> None:
-        """Reports a checkpoint of the current state. Its upload runs in the background (every GPU waits for the
-        barrier, not for the upload) except for the last one, which the driver registers right after."""
+    def save(self, state: TrainState, progress: ckpt.Progress, metrics: dict) -> None:
+        import ray.train
         from ray.train import CheckpointUploadMode
 
-        drain_step_metrics()
         checkpoint = None
-        if rank == 0:
+        if self.rank == 0:
             directory = tempfile.mkdtemp(prefix="uniformer-checkpoint-")  # Ray deletes it once uploaded
-            ckpt.save(directory, core, state.optimizer, state.scheduler, state.scaler, progress)
+            ckpt.save(directory, state.net, state.optimizer, state.scheduler, state.scaler, progress)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         mode = CheckpointUploadMode.SYNC if progress.finished else CheckpointUploadMode.ASYNC
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=True)
-        tracker.flush()
 
-    while progress.epoch < cfg.epochs and progress.global_step < total_steps:
-        epoch = progress.epoch
-        net.train()
-        batches = upcoming or epoch_stream(epoch, progress.step_in_epoch * rows_per_step)
-        window_start, waited = time.perf_counter(), 0.0
-        while progress.step_in_epoch < steps_per_epoch[epoch] and progress.global_step < total_steps:
-            generator = torch.Generator().manual_seed(ckpt.step_seed(cfg.seed, progress.global_step, rank))
-            torch.manual_seed(ckpt.step_seed(cfg.seed, progress.global_step, rank))
-            step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                wait_started = time.perf_counter()
-                batch = next(batches)
-                waited += time.perf_counter() - wait_started
-                inputs = train_transform(batch["frames"], sampling.size, generator, flip=cfg.hflip, augment=cfg.augment)
-                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 or world == 1 else net.no_sync()
-                with sync:
-                    with autocast:
-                        logits = net(inputs)
-                        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=cfg.label_smoothing)
-                    state.scaler.scale(loss / cfg.grad_accum).backward()
-                step_loss += loss.detach() / cfg.grad_accum
-            state.scaler.unscale_(state.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                net.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            )
-            state.scaler.step(state.optimizer)
-            state.scaler.update()
-            state.optimizer.zero_grad(set_to_none=True)
-            lr = state.optimizer.param_groups[0]["lr"]  # this step's
-            state.scheduler.step_update(progress.global_step + 1)  # the next step's
-            progress.step_in_epoch += 1
-            progress.global_step += 1
-            step_metrics.add(progress.global_step, step_loss, grad_norm, lr)
+
+class Trainer:
+    """One rank's training, torchtitan-style: `setup` builds it (plans, model, resume) at Ray Train's edge; `fit` runs
+    the epochs: `train_epoch` (the steps of one epoch), `train_step` (one optimizer step), `validate` and
+    `save_checkpoint`. Built directly (one process, no Ray: no streams, tracker, console or checkpoints needed), the
+    pieces run alone on any batches."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        state: TrainState,
+        progress: ckpt.Progress,
+        layout: StepLayout,
+        device: torch.device,
+        crop_size: int,
+        *,
+        model: torch.nn.Module | None = None,
+        rank: int = 0,
+        world: int = 1,
+        streams: EpochStreams | None = None,
+        first_batches: Iterator[dict] | None = None,
+        val_plan: EpochPlan | None = None,
+        class_names: list[str] | None = None,
+        tracker: RunTracker | None = None,
+        console: RankZeroProgress | None = None,
+        checkpoints: RayCheckpoints | None = None,
+    ):
+        self.cfg, self.state, self.progress, self.layout, self.device = cfg, state, progress, layout, device
+        self.crop_size, self.rank, self.world = crop_size, rank, world
+        self.model = model or state.net  # what the step runs: the DDP wrapper across ranks, `state.net` the weights
+        self.streams, self.first_batches = streams, first_batches
+        self.val_plan, self.class_names = val_plan, class_names
+        self.tracker = tracker or RunTracker(None, progress.mlflow_run_id, enabled=False)
+        self.console = console or RankZeroProgress(None, False, cfg.epochs, layout.total_steps, world)
+        self.checkpoints = checkpoints
+        self.step_metrics = StepMetrics(world, layout.rows_per_step)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+    @classmethod
+    def setup(cls, loop_config: dict) -> Trainer:
+        """This rank's trainer, resumed from Ray Train's latest checkpoint when there is one. The first epoch's
+        pipeline starts before the model is built, so that its start-up overlaps building it and loading weights."""
+        import ray.train
+        import ray.train.torch
+
+        adopt_mlflow_env(loop_config["mlflow_env"])
+        cfg = TrainConfig.from_dict(loop_config["config"])
+        context = ray.train.get_context()
+        rank, world = context.get_world_rank(), context.get_world_size()
+        device = ray.train.torch.get_device()
+        configure_device(device)
+
+        manifest = load_manifest(cfg.data, endpoint_url=cfg.endpoint_url)
+        # the units the driver cut for this world size: a worker then reads no shard to plan (benchmarks/scale.py)
+        units = ray.get(loop_config["plan_units"]) if world == cfg.workers else None
+        train_plan, val_plan = epoch_plans(cfg, manifest, world, units)
+        layout = StepLayout.of(cfg, train_plan)
+        streams = EpochStreams(train_plan, layout, rank, cfg.batch_size, device)
+        # before the model is built: rank 0's notices (the initial weights' load report) reach the driver's console too
+        console = RankZeroProgress(loop_config.get("progress_board"), rank == 0, cfg.epochs, layout.total_steps, world)
+
+        resumed_from = ray.train.get_checkpoint()
+        with resumed_from.as_directory() if resumed_from else contextlib.nullcontext() as checkpoint_dir:
+            if checkpoint_dir:
+                progress = ckpt.read_progress(checkpoint_dir)
+                progress.metrics = None  # they describe the checkpoint resumed from, not the next one
+            else:
+                progress = ckpt.Progress(mlflow_run_id=loop_config["mlflow_run_id"], config=cfg.to_dict())
+            first_batches = None
+            if not cls.finished(cfg, layout, progress):
+                first_batches = streams.open(progress.epoch, progress.step_in_epoch)
+            state = build_train_state(cfg, len(manifest.class_map), manifest.sampling.frames, device,
+                                      layout.total_steps, layout.warmup_steps(cfg.warmup_epochs), checkpoint_dir,
+                                      loop_config["tracking_uri"])
+
+        model = ray.train.torch.prepare_model(state.net, parallel_strategy_kwargs=ddp_options(cfg))
+        tracker = RunTracker(loop_config["tracking_uri"], progress.mlflow_run_id, enabled=rank == 0)
+        if rank == 0 and resumed_from is not None:
+            log.info("resumed at epoch %d step %d (global %d)", progress.epoch + 1, progress.step_in_epoch,
+                     progress.global_step)
+        return cls(cfg, state, progress, layout, device, manifest.sampling.size, model=model, rank=rank, world=world,
+                   streams=streams, first_batches=first_batches, val_plan=val_plan, class_names=manifest.class_names,
+                   tracker=tracker, console=console, checkpoints=RayCheckpoints(rank))
+
+    @staticmethod
+    def finished(cfg: TrainConfig, layout: StepLayout, progress: ckpt.Progress) -> bool:
+        return progress.epoch >= cfg.epochs or progress.global_step >= layout.total_steps
+
+    def fit(self) -> None:
+        """The remaining epochs: train, start the next epoch's pipeline, validate, checkpoint, track."""
+        batches, self.first_batches = self.first_batches, None
+        while not self.finished(self.cfg, self.layout, self.progress):
+            epoch = self.progress.epoch
+            data_wait_share = self.train_epoch(batches or self.streams.open(epoch, self.progress.step_in_epoch))
+            batches = None
+            if self.layout.epoch_steps(epoch + 1) > 0:
+                batches = self.streams.open(epoch + 1, 0)  # its pipeline starts while this epoch is evaluated
+            self.end_epoch(epoch, data_wait_share)
+        self.tracker.curves()
+        self.console.close()
+
+    def train_epoch(self, batches: Iterator[dict]) -> float:
+        """The rest of the epoch in progress from `batches`, with a checkpoint every `checkpoint_every` steps; returns
+        the share of its time the steps waited for data."""
+        cfg, progress = self.cfg, self.progress
+        epoch, epoch_steps = progress.epoch, self.layout.epoch_steps(progress.epoch)
+        self.model.train()
+        started, waited = time.perf_counter(), 0.0
+        while progress.step_in_epoch < epoch_steps:
+            waited += self.train_step(batches)
             if progress.global_step % cfg.log_every == 0:
-                console.steps(drain_step_metrics(), epoch, waited / max(time.perf_counter() - window_start, 1e-9))
-            due = cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0
-            epoch_done = progress.step_in_epoch >= steps_per_epoch[epoch] or progress.global_step >= total_steps
-            if due and not epoch_done:
+                self.console.steps(self.drain_step_metrics(), epoch,
+                                   waited / max(time.perf_counter() - started, 1e-9))
+            if cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0 \
+                    and progress.step_in_epoch < epoch_steps:
                 # no validation here: NaN ranks a mid-epoch checkpoint below every epoch end for --select best
-                report({"epoch": epoch, "global_step": progress.global_step, "val_accuracy": math.nan,
-                        **step_metrics.last})
-        elapsed = time.perf_counter() - window_start
-        following = epoch + 1
-        upcoming = None
-        if following < cfg.epochs and steps_before[following] < total_steps:
-            upcoming = epoch_stream(following, 0)  # its pipeline starts while this epoch is evaluated
+                self.save_checkpoint({"epoch": epoch, "global_step": progress.global_step, "val_accuracy": math.nan,
+                                      **self.step_metrics.last})
+        return waited / max(time.perf_counter() - started, 1e-9)
 
-        last_window = drain_step_metrics()
-        scores = evaluate(core, val_plan, epoch, rank, world, num_classes, cfg, device)
+    def train_step(self, batches: Iterator[dict]) -> float:
+        """One optimizer step over `grad_accum` micro-batches of `batches`; returns the seconds spent waiting for
+        them. Randomness (augmentation, dropout, drop path) is reseeded from (seed, global step, rank), so that a
+        resumed run draws what an uninterrupted one does."""
+        cfg, state, progress = self.cfg, self.state, self.progress
+        seed = ckpt.step_seed(cfg.seed, progress.global_step, self.rank)
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        step_loss = torch.zeros((), device=self.device)
+        waited = 0.0
+        for micro in range(cfg.grad_accum):
+            wait_started = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - wait_started
+            step_loss += self.forward_backward(batch, generator, last_micro_step=micro == cfg.grad_accum - 1)
+        state.scaler.unscale_(state.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        )
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.optimizer.zero_grad(set_to_none=True)
+        lr = state.optimizer.param_groups[0]["lr"]  # this step's
+        state.scheduler.step_update(progress.global_step + 1)  # the next step's
+        progress.step_in_epoch += 1
+        progress.global_step += 1
+        self.step_metrics.add(progress.global_step, step_loss, grad_norm, lr)
+        return waited
+
+    def forward_backward(self, batch: dict, generator: torch.Generator, last_micro_step: bool) -> torch.Tensor:
+        """One micro-batch's loss (its share of the step's) and gradients; DDP all-reduces the gradients only on the
+        step's last micro-batch."""
+        cfg = self.cfg
+        inputs = train_transform(batch["frames"], self.crop_size, generator, flip=cfg.hflip, augment=cfg.augment)
+        sync = contextlib.nullcontext() if last_micro_step or self.world == 1 else self.model.no_sync()
+        with sync:
+            with self.autocast():
+                logits = self.model(inputs)
+                loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=cfg.label_smoothing)
+            self.state.scaler.scale(loss / cfg.grad_accum).backward()
+        return loss.detach() / cfg.grad_accum
+
+    def autocast(self):
+        """bf16 or fp16 autocast on CUDA; fp32 on the CPU."""
+        if self.device.type == "cuda" and self.autocast_dtype:
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return contextlib.nullcontext()
+
+    def end_epoch(self, epoch: int, data_wait_share: float) -> None:
+        """Validates, reports the epoch-end checkpoint with its metrics, tracks them and posts the console line."""
+        progress = self.progress
+        last_window = self.drain_step_metrics()
+        scores = self.validate(epoch)
         progress.epoch += 1
         progress.step_in_epoch = 0
-        progress.finished = progress.epoch >= cfg.epochs or progress.global_step >= total_steps
+        progress.finished = self.finished(self.cfg, self.layout, progress)
         metrics = {
             "epoch": epoch,
             "global_step": progress.global_step,
             **{f"val_{name}": value for name, value in scores.metrics.items()},
-            "data_wait_share": waited / max(elapsed, 1e-9),
+            "data_wait_share": data_wait_share,
         }
         progress.metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
-        report(metrics)
+        self.save_checkpoint(metrics)
         progress.metrics = None  # the next checkpoint is mid-epoch until this epoch's end says otherwise
-        tracker.epoch(epoch, progress.global_step, {k: v for k, v in metrics.items() if k != "epoch"},
-                      scores.confusion, manifest.class_names)
-        console.epoch_end(last_window, epoch, progress.global_step, metrics["data_wait_share"], scores.metrics)
-    if rank == 0:
-        tracker.curves()
-    console.close()
+        self.tracker.epoch(epoch, progress.global_step, {k: v for k, v in metrics.items() if k != "epoch"},
+                           scores.confusion, self.class_names)
+        self.console.epoch_end(last_window, epoch, progress.global_step, data_wait_share, scores.metrics)
+
+    def validate(self, epoch: int) -> Scores:
+        """Scores over the whole validation split through the one inference path (`predict_views`, each stored clip
+        one view), each rank scoring its share; counts are summed across ranks."""
+        net, plan, cfg, device = self.state.net, self.val_plan, self.cfg, self.device
+        num_classes = len(self.class_names)
+        net.eval()
+        precision = cfg.precision if device.type == "cuda" else "fp32"  # training autocasts on CUDA only
+        confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, top-5 hits
+        top = min(5, num_classes)
+        for window in plan.read_windows(epoch, self.rank):
+            for start in range(0, len(window["label"]), cfg.batch_size):
+                clips = torch.from_numpy(window["frames"][start : start + cfg.batch_size]).to(device, non_blocking=True)
+                labels = torch.from_numpy(window["label"][start : start + cfg.batch_size]).to(device, non_blocking=True)
+                probs = predict_views(net, clips[:, None], plan.manifest.sampling.size, precision)
+                sums[0] += -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum().double()
+                sums[1] += (probs.topk(top, dim=1).indices == labels[:, None]).any(dim=1).sum()
+                confusion += torch.bincount(labels * num_classes + probs.argmax(1), minlength=num_classes**2).view(
+                    num_classes, num_classes
+                )
+        if self.world > 1:
+            dist.all_reduce(confusion)
+            dist.all_reduce(sums)
+        net.train()
+        loss_sum, top5_correct = sums.tolist()
+        return scores_from_counts(confusion.cpu().numpy(), int(top5_correct), loss_sum)
+
+    def save_checkpoint(self, metrics: dict) -> None:
+        """Reports a checkpoint of the current state with `metrics`; the step metrics it covers go to MLflow after
+        it (a resumed run never logs a step twice)."""
+        self.drain_step_metrics()
+        self.checkpoints.save(self.state, self.progress, metrics)
+        self.tracker.flush()
+
+    def drain_step_metrics(self) -> list[tuple[int, dict]]:
+        drained = self.step_metrics.drain()
+        for step, values in drained:
+            self.tracker.step(step, **values)
+        return drained
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    Trainer.setup(loop_config).fit()
 
 
 class StepMetrics:
@@ -385,29 +534,3 @@ class EpochStream:
             self._pool.shutdown(wait=False)
             return first.result()
         return next(self._batches)
-
-
-def evaluate(core, plan, epoch, rank, world, num_classes, cfg, device) -> Scores:
-    """Scores over the whole validation split through the one inference path (`predict_views`, each stored clip one
-    view), each rank scoring its share; counts are summed across ranks."""
-    core.eval()
-    precision = cfg.precision if device.type == "cuda" else "fp32"  # training autocasts on CUDA only
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, top-5 hits
-    top = min(5, num_classes)
-    for window in plan.read_windows(epoch, rank):
-        for start in range(0, len(window["label"]), cfg.batch_size):
-            clips = torch.from_numpy(window["frames"][start : start + cfg.batch_size]).to(device, non_blocking=True)
-            labels = torch.from_numpy(window["label"][start : start + cfg.batch_size]).to(device, non_blocking=True)
-            probs = predict_views(core, clips[:, None], plan.manifest.sampling.size, precision)
-            sums[0] += -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum().double()
-            sums[1] += (probs.topk(top, dim=1).indices == labels[:, None]).any(dim=1).sum()
-            confusion += torch.bincount(labels * num_classes + probs.argmax(1), minlength=num_classes**2).view(
-                num_classes, num_classes
-            )
-    if world > 1:
-        dist.all_reduce(confusion)
-        dist.all_reduce(sums)
-    core.train()
-    loss_sum, top5_correct = sums.tolist()
-    return scores_from_counts(confusion.cpu().numpy(), int(top5_correct), loss_sum)

@@ -1,7 +1,8 @@
-"""The training step's pieces without Ray: state set-up and resume placement, compiled blocks, device-side step
-metrics, and the validation figures."""
+"""The training step's pieces without Ray: the trainer's step and epoch on the tiny model in one process, state
+set-up and resume placement, compiled blocks, device-side step metrics, and the validation figures."""
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
 from jobs.metrics import per_class_report, scores_from_counts
-from jobs.training.loop import DeviceBatches, StepMetrics, build_train_state
+from jobs.training.loop import DeviceBatches, StepLayout, StepMetrics, Trainer, build_train_state
 from jobs.training.optim import build_optimizer, build_scheduler
 from jobs.training.tracking import HEATMAP_MAX_CLASSES, _confusion_image
 from model.transforms import train_transform
@@ -32,6 +33,119 @@ def one_step(state, seed: int = 0, step: int = 1) -> None:
     state.optimizer.step()
     state.scheduler.step_update(step)
     state.optimizer.zero_grad()
+
+
+def clip_batches(count: int, batch_size: int = 2, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {"frames": torch.randint(0, 256, (batch_size, FRAMES, 40, 40, 3), dtype=torch.uint8, generator=generator),
+         "label": torch.randint(0, CLASSES, (batch_size,), generator=generator)}
+        for _ in range(count)
+    ]
+
+
+def tiny_trainer(cfg: TrainConfig, layout: StepLayout, progress=None, checkpoint_dir=None, rank=0) -> Trainer:
+    """A trainer of one process on the CPU: no DDP, no streams, no MLflow, no checkpoints."""
+    cpu = torch.device("cpu")
+    state = build_train_state(cfg, CLASSES, FRAMES, cpu, layout.total_steps, layout.warmup_steps(cfg.warmup_epochs),
+                              checkpoint_dir=checkpoint_dir)
+    return Trainer(cfg, state, progress or ckpt.Progress(), layout, cpu, crop_size=32, rank=rank)
+
+
+def weights(trainer: Trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.state.net.state_dict().items()}
+
+
+def test_train_step_takes_one_optimizer_step_and_moves_the_position_and_the_rate():
+    cfg = tiny_config(batch_size=2)
+    trainer = tiny_trainer(cfg, StepLayout((5, 5), 10, 2))
+    before, rate_before = weights(trainer), trainer.state.optimizer.param_groups[0]["lr"]
+    batches = iter(clip_batches(3))
+    waited = trainer.train_step(batches)
+
+    assert 0 <= waited < 1 and len(list(batches)) == 2  # one batch taken
+    assert (trainer.progress.global_step, trainer.progress.step_in_epoch) == (1, 1)
+    assert trainer.state.optimizer.param_groups[0]["lr"] > rate_before  # step 2's rate, still warming up
+    assert any(not torch.equal(before[k], v) for k, v in weights(trainer).items())
+    ((step, values),) = trainer.step_metrics.drain()
+    assert step == 1 and values["lr"] == rate_before and values["train_loss"] > 0 and values["grad_norm"] > 0
+
+
+def test_accumulated_step_takes_its_micro_batches_and_averages_their_loss():
+    layout = StepLayout((5,), 5, 4)
+    accumulated = tiny_trainer(tiny_config(batch_size=2, grad_accum=2, grad_clip=0), layout)
+    batches = iter(clip_batches(3))
+    accumulated.train_step(batches)
+    assert len(list(batches)) == 1 and accumulated.progress.global_step == 1
+    ((_, values),) = accumulated.step_metrics.drain()
+
+    # the same two micro-batches, each scored by the initial weights with the step's seeded augmentation
+    single = tiny_trainer(tiny_config(batch_size=2, grad_clip=0), layout)
+    generator = torch.Generator().manual_seed(ckpt.step_seed(0, 0, 0))
+    torch.manual_seed(ckpt.step_seed(0, 0, 0))
+    losses = [single.forward_backward(batch, generator, last_micro_step=True) for batch in clip_batches(2)]
+    assert values["train_loss"] == pytest.approx(float(sum(losses)) / 2, rel=1e-5)
+
+
+def test_steps_reseed_per_seed_step_and_rank_so_a_resumed_trainer_matches_an_uninterrupted_one(tmp_path):
+    cfg, layout = tiny_config(batch_size=2), StepLayout((4,), 4, 2)
+    first, second = clip_batches(2, seed=1)
+    straight = tiny_trainer(cfg, layout)
+    for batch in (first, second):
+        straight.train_step(iter([batch]))
+
+    interrupted = tiny_trainer(cfg, layout)
+    interrupted.train_step(iter([first]))
+    state = interrupted.state
+    ckpt.save(str(tmp_path), state.net, state.optimizer, state.scheduler, state.scaler, interrupted.progress)
+    torch.manual_seed(123)  # whatever the process drew in between
+    resumed = tiny_trainer(cfg, layout, ckpt.read_progress(str(tmp_path)), checkpoint_dir=str(tmp_path))
+    resumed.train_step(iter([second]))
+    assert resumed.progress.global_step == 2
+    for key, value in weights(straight).items():
+        torch.testing.assert_close(weights(resumed)[key], value, rtol=0, atol=0, msg=key)
+
+    other_rank = tiny_trainer(cfg, layout, rank=1)  # another rank augments the same clips otherwise
+    for batch in (first, second):
+        other_rank.train_step(iter([batch]))
+    assert any(not torch.equal(weights(straight)[k], v) for k, v in weights(other_rank).items())
+
+
+def test_step_layout_cuts_the_last_epochs_where_max_steps_ends():
+    layout = StepLayout((5, 5, 5), 7, 8)
+    assert [layout.epoch_steps(e) for e in range(4)] == [5, 2, 0, 0]
+    assert [layout.steps_before(e) for e in range(3)] == [0, 5, 10]
+    assert layout.warmup_steps(0.5) == 2 and layout.warmup_steps(3.0) == 7 and layout.warmup_steps(0.0) == 1
+
+
+class SlowBatches:
+    """Batches that each take `delay_s` to arrive, like a stream that cannot keep up."""
+
+    def __init__(self, batches: list[dict], delay_s: float):
+        self.batches, self.delay_s = iter(batches), delay_s
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        time.sleep(self.delay_s)
+        return next(self.batches)
+
+
+def test_train_epoch_steps_to_the_epochs_end_and_measures_the_share_spent_waiting_for_data():
+    cfg = tiny_config(batch_size=2, log_every=2)
+    trainer = tiny_trainer(cfg, StepLayout((3, 3), 5, 2))
+    trainer.progress.epoch, trainer.progress.step_in_epoch, trainer.progress.global_step = 1, 0, 3
+    batches = SlowBatches(clip_batches(4), delay_s=0.2)
+    started = time.perf_counter()
+    share = trainer.train_epoch(batches)
+    elapsed = time.perf_counter() - started
+
+    assert (trainer.progress.step_in_epoch, trainer.progress.global_step) == (2, 5)  # cut by the run's 5 steps
+    assert len(list(batches.batches)) == 2  # nothing read past the epoch's steps
+    assert 0.4 / elapsed - 0.05 <= share <= 1  # the two waits of 0.2 s
+    # steps 4 (read back at --log-every 2) and 5 (still buffered for the epoch end)
+    assert [step for step, _ in trainer.drain_step_metrics()] == [5]
 
 
 def test_resume_places_optimizer_state_on_each_parameters_device(tmp_path):
