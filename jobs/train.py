@@ -280,6 +280,8 @@ def finish_registration(cfg: TrainConfig, manifest, uri: str, run_id: str):
     """Logs the selected checkpoint's model (`cfg.select`: the best validation top-1 or the last) to the run and
     registers it, recording which; safe to repeat (`uniformer register`)."""
     import mlflow
+    from botocore.exceptions import BotoCoreError, ClientError
+    from mlflow.exceptions import MlflowException
 
     from jobs.serving.registry import log_model
 
@@ -306,8 +308,10 @@ def finish_registration(cfg: TrainConfig, manifest, uri: str, run_id: str):
                     description = version_description(cfg, manifest, chosen_progress, run)
                     return log_model(run_id, weights, card, uri, cfg.register_as, version_tags=tags,
                                      description=description)
-            except Exception as exc:
-                # not chained: MLflow's own message names the request URL, the tracking URI's password included
+            except (MlflowException, OSError, BotoCoreError, ClientError) as exc:
+                # what reaching MLflow and its artifact store raises (requests' errors are OSErrors), which a re-run
+                # mends; anything else is a bug, raised as itself. Not chained: MLflow's own message names the
+                # request URL, the tracking URI's password included
                 raise RuntimeError(
                     f"training finished and its checkpoint is safe at {final.path}, but logging the model to "
                     f"MLflow at {redact(uri)} failed ({type(exc).__name__}: {redact(str(exc))}). Re-run the same "
