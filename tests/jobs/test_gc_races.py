@@ -159,3 +159,45 @@ def test_a_training_run_keeps_the_version_it_reads_from_gc_until_it_ends(tmp_pat
     assert not _records(storage, root)  # and gone with the run
     after = collect_garbage(root, storage, keep_versions=1, min_age_s=0)
     assert after.dropped_versions == [1] and {path for path, _ in after.removed} >= only_v1
+
+
+def test_an_evaluation_keeps_the_version_it_evaluates_from_gc_until_it_ends(tmp_path, s3_server, s3_bucket, ray_local):
+    import torch
+
+    import model
+    from jobs.evaluate import evaluate_model
+    from model.package import ModelCard, save_package
+
+    src, dst, endpoint_url = tmp_path / "videos", f"s3://{s3_bucket}/clips", s3_server.endpoint_url
+    storage, root = Storage(endpoint_url), parse_uri(dst)
+    generate_motion_dataset(src, num_per_class=2, size=(40, 40), num_frames=16, seed=3)
+    ingest = dict(labels_from_dirs=True, frames=8, size=32, short_side=40, endpoint_url=endpoint_url)
+    run_ingest(str(src), dst, **ingest)
+    (src / "left" / "left_0000.mp4").unlink()
+    run_ingest(str(src), dst, **ingest)  # v2 without it: v1's source table is v1's alone
+    only_v1 = (_files_of(load_manifest(f"{dst}@1", endpoint_url=endpoint_url))
+               - _files_of(load_manifest(f"{dst}@2", endpoint_url=endpoint_url)))
+    card = ModelCard("uniformerv2_tiny", 4, {"t_size": 8}, ["down", "left", "right", "up"], frames=8, crop_size=32,
+                     short_side=40)
+    torch.manual_seed(0)
+    save_package(model.create_model(card.model, card.num_classes, **card.overrides).eval(), card, tmp_path / "package")
+
+    thread, outcome = _in_background(lambda: evaluate_model(
+        f"{dst}@1", str(tmp_path / "package"), views="1x1", experiment=None, endpoint_url=endpoint_url))
+    deadline = time.monotonic() + 120
+    while not _records(storage, root) and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    records = _records(storage, root)
+    racing = collect_garbage(root, storage, keep_versions=1, min_age_s=0)
+    running = thread.is_alive()
+    evaluation = _finished(thread, outcome)
+
+    assert running, "the evaluation finished before gc ran"
+    assert [record["reads"] for record in records] == [[1]] and records[0]["job"] == "evaluate"
+    assert (racing.kept_versions, racing.read_versions, racing.dropped_versions) == ([2], [1], [])
+    assert not {path for path, _ in racing.removed} & only_v1
+    # v1's 8 videos, the one since deleted from the source failing to decode
+    assert evaluation.dataset == f"{dst}@1" and evaluation.videos == 7
+    assert [failed["video_id"] for failed in evaluation.failed] == ["left/left_0000.mp4"]
+    assert not _records(storage, root)  # gone with the evaluation
+    assert collect_garbage(root, storage, keep_versions=1, min_age_s=0).dropped_versions == [1]
