@@ -181,7 +181,7 @@ def run_ingest(
                            max_shard_bytes, class_names, previous_failures, retry_errors, keep_deleted)
         if dry_run:
             return _preview(plan, echo)
-        run.claim(group["shard"] for group in plan.groups)
+        run.claim(plan.groups.names)
         storage.remove_stale_staging(root.join(SHARDS_DIR))
         echo(
             f"ingest {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already done, "
@@ -221,12 +221,12 @@ def run_ingest(
 
 
 def _preview(plan, echo: Callable[[str], None]) -> IngestPreview:
-    pending = [video["uri"] for group in plan.groups for video in group["videos"]]
     preview = IngestPreview(
         source=plan.source.uri, destination=plan.root.uri, listed=len(plan.listed),
         already_done=len(plan.already_done), known_failures=len(plan.known_failures),
-        label_errors=len(plan.label_errors), to_decode=len(pending), shards=len(plan.groups),
-        replaced_or_removed=len(plan.superseded), first_to_decode=pending[:PREVIEW_NAMES],
+        label_errors=len(plan.label_errors), to_decode=plan.num_pending, shards=len(plan.groups),
+        replaced_or_removed=len(plan.superseded),
+        first_to_decode=[video.uri for video in plan.groups.videos[:PREVIEW_NAMES]],
     )
     echo(format_preview(preview))
     return preview

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -40,12 +40,13 @@ from jobs.scoring.results import (
     latest_score_manifest,
     plan_score,
     publish_shard,
+    source_record,
     write_score_manifest,
 )
 from model.inference import PRECISIONS
 from pipeline.decode import DecodeLimits
 from pipeline.isolation import shared_decoder
-from pipeline.listing import SourceVideo, list_videos
+from pipeline.listing import ItemsOnDemand, PlannedGroups, SourceVideo, VideoListing, list_videos
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Storage, is_object_error, parse_uri
 from pipeline.versioned import RunRecord, nothing_new_line, read_failures
@@ -196,18 +197,16 @@ def decode_batch(
     }
 
 
-def ray_items(groups: list[dict]) -> list[dict]:
-    return [
-        {
-            "video_id": video["video_id"],
-            "source_uri": video["uri"],
-            "source_etag": video["etag"],
-            "source_size": int(video["size"]),
-            "shard": index,
-        }
-        for index, group in enumerate(groups)
-        for video in group["videos"]
-    ]
+def ray_items(groups: PlannedGroups) -> Sequence[dict]:
+    """One item per video (`shard`: its group's index), made as Ray Data reads it: `from_items` builds and stores one
+    block at a time, so the driver never holds every pending video as a Python dict."""
+
+    def item(position: int) -> dict:
+        video = groups.videos[position]
+        return {"video_id": video.video_id, "source_uri": video.uri, "source_etag": video.etag,
+                "source_size": int(video.size), "shard": position // groups.size}
+
+    return ItemsOnDemand(len(groups.videos), item)
 
 
 def _build(items: list[dict], resolved: ResolvedModel, params: ScoreParams, storage: Storage, options: ScoreOptions):
@@ -279,17 +278,13 @@ def score_dataset(
     """
     init_ray()
     storage = Storage(endpoint_url)
-    videos = list_videos(src, storage) if isinstance(src, str) else list(src)
-    items = ray_items([{"videos": [_record(video) for video in videos]}])
+    videos = list_videos(src, storage) if isinstance(src, str) else VideoListing.of(src)
+    items = ray_items(PlannedGroups(videos, max(1, len(videos)), [""], source_record))  # one group: no shards here
     with tempfile.TemporaryDirectory() as directory:
         resolved = resolve_model(model, directory, tracking_uri) if isinstance(model, str) else model
         params = build_params(resolved.card, views, top_k, full_probs, short_side)
         dataset = _build(items, resolved, params, storage, options or ScoreOptions())  # reads the package now
     return dataset.drop_columns(["shard"])
-
-
-def _record(video: SourceVideo) -> dict:
-    return {"uri": video.uri, "video_id": video.video_id, "etag": video.etag, "size": video.size}
 
 
 # ---- the job -----------------------------------------------------------------------------------------------------
@@ -407,7 +402,7 @@ def run_score(
                           previous_failures, retry_errors, keep_deleted)
         if dry_run:
             return _preview(plan, echo)
-        run.claim([group["shard"] for group in plan.groups] + [result["shard"]["path"] for result in plan.adopted])
+        run.claim(plan.groups.names + [result["shard"]["path"] for result in plan.adopted])
         storage.remove_stale_staging(root.join(PREDICTIONS_DIR))
         echo(
             f"score {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already "
@@ -444,12 +439,11 @@ def run_score(
 
 
 def _preview(plan: ScorePlan, echo: Callable[[str], None]) -> ScorePreview:
-    pending = [video["uri"] for group in plan.groups for video in group["videos"]]
     preview = ScorePreview(
         source=plan.source.uri, destination=plan.root.uri, model=plan.identity, views=plan.params.views,
         listed=len(plan.listed), already_done=len(plan.already_done), known_failures=len(plan.known_failures),
-        in_adopted_shards=sum(len(r["videos"]) + len(r["errors"]) for r in plan.adopted), to_score=len(pending),
-        shards=len(plan.groups), first_to_score=pending[:PREVIEW_NAMES],
+        in_adopted_shards=sum(len(r["videos"]) + len(r["errors"]) for r in plan.adopted), to_score=plan.num_pending,
+        shards=len(plan.groups), first_to_score=[video.uri for video in plan.groups.videos[:PREVIEW_NAMES]],
     )
     echo(format_preview(preview))
     return preview

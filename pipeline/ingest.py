@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.decode import DecodeLimits, decode_clips
 from pipeline.isolation import DecoderProcess, shared_decoder
-from pipeline.listing import SourceVideo, extend_class_map, fixed_class_map
+from pipeline.listing import ItemsOnDemand, PlannedGroups, SourceVideo, VideoListing, extend_class_map, fixed_class_map
 from pipeline.manifest import (
     SHARDS_DIR,
     Manifest,
@@ -68,9 +68,9 @@ class IngestPlan:
     class_map: dict[str, int]
     previous: Manifest | None
     previous_sources: dict[str, dict]  # the previous version's sources (pipeline.manifest.read_sources)
-    listed: list[SourceVideo]
-    already_done: list[SourceVideo]
-    groups: list[dict]
+    listed: Sequence[SourceVideo]
+    already_done: Sequence[SourceVideo]
+    groups: PlannedGroups  # {"shard": relative path, "videos": [source records]}, made when asked for
     label_errors: list[ErrorRecord]  # this run's, also of inputs that failed to be labelled before
     # video ids ingested before whose fingerprint or label changed, or that left SRC: their old clips leave the dataset
     superseded: set[str] = field(default_factory=set)
@@ -81,7 +81,7 @@ class IngestPlan:
 
     @property
     def num_pending(self) -> int:
-        return sum(len(group["videos"]) for group in self.groups)
+        return len(self.groups.videos)
 
 
 def _source_record(video: SourceVideo, class_map: dict[str, int]) -> dict:
@@ -138,15 +138,18 @@ def plan_ingest(
                 f"{dst} was ingested with labels from {previous.labels!r}, this run uses {labels_mode!r}; "
                 "write to a new --out"
             )
+    listed, labelled = VideoListing.of(listed), VideoListing.of(labelled)
     if class_names is not None:
         fixed = fixed_class_map(class_names, previous.class_map if previous else {})
-        unknown = [video for video in labelled if video.label_name not in fixed]
-        label_errors = label_errors + [
-            ErrorRecord(video.uri, video.etag, "labels", "UnknownClass",
-                        f"label {video.label_name!r} is not in the class list")
-            for video in unknown
-        ]
-        labelled = [video for video in labelled if video.label_name in fixed]
+        in_class_list, unknown = [], []
+        for position, video in enumerate(labelled):
+            if video.label_name in fixed:
+                in_class_list.append(position)
+            else:
+                unknown.append(ErrorRecord(video.uri, video.etag, "labels", "UnknownClass",
+                                           f"label {video.label_name!r} is not in the class list"))
+        label_errors = label_errors + unknown
+        labelled = labelled.take(in_class_list)
     decode_failures = {key: error for key, error in previous_failures.items() if error.stage != "labels"}
     inputs = partition_inputs(
         labelled,
@@ -163,16 +166,16 @@ def plan_ingest(
         class_map = fixed
     else:
         class_map = extend_class_map(
-            previous.class_map if previous else {}, [v.label_name for v in pending if v.label_name is not None]
+            previous.class_map if previous else {}, pending.column("label_name").drop_null().unique().to_pylist()
         )
 
     per_shard_cap = max(1, max_shard_bytes // (sampling.clip_bytes * sampling.clips_per_video))
     # Depends only on the pending set, so a re-run after a kill plans the same groups (and shard names).
     videos_per_group = min(per_shard_cap, max(1, math.ceil(len(pending) / _MIN_GROUPS_FOR_PARALLELISM)))
-    groups = []
-    for start in range(0, len(pending), videos_per_group):
-        sources = [_source_record(video, class_map) for video in pending[start : start + videos_per_group]]
-        groups.append({"shard": f"{SHARDS_DIR}/{shard_name(sampling, sources)}", "videos": sources})
+    groups = PlannedGroups.cut(
+        pending, videos_per_group, lambda video: _source_record(video, class_map),
+        lambda sources: f"{SHARDS_DIR}/{shard_name(sampling, sources)}",
+    )
     return IngestPlan(
         root=parse_uri(dst),
         source=parse_uri(src),
@@ -287,8 +290,9 @@ def _error(source: dict, stage: str, error: Exception) -> ErrorRecord:
     return ErrorRecord(source["uri"], source["etag"], stage, type(error).__name__, message[:2000])
 
 
-def ray_items(plan: IngestPlan) -> list[dict]:
-    return [{"group": json.dumps(group, ensure_ascii=False)} for group in plan.groups]
+def ray_items(plan: IngestPlan) -> Sequence[dict]:
+    """One item per group, made as Ray Data reads it (`from_items` builds and stores one block at a time)."""
+    return ItemsOnDemand(len(plan.groups), lambda index: {"group": json.dumps(plan.groups[index], ensure_ascii=False)})
 
 
 # Videos per Ray task at least, so that scheduling a task costs little next to decoding; shards stay per group.

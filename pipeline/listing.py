@@ -11,7 +11,11 @@ import csv
 import io
 import re
 import unicodedata
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Location, Storage, parse_uri
@@ -36,19 +40,142 @@ class SourceVideo:
         return (self.video_id, self.etag, self.size)
 
 
+LISTING_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("video_id", pa.string()), ("size", pa.int64()), ("etag", pa.string()),
+     ("label_name", pa.string())]
+)
+_ROWS_PER_CHUNK = 1000  # an S3 ListObjectsV2 page: the listing turns each page into columns before the next
+
+
+def _position(index: int, length: int, what: str, things: str) -> int:
+    """A sequence index (negative ones count from the end) as a position; IndexError outside the sequence."""
+    position = index + length if index < 0 else index
+    if not 0 <= position < length:
+        raise IndexError(f"{what} {index} out of range for {length} {things}")
+    return position
+
+
+class VideoListing(Sequence):
+    """Listed videos as Arrow columns (LISTING_SCHEMA), a sequence of SourceVideo made on the fly when indexed or
+    iterated. A million videos held as SourceVideo objects cost the driver about 4 times the memory of these columns
+    (benchmarks/scale.py: README, "A million videos"). A selection (`take`) keeps the positions of its rows in the
+    same columns, not a copy of them."""
+
+    def __init__(self, table: pa.Table, rows: pa.Array | None = None):
+        self._table, self._rows = table, rows
+        self._chunk: tuple[int, list[dict]] = (-1, [])  # the rows last indexed, as Python: indexing goes in order
+
+    @classmethod
+    def of(cls, videos: Iterable[SourceVideo]) -> VideoListing:
+        if isinstance(videos, VideoListing):
+            return videos
+        return cls(pa.Table.from_pylist([video.__dict__ for video in videos], schema=LISTING_SCHEMA))
+
+    @property
+    def table(self) -> pa.Table:
+        return self._table if self._rows is None else self._table.take(self._rows)
+
+    def __len__(self) -> int:
+        return self._table.num_rows if self._rows is None else len(self._rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.take(range(*index.indices(len(self))))
+        chunk, offset = divmod(_position(index, len(self), "listing index", "videos"), _ROWS_PER_CHUNK)
+        if self._chunk[0] != chunk:
+            self._chunk = (chunk, self._python_rows(chunk * _ROWS_PER_CHUNK))
+        return SourceVideo(**self._chunk[1][offset])
+
+    def __iter__(self) -> Iterator[SourceVideo]:
+        for start in range(0, len(self), _ROWS_PER_CHUNK):
+            for row in self._python_rows(start):
+                yield SourceVideo(**row)
+
+    def _python_rows(self, start: int) -> list[dict]:
+        if self._rows is None:
+            return self._table.slice(start, _ROWS_PER_CHUNK).to_pylist()
+        return self._table.take(self._rows.slice(start, _ROWS_PER_CHUNK)).to_pylist()
+
+    def take(self, positions: Iterable[int]) -> VideoListing:
+        positions = pa.array(positions, pa.int64())
+        return VideoListing(self._table, positions if self._rows is None else self._rows.take(positions))
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        column = self._table.column(name)
+        return column if self._rows is None else column.take(self._rows)
+
+
+class ItemsOnDemand(Sequence):
+    """`length` items, item i made by `item(i)` when asked for: what Ray Data's `from_items` reads one block at a time,
+    so that a plan reaches the object store without all its items in the driver at once."""
+
+    def __init__(self, length: int, item: Callable[[int], dict]):
+        self._length, self._item = length, item
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(len(self)))]
+        return self._item(_position(index, len(self), "item", "items"))
+
+
+class PlannedGroups(Sequence):
+    """A plan's groups (one shard each): consecutive runs of `size` videos of a listing, `names[i]` the shard of group
+    i. A group's dict ({"shard": name, "videos": records}) is made when asked for, its records by `record(video)`, so
+    that a plan of a million pending videos holds their columns, not a million records."""
+
+    def __init__(self, videos: VideoListing, size: int, names: list[str], record: Callable[[SourceVideo], dict]):
+        self.videos, self.size, self.names, self._record = videos, size, names, record
+
+    @classmethod
+    def cut(cls, videos: VideoListing, size: int, record: Callable[[SourceVideo], dict],
+            name: Callable[[list[dict]], str]) -> PlannedGroups:
+        """Groups of `size` videos, each named by `name(its records)`."""
+        groups = cls(videos, size, [], record)
+        groups.names = [name(groups._records(index)) for index in range(-(-len(videos) // size))]
+        return groups
+
+    def _records(self, index: int) -> list[dict]:
+        return [self._record(video) for video in self.videos[index * self.size : (index + 1) * self.size]]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[position] for position in range(*index.indices(len(self)))]
+        position = _position(index, len(self), "group", "groups")
+        return {"shard": self.names[position], "videos": self._records(position)}
+
+
 def list_videos(
     src: str | Location, storage: Storage, extensions: tuple[str, ...] = VIDEO_EXTENSIONS
-) -> list[SourceVideo]:
-    """Every file under `src` whose name ends in one of `extensions` (any case), sorted by video id."""
+) -> VideoListing:
+    """Every file under `src` whose name ends in one of `extensions` (any case), sorted by video id (stable: of two
+    keys with the same NFC form, the first listed comes first)."""
     root = parse_uri(src) if isinstance(src, str) else src
-    videos = []
+    chunks, page = [], []
     for info in storage.list_objects(root):
         if not info.location.path.lower().endswith(extensions):
             continue
         video_id = unicodedata.normalize("NFC", info.location.relative_to(root))
-        videos.append(SourceVideo(info.location.uri, video_id, info.size, info.etag))
-    videos.sort(key=lambda video: video.video_id)
-    return videos
+        page.append((info.location.uri, video_id, info.size, info.etag))
+        if len(page) == _ROWS_PER_CHUNK:
+            chunks.append(_listing_chunk(page))
+            page = []
+    chunks.append(_listing_chunk(page))
+    table = pa.concat_tables(chunks).combine_chunks()  # one chunk: Arrow's take concatenates a chunked column first
+    ids = table.column("video_id")
+    if len(ids) < 2 or pc.all(pc.less_equal(ids[:-1], ids[1:])).as_py():
+        return VideoListing(table)  # S3 lists in key order: ids in order unless a key's NFC form moves it
+    return VideoListing(table, pc.sort_indices(table, [("video_id", "ascending")]))
+
+
+def _listing_chunk(rows: list[tuple[str, str, int, str]]) -> pa.Table:
+    uris, video_ids, sizes, etags = zip(*rows) if rows else ((), (), (), ())
+    return pa.table([uris, video_ids, sizes, etags, pa.nulls(len(rows), pa.string())], schema=LISTING_SCHEMA)
 
 
 _ABSOLUTE = re.compile(r"^(/|\\|[A-Za-z]:[\\/]|[A-Za-z][A-Za-z0-9+.-]*://)")
@@ -122,20 +249,21 @@ def read_class_names(uri: str, storage: Storage) -> list[str]:
 
 
 def attach_labels(
-    videos: list[SourceVideo],
+    videos: Sequence[SourceVideo],
     src: Location,
     labels_csv: dict[str, str] | None = None,
     labels_from_dirs: bool = False,
-) -> tuple[list[SourceVideo], list[ErrorRecord]]:
+) -> tuple[VideoListing, list[ErrorRecord]]:
     """Give each video its label name. Videos that cannot be labelled, and CSV rows naming no listed video, come
     back as error records (stage "labels") so that every input is accounted for."""
     if labels_csv is not None and labels_from_dirs:
         raise ValueError("choose one of a labels CSV and labels from folders, not both")
     errors: list[ErrorRecord] = []
+    listing = VideoListing.of(videos)
     if labels_csv is None and not labels_from_dirs:
-        return list(videos), errors
-    labelled = []
-    for video in videos:
+        return listing, errors
+    labelled, label_chunks, labels = [], [], []  # labels in listing order, None where there is none
+    for position, video in enumerate(listing):
         if labels_from_dirs:
             folder = video.video_id.rsplit("/", 1)[0] if "/" in video.video_id else ""
             label = folder.rsplit("/", 1)[-1] or None
@@ -146,9 +274,14 @@ def attach_labels(
         if label is None:
             errors.append(ErrorRecord(video.uri, video.etag, "labels", reason[0], reason[1]))
         else:
-            labelled.append(replace(video, label_name=label))
+            labelled.append(position)
+        labels.append(label)
+        if len(labels) == _ROWS_PER_CHUNK:
+            label_chunks.append(pa.array(labels, pa.string()))
+            labels = []
+    label_chunks.append(pa.array(labels, pa.string()))
     if labels_csv is not None:
-        listed = {video.video_id for video in videos}
+        listed = set(listing.column("video_id").to_pylist())
         for path in sorted(set(labels_csv) - listed):
             errors.append(
                 ErrorRecord(
@@ -159,7 +292,8 @@ def attach_labels(
                     f"the labels CSV names {path!r}, but no such video is listed under {src.uri}",
                 )
             )
-    return labelled, errors
+    labelled_table = listing.table.set_column(4, "label_name", pa.concat_arrays(label_chunks))
+    return VideoListing(labelled_table, pa.array(labelled, pa.int64())), errors
 
 
 def fixed_class_map(class_names: list[str], existing: dict[str, int]) -> dict[str, int]:

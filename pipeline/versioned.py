@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -96,13 +96,13 @@ def failure_key(record: ErrorRecord) -> tuple[str, str]:
 
 @dataclass
 class InputPartition:
-    pending: list
-    already_done: list
+    pending: Sequence
+    already_done: Sequence
     known_failures: list[ErrorRecord]  # earlier failures of inputs unchanged since, not tried again
 
 
 def partition_inputs(
-    inputs: Iterable,
+    inputs: Sequence,
     done: dict[str, dict],
     unchanged: Callable[[object, dict], bool],
     failures: dict[tuple[str, str], ErrorRecord],
@@ -110,18 +110,24 @@ def partition_inputs(
 ) -> InputPartition:
     """Split listed inputs (anything with `video_id`, `uri` and `etag`): already done (in `done`, the previous version's
     record by video id, and `unchanged` against it), known failures (`failures`, keyed by `failure_key`, holds the same
-    key and ETag; unless `retry_errors`), and pending."""
-    partition = InputPartition([], [], [])
-    for item in inputs:
+    key and ETag; unless `retry_errors`), and pending. Inputs that offer `take(positions)` (a columnar listing,
+    pipeline.listing.VideoListing) give pending and already done as `take` does: a million done videos stay columns,
+    not a million objects."""
+    pending, already_done, known_failures = [], [], []
+    for position, item in enumerate(inputs):
         record = done.get(item.video_id)
         failure = failures.get((item.uri, item.etag))
         if record is not None and unchanged(item, record):
-            partition.already_done.append(item)
+            already_done.append(position)
         elif failure is not None and not retry_errors:
-            partition.known_failures.append(failure)
+            known_failures.append(failure)
         else:
-            partition.pending.append(item)
-    return partition
+            pending.append(position)
+    return InputPartition(_select(inputs, pending), _select(inputs, already_done), known_failures)
+
+
+def _select(inputs: Sequence, positions: list[int]) -> Sequence:
+    return inputs.take(positions) if hasattr(inputs, "take") else [inputs[position] for position in positions]
 
 
 def deleted_inputs(done: dict[str, dict], listed: Iterable, keep_deleted: bool = False) -> set[str]:

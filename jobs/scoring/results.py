@@ -18,15 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.scoring.model_ref import ModelIdentity
 from jobs.scoring.predict import prediction_fields
-from pipeline.listing import SourceVideo
+from pipeline.listing import PlannedGroups, SourceVideo, VideoListing
 from pipeline.manifest import ShardEntry, check_inside_root
 from pipeline.schema import ErrorRecord
 from pipeline.shards import publish_table, rewrite_without_videos
@@ -177,10 +179,10 @@ class ScorePlan:
     identity: ModelIdentity
     params: ScoreParams
     previous: ScoreManifest | None
-    listed: list[SourceVideo]
-    already_done: list[SourceVideo]
+    listed: Sequence[SourceVideo]
+    already_done: Sequence[SourceVideo]
     adopted: list[dict]  # results of shards a killed run published (pipeline.versioned.published_part)
-    groups: list[dict]  # {"shard": relative path, "videos": [source records]}
+    groups: PlannedGroups  # {"shard": relative path, "videos": [source records]}, made when asked for
     # the previous version's failed videos by key and ETag (its errors table), and those unchanged and not retried
     previous_failures: dict[tuple[str, str], ErrorRecord] = field(default_factory=dict)
     known_failures: list[ErrorRecord] = field(default_factory=list)
@@ -190,7 +192,7 @@ class ScorePlan:
 
     @property
     def num_pending(self) -> int:
-        return sum(len(group["videos"]) for group in self.groups)
+        return len(self.groups.videos)
 
 
 def source_record(video: SourceVideo) -> dict:
@@ -222,7 +224,7 @@ def check_compatible(previous: ScoreManifest | None, identity: ModelIdentity, pa
 def plan_score(
     root: Location,
     source: Location,
-    listed: list[SourceVideo],
+    listed: Sequence[SourceVideo],
     identity: ModelIdentity,
     params: ScoreParams,
     previous: ScoreManifest | None,
@@ -238,6 +240,7 @@ def plan_score(
     listed leave the next version, unless `keep_deleted`."""
     check_compatible(previous, identity, params, root.uri)
     previous_failures = previous_failures or {}
+    listed = VideoListing.of(listed)
     inputs = partition_inputs(
         listed,
         previous.sources if previous else {},
@@ -245,12 +248,12 @@ def plan_score(
         previous_failures,
         retry_errors,
     )
-    pending = {video.video_id: video for video in inputs.pending}
+    pending = _one_per_video_id(inputs.pending)
     done = previous.sources if previous else {}
     deleted = deleted_inputs(done, listed, keep_deleted)
-    superseded = {video_id for video_id in pending if video_id in done} | deleted
+    superseded = {video.video_id for video in pending if video.video_id in done} | deleted
 
-    adopted = []
+    adopted, adopted_positions, position_of = [], set(), None
     listed_shards = {shard.path for shard in previous.shards} if previous else set()
     for info in storage.list_objects(root.join(PREDICTIONS_DIR)):
         relative = info.location.relative_to(root)
@@ -261,19 +264,23 @@ def plan_score(
         result = published_part(storage, info.location, relative, FOOTER_KEY)
         if result is None or result["model_sha256"] != identity.package_sha256 or result["params"] != params.to_dict():
             continue
-        held = result["videos"] + [error["source"] for error in result["errors"]]
-        if held and all(_unchanged(pending.get(record["video_id"]), record) for record in held):
+        if position_of is None:  # only a killed run's leftovers need pending videos by id
+            position_of = {video_id: at for at, video_id in enumerate(pending.column("video_id").to_pylist())}
+        held = [position_of.get(record["video_id"]) for record in result["videos"]]
+        held += [position_of.get(error["source"]["video_id"]) for error in result["errors"]]
+        records = result["videos"] + [error["source"] for error in result["errors"]]
+        if records and all(
+            position is not None and position not in adopted_positions and _unchanged(pending[position], record)
+            for position, record in zip(held, records)
+        ):
             adopted.append(result)
-            for record in held:
-                del pending[record["video_id"]]
+            adopted_positions.update(held)
+    if adopted_positions:
+        pending = pending.take([position for position in range(len(pending)) if position not in adopted_positions])
 
-    remaining = [source_record(video) for video in pending.values()]
     # Depends only on the pending set, so a re-run after a kill plans the same groups and shard names.
-    per_shard = min(videos_per_shard, max(_MIN_VIDEOS_PER_SHARD, math.ceil(len(remaining) / _MIN_SHARDS)))
-    groups = []
-    for start in range(0, len(remaining), per_shard):
-        sources = remaining[start : start + per_shard]
-        groups.append({"shard": shard_name(identity, params, sources), "videos": sources})
+    per_shard = min(videos_per_shard, max(_MIN_VIDEOS_PER_SHARD, math.ceil(len(pending) / _MIN_SHARDS)))
+    groups = PlannedGroups.cut(pending, per_shard, source_record, lambda sources: shard_name(identity, params, sources))
     return ScorePlan(
         root=root, source=source, identity=identity, params=params, previous=previous, listed=listed,
         already_done=inputs.already_done, adopted=adopted, groups=groups, previous_failures=previous_failures,
@@ -281,8 +288,20 @@ def plan_score(
     )
 
 
-def _unchanged(video: SourceVideo | None, source: dict) -> bool:
-    return video is not None and (video.etag, video.size) == (source["etag"], source["size"])
+def _unchanged(video: SourceVideo, source: dict) -> bool:
+    return (video.etag, video.size) == (source["etag"], source["size"])
+
+
+def _one_per_video_id(videos: VideoListing) -> VideoListing:
+    """The last video of each video id, in the order ids first appear: two keys may share an id (the same name in
+    two Unicode normal forms), and a predictions version holds one row per id."""
+    ids = videos.column("video_id")
+    if pc.count_distinct(ids).as_py() == len(videos):
+        return videos
+    last: dict[str, int] = {}
+    for position, video_id in enumerate(ids.to_pylist()):
+        last[video_id] = position
+    return videos.take(list(last.values()))
 
 
 # ---- shards ------------------------------------------------------------------------------------------------------

@@ -3,8 +3,12 @@ import os
 import pytest
 
 from pipeline.listing import (
+    LISTING_SCHEMA,
+    ItemsOnDemand,
     LabelsError,
+    PlannedGroups,
     SourceVideo,
+    VideoListing,
     attach_labels,
     extend_class_map,
     fixed_class_map,
@@ -110,3 +114,68 @@ def test_a_class_list_fixes_ids_in_its_order_and_must_agree_with_the_dataset():
         parse_class_names("a\nb\na\n")
     with pytest.raises(LabelsError, match="names no class"):
         parse_class_names("\n \n")
+
+
+def test_a_listing_of_many_pages_is_columnar_and_sorted_as_its_videos_would_be(tmp_path):
+    # 2,500 files: three chunks of the listing; names whose sort by key and by video id differ ("a b" < "a/")
+    for i in range(2500):
+        folder = tmp_path / ("a b" if i % 3 else "a") / f"{i % 7}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"v{i:05d}.mp4").write_bytes(b"x" * (i % 5))
+    listing = list_videos(str(tmp_path), Storage())
+    assert isinstance(listing, VideoListing) and listing.table.schema == LISTING_SCHEMA
+    videos = list(listing)
+    assert [video.video_id for video in videos] == sorted(video.video_id for video in videos) and len(videos) == 2500
+    assert listing[0] == videos[0] and listing[-1] == videos[-1] and listing[1234] == videos[1234]
+    assert list(listing[10:20]) == videos[10:20] and list(listing.take([5, 3])) == [videos[5], videos[3]]
+    assert list(VideoListing.of(videos)) == videos and VideoListing.of(listing) is listing
+    with pytest.raises(IndexError, match="2500 out of range for 2500 videos"):
+        listing[2500]
+    labelled, errors = attach_labels(listing, parse_uri(str(tmp_path)), labels_from_dirs=True)
+    assert [(v.video_id, v.label_name) for v in labelled] == [(v.video_id, v.video_id.split("/")[1]) for v in videos]
+    assert errors == []
+
+
+def test_two_names_of_one_video_id_keep_their_listing_order(tmp_path):
+    nfd, nfc = "cafe\u0301.mp4", "caf\u00e9.mp4"  # one id, two keys
+    (tmp_path / nfd).write_bytes(b"d")
+    (tmp_path / nfc).write_bytes(b"cc")
+    (tmp_path / "b.mp4").write_bytes(b"b")
+    videos = list_videos(str(tmp_path), Storage())
+    assert [(video.video_id, video.size) for video in videos] == [("b.mp4", 1), (nfc, 1), (nfc, 2)]  # key order
+
+
+def test_listed_videos_take_columns_not_objects():
+    listing = VideoListing.of(
+        SourceVideo(f"s3://raw/class_{i % 400:03d}/video_{i:08d}.mp4", f"class_{i % 400:03d}/video_{i:08d}.mp4",
+                    1000, f"{i:032x}") for i in range(20_000)
+    )
+    # 37 + 28 + 32 bytes of text, 8 of size, 16 of offsets: a SourceVideo object with its strings is ~430 bytes
+    assert listing.table.nbytes / len(listing) <= 125
+
+
+def test_planned_groups_make_each_group_when_asked_for():
+    videos = VideoListing.of(_video(f"{i}.mp4") for i in range(7))
+    made = []
+
+    def record(video):
+        made.append(video.video_id)
+        return {"video_id": video.video_id}
+
+    groups = PlannedGroups.cut(videos, 3, record, lambda records: "+".join(r["video_id"] for r in records))
+    assert groups.names == ["0.mp4+1.mp4+2.mp4", "3.mp4+4.mp4+5.mp4", "6.mp4"] and len(groups) == 3
+    made.clear()
+    assert groups[-1] == {"shard": "6.mp4", "videos": [{"video_id": "6.mp4"}]} and made == ["6.mp4"]
+    assert [group["shard"] for group in groups] == groups.names
+    with pytest.raises(IndexError, match="group 3 out of range for 3 groups"):
+        groups[3]
+
+
+def test_items_on_demand_are_made_one_by_one_as_read():
+    made = []
+    items = ItemsOnDemand(3, lambda i: made.append(i) or {"i": i})
+    assert len(items) == 3 and made == []
+    assert items[1] == {"i": 1} and made == [1]
+    assert list(items) == [{"i": 0}, {"i": 1}, {"i": 2}] and items[-1] == {"i": 2}
+    with pytest.raises(IndexError, match="item 3 out of range for 3 items"):
+        items[3]

@@ -1,0 +1,35 @@
+"""The scoring plan over a columnar listing: one prediction per video id, items handed to Ray Data on demand."""
+
+from __future__ import annotations
+
+from jobs.score import ray_items
+from jobs.scoring.model_ref import ModelIdentity
+from jobs.scoring.results import ScoreParams, plan_score, shard_name, source_record
+from pipeline.listing import SourceVideo, VideoListing
+from pipeline.storage import Storage, parse_uri
+
+IDENTITY = ModelIdentity("models:/m/1", "m", 1, None, None, None, "0" * 64)
+PARAMS = ScoreParams(frames=8, crop=224, short_side=256, temporal_views=1, spatial_views=1, sampling="uniform",
+                     stride=0, top_k=5, full_probs=False)
+
+
+def test_two_keys_of_one_video_id_are_scored_once_as_the_last_listed(tmp_path):
+    first = SourceVideo("/src/cafe\u0301.mp4", "café.mp4", 1, "a")
+    second = SourceVideo("/src/café.mp4", "café.mp4", 2, "b")
+    videos = [SourceVideo("/src/a.mp4", "a.mp4", 3, "c"), first, second, SourceVideo("/src/z.mp4", "z.mp4", 4, "d")]
+    plan = plan_score(parse_uri(str(tmp_path / "dst")), parse_uri("/src"), VideoListing.of(videos), IDENTITY, PARAMS,
+                      None, Storage())
+    records = [source_record(video) for video in (videos[0], second, videos[3])]
+    assert list(plan.groups) == [{"shard": shard_name(IDENTITY, PARAMS, records), "videos": records}]
+    assert plan.num_pending == 3 and len(plan.listed) == 4
+
+
+def test_score_items_are_one_per_pending_video_with_its_group_index(tmp_path):
+    videos = [SourceVideo(f"/src/v{i:04d}.mp4", f"v{i:04d}.mp4", i, f"e{i}") for i in range(2000)]
+    plan = plan_score(parse_uri(str(tmp_path / "dst")), parse_uri("/src"), VideoListing.of(videos), IDENTITY, PARAMS,
+                      None, Storage())
+    items = ray_items(plan.groups)
+    assert len(plan.groups) == 63 and plan.groups.size == 32 and len(items) == 2000
+    assert items[1999] == {"video_id": "v1999.mp4", "source_uri": "/src/v1999.mp4", "source_etag": "e1999",
+                           "source_size": 1999, "shard": 62}
+    assert [item["shard"] for item in items][::500] == [0, 15, 31, 46]
