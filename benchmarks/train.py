@@ -1,5 +1,6 @@
-"""Training throughput: clips/s per worker, the share of step time spent waiting for data, and 1 -> 2 worker
-scaling, measured with the real job (Ray Train + the epoch-plan Ray Data loader) on synthetic motion clips.
+"""Training throughput: clips/s per worker, the share of step time spent waiting for data (per epoch, on the rank
+that waited most), and 1 -> 2 worker scaling, measured with the real job (Ray Train + the epoch-plan loader: each
+epoch's first window read in the trainer, the rest by Ray Data) on synthetic motion clips.
 
     .venv/bin/python benchmarks/train.py [--videos-per-class 100] [--epochs 4] [--model uniformerv2_tiny]
 
@@ -69,7 +70,7 @@ def main() -> None:
         "workers_2": two,
         "scaling_total_clips_per_s_2_vs_1": round(
             2 * two["clips_per_s_per_worker_median"] / one["clips_per_s_per_worker_median"], 3),
-        # the first epoch waits for its pipeline's start-up; later ones start while the previous one is validated
+        # apart, as the first epoch's start overlaps only the set-up, later ones the previous epoch's validation too
         "max_data_wait_share_first_epoch": max(run["data_wait_share_per_epoch"][0] for run in (one, two)),
         "max_data_wait_share_later_epochs": max(
             (share for run in (one, two) for share in run["data_wait_share_per_epoch"][1:]), default=None),

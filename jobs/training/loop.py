@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import tempfile
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -166,24 +168,63 @@ class StepLayout:
 class EpochStreams:
     """One rank's training batches, an epoch at a time, from the epoch plan: each epoch reads a whole number of
     steps, so that no batch is left over or straddles two epochs, and a stream opened at step k of an epoch starts
-    at row k x rows per step (exact resume)."""
+    at row k x rows per step (exact resume).
+
+    An epoch's first rows are read in this process and the rest is streamed by Ray Data. A Ray Data pipeline took
+    0.06-0.25 s to deliver its first block in a warm Ray and 2-10 s in a fresh one or on a busy machine (its
+    executor, its read tasks' workers): that wait at an epoch's start was most of the data wait of short epochs,
+    wherever the work before the epoch (building the model, validating) was shorter. The first window (the rows
+    shuffled together) is read here in 15-65 ms for the tiny clips, and the pipeline starts behind it."""
 
     def __init__(self, plan: EpochPlan, layout: StepLayout, rank: int, batch_size: int, device: torch.device):
         self.plan, self.layout, self.rank, self.batch_size, self.device = plan, layout, rank, batch_size, device
 
     def open(self, epoch: int, step_in_epoch: int) -> Iterator[dict]:
-        """Starts reading at once (its pipeline's start-up runs in the background): open an epoch before the work
-        its first batch can overlap."""
+        """Starts reading at once, in the background: open an epoch before the work its first batches can overlap."""
         rows_per_step = self.layout.rows_per_step
         start, stop = step_in_epoch * rows_per_step, self.layout.epoch_steps(epoch) * rows_per_step
         if stop <= start:  # an epoch too short for one step on every rank
             return iter(())
-        dataset = self.plan.dataset(epoch, self.rank, start=start, stop=stop)
-        # batches stay on the host, pinned where a GPU will take them, and DeviceBatches copies them over
-        return DeviceBatches(EpochStream(dataset.iter_torch_batches(
-            batch_size=self.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64},
-            device="cpu", pin_memory=self.device.type == "cuda",
-        )), self.device)
+        middle = self.head_stop(epoch, start, stop)
+        head = read_ahead(self.plan, self.plan.windows(epoch, self.rank, start, middle), self.batch_size)
+        tail = iter(())
+        if middle < stop:
+            dataset = self.plan.dataset(epoch, self.rank, start=middle, stop=stop)
+            # batches stay on the host, pinned where a GPU will take them, and DeviceBatches copies them over
+            tail = EpochStream(dataset.iter_torch_batches(
+                batch_size=self.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64},
+                device="cpu", pin_memory=self.device.type == "cuda",
+            ))
+        return DeviceBatches(itertools.chain(head, tail), self.device)
+
+    def head_stop(self, epoch: int, start: int, stop: int) -> int:
+        """Where the rows read in this process end: after the first windows that hold a batch, on a batch boundary,
+        so that the pipeline's batches start where the head's end (the pipeline reads the window it starts in
+        again, to cut its own rows out of the same shuffle)."""
+        rows = 0
+        for item in self.plan.windows(epoch, self.rank, start, stop):
+            rows += item["take"]
+            if rows >= self.batch_size:
+                break
+        return start + rows // self.batch_size * self.batch_size
+
+
+def read_ahead(plan: EpochPlan, items: list[dict], batch_size: int) -> Iterator[dict]:
+    """The batches of `items` (windows of `plan`), read in a background thread from now on."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-head")
+    reader = plan.reader()
+    windows = pool.submit(lambda: [reader.read(item) for item in items])
+    pool.shutdown(wait=False)
+
+    def batches() -> Iterator[dict]:
+        read = windows.result()
+        frames = read[0]["frames"] if len(read) == 1 else np.concatenate([window["frames"] for window in read])
+        labels = read[0]["label"] if len(read) == 1 else np.concatenate([window["label"] for window in read])
+        for first in range(0, len(labels), batch_size):
+            yield {"frames": torch.from_numpy(frames[first : first + batch_size]),
+                   "label": torch.from_numpy(labels[first : first + batch_size])}
+
+    return batches()
 
 
 class RayCheckpoints:
@@ -236,7 +277,8 @@ class Trainer:
     ):
         self.cfg, self.state, self.progress, self.layout, self.device = cfg, state, progress, layout, device
         self.crop_size, self.rank, self.world = crop_size, rank, world
-        self.model = model or state.net  # what the step runs: the DDP wrapper across ranks, `state.net` the weights
+        # what the step runs: the DDP wrapper across ranks; `state.net` holds the weights
+        self.model = state.net if model is None else model
         self.streams, self.first_batches = streams, first_batches
         self.val_plan, self.class_names = val_plan, class_names
         self.tracker = tracker or RunTracker(None, progress.mlflow_run_id, enabled=False)
@@ -318,14 +360,24 @@ class Trainer:
         while progress.step_in_epoch < epoch_steps:
             waited += self.train_step(batches)
             if progress.global_step % cfg.log_every == 0:
-                self.console.steps(self.drain_step_metrics(), epoch,
-                                   waited / max(time.perf_counter() - started, 1e-9))
+                self.console.steps(self.drain_step_metrics(), epoch, self.data_wait_share(waited, started))
             if cfg.checkpoint_every and progress.global_step % cfg.checkpoint_every == 0 \
                     and progress.step_in_epoch < epoch_steps:
                 # no validation here: NaN ranks a mid-epoch checkpoint below every epoch end for --select best
                 self.save_checkpoint({"epoch": epoch, "global_step": progress.global_step, "val_accuracy": math.nan,
                                       **self.step_metrics.last})
-        return waited / max(time.perf_counter() - started, 1e-9)
+        return self.data_wait_share(waited, started)
+
+    def data_wait_share(self, waited: float, started: float) -> float:
+        """The share of the time since `started` the steps waited for data, on the rank that waited most: under DDP a
+        rank short of data holds every other rank at the next all-reduce, so rank 0's own share can hide it. Every
+        rank calls it at the same steps."""
+        share = waited / max(time.perf_counter() - started, 1e-9)
+        if self.world == 1:
+            return share
+        shares = torch.tensor([share], dtype=torch.float64, device=self.device)
+        dist.all_reduce(shares, op=dist.ReduceOp.MAX)
+        return shares.item()
 
     def train_step(self, batches: Iterator[dict]) -> float:
         """One optimizer step over `grad_accum` micro-batches of `batches`; returns the seconds spent waiting for

@@ -12,10 +12,13 @@ import torch.nn.functional as F
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
 from jobs.metrics import per_class_report, scores_from_counts
-from jobs.training.loop import DeviceBatches, StepLayout, StepMetrics, Trainer, build_train_state
+from jobs.ingest import run_ingest
+from jobs.training.loop import DeviceBatches, EpochStreams, StepLayout, StepMetrics, Trainer, build_train_state
 from jobs.training.optim import build_optimizer, build_scheduler
 from jobs.training.tracking import HEATMAP_MAX_CLASSES, _confusion_image
 from model.transforms import train_transform
+from pipeline import generate_motion_dataset, load_manifest
+from pipeline import epochs as epoch_plans
 
 FRAMES, CLASSES = 4, 4
 
@@ -146,6 +149,33 @@ def test_train_epoch_steps_to_the_epochs_end_and_measures_the_share_spent_waitin
     assert 0.4 / elapsed - 0.05 <= share <= 1  # the two waits of 0.2 s
     # steps 4 (read back at --log-every 2) and 5 (still buffered for the epoch end)
     assert [step for step, _ in trainer.drain_step_metrics()] == [5]
+
+
+@pytest.mark.integration
+def test_epoch_streams_read_the_head_here_and_stream_the_rest_as_one_pipeline_would(ray_local, tmp_path, monkeypatch):
+    """The head read in this process and the Ray Data tail together give exactly the batches one Ray Data pipeline
+    gives for the same rows, from an epoch's start and from a resumed step, with the head ending inside a window."""
+    generate_motion_dataset(tmp_path / "videos", num_per_class=6, size=(40, 40), num_frames=16, seed=2)
+    run_ingest(str(tmp_path / "videos"), str(tmp_path / "clips"), labels_from_dirs=True, frames=FRAMES, size=32,
+               short_side=40, echo=lambda _: None)
+    monkeypatch.setattr(epoch_plans, "WINDOW_ROWS", 5)  # several windows in 24 clips
+    clips = str(tmp_path / "clips")
+    plan = epoch_plans.EpochPlan(clips, load_manifest(clips), "train", 0.0, world_size=1, seed=3)
+    layout = StepLayout((plan.steps_per_epoch(0, 4), plan.steps_per_epoch(1, 4)), 100, rows_per_step=4)
+    streams = EpochStreams(plan, layout, rank=0, batch_size=4, device=torch.device("cpu"))
+    assert layout.steps_per_epoch[1] >= 4 and len(plan.windows(1, 0)) >= 3
+
+    for epoch, step in ((0, 0), (1, 2)):
+        start, stop = step * 4, layout.epoch_steps(epoch) * 4
+        head_stop = streams.head_stop(epoch, start, stop)
+        first_window = plan.windows(epoch, 0, start, stop)[0]["take"]
+        assert start < head_stop < stop and (head_stop - start) % 4 == 0 and head_stop - start != first_window
+        streamed = list(streams.open(epoch, step))
+        expected = list(plan.dataset(epoch, 0, start, stop).iter_torch_batches(
+            batch_size=4, dtypes={"frames": torch.uint8, "label": torch.int64}))
+        assert len(streamed) == len(expected) == layout.epoch_steps(epoch) - step
+        for got, want in zip(streamed, expected):
+            assert torch.equal(got["label"], want["label"]) and torch.equal(got["frames"], want["frames"])
 
 
 def test_resume_places_optimizer_state_on_each_parameters_device(tmp_path):
