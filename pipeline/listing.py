@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from array import array
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,11 +41,12 @@ class SourceVideo:
         return (self.video_id, self.etag, self.size)
 
 
+# SourceVideo's fields in its order; large strings: a column's text may pass 2 GB (tens of millions of keys)
 LISTING_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("video_id", pa.string()), ("size", pa.int64()), ("etag", pa.string()),
-     ("label_name", pa.string())]
+    [("uri", pa.large_string()), ("video_id", pa.large_string()), ("size", pa.int64()), ("etag", pa.large_string()),
+     ("label_name", pa.large_string())]
 )
-_ROWS_PER_CHUNK = 1000  # an S3 ListObjectsV2 page: the listing turns each page into columns before the next
+_ROWS_PER_CHUNK = 1000  # rows turned into Python objects at a time
 
 
 def _position(index: int, length: int, what: str, things: str) -> int:
@@ -57,13 +59,13 @@ def _position(index: int, length: int, what: str, things: str) -> int:
 
 class VideoListing(Sequence):
     """Listed videos as Arrow columns (LISTING_SCHEMA), a sequence of SourceVideo made on the fly when indexed or
-    iterated. A million videos held as SourceVideo objects cost the driver about 4 times the memory of these columns
+    iterated. A million videos held as SourceVideo objects cost the driver about 3 times the memory of these columns
     (benchmarks/scale.py: README, "A million videos"). A selection (`take`) keeps the positions of its rows in the
     same columns, not a copy of them."""
 
     def __init__(self, table: pa.Table, rows: pa.Array | None = None):
         self._table, self._rows = table, rows
-        self._chunk: tuple[int, list[dict]] = (-1, [])  # the rows last indexed, as Python: indexing goes in order
+        self._chunk: tuple[int, list[tuple]] = (-1, [])  # the rows last indexed, as Python: indexing goes in order
 
     @classmethod
     def of(cls, videos: Iterable[SourceVideo]) -> VideoListing:
@@ -84,17 +86,19 @@ class VideoListing(Sequence):
         chunk, offset = divmod(_position(index, len(self), "listing index", "videos"), _ROWS_PER_CHUNK)
         if self._chunk[0] != chunk:
             self._chunk = (chunk, self._python_rows(chunk * _ROWS_PER_CHUNK))
-        return SourceVideo(**self._chunk[1][offset])
+        return SourceVideo(*self._chunk[1][offset])
 
     def __iter__(self) -> Iterator[SourceVideo]:
         for start in range(0, len(self), _ROWS_PER_CHUNK):
             for row in self._python_rows(start):
-                yield SourceVideo(**row)
+                yield SourceVideo(*row)
 
-    def _python_rows(self, start: int) -> list[dict]:
+    def _python_rows(self, start: int) -> list[tuple]:
         if self._rows is None:
-            return self._table.slice(start, _ROWS_PER_CHUNK).to_pylist()
-        return self._table.take(self._rows.slice(start, _ROWS_PER_CHUNK)).to_pylist()
+            rows = self._table.slice(start, _ROWS_PER_CHUNK)
+        else:
+            rows = self._table.take(self._rows.slice(start, _ROWS_PER_CHUNK))
+        return list(zip(*(column.to_pylist() for column in rows.columns)))
 
     def take(self, positions: Iterable[int]) -> VideoListing:
         positions = pa.array(positions, pa.int64())
@@ -156,26 +160,39 @@ def list_videos(
     """Every file under `src` whose name ends in one of `extensions` (any case), sorted by video id (stable: of two
     keys with the same NFC form, the first listed comes first)."""
     root = parse_uri(src) if isinstance(src, str) else src
-    chunks, page = [], []
+    uris, video_ids, etags, sizes = _TextColumn(), _TextColumn(), _TextColumn(), array("q")
     for info in storage.list_objects(root):
         if not info.location.path.lower().endswith(extensions):
             continue
-        video_id = unicodedata.normalize("NFC", info.location.relative_to(root))
-        page.append((info.location.uri, video_id, info.size, info.etag))
-        if len(page) == _ROWS_PER_CHUNK:
-            chunks.append(_listing_chunk(page))
-            page = []
-    chunks.append(_listing_chunk(page))
-    table = pa.concat_tables(chunks).combine_chunks()  # one chunk: Arrow's take concatenates a chunked column first
+        uris.append(info.location.uri)
+        video_ids.append(unicodedata.normalize("NFC", info.location.relative_to(root)))
+        etags.append(info.etag)
+        sizes.append(info.size)
+    count = len(sizes)
+    columns = [uris.finish(), video_ids.finish(), pa.Array.from_buffers(pa.int64(), count, [None, pa.py_buffer(sizes)]),
+               etags.finish(), pa.nulls(count, pa.large_string())]
+    table = pa.Table.from_arrays(columns, schema=LISTING_SCHEMA)
     ids = table.column("video_id")
     if len(ids) < 2 or pc.all(pc.less_equal(ids[:-1], ids[1:])).as_py():
         return VideoListing(table)  # S3 lists in key order: ids in order unless a key's NFC form moves it
     return VideoListing(table, pc.sort_indices(table, [("video_id", "ascending")]))
 
 
-def _listing_chunk(rows: list[tuple[str, str, int, str]]) -> pa.Table:
-    uris, video_ids, sizes, etags = zip(*rows) if rows else ((), (), (), ())
-    return pa.table([uris, video_ids, sizes, etags, pa.nulls(len(rows), pa.string())], schema=LISTING_SCHEMA)
+class _TextColumn:
+    """Strings appended to one buffer, then one Arrow column: a million keys cost their bytes, not a million Python
+    strings, and need no second copy to join pages (Arrow's take on a column of many chunks joins them first)."""
+
+    def __init__(self):
+        self._text, self._offsets = bytearray(), array("q", [0])
+
+    def append(self, text: str) -> None:
+        self._text += text.encode("utf-8")
+        self._offsets.append(len(self._text))
+
+    def finish(self) -> pa.Array:
+        return pa.LargeStringArray.from_buffers(
+            len(self._offsets) - 1, pa.py_buffer(self._offsets), pa.py_buffer(self._text)
+        )
 
 
 _ABSOLUTE = re.compile(r"^(/|\\|[A-Za-z]:[\\/]|[A-Za-z][A-Za-z0-9+.-]*://)")
@@ -277,9 +294,9 @@ def attach_labels(
             labelled.append(position)
         labels.append(label)
         if len(labels) == _ROWS_PER_CHUNK:
-            label_chunks.append(pa.array(labels, pa.string()))
+            label_chunks.append(pa.array(labels, pa.large_string()))
             labels = []
-    label_chunks.append(pa.array(labels, pa.string()))
+    label_chunks.append(pa.array(labels, pa.large_string()))
     if labels_csv is not None:
         listed = set(listing.column("video_id").to_pylist())
         for path in sorted(set(labels_csv) - listed):

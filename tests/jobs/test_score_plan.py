@@ -33,3 +33,11 @@ def test_score_items_are_one_per_pending_video_with_its_group_index(tmp_path):
     assert items[1999] == {"video_id": "v1999.mp4", "source_uri": "/src/v1999.mp4", "source_etag": "e1999",
                            "source_size": 1999, "shard": 62}
     assert [item["shard"] for item in items][::500] == [0, 15, 31, 46]
+
+
+def test_videos_out_of_id_order_are_scored_once_per_id_in_first_listed_order(tmp_path):
+    z, a = SourceVideo("/src/z.mp4", "z.mp4", 4, "d"), SourceVideo("/src/a.mp4", "a.mp4", 3, "c")
+    first, second = SourceVideo("/src/e1.mp4", "e.mp4", 1, "a"), SourceVideo("/src/e2.mp4", "e.mp4", 2, "b")
+    plan = plan_score(parse_uri(str(tmp_path / "dst")), parse_uri("/src"), VideoListing.of([z, first, a, second]),
+                      IDENTITY, PARAMS, None, Storage())
+    assert list(plan.groups.videos) == [z, second, a]
