@@ -28,6 +28,10 @@ class LabelsError(ValueError):
     """The labels CSV cannot be used as a whole (bad header, unsafe path, conflicting labels)."""
 
 
+class ListingError(ValueError):
+    """A listed object cannot be named in the dataset (a local file named in another encoding than UTF-8)."""
+
+
 @dataclass(frozen=True)
 class SourceVideo:
     uri: str
@@ -164,7 +168,10 @@ def list_videos(
     for info in storage.list_objects(root):
         if not info.location.path.lower().endswith(extensions):
             continue
-        uris.append(info.location.uri)
+        try:
+            uris.append(info.location.uri)
+        except UnicodeEncodeError:  # a local file named in another encoding: ids, shards and manifests are UTF-8
+            raise ListingError(f"{info.location.uri!r} is not named in UTF-8; rename it to list {root.uri}") from None
         video_ids.append(unicodedata.normalize("NFC", info.location.relative_to(root)))
         etags.append(info.etag)
         sizes.append(info.size)

@@ -6,6 +6,7 @@ from pipeline.listing import (
     LISTING_SCHEMA,
     ItemsOnDemand,
     LabelsError,
+    ListingError,
     PlannedGroups,
     SourceVideo,
     VideoListing,
@@ -179,3 +180,11 @@ def test_items_on_demand_are_made_one_by_one_as_read():
     assert list(items) == [{"i": 0}, {"i": 1}, {"i": 2}] and items[-1] == {"i": 2}
     with pytest.raises(IndexError, match="item 3 out of range for 3 items"):
         items[3]
+
+
+def test_a_file_not_named_in_utf8_is_refused_by_name(tmp_path):
+    (tmp_path / "good.mp4").write_bytes(b"x")
+    with open(os.path.join(bytes(tmp_path), b"\xffbad.mp4"), "wb") as handle:
+        handle.write(b"x")
+    with pytest.raises(ListingError, match=r"bad\.mp4' is not named in UTF-8; rename it"):
+        list_videos(str(tmp_path), Storage())
