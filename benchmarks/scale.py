@@ -280,7 +280,7 @@ def measure_score_plan(root: str, count: int, first_run: bool) -> dict:
     failures = read_failures(destination, previous.errors, storage) if previous else {}
     plan = plan_score(destination, source, listed, ModelIdentity(**MODEL), ScoreParams(**PARAMS), previous, storage,
                       previous_failures=failures)
-    handed = sum(1 for _ in ray_items(plan.groups))
+    handed = sum(1 for _ in ray_items(plan.groups.videos, plan.groups.size))
     assert plan.num_pending == (count if first_run else NEW_VIDEOS), plan.num_pending
     prefix = "score_first_plan" if first_run else "score_plan"
     return {f"{prefix}_s": time.perf_counter() - started, f"{prefix}_cpu_s": time.process_time() - cpu,

@@ -40,13 +40,12 @@ from jobs.scoring.results import (
     latest_score_manifest,
     plan_score,
     publish_shard,
-    source_record,
     write_score_manifest,
 )
 from model.inference import PRECISIONS
 from pipeline.decode import DecodeLimits
 from pipeline.isolation import shared_decoder
-from pipeline.listing import ItemsOnDemand, PlannedGroups, SourceVideo, VideoListing, list_videos
+from pipeline.listing import ItemsOnDemand, SourceVideo, VideoListing, list_videos
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Storage, is_object_error, parse_uri
 from pipeline.versioned import RunRecord, nothing_new_line, read_failures
@@ -197,19 +196,21 @@ def decode_batch(
     }
 
 
-def ray_items(groups: PlannedGroups) -> Sequence[dict]:
-    """One item per video (`shard`: its group's index), made as Ray Data reads it: `from_items` builds and stores one
-    block at a time, so the driver never holds every pending video as a Python dict."""
+def ray_items(videos: VideoListing, videos_per_shard: int) -> Sequence[dict]:
+    """One item per video (`shard`: the index of its group of `videos_per_shard`), made as Ray Data reads it:
+    `from_items` builds and stores one block at a time, so the driver never holds every video as a Python dict."""
 
     def item(position: int) -> dict:
-        video = groups.videos[position]
+        video = videos[position]
         return {"video_id": video.video_id, "source_uri": video.uri, "source_etag": video.etag,
-                "source_size": int(video.size), "shard": position // groups.size}
+                "source_size": int(video.size), "shard": position // videos_per_shard}
 
-    return ItemsOnDemand(len(groups.videos), item)
+    return ItemsOnDemand(len(videos), item)
 
 
-def _build(items: list[dict], resolved: ResolvedModel, params: ScoreParams, storage: Storage, options: ScoreOptions):
+def _build(
+    items: Sequence[dict], resolved: ResolvedModel, params: ScoreParams, storage: Storage, options: ScoreOptions
+):
     """The Ray Dataset of prediction rows (plus `shard` and `error_*` columns) for the given videos."""
     import ray
     import ray.data
@@ -279,7 +280,7 @@ def score_dataset(
     init_ray()
     storage = Storage(endpoint_url)
     videos = list_videos(src, storage) if isinstance(src, str) else VideoListing.of(src)
-    items = ray_items(PlannedGroups(videos, max(1, len(videos)), [""], source_record))  # one group: no shards here
+    items = ray_items(videos, max(1, len(videos)))  # one group: nothing is written
     with tempfile.TemporaryDirectory() as directory:
         resolved = resolve_model(model, directory, tracking_uri) if isinstance(model, str) else model
         params = build_params(resolved.card, views, top_k, full_probs, short_side)
@@ -461,7 +462,7 @@ def _run_groups(
     """Stream prediction rows out of Ray Data and publish each group's shard as soon as all its videos are in."""
     started = time.monotonic()
     init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
-    dataset = _build(ray_items(plan.groups), resolved, plan.params, storage, options)
+    dataset = _build(ray_items(plan.groups.videos, plan.groups.size), resolved, plan.params, storage, options)
     waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
     buffered: dict[int, list[pa.Table]] = defaultdict(list)
     results, done, failed, last_report = [], 0, 0, 0.0

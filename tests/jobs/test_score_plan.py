@@ -28,7 +28,7 @@ def test_score_items_are_one_per_pending_video_with_its_group_index(tmp_path):
     videos = [SourceVideo(f"/src/v{i:04d}.mp4", f"v{i:04d}.mp4", i, f"e{i}") for i in range(2000)]
     plan = plan_score(parse_uri(str(tmp_path / "dst")), parse_uri("/src"), VideoListing.of(videos), IDENTITY, PARAMS,
                       None, Storage())
-    items = ray_items(plan.groups)
+    items = ray_items(plan.groups.videos, plan.groups.size)
     assert len(plan.groups) == 63 and plan.groups.size == 32 and len(items) == 2000
     assert items[1999] == {"video_id": "v1999.mp4", "source_uri": "/src/v1999.mp4", "source_etag": "e1999",
                            "source_size": 1999, "shard": 62}
