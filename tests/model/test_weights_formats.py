@@ -82,13 +82,15 @@ class _CLIP(nn.Module):
         return self.visual(image)
 
 
-def openai_archive(path: os.PathLike, visual_state: dict) -> dict:
-    """Traces and saves a CLIP of uniformerv2_tiny's ViT as OpenAI ships theirs (a TorchScript archive of fp16
-    weights); returns the same weights as a plain state dict."""
-    config = model.get_config("uniformerv2_tiny")
+def openai_archive(path: os.PathLike, visual_state: dict | None, config_name: str = "uniformerv2_tiny") -> dict:
+    """Traces and saves a CLIP of a configuration's ViT as OpenAI ships theirs (a TorchScript archive of fp16
+    weights), with `visual_state`'s weights or random ones; returns the same weights as a plain state dict."""
+    config = model.get_config(config_name)
+    embed_dim = visual_state["proj"].shape[1] if visual_state else 512
     visual = _VisionTransformer(config.input_resolution, config.patch_size, config.width, config.layers,
-                                config.heads, embed_dim=visual_state["proj"].shape[1])
-    visual.load_state_dict(visual_state)  # strict: every name and shape is OpenAI's
+                                config.heads, embed_dim=embed_dim)
+    if visual_state:
+        visual.load_state_dict(visual_state)  # strict: every name and shape is OpenAI's
     clip = _CLIP(visual, config.width).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, and still how these files exist
