@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from jobs.console import eta, init_ray, rate
-from jobs.report import error_lines, table_lines
+from jobs.report import error_lines, first_of_lines, table_lines
 from pipeline.decode import DecodeLimits
 from pipeline.ingest import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -109,9 +109,7 @@ def format_preview(preview: IngestPreview) -> str:
         ("in shards", preview.shards),
         ("clips replaced or removed", preview.replaced_or_removed),
     ])
-    lines += [f"    {uri}" for uri in preview.first_to_decode]
-    if preview.to_decode > len(preview.first_to_decode):
-        lines.append(f"    ... {preview.to_decode - len(preview.first_to_decode)} more")
+    lines += first_of_lines(preview.first_to_decode, preview.to_decode)
     return "\n".join(lines)
 
 

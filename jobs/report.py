@@ -10,6 +10,14 @@ def table_lines(rows: list[tuple[str, object]], value_width: int = 8) -> list[st
     return [f"  {name:<{width}}  {str(value):>{value_width}}" for name, value in rows]
 
 
+def first_of_lines(first: list[str], total: int) -> list[str]:
+    """The first few of `total` names a plan holds, one line each, and how many more it holds."""
+    lines = [f"    {name}" for name in first]
+    if total > len(first):
+        lines.append(f"    ... {total - len(first)} more")
+    return lines
+
+
 def error_lines(errors: list[ErrorRecord], errors_uri: str | None, max_errors: int) -> list[str]:
     """The first `max_errors` errors, one line each, under the table they were written to."""
     if not errors:

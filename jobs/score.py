@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.console import eta, init_ray, rate
-from jobs.report import error_lines, table_lines
+from jobs.report import error_lines, first_of_lines, table_lines
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
 from jobs.scoring.predict import ViewPredictor
 from jobs.scoring.results import (
@@ -339,9 +339,7 @@ def format_preview(preview: ScorePreview) -> str:
         ("would score", preview.to_score),
         ("in shards", preview.shards),
     ])
-    lines += [f"    {uri}" for uri in preview.first_to_score]
-    if preview.to_score > len(preview.first_to_score):
-        lines.append(f"    ... {preview.to_score - len(preview.first_to_score)} more")
+    lines += first_of_lines(preview.first_to_score, preview.to_score)
     return "\n".join(lines)
 
 
