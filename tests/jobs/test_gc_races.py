@@ -10,11 +10,11 @@ import time
 import pytest
 
 from jobs.ingest import run_ingest
-from jobs.train import run_train
 from jobs.training.config import TrainConfig
 from pipeline import generate_motion_dataset, iter_clips, load_manifest
 from pipeline.storage import Storage, parse_uri
 from pipeline.versioned import RUNS_DIR, collect_garbage
+from tests.jobs.test_train import finished, in_background, train_in_background
 
 pytestmark = pytest.mark.integration
 
@@ -49,29 +49,6 @@ def _records(storage: Storage, root) -> list[dict]:
     return bodies
 
 
-def _in_background(job) -> tuple[threading.Thread, dict]:
-    """Runs `job()` in a thread; the dict gets "result" or "error"."""
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = job()
-        except Exception as error:  # re-raised by the test through outcome
-            outcome["error"] = error
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
-def _finished(thread: threading.Thread, outcome: dict):
-    thread.join(timeout=600)
-    assert not thread.is_alive(), "the job did not finish"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
-
-
 def test_gc_racing_an_ingest_removes_unreferenced_files_and_the_ingest_publishes_a_whole_version(
     clips, tmp_path, make_videos, ray_local, monkeypatch
 ):
@@ -94,13 +71,13 @@ def test_gc_racing_an_ingest_removes_unreferenced_files_and_the_ingest_publishes
     before = _parts(storage, root)
     make_videos(src / "batch2", num_per_class=8, seed=5)  # 32 new videos, one shard each: a run of several seconds
 
-    thread, outcome = _in_background(lambda: run_ingest(str(src), dst, **ingest))
+    thread, outcome = in_background(lambda: run_ingest(str(src), dst, **ingest))
     deadline = time.monotonic() + 120
     while not (_parts(storage, root) - before) and time.monotonic() < deadline:
         time.sleep(0.01)
     racing = collect_garbage(root, storage, keep_versions=1, min_age_s=0)
     running = thread.is_alive()
-    summary = _finished(thread, outcome)
+    summary = finished(thread, outcome)
 
     assert running, "the ingest finished before gc ran"
     removed = {path for path, _ in racing.removed}
@@ -139,14 +116,14 @@ def test_a_training_run_keeps_the_version_it_reads_from_gc_until_it_ends(tmp_pat
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    thread, outcome = _in_background(lambda: run_train(cfg))
+    thread, outcome = train_in_background(cfg)
     try:
         deadline = time.monotonic() + 120
         while not any(reads for _, reads in seen) and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
         racing = collect_garbage(root, storage, keep_versions=1, min_age_s=0)  # v2 is the newest
         running = thread.is_alive()
-        result = _finished(thread, outcome)  # the workers read every shard of v1 after gc ran
+        result = finished(thread, outcome)  # the workers read every shard of v1 after gc ran
     finally:
         done.set()
         watcher.join()
@@ -182,7 +159,7 @@ def test_an_evaluation_keeps_the_version_it_evaluates_from_gc_until_it_ends(tmp_
     torch.manual_seed(0)
     save_package(model.create_model(card.model, card.num_classes, **card.overrides).eval(), card, tmp_path / "package")
 
-    thread, outcome = _in_background(lambda: evaluate_model(
+    thread, outcome = in_background(lambda: evaluate_model(
         f"{dst}@1", str(tmp_path / "package"), views="1x1", experiment=None, endpoint_url=endpoint_url))
     deadline = time.monotonic() + 120
     while not _records(storage, root) and thread.is_alive() and time.monotonic() < deadline:
@@ -190,7 +167,7 @@ def test_an_evaluation_keeps_the_version_it_evaluates_from_gc_until_it_ends(tmp_
     records = _records(storage, root)
     racing = collect_garbage(root, storage, keep_versions=1, min_age_s=0)
     running = thread.is_alive()
-    evaluation = _finished(thread, outcome)
+    evaluation = finished(thread, outcome)
 
     assert running, "the evaluation finished before gc ran"
     assert [record["reads"] for record in records] == [[1]] and records[0]["job"] == "evaluate"

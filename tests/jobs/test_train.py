@@ -69,24 +69,28 @@ def train_worker_pids(node=None) -> list[int]:
     return pids
 
 
-def train_in_background(cfg: TrainConfig) -> tuple[threading.Thread, dict]:
-    """Starts run_train(cfg) in a thread; the dict gets "result" or "error"."""
+def in_background(job) -> tuple[threading.Thread, dict]:
+    """Runs `job()` in a thread; the dict gets "result" or "error"."""
     outcome: dict = {}
 
-    def train() -> None:
+    def run() -> None:
         try:
-            outcome["result"] = run_train(cfg)
+            outcome["result"] = job()
         except Exception as error:  # re-raised by the test through outcome
             outcome["error"] = error
 
-    thread = threading.Thread(target=train)
+    thread = threading.Thread(target=run)
     thread.start()
     return thread, outcome
 
 
+def train_in_background(cfg: TrainConfig) -> tuple[threading.Thread, dict]:
+    return in_background(lambda: run_train(cfg))
+
+
 def finished(thread: threading.Thread, outcome: dict):
     thread.join(timeout=600)
-    assert not thread.is_alive(), "the training run did not finish"
+    assert not thread.is_alive(), "the job did not finish"
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
