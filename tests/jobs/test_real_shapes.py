@@ -24,7 +24,7 @@ import model
 from jobs.cli import app
 from jobs.train import final_checkpoint
 from pipeline import load_manifest, write_motion_video
-from tests.jobs.test_train import train_worker_pids, wait_for_checkpoint
+from tests.jobs.test_train import finished, in_background, train_worker_pids, wait_for_checkpoint
 from tests.model.test_weights_formats import openai_archive
 
 pytestmark = pytest.mark.integration
@@ -138,10 +138,7 @@ def test_b16_kinetics_shapes_from_an_openai_archive_through_train_resume_registe
         "--max-failures", "2", "--storage", str(runs), "--experiment", "real-shapes", "--register-as", "k400-b16",
     ]
     # a worker is killed after the first checkpoint: the run resumes from it on a restarted worker group
-    outcome: dict = {}
-    thread = threading.Thread(
-        target=lambda: outcome.setdefault("stdout", cli(*train_args, endpoint=s3_server.endpoint_url)))
-    thread.start()
+    thread, outcome = in_background(lambda: cli(*train_args, endpoint=s3_server.endpoint_url))
     peak_rss = PeakWorkerMemory()
     deadline = time.monotonic() + 300
     while not list(runs.glob("*/")) and time.monotonic() < deadline:
@@ -151,11 +148,10 @@ def test_b16_kinetics_shapes_from_an_openai_archive_through_train_resume_registe
     victims = train_worker_pids()
     assert victims, "no Ray Train worker process found"
     os.kill(victims[-1], signal.SIGKILL)
-    thread.join(timeout=900)
+    train_stdout = finished(thread, outcome, timeout_s=900)
     peak_rss.stop()
-    assert not thread.is_alive() and "stdout" in outcome, "training did not finish"
     assert not psutil.pid_exists(victims[-1])
-    assert "registered k400-b16 version 1" in outcome["stdout"]
+    assert "registered k400-b16 version 1" in train_stdout
 
     client = mlflow.MlflowClient(mlflow_server.uri)
     version = client.get_model_version("k400-b16", "1")

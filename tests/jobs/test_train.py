@@ -88,8 +88,8 @@ def train_in_background(cfg: TrainConfig) -> tuple[threading.Thread, dict]:
     return in_background(lambda: run_train(cfg))
 
 
-def finished(thread: threading.Thread, outcome: dict):
-    thread.join(timeout=600)
+def finished(thread: threading.Thread, outcome: dict, timeout_s: float = 600):
+    thread.join(timeout=timeout_s)
     assert not thread.is_alive(), "the job did not finish"
     if "error" in outcome:
         raise outcome["error"]
