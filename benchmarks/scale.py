@@ -15,10 +15,12 @@ table), then, each in a fresh process so that its peak memory is its own:
                      empty destination (every video pending), up to the items handed to Ray Data
   score_plan         the same for scoring (a predictions version holding every video, 10,000 new);
                      score_first_plan: a first run (every video pending), up to the items handed to Ray Data
+  new_version        the source side of an incremental ingest's commit (10,000 videos added, 1,000 removed): read the
+                     version's sources, update them, write the delta; and the bytes the new version writes besides
+                     shards: its manifest and its source table (the delta of 11,000 videos).
 Peaks are the phase's peak resident memory less the resident memory just before it (after the imports); `_cpu_s`
 is the phase's CPU time, which other processes on a shared machine do not inflate as they do wall time (`_s`).
-Also the bytes a new version writes besides shards: its manifest and its source table (a delta of 10,000 videos),
-and the listing time of real paged listings at a size that fits here (`--listing-objects`, default 5,000): a local
+Also the listing time of real paged listings at a size that fits here (`--listing-objects`, default 5,000): a local
 folder of empty files walked, and a moto S3 server's ListObjectsV2 pages of 1,000 keys; both per 1,000 objects,
 which a listing of N objects takes N/1,000 times (pages come one after another: each needs the previous one's
 continuation token).
@@ -108,7 +110,7 @@ def synthesize(root: Path, count: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.manifest import Manifest, SamplingParams, ShardEntry, write_manifest, write_sources
+    from pipeline.manifest import Manifest, SamplingParams, ShardEntry, SourceTable, write_manifest, write_sources
     from pipeline.schema import clip_schema, frames_array
     from pipeline.shards import file_sha256, parquet_write_options
     from pipeline.storage import Storage, parse_uri
@@ -118,7 +120,7 @@ def synthesize(root: Path, count: int) -> None:
     schema = clip_schema(1, 2)
     options = parquet_write_options(schema)
     ids = video_ids(count)
-    shards, sources = [], {}
+    shards, sources = [], []
     (root / "shards").mkdir(parents=True)
     for first in range(0, count, SHARD_VIDEOS):
         chunk = ids[first : first + SHARD_VIDEOS]
@@ -141,12 +143,13 @@ def synthesize(root: Path, count: int) -> None:
         path = f"shards/part-{first // SHARD_VIDEOS:06d}.parquet"
         pq.write_table(table, root / path, **options)
         shards.append(ShardEntry(path, rows, file_sha256(str(root / path)), (root / path).stat().st_size))
-        for i, video in enumerate(chunk, start=first):
-            sources[video] = {"uri": f"s3://raw/{video}", "etag": etag(i), "size": SIZE,
-                              "label_name": video.split("/")[0], "clips": 1, "shard": path}
-    chain = write_sources(location, 1, None, {}, sources, storage)
+        sources += [{"video_id": video, "uri": f"s3://raw/{video}", "etag": etag(i), "size": SIZE,
+                     "label_name": video.split("/")[0], "clips": 1, "shard": path}
+                    for i, video in enumerate(chunk, start=first)]
+    added, delta = SourceTable.empty().updated((), SourceTable.from_rows(sources).table)
+    chain = write_sources(location, 1, [], added, delta, storage)
     class_map = {f"class_{i:03d}": i for i in range(CLASSES)}
-    manifest = Manifest(1, "s3://raw/", sampling, "dirs", class_map, shards, chain, len(sources), {"listed": count})
+    manifest = Manifest(1, "s3://raw/", sampling, "dirs", class_map, shards, chain, len(added), {"listed": count})
     write_manifest(location, manifest, storage)
 
 
@@ -200,7 +203,7 @@ def measure_incremental_plan(root: str, count: int) -> dict:
     plan = plan_ingest(root, "s3://raw/", listed, labelled, [], "dirs", previous.sampling, previous, sources)
     assert plan.num_pending == NEW_VIDEOS, plan.num_pending
     return {"incremental_plan_s": time.perf_counter() - started, "incremental_plan_cpu_s": time.process_time() - cpu,
-            "incremental_plan_peak_mb": peak_mb() - before}
+            "incremental_plan_peak_mb": peak_mb() - before, "done_set_mb": sources.table.nbytes / 2**20}
 
 
 def measure_listing(count: int) -> dict:
@@ -229,7 +232,7 @@ def measure_ingest_plan(root: str, count: int, first_run: bool) -> dict:
     listed = list_videos(source, storage)
     labelled, label_errors = attach_labels(listed, source, labels_from_dirs=True)
     previous = latest_manifest(destination, storage)
-    sources = read_sources(destination, previous, storage) if previous else {}
+    sources = read_sources(destination, previous, storage) if previous else None
     failures = read_failures(destination, previous.errors, storage) if previous else {}
     sampling = previous.sampling if previous else SamplingParams(frames=1, short_side=2, size=2)
     plan = plan_ingest(destination.uri, source.uri, listed, labelled, label_errors, "dirs", sampling, previous,
@@ -249,17 +252,21 @@ PARAMS = dict(frames=8, crop=224, short_side=256, temporal_views=1, spatial_view
 
 
 def synthesize_predictions(root: Path, count: int) -> None:
-    """A predictions version (manifest only: planning reads no shard) holding `count` videos, 1,000 per shard."""
+    """A predictions version (manifest and source table: planning reads no shard) holding `count` videos, 1,000 per
+    shard."""
     from jobs.scoring.results import ScoreManifest, write_score_manifest
-    from pipeline.manifest import ShardEntry
+    from pipeline.manifest import ShardEntry, SourceTable, write_sources
     from pipeline.storage import Storage, parse_uri
 
+    storage, location = Storage(), parse_uri(str(root))
     shards = [ShardEntry(f"predictions/part-{n:06d}.parquet", 1000, "0" * 64, 1) for n in range(-(-count // 1000))]
-    sources = {video_id(i): {"uri": f"s3://raw/{video_id(i)}", "etag": etag(i), "size": SIZE,
-                             "shard": shards[i // 1000].path} for i in range(count)}
+    rows = [{"video_id": video_id(i), "uri": f"s3://raw/{video_id(i)}", "etag": etag(i), "size": SIZE,
+             "shard": shards[i // 1000].path} for i in range(count)]
+    sources, delta = SourceTable.empty().updated((), SourceTable.from_rows(rows).table)
+    chain = write_sources(location, 1, [], sources, delta, storage)
     manifest = ScoreManifest(1, "s3://raw/", MODEL, PARAMS, [f"class_{i:03d}" for i in range(CLASSES)], shards,
-                             dict(sorted(sources.items())), {"listed": count}, {})
-    write_score_manifest(parse_uri(str(root)), manifest, Storage())
+                             chain, len(sources), {"listed": count}, {})
+    write_score_manifest(location, manifest, storage)
 
 
 def measure_score_plan(root: str, count: int, first_run: bool) -> dict:
@@ -324,22 +331,28 @@ def measure_listing_time(objects: int) -> dict:
     return figures
 
 
-def new_version_bytes(root: str, count: int) -> dict:
-    """What the next version (10,000 videos added) writes besides its shards: manifest and source table."""
-    from pipeline.manifest import latest_manifest, read_sources, write_sources
+def measure_new_version(root: str, count: int) -> dict:
+    """The source side of an incremental ingest's commit (10,000 videos added, 1,000 removed: read the version's
+    sources, update them, write the delta), and what the new version writes besides its shards: manifest and source
+    table."""
+    from pipeline.manifest import SourceTable, latest_manifest, read_sources, write_sources
     from pipeline.storage import Storage, parse_uri
 
     storage, location = Storage(), parse_uri(root)
+    added = SourceTable.from_rows([{"video_id": v, "uri": f"s3://raw/{v}", "etag": "e", "size": 1000,
+                                    "label_name": v.split("/")[0], "clips": 1, "shard": "shards/new.parquet"}
+                                   for v in video_ids(NEW_VIDEOS, count)])
+    before, started, cpu = rss_mb(), time.perf_counter(), time.process_time()
     previous = latest_manifest(location, storage)
-    sources = read_sources(location, previous, storage)
-    grown = {**sources, **{v: {"uri": f"s3://raw/{v}", "etag": "e", "size": 1000, "label_name": v.split("/")[0],
-                               "clips": 1, "shard": "shards/new.parquet"} for v in video_ids(NEW_VIDEOS, count)}}
-    chain = write_sources(location, 2, previous, sources, grown, storage)
+    grown, delta = read_sources(location, previous, storage).updated(video_ids(1000), added.table)
+    chain = write_sources(location, 2, previous.source_tables, grown, delta, storage)
+    figures = {"incremental_commit_s": time.perf_counter() - started, "incremental_commit_cpu_s":
+               time.process_time() - cpu, "incremental_commit_peak_mb": peak_mb() - before}
     table_bytes = os.path.getsize(os.path.join(root, chain[-1]["path"]))
     manifest_bytes = os.path.getsize(os.path.join(root, "manifests", "v000001.json"))
-    return {"manifest_bytes_per_version": manifest_bytes + table_bytes, "manifest_json_bytes": manifest_bytes,
-            "source_delta_bytes": table_bytes, "full_source_table_bytes":
-            os.path.getsize(os.path.join(root, previous.source_tables[0]["path"]))}
+    return {**figures, "manifest_bytes_per_version": manifest_bytes + table_bytes,
+            "manifest_json_bytes": manifest_bytes, "source_delta_bytes": table_bytes,
+            "full_source_table_bytes": os.path.getsize(os.path.join(root, previous.source_tables[0]["path"]))}
 
 
 def in_fresh_process(kind: str, root: str, count: int) -> dict:
@@ -366,6 +379,7 @@ def main() -> None:
                     "ingest_first_plan": lambda: measure_ingest_plan(args.root, args.count, first_run=True),
                     "score_plan": lambda: measure_score_plan(args.root, args.count, first_run=False),
                     "score_first_plan": lambda: measure_score_plan(args.root, args.count, first_run=True),
+                    "new_version": lambda: measure_new_version(args.root, args.count),
                     "listing_time": lambda: measure_listing_time(args.count)}
         print(json.dumps(measures[args.measure]()))
         return
@@ -379,9 +393,8 @@ def main() -> None:
             synthesize_predictions(Path(root, "predictions-root"), count)
             figures = {"synthesize_s": time.perf_counter() - started}
             for kind in ("driver_plan", "worker_open", "incremental_plan", "listing", "ingest_plan",
-                         "ingest_first_plan", "score_plan", "score_first_plan"):
+                         "ingest_first_plan", "score_plan", "score_first_plan", "new_version"):
                 figures.update(in_fresh_process(kind, root, count))
-            figures.update(new_version_bytes(root, count))
         result["sizes"][str(count)] = {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
     result["listing_time"] = in_fresh_process("listing_time", "", args.listing_objects)
     result["goals"] = goals

@@ -99,10 +99,10 @@ def dataset_videos(data: str, endpoint_url: str | None = None) -> tuple[str, lis
     manifest = load_manifest(data, endpoint_url=endpoint_url)
     if manifest.labels == "none" or not manifest.class_map:
         raise EvaluationError(f"dataset {data} has no labels: evaluation needs a labelled dataset")
-    sources = read_sources(parse_uri(dst), manifest, Storage(endpoint_url))
+    sources = read_sources(parse_uri(dst), manifest, Storage(endpoint_url)).to_dict()
     videos = [
         SourceVideo(entry["uri"], video_id, entry["size"], entry["etag"], entry["label_name"])
-        for video_id, entry in sorted(sources.items())
+        for video_id, entry in sources.items()
         if entry["label_name"] is not None
     ]
     if not videos:

@@ -173,7 +173,7 @@ def run_ingest(
     # the run record comes before any part is looked at: `uniformer gc` leaves them
     with contextlib.nullcontext() if dry_run else RunRecord(storage, root, "ingest") as run:
         previous = latest_manifest(root, storage)
-        previous_sources = read_sources(root, previous, storage) if previous else {}
+        previous_sources = read_sources(root, previous, storage) if previous else None
         previous_failures = read_failures(root, previous.errors, storage) if previous else {}
         plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, previous_sources,
                            max_shard_bytes, class_names, previous_failures, retry_errors, keep_deleted)

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 
 from pipeline.decode import DecodeLimits, decode_clips
 from pipeline.isolation import DecoderProcess, shared_decoder
@@ -32,6 +33,7 @@ from pipeline.manifest import (
     Manifest,
     SamplingParams,
     ShardEntry,
+    SourceTable,
     write_sources,
 )
 from pipeline.schema import ErrorRecord, clip_schema
@@ -67,7 +69,7 @@ class IngestPlan:
     labels_mode: str
     class_map: dict[str, int]
     previous: Manifest | None
-    previous_sources: dict[str, dict]  # the previous version's sources (pipeline.manifest.read_sources)
+    previous_sources: SourceTable  # the previous version's (pipeline.manifest.read_sources), empty for a first run
     listed: Sequence[SourceVideo]
     already_done: Sequence[SourceVideo]
     groups: PlannedGroups  # {"shard": relative path, "videos": [source records]}, made when asked for
@@ -113,7 +115,7 @@ def plan_ingest(
     labels_mode: str,
     sampling: SamplingParams,
     previous: Manifest | None,
-    previous_sources: dict[str, dict],
+    previous_sources: SourceTable | None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     class_names: list[str] | None = None,
     previous_failures: dict[tuple[str, str], ErrorRecord] | None = None,
@@ -127,6 +129,7 @@ def plan_ingest(
     only when its ETag changed, or with `retry_errors`; one that failed to be labelled is labelled again every run.
     Videos of the previous version no longer listed leave the dataset, unless `keep_deleted`."""
     previous_failures = previous_failures or {}
+    previous_sources = previous_sources if previous_sources is not None else SourceTable.empty()
     if previous is not None:
         if previous.sampling != sampling:
             raise IngestConfigError(
@@ -151,17 +154,10 @@ def plan_ingest(
         label_errors = label_errors + unknown
         labelled = labelled.take(in_class_list)
     decode_failures = {key: error for key, error in previous_failures.items() if error.stage != "labels"}
-    inputs = partition_inputs(
-        labelled,
-        previous_sources,
-        lambda video, known: (known["etag"], known["size"], known["label_name"])
-        == (video.etag, video.size, video.label_name),
-        decode_failures,
-        retry_errors,
-    )
+    inputs = partition_inputs(labelled, previous_sources, ("etag", "size", "label_name"), decode_failures, retry_errors)
     already_done, pending = inputs.already_done, inputs.pending
     deleted = deleted_inputs(previous_sources, listed, keep_deleted)
-    superseded = {video.video_id for video in pending if video.video_id in previous_sources} | deleted
+    superseded = previous_sources.present(pending.column("video_id")) | deleted
     if class_names is not None:
         class_map = fixed
     else:
@@ -367,7 +363,7 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
     label_errors = [error for error in plan.label_errors if failure_key(error) not in plan.previous_failures]
     known_label_errors = [error for error in plan.label_errors if failure_key(error) in plan.previous_failures]
     errors = list(label_errors)
-    new_sources: dict[str, dict] = {}
+    new_sources: list[dict] = []
     new_shards: list[ShardEntry] = []
     adopted = 0
     for result in results:
@@ -377,15 +373,8 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
         shard = ShardEntry(**{key: result["shard"][key] for key in ("path", "rows", "sha256", "bytes")})
         adopted += bool(result.get("adopted"))
         new_shards.append(shard)
-        for video in result["videos"]:
-            new_sources[video["video_id"]] = {
-                "uri": video["uri"],
-                "etag": video["etag"],
-                "size": video["size"],
-                "label_name": video["label_name"],
-                "clips": video["clips"],
-                "shard": shard.path,
-            }
+        new_sources += [{**{key: video[key] for key in ("video_id", "uri", "etag", "size", "label_name", "clips")},
+                         "shard": shard.path} for video in result["videos"]]
 
     listed_uris = {video.uri for video in plan.listed}
     counts = {
@@ -411,16 +400,18 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
         return outcome  # nothing new: the previous version still describes the dataset
 
     kept_shards = list(previous.shards) if previous else []
-    kept_sources = dict(plan.previous_sources)
+    upserts = SourceTable.from_rows(new_sources).table
     if plan.superseded:
-        kept_shards, kept_sources = rewrite_without_videos(
-            storage, plan.root, kept_shards, kept_sources, plan.superseded, SHARDS_DIR,
+        kept_shards, moved = rewrite_without_videos(
+            storage, plan.root, kept_shards, plan.previous_sources, plan.superseded, SHARDS_DIR,
             parquet_write_options(clip_schema(plan.sampling.stored_frames, plan.sampling.short_side)),
         )
+        upserts = pa.concat_tables([moved, upserts])
     check_parts_present(storage, plan.root, [shard.path for shard in new_shards], "ingest")
     version, token = (previous.version if previous else 0) + 1, new_run_token()
-    sources = {**kept_sources, **new_sources}
-    source_tables = write_sources(plan.root, version, previous, plan.previous_sources, sources, storage, token)
+    sources, delta = plan.previous_sources.updated(plan.superseded, upserts)
+    source_tables = write_sources(plan.root, version, previous.source_tables if previous else [], sources, delta,
+                                  storage, token)
     outcome.manifest = Manifest(
         version=version,
         source=plan.source.uri,

@@ -19,11 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.schema import SCHEMA_VERSION
@@ -235,58 +237,119 @@ SOURCES_SCHEMA = pa.schema(
         pa.field("uri", pa.string()),
         pa.field("etag", pa.string()),
         pa.field("size", pa.int64()),
-        pa.field("label_name", pa.string()),
-        pa.field("clips", pa.int32()),
+        pa.field("label_name", pa.string()),  # clip datasets only
+        pa.field("clips", pa.int32()),  # clip datasets only
         pa.field("shard", pa.string()),
         pa.field("deleted", pa.bool_(), nullable=False),  # the video left the dataset in this version
     ]
 )
-_SOURCE_FIELDS = ("uri", "etag", "size", "label_name", "clips", "shard")
+# A version's sources: one row per video id, no `deleted`.
+LIVE_SOURCES_SCHEMA = pa.schema([column for column in SOURCES_SCHEMA if column.name != "deleted"])
 
 
-def read_sources(root: Location, manifest: Manifest, storage: Storage) -> dict[str, dict]:
-    """video_id -> {"uri", "etag", "size", "label_name", "clips", "shard"}: the sources of one version, replayed
-    from its chain of source tables."""
-    sources: dict[str, dict] = {}
+class SourceTable:
+    """A version's sources (LIVE_SOURCES_SCHEMA, one row per video id, in no set order) as Arrow columns: the done-set
+    that plans match listings against and commits update, by video id, without a Python object per video. At a
+    million videos these columns hold about 170 MB where a dict of dicts held 1 GB (README, "A million videos")."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    @classmethod
+    def empty(cls) -> SourceTable:
+        return cls(LIVE_SOURCES_SCHEMA.empty_table())
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> SourceTable:
+        """Rows of `video_id` and any of the other columns (missing ones are null)."""
+        return cls(pa.Table.from_pylist(rows, schema=LIVE_SOURCES_SCHEMA))
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def ids(self) -> pa.ChunkedArray:
+        return self.table.column("video_id")
+
+    def holding(self, ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Table:
+        """The rows of these video ids (those that are here)."""
+        return self.table.filter(pc.is_in(self.ids, value_set=_string_array(ids)))
+
+    def present(self, ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> set[str]:
+        """Which of these video ids are here."""
+        return set(self.holding(ids).column("video_id").to_pylist())
+
+    def to_dict(self) -> dict[str, dict]:
+        """video_id -> the row's other columns, in video id order (for what needs every row as Python anyway)."""
+        return {row.pop("video_id"): row for row in self.table.sort_by("video_id").to_pylist()}
+
+    def updated(self, removed: Iterable[str], upserts: pa.Table) -> tuple[SourceTable, pa.Table]:
+        """The next version's sources, these without the `removed` video ids and with the rows of `upserts` (added, or
+        replacing those of the same id), and the delta (SOURCES_SCHEMA, by video id) that turns these into them."""
+        upserts = upserts.select(LIVE_SOURCES_SCHEMA.names).cast(LIVE_SOURCES_SCHEMA)
+        upserted = upserts.column("video_id").combine_chunks()
+        removed = _string_array(sorted(set(removed)))
+        gone = self.holding(removed).column("video_id").combine_chunks()
+        gone = gone.filter(pc.invert(pc.is_in(gone, value_set=upserted)))
+        kept = self.table.filter(pc.invert(pc.is_in(self.ids, value_set=pa.concat_arrays([gone, upserted]))))
+        deletions = pa.table({"video_id": gone}).cast(pa.schema([LIVE_SOURCES_SCHEMA.field("video_id")]))
+        delta = pa.concat_tables(
+            [_with_deleted(upserts, False), _with_deleted(deletions, True)], promote_options="default"
+        ).sort_by("video_id")
+        return SourceTable(pa.concat_tables([kept, upserts])), delta
+
+
+def _string_array(ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    return ids.cast(pa.string()) if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
+
+
+def _with_deleted(table: pa.Table, deleted: bool) -> pa.Table:
+    return table.append_column(SOURCES_SCHEMA.field("deleted"), pa.array([deleted] * table.num_rows, pa.bool_()))
+
+
+def read_sources(root: Location, manifest, storage: Storage) -> SourceTable:
+    """The sources of one version (of a clip or a predictions dataset: a manifest with `version`, `source_tables` and
+    `num_sources`), replayed from its chain of source tables."""
+    live = LIVE_SOURCES_SCHEMA.empty_table()
     filesystem = storage.arrow_filesystem(root)
     for table_entry in manifest.source_tables:
         location = root.join(table_entry["path"])
         table = pq.read_table(storage.arrow_path(location), filesystem=filesystem, schema=SOURCES_SCHEMA)
-        columns = {name: table.column(name).to_pylist() for name in ("video_id", "deleted", *_SOURCE_FIELDS)}
-        for row, video_id in enumerate(columns["video_id"]):
-            if columns["deleted"][row]:
-                sources.pop(video_id, None)
-            else:
-                sources[video_id] = {name: columns[name][row] for name in _SOURCE_FIELDS}
-    if len(sources) != manifest.num_sources:
+        if live.num_rows:
+            replaced = pc.is_in(live.column("video_id"), value_set=_string_array(table["video_id"]))
+            live = live.filter(pc.invert(replaced))
+        if pc.any(table["deleted"]).as_py():  # filtering copies every column: a full table has no deletions
+            table = table.filter(pc.invert(table["deleted"]))
+        live = pa.concat_tables([live, table.drop_columns(["deleted"])])
+    if live.num_rows != manifest.num_sources:
         raise ManifestError(
             f"manifest version {manifest.version} under {root.uri} names {manifest.num_sources} sources, its source "
-            f"tables hold {len(sources)}"
+            f"tables hold {live.num_rows}"
         )
-    return sources
+    return SourceTable(live)
 
 
 def write_sources(
     root: Location,
     version: int,
-    previous: Manifest | None,
-    previous_sources: dict[str, dict],
-    sources: dict[str, dict],
+    previous_chain: list[dict],
+    sources: SourceTable,
+    delta: pa.Table,
     storage: Storage,
     token: str | None = None,
 ) -> list[dict]:
     """Publishes version `version`'s source table (named for the run `token`, pipeline.versioned.run_table_path) and
-    returns its chain: the previous chain plus a delta (what was added, changed or removed), or one full table once
-    the chain would hold more than twice the live rows."""
+    returns its chain: the previous chain plus `delta` (SourceTable.updated), nothing new when the delta is empty, or
+    one full table of `sources` once the chain would hold more than twice their rows."""
     from pipeline.shards import publish_table
 
-    changed = [video_id for video_id, entry in sources.items() if previous_sources.get(video_id) != entry]
-    removed = [video_id for video_id in previous_sources if video_id not in sources]
-    chain = list(previous.source_tables) if previous else []
-    if sum(entry["rows"] for entry in chain) + len(changed) + len(removed) > 2 * len(sources):
-        chain, changed, removed = [], list(sources), []
-    rows = [{"video_id": video_id, **sources[video_id], "deleted": False} for video_id in sorted(changed)]
-    rows += [{"video_id": video_id, "deleted": True} for video_id in sorted(removed)]
+    chain = list(previous_chain)
+    if delta.num_rows == 0 and chain:
+        return chain
+    if sum(entry["rows"] for entry in chain) + delta.num_rows > 2 * len(sources):
+        chain, delta = [], _with_deleted(sources.table.sort_by("video_id"), False)
     path = run_table_path(SOURCES_DIR, version, token or new_run_token())
-    publish_table(storage, root.join(path), pa.Table.from_pylist(rows, schema=SOURCES_SCHEMA), compression="zstd")
-    return chain + [{"path": path, "rows": len(rows)}]
+    publish_table(storage, root.join(path), delta, compression="zstd")
+    return chain + [{"path": path, "rows": delta.num_rows}]

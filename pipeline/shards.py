@@ -159,21 +159,21 @@ def rewrite_without_videos(
     storage: Storage,
     root: Location,
     shards: list,
-    sources: dict[str, dict],
+    sources,
     superseded: set[str],
     folder: str,
     write_options: dict,
     keep_footer: bool = True,
-) -> tuple[list, dict[str, dict]]:
+) -> tuple[list, pa.Table]:
     """Copy-on-write of a versioned dataset: each listed shard holding rows of a `superseded` video is rewritten
     without them under a new content-derived name in `folder`, so that every row of every listed shard stays
-    current and readers need no filtering. Returns the shard list and the sources map of the new version.
-    `keep_footer=False` drops the old footer when it describes what the shard held before."""
+    current and readers need no filtering. `sources` is the version's pipeline.manifest.SourceTable. Returns the
+    shard list and the source rows of the videos that moved to a rewritten shard (their `shard` updated), for
+    SourceTable.updated. `keep_footer=False` drops the old footer when it describes what the shard held before."""
     from pipeline.manifest import ShardEntry
 
-    affected = {sources[video_id]["shard"] for video_id in superseded if video_id in sources}
-    sources = {video_id: entry for video_id, entry in sources.items() if video_id not in superseded}
-    kept = []
+    affected = set(sources.holding(superseded).column("shard").to_pylist())
+    kept, moved_to = [], {}
     for shard in shards:
         if shard.path not in affected:
             kept.append(shard)
@@ -190,6 +190,7 @@ def rewrite_without_videos(
             remaining = remaining.replace_schema_metadata(None)
         size, digest = publish_table(storage, root.join(path), remaining, **write_options)
         kept.append(ShardEntry(path, remaining.num_rows, digest, size))
-        for video_id in remaining_ids:
-            sources[video_id] = {**sources[video_id], "shard": path}
-    return kept, sources
+        moved_to.update((video_id, path) for video_id in remaining_ids)
+    moved = sources.holding(list(moved_to))
+    new_shards = pa.array([moved_to[video_id] for video_id in moved.column("video_id").to_pylist()], pa.string())
+    return kept, moved.set_column(moved.schema.get_field_index("shard"), "shard", new_shards)

@@ -5,9 +5,10 @@ and one JSON manifest per version, published last and if-absent: the manifest is
 visible. Around that contract this module keeps what both kinds of dataset do alike:
 
     versions          manifests/vNNNNNN.json, numbered from 1, never overwritten (`publish_manifest`)
-    inputs            listed inputs -> pending, already done, known failures (`partition_inputs`): an input that gave
-                      no output is remembered by key and ETag in the version's errors table, and tried again only
-                      when it changed or when the run asks to retry errors
+    inputs            listed inputs -> pending, already done, known failures (`partition_inputs`), matched by columns
+                      against the previous version's sources (pipeline.manifest.SourceTable, a chain of delta tables
+                      the manifest names): an input that gave no output is remembered by key and ETag in the
+                      version's errors table, and tried again only when it changed or when the run asks to retry
     run tables        a version's tables get names unique to the run that wrote them (`run_table_path`), so a run
                       that loses the race for a version number never overwrites the winner's tables
     adoption          a part a killed run published is taken over from the description in its footer (`published_part`)
@@ -28,11 +29,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.listing import VideoListing
 from pipeline.schema import ERRORS_SCHEMA, ErrorRecord, errors_table
 from pipeline.shards import measure_published, publish_table
 from pipeline.storage import Location, ObjectInfo, Storage
@@ -103,40 +107,46 @@ class InputPartition:
 
 def partition_inputs(
     inputs: Sequence,
-    done: dict[str, dict],
-    unchanged: Callable[[object, dict], bool],
+    done,
+    compared: Sequence[str],
     failures: dict[tuple[str, str], ErrorRecord],
     retry_errors: bool = False,
 ) -> InputPartition:
-    """Split listed inputs (anything with `video_id`, `uri` and `etag`): already done (in `done`, the previous version's
-    record by video id, and `unchanged` against it), known failures (`failures`, keyed by `failure_key`, holds the same
-    key and ETag; unless `retry_errors`), and pending. Inputs that offer `take(positions)` (a columnar listing,
-    pipeline.listing.VideoListing) give pending and already done as `take` does: a million done videos stay columns,
-    not a million objects."""
-    pending, already_done, known_failures = [], [], []
-    for position, item in enumerate(inputs):
-        record = done.get(item.video_id)
-        failure = failures.get((item.uri, item.etag))
-        if record is not None and unchanged(item, record):
-            already_done.append(position)
-        elif failure is not None and not retry_errors:
-            known_failures.append(failure)
-        else:
-            pending.append(position)
-    return InputPartition(_select(inputs, pending), _select(inputs, already_done), known_failures)
+    """Split listed inputs (SourceVideo, as a pipeline.listing.VideoListing or a list) against `done`, the previous
+    version's pipeline.manifest.SourceTable: already done (its video id is there with the same `compared` columns),
+    known failures (`failures`, keyed by `failure_key`, holds the same key and ETag; unless `retry_errors`), and
+    pending, both as selections of the listing. The match is a join of columns: a million done videos are never a
+    million Python objects."""
+    listing = VideoListing.of(inputs)
+    at = pc.index_in(listing.column("video_id"), value_set=done.ids.combine_chunks().cast(pa.large_string()))
+    unchanged = pc.is_valid(at)
+    for name in compared:
+        ours = listing.column(name)
+        theirs = done.table.column(name).take(at).cast(ours.type)
+        same = pc.or_(pc.fill_null(pc.equal(ours, theirs), False), pc.and_(pc.is_null(ours), pc.is_null(theirs)))
+        unchanged = pc.and_(unchanged, same)
+    unchanged = np.asarray(unchanged.to_numpy(zero_copy_only=False), dtype=bool)
+    pending, known_failures = ~unchanged, []
+    if failures and not retry_errors:
+        failed_uris = pa.array(sorted({uri for uri, _ in failures}), pa.large_string())
+        maybe = pc.and_(pa.array(pending), pc.is_in(listing.column("uri"), value_set=failed_uris))
+        for position in np.flatnonzero(maybe.to_numpy(zero_copy_only=False)):
+            video = listing[int(position)]
+            failure = failures.get((video.uri, video.etag))
+            if failure is not None:
+                known_failures.append(failure)
+                pending[position] = False
+    return InputPartition(listing.take(np.flatnonzero(pending)), listing.take(np.flatnonzero(unchanged)),
+                          known_failures)
 
 
-def _select(inputs: Sequence, positions: list[int]) -> Sequence:
-    return inputs.take(positions) if hasattr(inputs, "take") else [inputs[position] for position in positions]
-
-
-def deleted_inputs(done: dict[str, dict], listed: Iterable, keep_deleted: bool = False) -> set[str]:
-    """Video ids of the previous version that the source no longer lists: they leave the next version, unless
-    `keep_deleted`."""
-    if keep_deleted:
+def deleted_inputs(done, listed: Sequence, keep_deleted: bool = False) -> set[str]:
+    """Video ids of the previous version (`done`, a pipeline.manifest.SourceTable) that the source no longer lists:
+    they leave the next version, unless `keep_deleted`."""
+    if keep_deleted or not len(done):
         return set()
-    listed_ids = {item.video_id for item in listed}
-    return {video_id for video_id in done if video_id not in listed_ids}
+    listed_ids = VideoListing.of(listed).column("video_id").combine_chunks().cast(pa.string())
+    return set(done.ids.filter(pc.invert(pc.is_in(done.ids, value_set=listed_ids))).to_pylist())
 
 
 def read_failures(root: Location, errors_path: str | None, storage: Storage) -> dict[tuple[str, str], ErrorRecord]:

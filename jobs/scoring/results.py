@@ -3,14 +3,16 @@
 Layout under a destination DST (one model package and one set of scoring parameters per DST):
     DST/manifests/v000001.json             one per run that changed something; written last, never overwritten
     DST/predictions/part-<hash>.parquet
+    DST/sources/v000001-<run>.parquet      the videos version 1 added, changed or removed (a delta), or all of them
     DST/errors/v000001-<run>.parquet       every video of version 1 that could not be scored (by key and ETag)
     DST/runs/<run>.json                    a running score job's record
 
-Versions, the errors table that remembers failed videos, run tables, adoption and run records are the versioned-
-dataset core's (pipeline.versioned), shared with the clip dataset. Like the clip dataset: a shard's name is a hash of the model package, the parameters and its
-exact sources, and its footer says what it holds (sources and errors). A killed run leaves complete shards that no
-manifest lists; a re-run adopts those whose sources are still pending and unchanged instead of scoring them again,
-so it finishes without duplicates. Only manifest-listed shards are part of the dataset (`read_predictions`).
+Versions, the source tables, the errors table that remembers failed videos, run tables, adoption and run records are
+the versioned-dataset core's (pipeline.versioned, pipeline.manifest's source tables), shared with the clip dataset.
+Like the clip dataset: a shard's name is a hash of the model package, the parameters and its exact sources, and its
+footer says what it holds (sources and errors). A killed run leaves complete shards that no manifest lists; a re-run
+adopts those whose sources are still pending and unchanged instead of scoring them again, so it finishes without
+duplicates. Only manifest-listed shards are part of the dataset (`read_predictions`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pyarrow.parquet as pq
 from jobs.scoring.model_ref import ModelIdentity
 from jobs.scoring.predict import prediction_fields
 from pipeline.listing import PlannedGroups, SourceVideo, VideoListing
-from pipeline.manifest import ShardEntry, check_inside_root
+from pipeline.manifest import ShardEntry, SourceTable, check_inside_root, read_sources, write_sources
 from pipeline.schema import ErrorRecord
 from pipeline.shards import publish_table, rewrite_without_videos
 from pipeline.storage import Location, Storage
@@ -51,7 +53,7 @@ from pipeline.versioned import (
 PREDICTIONS_DIR = "predictions"
 FOOTER_KEY = b"uniformer.score"
 MANIFEST_KIND = "predictions"
-MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 2
 DEFAULT_VIDEOS_PER_SHARD = 1000
 # Shards are the unit of resumption, not of parallelism (decoding blocks are): a large run gets at least this many,
 # so that a killed run keeps most of its work, but no shard holds fewer videos than the floor below unless asked to,
@@ -124,8 +126,10 @@ class ScoreManifest:
     params: dict  # ScoreParams.to_dict()
     class_names: list[str]
     shards: list[ShardEntry]
-    # video_id -> {"uri", "etag", "size", "shard"}: the videos whose predictions this version holds
-    sources: dict[str, dict]
+    # the chain of source tables ({"path", "rows"}) whose replay (pipeline.manifest.read_sources) is the videos whose
+    # predictions this version holds, with their uri, etag, size and shard
+    source_tables: list[dict]
+    num_sources: int
     counts: dict[str, int]
     throughput: dict[str, float]  # of the run that wrote this version (jobs.score.Throughput)
     errors: str | None = None
@@ -148,12 +152,21 @@ class ScoreManifest:
     @classmethod
     def from_json(cls, text: str, where: str) -> "ScoreManifest":
         body = json.loads(text)
-        if body.get("kind") != MANIFEST_KIND or body.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+        found = body.get("schema_version")
+        if body.get("kind") == MANIFEST_KIND and isinstance(found, int) and found < MANIFEST_SCHEMA_VERSION:
+            raise ScoreConfigError(
+                f"{where} holds predictions of schema version {found}, written by an older uniformer (every video's "
+                f"source inside each manifest); this one reads schema version {MANIFEST_SCHEMA_VERSION}. Score into a "
+                "new destination (`uniformer score ... --out NEW_DST`): its first run scores every listed video"
+            )
+        if body.get("kind") != MANIFEST_KIND or found != MANIFEST_SCHEMA_VERSION:
             raise ScoreConfigError(
                 f"{where} is not a predictions manifest this version reads (kind {body.get('kind')!r}, schema "
-                f"{body.get('schema_version')}); write predictions to their own --out"
+                f"{found}); write predictions to their own --out"
             )
         body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
+        for table in body["source_tables"]:
+            check_inside_root(table["path"], "source table")
         if body.get("errors") is not None:
             check_inside_root(body["errors"], "errors table")
         return cls(**body)
@@ -179,6 +192,7 @@ class ScorePlan:
     identity: ModelIdentity
     params: ScoreParams
     previous: ScoreManifest | None
+    previous_sources: SourceTable  # the previous version's (empty for a first run)
     listed: Sequence[SourceVideo]
     already_done: Sequence[SourceVideo]
     adopted: list[dict]  # results of shards a killed run published (pipeline.versioned.published_part)
@@ -241,17 +255,11 @@ def plan_score(
     check_compatible(previous, identity, params, root.uri)
     previous_failures = previous_failures or {}
     listed = VideoListing.of(listed)
-    inputs = partition_inputs(
-        listed,
-        previous.sources if previous else {},
-        lambda video, known: (known["etag"], known["size"]) == (video.etag, video.size),
-        previous_failures,
-        retry_errors,
-    )
+    done = read_sources(root, previous, storage) if previous else SourceTable.empty()
+    inputs = partition_inputs(listed, done, ("etag", "size"), previous_failures, retry_errors)
     pending = _one_per_video_id(inputs.pending)
-    done = previous.sources if previous else {}
     deleted = deleted_inputs(done, listed, keep_deleted)
-    superseded = {video.video_id for video in pending if video.video_id in done} | deleted
+    superseded = done.present(pending.column("video_id")) | deleted
 
     adopted, adopted_positions, position_of = [], set(), None
     listed_shards = {shard.path for shard in previous.shards} if previous else set()
@@ -282,9 +290,10 @@ def plan_score(
     per_shard = min(videos_per_shard, max(_MIN_VIDEOS_PER_SHARD, math.ceil(len(pending) / _MIN_SHARDS)))
     groups = PlannedGroups.cut(pending, per_shard, source_record, lambda sources: shard_name(identity, params, sources))
     return ScorePlan(
-        root=root, source=source, identity=identity, params=params, previous=previous, listed=listed,
-        already_done=inputs.already_done, adopted=adopted, groups=groups, previous_failures=previous_failures,
-        known_failures=inputs.known_failures, superseded=superseded, deleted=deleted,
+        root=root, source=source, identity=identity, params=params, previous=previous, previous_sources=done,
+        listed=listed, already_done=inputs.already_done, adopted=adopted, groups=groups,
+        previous_failures=previous_failures, known_failures=inputs.known_failures, superseded=superseded,
+        deleted=deleted,
     )
 
 
@@ -364,23 +373,25 @@ def commit_score(
     results = plan.adopted + results
     errors = [ErrorRecord(**{k: e[k] for k in ErrorRecord.__dataclass_fields__}) for r in results for e in r["errors"]]
     new_shards = [ShardEntry(**result["shard"]) for result in results if result["shard"]]
-    new_sources = {
-        video["video_id"]: {**{key: video[key] for key in ("uri", "etag", "size")}, "shard": r["shard"]["path"]}
+    upserts = SourceTable.from_rows([
+        {**{key: video[key] for key in ("video_id", "uri", "etag", "size")}, "shard": r["shard"]["path"]}
         for r in results
         if r["shard"]
         for video in r["videos"]
-    }
+    ]).table
+    scored = upserts.num_rows
     kept_shards = list(previous.shards) if previous else []
-    kept_sources = dict(previous.sources) if previous else {}
-    superseded = plan.superseded | (set(new_sources) & set(kept_sources))  # also videos of adopted shards
+    # the plan's, and videos of adopted shards that the previous version held
+    superseded = plan.superseded | plan.previous_sources.present(upserts.column("video_id"))
     if superseded:
-        kept_shards, kept_sources = rewrite_without_videos(
-            storage, plan.root, kept_shards, kept_sources, superseded, PREDICTIONS_DIR,
+        kept_shards, moved = rewrite_without_videos(
+            storage, plan.root, kept_shards, plan.previous_sources, superseded, PREDICTIONS_DIR,
             {"compression": "zstd"}, keep_footer=False,
         )
+        upserts = pa.concat_tables([moved, upserts])
     counts = ScoreCounts(
         listed=len(plan.listed),
-        scored=len(new_sources),
+        scored=scored,
         already_done=len(plan.already_done),
         known_failures=len(plan.known_failures),
         errored=len({error.source_uri for error in errors}),
@@ -395,8 +406,11 @@ def commit_score(
         return None, counts, errors
 
     check_parts_present(storage, plan.root, [shard.path for shard in new_shards], "score run")
-    version = (previous.version if previous else 0) + 1
-    errors_path = publish_failures(storage, plan.root, version, new_run_token(), failures)
+    version, token = (previous.version if previous else 0) + 1, new_run_token()
+    errors_path = publish_failures(storage, plan.root, version, token, failures)
+    sources, delta = plan.previous_sources.updated(superseded, upserts)
+    source_tables = write_sources(plan.root, version, previous.source_tables if previous else [], sources, delta,
+                                  storage, token)
     manifest = ScoreManifest(
         version=version,
         source=plan.source.uri,
@@ -404,7 +418,8 @@ def commit_score(
         params=plan.params.to_dict(),
         class_names=class_names,
         shards=kept_shards + new_shards,
-        sources=dict(sorted({**kept_sources, **new_sources}.items())),
+        source_tables=source_tables,
+        num_sources=len(sources),
         counts=asdict(counts),
         throughput={"job_seconds": round(seconds, 3), **{k: round(v, 3) for k, v in throughput.items()}},
         errors=errors_path,

@@ -39,7 +39,7 @@ def _rows(dst: str, **options) -> list[dict]:
 
 
 def _sources(dst: str, manifest) -> dict[str, dict]:
-    return read_sources(parse_uri(dst), manifest, Storage())
+    return read_sources(parse_uri(dst), manifest, Storage()).to_dict()
 
 
 def _assert_each_clip_once(rows: list[dict]) -> None:

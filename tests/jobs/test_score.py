@@ -24,6 +24,7 @@ from jobs.serving.registry import log_model
 from model.package import ModelCard, save_package
 from model.transforms import eval_transform
 from pipeline import Storage, generate_motion_dataset, parse_uri, write_motion_video
+from pipeline.manifest import read_sources
 from pipeline.storage import StorageError
 from pipeline.views import decode_views
 from tests.conftest import ignore_conditional_writes, kill_driver_after_first_part
@@ -323,4 +324,5 @@ def test_predictions_of_videos_deleted_from_the_source_leave_the_next_version_un
     dropped = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2)
     assert (dropped.already_done, dropped.deleted, dropped.manifest_version) == (2, 1, 2)
     assert sorted(read_predictions(dst, columns=["video_id"]).column("video_id").to_pylist()) == ["v0.mp4", "v2.mp4"]
-    assert sorted(latest_score_manifest(parse_uri(dst), Storage()).sources) == ["v0.mp4", "v2.mp4"]
+    latest = latest_score_manifest(parse_uri(dst), Storage())
+    assert sorted(read_sources(parse_uri(dst), latest, Storage()).to_dict()) == ["v0.mp4", "v2.mp4"]

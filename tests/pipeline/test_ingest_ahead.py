@@ -44,12 +44,12 @@ def test_ingest_dataset_runs_without_cpu_reservation_and_leaves_the_process_cont
     import ray.data
 
     from pipeline.ingest import IngestPlan, build_dataset
-    from pipeline.manifest import SamplingParams
+    from pipeline.manifest import SamplingParams, SourceTable
     from pipeline.storage import Storage, parse_uri
 
     plan = IngestPlan(
         root=parse_uri(str(tmp_path / "dst")), source=parse_uri(str(tmp_path / "src")), sampling=SamplingParams(),
-        labels_mode="folders", class_map={}, previous=None, previous_sources={}, listed=[], already_done=[],
+        labels_mode="folders", class_map={}, previous=None, previous_sources=SourceTable.empty(), listed=[], already_done=[],
         groups=[{"shard": "shards/part-a.parquet", "videos": [{"uri": str(tmp_path / "src" / "a.mp4")}]}],
         label_errors=[],
     )

@@ -8,6 +8,7 @@ from pipeline.manifest import (
     ManifestError,
     SamplingParams,
     ShardEntry,
+    SourceTable,
     list_manifest_versions,
     load_manifest,
     parse_dataset_ref,
@@ -86,44 +87,57 @@ def test_a_dataset_of_an_older_schema_is_refused_with_what_to_do(tmp_path):
         load_manifest(str(tmp_path))
 
 
-def _source(shard: str, etag: str = "e") -> dict:
-    return {"uri": "/v", "etag": etag, "size": 1, "label_name": "a", "clips": 1, "shard": shard}
+def _source(video_id: str, shard: str, etag: str = "e") -> dict:
+    return {"video_id": video_id, "uri": f"/{video_id}", "etag": etag, "size": 1, "label_name": "a", "clips": 1,
+            "shard": shard}
+
+
+def _publish(root, storage, version, manifest, sources, removed=(), upserts=()):
+    """Version `version`'s source table and manifest over `manifest` (None for the first) with `sources`."""
+    sources, delta = sources.updated(removed, SourceTable.from_rows(list(upserts)).table)
+    chain = write_sources(root, version, manifest.source_tables if manifest else [], sources, delta, storage)
+    return Manifest(version, "/v", SamplingParams(), "dirs", {"a": 0}, [], chain, len(sources), {}), sources
 
 
 def test_source_tables_store_what_changed_and_replay_to_each_version(tmp_path):
     root, storage = parse_uri(str(tmp_path)), Storage()
-    versions, manifest, current = {}, None, {}
-    states = [
-        {f"v{i}": _source("s1") for i in range(100)},  # the first version: one full table
-        {**{f"v{i}": _source("s1") for i in range(100)}, "v100": _source("s2")},  # one video added
-        {**{f"v{i}": _source("s1") for i in range(1, 100)}, "v100": _source("s2", "e2")},  # one removed, one changed
+    changes = [
+        ((), [_source(f"v{i}", "s1") for i in range(100)]),  # the first version: one full table
+        ((), [_source("v100", "s2")]),  # one video added
+        (("v0", "v100", "never-there"), [_source("v100", "s2", "e2")]),  # one removed, one changed
     ]
-    for version, state in enumerate(states, start=1):
-        chain = write_sources(root, version, manifest, current, state, storage)
-        manifest = Manifest(version, "/v", SamplingParams(), "dirs", {"a": 0}, [], chain, len(state), {})
-        versions[version], current = manifest, state
+    versions, manifest, sources, states = {}, None, SourceTable.empty(), {}
+    for version, (removed, upserts) in enumerate(changes, start=1):
+        manifest, sources = _publish(root, storage, version, manifest, sources, removed, upserts)
+        versions[version], states[version] = manifest, sources.to_dict()
     assert [entry["rows"] for entry in versions[3].source_tables] == [100, 1, 2]  # deltas, not copies
-    for version, state in enumerate(states, start=1):
-        assert read_sources(root, versions[version], storage) == state
+    assert sorted(states[3]) == sorted(f"v{i}" for i in range(1, 101)) and states[3]["v100"]["etag"] == "e2"
+    for version in versions:
+        assert read_sources(root, versions[version], storage).to_dict() == states[version]
+
+
+def test_a_version_whose_sources_did_not_change_writes_no_source_table(tmp_path):
+    root, storage = parse_uri(str(tmp_path)), Storage()
+    first, sources = _publish(root, storage, 1, None, SourceTable.empty(), upserts=[_source("a", "s")])
+    second, _ = _publish(root, storage, 2, first, sources)
+    assert second.source_tables == first.source_tables and len(list((tmp_path / "sources").iterdir())) == 1
 
 
 def test_a_long_chain_of_deltas_is_replaced_by_one_full_table(tmp_path):
     root, storage = parse_uri(str(tmp_path)), Storage()
-    manifest, current = None, {}
+    manifest, sources = None, SourceTable.empty()
     for version in range(1, 8):  # each version changes every one of the 10 videos
-        state = {f"v{i}": _source("s", etag=str(version)) for i in range(10)}
-        chain = write_sources(root, version, manifest, current, state, storage)
-        manifest = Manifest(version, "/v", SamplingParams(), "dirs", {"a": 0}, [], chain, len(state), {})
-        assert sum(entry["rows"] for entry in chain) <= 2 * len(state)
-        assert read_sources(root, manifest, storage) == state
-        current = state
+        manifest, sources = _publish(root, storage, version, manifest, sources,
+                                     upserts=[_source(f"v{i}", "s", etag=str(version)) for i in range(10)])
+        assert sum(entry["rows"] for entry in manifest.source_tables) <= 2 * len(sources)
+        assert {entry["etag"] for entry in read_sources(root, manifest, storage).to_dict().values()} == {str(version)}
     assert len(manifest.source_tables) < 7
 
 
 def test_source_tables_that_disagree_with_the_manifest_are_refused(tmp_path):
     root, storage = parse_uri(str(tmp_path)), Storage()
-    chain = write_sources(root, 1, None, {}, {"a": _source("s")}, storage)
-    manifest = Manifest(1, "/v", SamplingParams(), "dirs", {"a": 0}, [], chain, 2, {})
+    manifest, _ = _publish(root, storage, 1, None, SourceTable.empty(), upserts=[_source("a", "s")])
+    manifest.num_sources = 2
     with pytest.raises(ManifestError, match="names 2 sources, its source tables hold 1"):
         read_sources(root, manifest, storage)
 

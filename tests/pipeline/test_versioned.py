@@ -18,6 +18,7 @@ from pipeline.manifest import (
     ManifestError,
     SamplingParams,
     ShardEntry,
+    SourceTable,
     latest_manifest,
     read_sources,
     write_manifest,
@@ -61,7 +62,7 @@ def _result(video: SourceVideo, shard: str | None, error: str | None = None) -> 
 def test_a_writer_that_loses_the_version_race_leaves_the_winners_tables_alone(storage_folder):
     storage, root = storage_folder
     videos = [_video(root, "a.mp4"), _video(root, "b.mp4")]
-    plan = plan_ingest(root.uri, root.join("src").uri, videos, videos, [], "dirs", SAMPLING, None, {})
+    plan = plan_ingest(root.uri, root.join("src").uri, videos, videos, [], "dirs", SAMPLING, None, None)
     for name in ("a", "b"):
         publish_table(storage, root.join(f"shards/part-{name}.parquet"), pa.table({"video_id": [f"{name}.mp4"]}))
     # Both runs decoded the same listing, each failing on another video: both build version 1.
@@ -78,14 +79,14 @@ def test_a_writer_that_loses_the_version_race_leaves_the_winners_tables_alone(st
     assert published.errors != loser.errors and published.source_tables != loser.source_tables
     failures = read_failures(root, published.errors, storage)
     assert [(error.source_uri, error.error_type) for error in failures.values()] == [(videos[1].uri, "Boom")]
-    assert set(read_sources(root, published, storage)) == {"a.mp4"}
+    assert read_sources(root, published, storage).present(["a.mp4", "b.mp4"]) == {"a.mp4"}
 
 
 @pytest.mark.integration
 def test_a_run_whose_part_was_removed_while_it_ran_publishes_nothing(storage_folder):
     storage, root = storage_folder
     videos = [_video(root, "a.mp4")]
-    plan = plan_ingest(root.uri, root.join("src").uri, videos, videos, [], "dirs", SAMPLING, None, {})
+    plan = plan_ingest(root.uri, root.join("src").uri, videos, videos, [], "dirs", SAMPLING, None, None)
     with pytest.raises(RuntimeError, match="removed while it ran .*shards/part-gone.parquet"):
         commit_ingest(plan, [_result(videos[0], "shards/part-gone.parquet")], storage)  # as if gc had removed it
     assert latest_manifest(root, storage) is None
@@ -95,13 +96,14 @@ def test_failures_are_remembered_by_key_and_etag():
     root_video = SourceVideo("/src/a.mp4", "a.mp4", 1, "e1")
     failed = ErrorRecord("/src/a.mp4", "e1", "decode", "VideoDecodeError", "bad")
     failures = {(failed.source_uri, failed.source_etag): failed}
-    unchanged = lambda video, known: known["etag"] == video.etag  # noqa: E731
+    nothing_done = SourceTable.empty()
 
-    known = partition_inputs([root_video], {}, unchanged, failures)
-    assert (known.pending, known.known_failures) == ([], [failed])
-    assert partition_inputs([root_video], {}, unchanged, failures, retry_errors=True).pending == [root_video]
+    known = partition_inputs([root_video], nothing_done, ("etag",), failures)
+    assert (list(known.pending), known.known_failures) == ([], [failed])
+    retried = partition_inputs([root_video], nothing_done, ("etag",), failures, retry_errors=True)
+    assert list(retried.pending) == [root_video]
     changed = SourceVideo("/src/a.mp4", "a.mp4", 1, "e2")
-    assert partition_inputs([changed], {}, unchanged, failures).pending == [changed]
+    assert list(partition_inputs([changed], nothing_done, ("etag",), failures).pending) == [changed]
 
     again = ErrorRecord("/src/a.mp4", "e1", "decode", "VideoDecodeError", "another message")
     assert version_failures([failed], [again]) == [again]
@@ -118,16 +120,18 @@ def _dataset_with_two_versions(storage, root) -> dict[str, str]:
     errors = pa.Table.from_pylist([ErrorRecord("/s/bad", "e", "decode", "X", "m").to_dict()], schema=ERRORS_SCHEMA)
     paths["errors_v1"] = "errors/v000001-run1.parquet"
     publish_table(storage, root.join(paths["errors_v1"]), errors)
-    manifest, sources = None, {}
-    for version, shards in ((1, ("old", "shared")), (2, ("shared", "new"))):
-        state = {name: {"uri": f"/s/{name}", "etag": "e", "size": 1, "label_name": "a", "clips": 1,
-                        "shard": paths[name]} for name in shards}
-        chain = write_sources(root, version, manifest, sources, state, storage, token=f"run{version}")
+    manifest, sources = None, SourceTable.empty()
+    for version, (removed, added) in enumerate(((set(), ("old", "shared")), ({"old"}, ("new",))), start=1):
+        upserts = SourceTable.from_rows([{"video_id": name, "uri": f"/s/{name}", "etag": "e", "size": 1,
+                                          "label_name": "a", "clips": 1, "shard": paths[name]} for name in added])
+        sources, delta = sources.updated(removed, upserts.table)
+        chain = write_sources(root, version, manifest.source_tables if manifest else [], sources, delta, storage,
+                              token=f"run{version}")
+        shards = sorted(sources.to_dict(), key=("old", "shared", "new").index)
         manifest = Manifest(version, "/s", SAMPLING, "dirs", {"a": 0},
-                            [ShardEntry(paths[name], 1, "00" * 32, 1) for name in shards], chain, len(state), {},
+                            [ShardEntry(paths[name], 1, "00" * 32, 1) for name in shards], chain, len(sources), {},
                             errors=paths["errors_v1"] if version == 1 else None)
         write_manifest(root, manifest, storage)
-        sources = state
     paths.update(sources_v1="sources/v000001-run1.parquet", sources_v2="sources/v000002-run2.parquet")
     return paths
 
@@ -176,7 +180,7 @@ def test_gc_removes_what_no_kept_version_or_running_job_uses(storage_folder, s3_
         assert _exists(storage, root, path)  # v2's shards and its chain of source tables (v1's table starts it)
     assert not _exists(storage, root, run.location.relative_to(root))  # the record left with its run
     v2 = latest_manifest(root, storage)
-    assert set(read_sources(root, v2, storage)) == {"shared", "new"}
+    assert set(read_sources(root, v2, storage).to_dict()) == {"shared", "new"}
 
     # Young unreferenced files stay: a writer that keeps no record may still be publishing them.
     publish_table(storage, root.join("shards/part-young.parquet"), pa.table({"video_id": ["z"]}))
