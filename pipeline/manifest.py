@@ -277,7 +277,7 @@ class SourceTable:
 
     def present(self, ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> set[str]:
         """Which of these video ids are here."""
-        return set(self.holding(ids).column("video_id").to_pylist())
+        return set(self.holding(ids).column("video_id").to_pylist()) if len(self) else set()
 
     def to_dict(self) -> dict[str, dict]:
         """video_id -> the row's other columns, in video id order (for what needs every row as Python anyway)."""

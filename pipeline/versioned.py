@@ -118,14 +118,16 @@ def partition_inputs(
     pending, both as selections of the listing. The match is a join of columns: a million done videos are never a
     million Python objects."""
     listing = VideoListing.of(inputs)
-    at = pc.index_in(listing.column("video_id"), value_set=done.ids.combine_chunks().cast(pa.large_string()))
-    unchanged = pc.is_valid(at)
-    for name in compared:
-        ours = listing.column(name)
-        theirs = done.table.column(name).take(at).cast(ours.type)
-        same = pc.or_(pc.fill_null(pc.equal(ours, theirs), False), pc.and_(pc.is_null(ours), pc.is_null(theirs)))
-        unchanged = pc.and_(unchanged, same)
-    unchanged = np.asarray(unchanged.to_numpy(zero_copy_only=False), dtype=bool)
+    unchanged = np.zeros(len(listing), dtype=bool)
+    if len(done):
+        at = pc.index_in(listing.column("video_id"), value_set=done.ids.combine_chunks().cast(pa.large_string()))
+        matched = pc.is_valid(at)
+        for name in compared:
+            ours = listing.column(name)
+            theirs = done.table.column(name).take(at).cast(ours.type)
+            same = pc.or_(pc.fill_null(pc.equal(ours, theirs), False), pc.and_(pc.is_null(ours), pc.is_null(theirs)))
+            matched = pc.and_(matched, same)
+        unchanged = np.asarray(matched.to_numpy(zero_copy_only=False), dtype=bool)
     pending, known_failures = ~unchanged, []
     if failures and not retry_errors:
         failed_uris = pa.array(sorted({uri for uri, _ in failures}), pa.large_string())
