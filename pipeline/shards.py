@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,9 @@ import pyarrow.parquet as pq
 
 from pipeline.schema import MAX_ROW_GROUP_CLIPS, clip_schema, frames_array
 from pipeline.storage import Location, Storage
+
+if TYPE_CHECKING:  # pipeline.manifest imports pipeline.versioned, which imports this module
+    from pipeline.manifest import SourceTable
 
 FOOTER_KEY = b"uniformer.ingest"
 _HASH_CHUNK_BYTES = 8 << 20
@@ -159,7 +163,7 @@ def rewrite_without_videos(
     storage: Storage,
     root: Location,
     shards: list,
-    sources,
+    sources: SourceTable,
     superseded: set[str],
     folder: str,
     write_options: dict,
@@ -167,9 +171,9 @@ def rewrite_without_videos(
 ) -> tuple[list, pa.Table]:
     """Copy-on-write of a versioned dataset: each listed shard holding rows of a `superseded` video is rewritten
     without them under a new content-derived name in `folder`, so that every row of every listed shard stays
-    current and readers need no filtering. `sources` is the version's pipeline.manifest.SourceTable. Returns the
-    shard list and the source rows of the videos that moved to a rewritten shard (their `shard` updated), for
-    SourceTable.updated. `keep_footer=False` drops the old footer when it describes what the shard held before."""
+    current and readers need no filtering. `sources` are the version's. Returns the shard list and the source rows
+    of the videos that moved to a rewritten shard (their `shard` updated), for SourceTable.updated.
+    `keep_footer=False` drops the old footer when it describes what the shard held before."""
     from pipeline.manifest import ShardEntry
 
     affected = set(sources.holding(superseded).column("shard").to_pylist())

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,9 @@ from pipeline.listing import VideoListing
 from pipeline.schema import ERRORS_SCHEMA, ErrorRecord, errors_table
 from pipeline.shards import measure_published, publish_table
 from pipeline.storage import Location, ObjectInfo, Storage
+
+if TYPE_CHECKING:  # pipeline.manifest imports this module
+    from pipeline.manifest import SourceTable
 
 MANIFESTS_DIR = "manifests"
 RUNS_DIR = "runs"
@@ -107,7 +110,7 @@ class InputPartition:
 
 def partition_inputs(
     inputs: Sequence,
-    done,
+    done: SourceTable,
     compared: Sequence[str],
     failures: dict[tuple[str, str], ErrorRecord],
     retry_errors: bool = False,
@@ -142,7 +145,7 @@ def partition_inputs(
                           known_failures)
 
 
-def deleted_inputs(done, listed: Sequence, keep_deleted: bool = False) -> set[str]:
+def deleted_inputs(done: SourceTable, listed: Sequence, keep_deleted: bool = False) -> set[str]:
     """Video ids of the previous version (`done`, a pipeline.manifest.SourceTable) that the source no longer lists:
     they leave the next version, unless `keep_deleted`."""
     if keep_deleted or not len(done):
