@@ -35,11 +35,6 @@ for _name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SES
     os.environ.pop(_name, None)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `runs_first` first, the rest in their order: pytest-xdist hands out test files in this order."""
-    items.sort(key=lambda item: item.get_closest_marker("runs_first") is None)
-
-
 # ---- S3-compatible server ---------------------------------------------------------------------------------------
 class S3Server:
     """moto's ThreadedMotoServer on 127.0.0.1 and a free port; state survives `restart` (moto keeps it in-process)."""

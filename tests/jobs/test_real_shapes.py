@@ -27,8 +27,7 @@ from pipeline import load_manifest, write_motion_video
 from tests.jobs.test_train import finished, in_background, train_worker_pids, wait_for_checkpoint
 from tests.model.test_weights_formats import openai_archive
 
-# The longest test file (about 10 minutes): started first, it runs beside the rest of the suite, not at its end.
-pytestmark = [pytest.mark.integration, pytest.mark.runs_first]
+pytestmark = pytest.mark.integration
 
 # Four Kinetics-400 class names the videos use, inside a 400-name label map in the order of the official one.
 USED_CLASSES = {"abseiling": "left", "air drumming": "right", "juggling balls": "up", "zumba": "down"}
