@@ -34,6 +34,7 @@ INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 SECRETS_TEMPLATE = K8S / "secrets.template.yaml"
 LOCK = INFRA / "requirements.lock"
+DEV_LOCK = REPO / "dev.lock"
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|_URI$", re.IGNORECASE)
 SAFE_LITERAL_ENV = {"MLFLOW_TRACKING_URI"}  # a service address, not a credential (pointing at the in-cluster Service)
 GPU = "nvidia.com/gpu"
@@ -545,42 +546,56 @@ def test_pin_images_writes_one_digest_everywhere_and_refuses_what_is_not_a_diges
     assert all(c["image"].endswith(f"@{PLACEHOLDER_DIGEST}") for _, c in containers()), "the copy only was pinned"
 
 
-def lock_pins() -> dict[str, tuple[str, list[str]]]:
-    """{package name: (version, sha256 hashes)} of infra/requirements.lock; each pin must be `name==version` with at
-    least one --hash on its continuation lines."""
+def lock_pins(lock=LOCK) -> dict[str, tuple[str, list[str]]]:
+    """{package name: (version, sha256 hashes)} of a lock (infra/requirements.lock, dev.lock); each pin must be
+    `name==version` with at least one --hash on its continuation lines."""
     pins, current = {}, None
-    for line in LOCK.read_text().splitlines():
+    name = lock.name
+    for line in lock.read_text().splitlines():
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
         if not line[0].isspace():
             match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[\w,.-]+\])?==([\w.+!-]+)(\s*;[^\\]*)?\s*\\?", line)
-            assert match, f"requirements.lock: not an exact pin: {line}"
+            assert match, f"{name}: not an exact pin: {line}"
             current = match.group(1).lower().replace("_", "-")
             pins[current] = (match.group(3), [])
         else:
             hashes = re.findall(r"--hash=sha256:([0-9a-f]{64})", stripped)
-            assert hashes, f"requirements.lock: {current}: not a hash: {stripped}"
+            assert hashes, f"{name}: {current}: not a hash: {stripped}"
             pins[current][1].extend(hashes)
     assert pins
-    for name, (version, hashes) in pins.items():
-        assert hashes, f"requirements.lock: {name}=={version} has no --hash"
+    for package, (version, hashes) in pins.items():
+        assert hashes, f"{name}: {package}=={version} has no --hash"
     return pins
 
 
-def test_the_lock_pins_everything_with_hashes_and_covers_pyprojects_dependencies():
+@pytest.mark.parametrize("lock, extra", [(LOCK, "cluster"), (DEV_LOCK, "test")])
+def test_the_lock_pins_everything_with_hashes_and_covers_pyprojects_dependencies(lock, extra):
     from packaging.requirements import Requirement
 
-    pins = lock_pins()
+    pins = lock_pins(lock)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    for dependency in project["dependencies"] + project["optional-dependencies"]["cluster"]:
+    for dependency in project["dependencies"] + project["optional-dependencies"][extra]:
         requirement = Requirement(dependency)
         name = requirement.name.lower().replace("_", "-")
-        assert name in pins, f"{requirement.name} is a dependency of pyproject.toml but not in the lock: infra/lock.sh"
+        assert name in pins, f"{requirement.name} is a dependency of pyproject.toml but not in {lock.name}: infra/lock.sh"
         assert requirement.specifier.contains(pins[name][0], prereleases=True), (
-            f"the lock pins {name}=={pins[name][0]}, outside pyproject's {requirement}: run infra/lock.sh")
-    for package in ("psycopg2-binary", "flask-wtf"):  # the MLflow server's Postgres driver and its auth app's need
-        assert package in pins, package
+            f"{lock.name} pins {name}=={pins[name][0]}, outside pyproject's {requirement}: run infra/lock.sh")
+    if lock == LOCK:
+        for package in ("psycopg2-binary", "flask-wtf"):  # the MLflow server's Postgres driver and its auth app's need
+            assert package in pins, package
+    else:  # the test servers and the torch build come from the lock too, not from the index of the day
+        assert {"moto", "torch", "torchvision"} <= set(pins)
+
+
+def test_the_dev_script_installs_from_its_lock_only():
+    script = (REPO / "dev").read_text()
+    installs = [" ".join(line.split()) for line in script.splitlines() if re.search(r"pip\S*\" install", line)]
+    assert any("--require-hashes" in line and '-r "$lock"' in line for line in installs), installs
+    for line in installs:  # the project's own package adds nothing the lock does not pin
+        assert "--require-hashes" in line or "--no-deps" in line, line
+    assert 'lock="$root/dev.lock"' in script
 
 
 def test_the_image_installs_python_packages_from_the_lock_only():
@@ -604,10 +619,10 @@ def test_ray_and_torch_versions_agree_between_base_image_lock_dev_script_and_ray
         assert cluster["spec"]["rayVersion"] == ray_version
     assert f"--python-version {base.group(2)}.{base.group(3)}" in (INFRA / "lock.sh").read_text(), (
         "the lock is resolved for another Python than the base image's")
-    dev_pins = re.search(r"^TORCH_PINS=\((.*)\)", (REPO / "dev").read_text(), re.MULTILINE).group(1).split()
-    for pin in dev_pins:  # the torch build the tests run against is the one the image gets
-        name, version = pin.split("==")
-        assert pins[name][0] == version, f"the lock pins {name}=={pins[name][0]}, ./dev {pin}"
+    dev_pins = lock_pins(DEV_LOCK)
+    for name in ("torch", "torchvision", "ray"):  # the builds the tests run against are the ones the image gets
+        assert pins[name][0] == dev_pins[name][0], f"the image's lock pins {name}=={pins[name][0]}, dev.lock " \
+            f"{dev_pins[name][0]}"
 
 
 # ---- secrets, identities, references -------------------------------------------------------------------------------

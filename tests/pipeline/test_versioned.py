@@ -288,9 +288,12 @@ def test_a_reader_that_may_not_write_the_dataset_reads_unrecorded_and_says_what_
     iam = boto3.client("iam", endpoint_url=s3_server.endpoint_url)
     user = f"reader-{s3_bucket}"
     iam.create_user(UserName=user)
+    # Real S3 authorises listing as s3:ListBucket; moto from 5.2.6 on authorises it as the API call's name
+    # (s3:ListObjectsV2 / s3:ListObjects). The reader is granted listing under every name, and nothing that writes.
+    listing = ["s3:ListBucket", "s3:ListObjectsV2", "s3:ListObjects"]
     iam.put_user_policy(UserName=user, PolicyName="read-only", PolicyDocument=json.dumps({
         "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", *listing], "Resource": "*"}],
     }))
     key = iam.create_access_key(UserName=user)["AccessKey"]
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
