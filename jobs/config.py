@@ -9,6 +9,8 @@ section) merges key by key. What `to_yaml` writes, `read_file` and `build` read 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -21,6 +23,13 @@ from jobs.credentials import MASK, redact
 # the enclosing class), so that a file cannot set them, and the section's own defaults where they differ.
 SUPPLIED = "supplied"
 DEFAULTS = "defaults"
+
+# Field metadata of an option that may name a place on the caller's machine (a folder, a file, a dataset `DST@V`, a
+# `sqlite:///` database): `absolute_paths` resolves it against the working directory of the command that parsed it,
+# before anything reaches Ray, whose workers and actors run in folders of their own.
+LOCAL_PATH = {"local_path": True}
+# `scheme:` of a URI that is not a local path (s3://, models:/, runs:/, http://, postgresql://)
+_URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
 
@@ -161,3 +170,29 @@ def to_dict(config) -> dict:
 def to_yaml(config_or_values) -> str:
     values = config_or_values if isinstance(config_or_values, Mapping) else to_dict(config_or_values)
     return yaml.safe_dump(values, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def absolute_location(value: str) -> str:
+    """`value` with a local path in it made absolute: a plain or `file://` path (`~` expanded), the dataset of a
+    `DST@VERSION` reference (its version kept), the file of a `sqlite:///` URI. Any other URI is returned as it is."""
+    if value.startswith("sqlite:///") and not value.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(os.path.expanduser(value[len("sqlite:///"):]))
+    if value.startswith("file://"):
+        value = value[len("file://"):]
+    elif _URI_SCHEME.match(value):
+        return value
+    dataset, at, version = value.rpartition("@")
+    if at and re.fullmatch(r"v?\d+|latest", version):
+        return f"{os.path.abspath(os.path.expanduser(dataset))}@{version}"
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def absolute_paths(config):
+    """`config` (a config dataclass, sections included) with every LOCAL_PATH option made absolute, in place."""
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            absolute_paths(value)
+        elif item.metadata.get("local_path") and isinstance(value, str) and value:
+            setattr(config, item.name, absolute_location(value))
+    return config

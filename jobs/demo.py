@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from jobs.config import LOCAL_PATH
 from jobs.report import table_lines
 from jobs.retrain import run_retrain
 from jobs.score import run_score
@@ -52,7 +53,7 @@ SCORE_VIEWS = "2x1"  # the demo scores at these views, and its gate judges at th
 class DemoConfig:
     """The options of `uniformer demo`."""
 
-    workdir: str = "demo-output"  # videos, clips, runs, scores and mlflow.db
+    workdir: str = field(default="demo-output", metadata=LOCAL_PATH)  # videos, clips, runs, scores and mlflow.db
     size: str = "default"  # default (shows learning) | small (a quick smoke run)
     workers: int = 2  # Ray Train workers
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from jobs.config import LOCAL_PATH
 from jobs.credentials import redact, redacted_stdout
 from jobs.metrics import per_class_report, scores_from_counts
 from jobs.report import table_lines
@@ -46,8 +47,8 @@ METRICS = ("accuracy", "top5_accuracy", "mean_class_accuracy", "loss")
 class EvaluateConfig:
     """The options of `uniformer evaluate`: the model runs as scoring runs it, with scoring's defaults."""
 
-    data: str  # labelled clip dataset DST[@VERSION]: its source videos are evaluated
-    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or a package folder
+    data: str = field(metadata=LOCAL_PATH)  # labelled clip dataset DST[@VERSION]: its source videos are evaluated
+    model: str = field(metadata=LOCAL_PATH)  # models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or a package folder
     views: str = ScoreConfig.views
     batch_size: int = ScoreOptions.batch_size
     use_gpu: bool = ScoreOptions.use_gpu
@@ -55,7 +56,7 @@ class EvaluateConfig:
     cpus_per_actor: float = ScoreOptions.cpus_per_actor
     precision: str = ScoreOptions.precision
     experiment: str = DEFAULT_EXPERIMENT
-    tracking_uri: str | None = None
+    tracking_uri: str | None = field(default=None, metadata=LOCAL_PATH)
     endpoint_url: str | None = None
 
     def __post_init__(self) -> None:

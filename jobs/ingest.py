@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from jobs.config import LOCAL_PATH
 from jobs.console import eta, init_ray, rate
 from jobs.report import error_lines, first_of_lines, table_lines
 from pipeline.decode import DecodeLimits
@@ -34,11 +35,11 @@ class IngestConfig:
     """The options of `uniformer ingest` (and of retrain's `ingest:` section, whose src and out are retrain's):
     the sampling defaults are SamplingParams', the limits DecodeLimits'."""
 
-    src: str  # videos: s3://bucket/prefix or a local folder
-    out: str  # the clip dataset
-    labels: str | None = None  # CSV 'path,label' with paths relative to src
+    src: str = field(metadata=LOCAL_PATH)  # videos: s3://bucket/prefix or a local folder
+    out: str = field(metadata=LOCAL_PATH)  # the clip dataset
+    labels: str | None = field(default=None, metadata=LOCAL_PATH)  # CSV 'path,label' with paths relative to src
     labels_from_dirs: bool = False
-    classes: str | None = None  # class names, one per line, in class id order
+    classes: str | None = field(default=None, metadata=LOCAL_PATH)  # class names, one per line, in class id order
     frames: int = SamplingParams.frames
     size: int = SamplingParams.size
     short_side: int = SamplingParams.short_side

@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 
-from jobs.config import DEFAULTS, SUPPLIED
+from jobs.config import DEFAULTS, LOCAL_PATH, SUPPLIED
 from jobs.evaluate import evaluate_model
 from jobs.ingest import IngestConfig, run_ingest
 from jobs.scoring.model_ref import resolve_model
@@ -41,10 +41,10 @@ class RetrainConfig:
     """The options of `uniformer retrain`: its own, every training option in `train` and every ingest option in
     `ingest`, less what retrain sets itself (the dataset, the validation set, the registered name, the endpoint)."""
 
-    source: str  # raw videos; what is new is ingested
-    dataset: str  # the clip dataset it grows
+    source: str = field(metadata=LOCAL_PATH)  # raw videos; what is new is ingested
+    dataset: str = field(metadata=LOCAL_PATH)  # the clip dataset it grows
     model_name: str  # registered model whose champion alias is gated
-    val: str  # fixed validation dataset DST[@VERSION]
+    val: str = field(metadata=LOCAL_PATH)  # fixed validation dataset DST[@VERSION]
     min_gain: float = 0.0
     gate_metric: str = "accuracy"
     gate_views: str = ScoreConfig.views  # the views scoring uses

@@ -16,11 +16,12 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from jobs.config import to_yaml
+from jobs.config import LOCAL_PATH, absolute_location, absolute_paths, to_yaml
 from jobs.console import init_ray
 from jobs.credentials import MASK, carries_credentials, mlflow_env_for_workers, redact, redacted_stdout
+from jobs.exitcodes import OptionError
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
 from jobs.training.checkpoint import WEIGHTS
 from jobs.training.config import CONFIG_ARTIFACT, TrainConfig
@@ -30,7 +31,7 @@ from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import ManifestError, content_fingerprint
 from pipeline.storage import Storage
-from pipeline.versioned import reading_versions
+from pipeline.versioned import list_manifest_versions, reading_versions
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SELECT_METRIC = "val_accuracy"  # what --select best ranks checkpoints by (validation top-1)
@@ -52,19 +53,24 @@ class TrainResult:
 
 
 def tracking_uri(explicit: str | None = None) -> str:
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        # workers may run in another working directory: make the file path absolute
-        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    return uri
+    # workers run in other working directories: a sqlite file is named by its absolute path
+    return absolute_location(explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
-def pin_dataset_version(ref: str, endpoint_url: str | None) -> tuple[str, object]:
-    """`DST` or `DST@latest` -> `DST@<n>`, so that restarts and re-runs read the same data."""
+def pin_dataset_version(ref: str, endpoint_url: str | None, option: str = "--data") -> tuple[str, object]:
+    """`DST` or `DST@latest` -> `DST@<n>`, so that restarts and re-runs read the same data. A dataset or version that
+    is not there, or one without labels, is an OptionError of `option`."""
     dst, version = parse_dataset_ref(ref)
+    versions = list_manifest_versions(parse_uri(dst), Storage(endpoint_url))
+    if not versions:
+        raise OptionError(option, f"no clip dataset at {redact(dst)} (no manifest under it): ingest videos there first, "
+                          "or give the dataset's own folder or URI")
+    if version is not None and version not in versions:
+        raise OptionError(option, f"{redact(dst)} has no version {version} (it has {versions[0]} to {versions[-1]})")
     manifest = load_manifest(dst, version, endpoint_url=endpoint_url)
     if manifest.labels == "none" or not manifest.class_map:
-        raise ValueError(f"dataset {ref} has no labels: training needs a labelled dataset (--labels or --labels-from-dirs)")
+        raise OptionError(option, f"dataset {redact(ref)} has no labels: training needs a labelled dataset (ingest "
+                          "with --labels or --labels-from-dirs)")
     return f"{dst}@{manifest.version}", manifest
 
 
@@ -107,13 +113,19 @@ def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, ma
     import mlflow
     from mlflow.entities import Param
 
-    record = _read_run_record(filesystem, record_path)
-    if record:
-        return record["mlflow_run_id"]
+    from mlflow.tracking.context.registry import resolve_tags
+
     client = mlflow.MlflowClient(uri)
+    record = _read_run_record(filesystem, record_path)
+    if record:  # resumed: the run trains again, whatever its last command left it as
+        client.update_run(record["mlflow_run_id"], status="RUNNING")
+        return record["mlflow_run_id"]
     experiment = client.get_experiment_by_name(cfg.experiment)
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
-    run = client.create_run(experiment_id, run_name=cfg.name, tags={"ray_train_run": cfg.name})
+    # who started it, from what (the `uniformer` entry point, the git commit where there is one): what
+    # mlflow.start_run records, which MlflowClient.create_run leaves out
+    tags = resolve_tags({"ray_train_run": cfg.name, "uniformer.entry_point": "train"})
+    run = client.create_run(experiment_id, run_name=cfg.name, tags=tags)
     recorded = cfg.redacted()
     params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in recorded.items()]
     client.log_batch(run.info.run_id, params=params)
@@ -190,9 +202,13 @@ def ensure_ray(cfg: TrainConfig) -> None:
 def run_train(cfg: TrainConfig) -> TrainResult:
     from jobs.training.loop import epoch_plans
 
+    absolute_paths(cfg)  # the workers see the config, not this process's working directory
+    if cfg.pretrained and not cfg.pretrained.startswith("models:/") and not os.path.isfile(cfg.pretrained):
+        raise OptionError("--pretrained", f"no file {cfg.pretrained}: give a checkpoint file (`uniformer weights "
+                          "inspect FILE` tells whether it loads) or a registered model models:/NAME/VERSION")
     cfg.data, manifest = pin_dataset_version(cfg.data, cfg.endpoint_url)
     if cfg.val_data:
-        cfg.val_data, _ = pin_dataset_version(cfg.val_data, cfg.endpoint_url)
+        cfg.val_data, _ = pin_dataset_version(cfg.val_data, cfg.endpoint_url, "--val")
     uri = tracking_uri(cfg.tracking_uri)
     if carries_credentials(uri) and os.environ.get("MLFLOW_TRACKING_URI") != uri:
         raise ValueError(
@@ -210,16 +226,69 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         # cut once here (and fail here on a missing or altered shard), not in every worker
         plans = epoch_plans(cfg, manifest, cfg.workers)
         run_id = open_mlflow_run(cfg, uri, record_path, filesystem, manifest)
-        log_dataset_inputs(uri, run_id, plans)
+        with run_status(uri, run_id):
+            log_dataset_inputs(uri, run_id, plans)
+            result = fit(cfg, run_id, lambda board: build_trainer(cfg, uri, run_id, plans, board))
+            log.info("finished %s, checkpoint %s", cfg.name, result.checkpoint.path)
+            outcome = TrainResult(cfg.name, run_id, result.checkpoint.path, dict(result.metrics or {}))
+            outcome.model_uri, outcome.registered_version = finish_registration(cfg, manifest, uri, run_id)
+            return outcome
 
+
+class TrainingFailed(RuntimeError):
+    """The workers' training failed for good (Ray Train's restarts spent): the message says what failed where."""
+
+
+def fit(cfg: TrainConfig, run_id: str, make_trainer):
+    """The trainer `make_trainer(progress_board)` fitted under the driver's progress console; a failure is told in one
+    paragraph, not as Ray's traceback."""
+    from ray.train import TrainingFailedError
+
+    try:
         with DriverConsole() as console:
-            result = build_trainer(cfg, uri, run_id, plans, console.board).fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"training run {cfg.name} produced no checkpoint: {result.error}")
-        log.info("finished %s, checkpoint %s", cfg.name, result.checkpoint.path)
-        outcome = TrainResult(cfg.name, run_id, result.checkpoint.path, dict(result.metrics or {}))
-        outcome.model_uri, outcome.registered_version = finish_registration(cfg, manifest, uri, run_id)
-        return outcome
+            result = make_trainer(console.board).fit()
+    except TrainingFailedError as error:
+        raise TrainingFailed(
+            f"training run {cfg.name} (MLflow run {run_id}) failed: {worker_failures(error)}. Checkpoints written "
+            f"before it are kept in {redact(cfg.storage)}: running the same command again resumes from the last one"
+        ) from None
+    if result.checkpoint is None:
+        raise TrainingFailed(f"training run {cfg.name} produced no checkpoint: {result.error}")
+    return result
+
+
+def worker_failures(error: Exception) -> str:
+    """Ray Train's failure as one line per failed worker: `rank N: ErrorType: its first line`, credentials masked."""
+    failures = getattr(error, "worker_failures", None) or {-1: getattr(error, "controller_failure", error)}
+    lines = []
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure  # a RayTaskError carries the worker's own exception
+        text = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+        where = f"rank {rank}: " if rank >= 0 else "Ray Train's controller: "
+        lines.append(f"{where}{type(cause).__name__}" + (f": {redact(text)}" if text else ""))
+    return "; ".join(lines)
+
+
+@contextlib.contextmanager
+def run_status(uri: str, run_id: str) -> Iterator[None]:
+    """Ends the MLflow run as FINISHED when the body returns, FAILED when it raises (KILLED on Ctrl-C), so that no run
+    of a command that stopped stays RUNNING. Not reaching MLflow to say so is a warning: the body's error matters."""
+    import mlflow
+
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            with redacted_stdout():
+                mlflow.MlflowClient(uri).set_terminated(run_id, status)
+        except Exception as error:  # noqa: BLE001 - MLflow's and its HTTP stack's errors alike
+            log.warning("could not mark MLflow run %s %s at %s: %s", run_id, status, redact(uri),
+                        redact(f"{type(error).__name__}: {error}"))
 
 
 class RunInProgress(RuntimeError):
@@ -386,9 +455,9 @@ class RegisterConfig:
     """The options of `uniformer register`."""
 
     run: str  # the Ray Train run name `uniformer train` printed
-    storage: str = TrainConfig.storage  # the checkpoint storage the run used
+    storage: str = field(default=TrainConfig.storage, metadata=LOCAL_PATH)  # the checkpoint storage the run used
     register_as: str | None = None  # default: the run's own
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else the run's
+    tracking_uri: str | None = field(default=None, metadata=LOCAL_PATH)  # default: MLFLOW_TRACKING_URI, else the run's
     endpoint_url: str | None = None
 
 

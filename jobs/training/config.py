@@ -8,8 +8,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from model.configs import get_config
 from model.transforms import AUGMENTATIONS
 
+from jobs.config import LOCAL_PATH
 from jobs.credentials import redact
 
 DEFAULT_EXPERIMENT = "uniformerv2"
@@ -19,11 +21,11 @@ CONFIG_ARTIFACT = "config/train.yaml"
 
 @dataclass
 class TrainConfig:
-    data: str  # DST or DST@version
+    data: str = field(metadata=LOCAL_PATH)  # DST or DST@version
     model: str = "uniformerv2_b16"
     model_overrides: dict = field(default_factory=dict)
-    pretrained: str | None = None
-    val_data: str | None = None  # a second manifest; otherwise a held-out split of `data`
+    pretrained: str | None = field(default=None, metadata=LOCAL_PATH)
+    val_data: str | None = field(default=None, metadata=LOCAL_PATH)  # a second manifest; otherwise a held-out split of `data`
     val_fraction: float = 0.2
     workers: int = 1
     use_gpu: bool = False
@@ -47,10 +49,10 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch only
     keep_checkpoints: int = 2
     max_failures: int = 3
-    storage: str = "./runs"
+    storage: str = field(default="./runs", metadata=LOCAL_PATH)
     run_name: str | None = None
     experiment: str | None = None  # MLflow experiment; default: MLFLOW_EXPERIMENT_NAME, else DEFAULT_EXPERIMENT
-    tracking_uri: str | None = None
+    tracking_uri: str | None = field(default=None, metadata=LOCAL_PATH)
     register_as: str | None = None
     endpoint_url: str | None = None
     select: str = "best"  # the checkpoint registered: best (validation top-1 over epoch ends) | last
@@ -84,6 +86,12 @@ class TrainConfig:
             raise ValueError(f"placement_strategy must be {', '.join(strategies)}, not {self.placement_strategy!r}")
         if self.max_failures < -1:
             raise ValueError("max_failures must be >= -1 (-1 retries forever)")
+        try:  # the model's name and options are known here, in the driver, before any worker starts
+            get_config(self.model, **self.model_overrides)
+        except KeyError as error:
+            raise ValueError(error.args[0]) from None
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"model {self.model}: {error}") from None
 
     @property
     def name(self) -> str:

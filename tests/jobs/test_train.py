@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from jobs.ingest import run_ingest
 from jobs.train import (
     RunInProgress,
+    TrainingFailed,
     final_checkpoint,
     register_run,
     run_checkpoints,
@@ -157,6 +158,10 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
         p["metrics"]["val_accuracy"] for p, _ in run_checkpoints(cfg.storage, result.run_name) if p["metrics"])
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["model"] == "uniformerv2_tiny" and run.data.tags["dataset"].endswith("@1")
+    # ended, and says who ran what, as mlflow.start_run would
+    assert run.info.status == "FINISHED" and run.info.end_time
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert run.data.tags["uniformer.entry_point"] == "train"
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "plots")}
     assert "plots/curves.png" in artifacts and "plots/confusion_epoch_019.png" in artifacts
 
@@ -178,6 +183,34 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
     with torch.no_grad():
         direct = torch.softmax(net.eval()(eval_transform(torch.from_numpy(clips), 32)), dim=-1).numpy()
     np.testing.assert_allclose(probabilities, direct, atol=1e-5)
+
+
+def test_relative_paths_reach_the_workers_as_the_driver_meant_them(motion_dataset, tmp_path, mlflow_server,
+                                                                     monkeypatch):
+    # Ray Train's workers run in a run folder of Ray's session: `./clips` there is another folder
+    os.symlink(motion_dataset, tmp_path / "clips")
+    monkeypatch.chdir(tmp_path)
+    result = run_train(small_config("./clips@1", tmp_path, mlflow_server.uri, storage="./runs", max_steps=2))
+    assert result.checkpoint.startswith(f"{tmp_path}/runs/")
+    run = mlflow.MlflowClient(mlflow_server.uri).get_run(result.mlflow_run_id)
+    assert run.data.params["data"] == f"{tmp_path}/clips@1" and run.info.status == "FINISHED"
+
+
+def test_a_failed_training_fails_its_mlflow_run_and_tells_the_workers_error_in_one_paragraph(
+    motion_dataset, tmp_path, mlflow_server
+):
+    not_weights = tmp_path / "weights.pt"
+    not_weights.write_bytes(b"not a checkpoint")  # found by the driver, refused by the workers that load it
+    cfg = small_config(f"{motion_dataset}@1", tmp_path, mlflow_server.uri, pretrained=str(not_weights),
+                       max_failures=0, experiment="fails")
+    with pytest.raises(TrainingFailed) as failed:
+        run_train(cfg)
+    message = str(failed.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert f"training run {cfg.name}" in message and "rank 0: " in message and "rank 1: " in message, message
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
+    assert run.info.status == "FAILED" and run.info.end_time  # not RUNNING forever
 
 
 def test_two_identical_train_commands_started_at_once_train_one_run(motion_dataset, tmp_path, mlflow_server):
