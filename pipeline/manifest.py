@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
 import numpy as np
@@ -30,9 +30,13 @@ import pyarrow.parquet as pq
 
 from pipeline.schema import SCHEMA_VERSION
 from pipeline.storage import Location, Storage, parse_uri
-from pipeline.versioned import (
+from pipeline.versioned import (  # noqa: F401 - ManifestError and check_inside_root are this module's API too
     MANIFESTS_DIR,
+    ManifestError,
+    check_inside_root,
     list_manifest_versions,
+    manifest_body,
+    manifest_json,
     manifest_location,
     new_run_token,
     publish_manifest,
@@ -42,10 +46,6 @@ from pipeline.versioned import (
 SHARDS_DIR = "shards"
 SOURCES_DIR = "sources"
 _DATASET_REF = re.compile(r"^(?P<dst>.+)@v?(?P<version>\d+|latest)$")
-
-
-class ManifestError(RuntimeError):
-    """No manifest, an unreadable one, or a dataset that does not match its manifest."""
 
 
 @dataclass(frozen=True)
@@ -97,18 +97,6 @@ class SamplingParams:
         return asdict(self)
 
 
-def check_inside_root(path: str, what: str) -> None:
-    """Refuse a path a manifest names (a shard, a source or errors table) unless it stays inside the dataset root:
-    relative, `/`-separated, without `..`, and not a URI. A manifest that could point anywhere would let whoever
-    writes one make readers load, and gc delete, objects of other datasets or buckets."""
-    if not isinstance(path, str) or "://" in path or "\\" in path or {"", ".", ".."} & set(path.split("/")):
-        raise ManifestError(
-            f"the manifest names {what} {path!r}, which is not a relative path inside the dataset root (no leading "
-            "'/', '..', '.', empty parts, backslashes or URIs): refused; the manifest was not written by uniformer "
-            "or was edited"
-        )
-
-
 @dataclass(frozen=True)
 class ShardEntry:
     path: str  # relative to the dataset root
@@ -153,8 +141,8 @@ class Manifest:
         return json.dumps(ordered, indent=1, ensure_ascii=False, sort_keys=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
-        body = json.loads(text)
+    def from_json(cls, text: str, where: str = "the manifest") -> "Manifest":
+        body = manifest_json(text, where)
         found = body.get("schema_version")
         if found != SCHEMA_VERSION:
             hint = (
@@ -167,13 +155,16 @@ class Manifest:
             raise ManifestError(
                 f"clip dataset schema version {found} is not supported (this version reads {SCHEMA_VERSION}): {hint}"
             )
-        body["sampling"] = SamplingParams(**body["sampling"])
-        body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
-        for table in body["source_tables"]:
-            check_inside_root(table["path"], "source table")
-        if body.get("errors") is not None:
-            check_inside_root(body["errors"], "errors table")
-        return cls(**body)
+        manifest_body(body, where)
+        unknown = set(body) - {item.name for item in fields(cls)}
+        if unknown:
+            raise ManifestError(f"{where} has keys a clip dataset manifest does not: {', '.join(sorted(unknown))}")
+        try:
+            body["sampling"] = SamplingParams(**body["sampling"])
+            body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
+            return cls(**body)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ManifestError(f"{where} is not a clip dataset manifest: {type(error).__name__}: {error}") from None
 
 
 def content_fingerprint(manifest: Manifest) -> str:
@@ -208,7 +199,7 @@ def read_manifest(root: Location, version: int, storage: Storage) -> Manifest:
     if not storage.exists(location):
         raise ManifestError(f"no manifest version {version} at {location.uri}")
     try:
-        return Manifest.from_json(storage.read_bytes(location).decode("utf-8"))
+        return Manifest.from_json(storage.read_bytes(location))
     except ManifestError as error:
         raise ManifestError(f"{location.uri}: {error}") from None
 

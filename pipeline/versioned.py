@@ -56,6 +56,68 @@ _RUN_START_MARGIN_S = 300.0
 log = logging.getLogger(__name__)
 
 
+class ManifestError(RuntimeError):
+    """No manifest, an unreadable one, or a dataset that does not match its manifest."""
+
+
+# ---- manifests -----------------------------------------------------------------------------------------------------
+# What every manifest, of a clip or a predictions dataset, holds for readers and gc, with the type of each value
+_MANIFEST_KEYS = {"version": int, "shards": list, "source_tables": list, "num_sources": int}
+_PART_KEYS = {"path": str, "rows": int, "sha256": str, "bytes": int}
+_TABLE_KEYS = {"path": str, "rows": int}
+
+
+def check_inside_root(path: str, what: str) -> None:
+    """Refuse a path a manifest names (a shard, a source or errors table) unless it stays inside the dataset root:
+    relative, `/`-separated, without `..`, and not a URI. A manifest that could point anywhere would let whoever
+    writes one make readers load, and gc delete, objects of other datasets or buckets."""
+    if not isinstance(path, str) or "://" in path or "\\" in path or {"", ".", ".."} & set(path.split("/")):
+        raise ManifestError(
+            f"the manifest names {what} {path!r}, which is not a relative path inside the dataset root (no leading "
+            "'/', '..', '.', empty parts, backslashes or URIs): refused; the manifest was not written by uniformer "
+            "or was edited"
+        )
+
+
+
+def manifest_json(text: bytes | str, where: str) -> dict:
+    """The JSON object in a manifest file; ManifestError naming `where` when it is not JSON or not an object."""
+    try:
+        body = json.loads(text)
+    except ValueError as error:  # a UnicodeDecodeError too
+        raise ManifestError(f"{where} is not valid JSON ({error}): the manifest is damaged") from None
+    if not isinstance(body, dict):
+        raise ManifestError(f"{where} holds a JSON {type(body).__name__}, not a manifest's object")
+    return body
+
+
+def manifest_body(text: bytes | str | dict, where: str) -> dict:
+    """A manifest's object (`manifest_json`) with what readers and gc rely on checked: its version, parts, chain of
+    source tables and errors table, each of the right type and inside the root. A manifest that lacks or mistypes one
+    of them is a ManifestError naming `where`, never a KeyError or TypeError later."""
+    body = text if isinstance(text, dict) else manifest_json(text, where)
+    _check_keys(body, _MANIFEST_KEYS, where, "")
+    for index, part in enumerate(body["shards"]):
+        _check_keys(part, _PART_KEYS, where, f"shards[{index}].")
+        check_inside_root(part["path"], "shard")
+    for index, table in enumerate(body["source_tables"]):
+        _check_keys(table, _TABLE_KEYS, where, f"source_tables[{index}].")
+        check_inside_root(table["path"], "source table")
+    if body.get("errors") is not None:
+        check_inside_root(body["errors"], "errors table")
+    return body
+
+
+def _check_keys(body, kinds: dict[str, type], where: str, prefix: str) -> None:
+    if not isinstance(body, dict):
+        raise ManifestError(f"{where}: {prefix.rstrip('.')} is a {type(body).__name__}, not an object")
+    for key, kind in kinds.items():
+        if key not in body:
+            raise ManifestError(f"{where} lacks {prefix}{key}: the manifest is incomplete or was not written by uniformer")
+        if not isinstance(body[key], kind) or isinstance(body[key], bool):
+            raise ManifestError(f"{where}: {prefix}{key} is {body[key]!r}, not {kind.__name__}")
+
+
 # ---- versions ------------------------------------------------------------------------------------------------------
 def manifest_location(root: Location, version: int) -> Location:
     return root.join(MANIFESTS_DIR, f"v{version:06d}.json")
@@ -409,6 +471,7 @@ def collect_garbage(
     kept = versions[-keep_versions:]
     dropped = [version for version in versions[:-keep_versions] if version not in read]
     manifests = {version: storage.read_bytes(manifest_location(root, version)) for version in versions}
+    bodies = _checked_manifests(root, storage, manifests, [*kept, *read], files)
     report = GarbageReport(kept, dropped, [version for version in versions[:-keep_versions] if version in read],
                            dry_run=dry_run)
     # the dropped manifests first, so that readers stop seeing those versions
@@ -429,7 +492,7 @@ def collect_garbage(
         live += late
     referenced: set[str] = set()
     for version in (*report.kept_versions, *report.read_versions):
-        referenced |= manifest_references(json.loads(manifests[version]))
+        referenced |= manifest_references(bodies[version])
     claimed = {path for run in live for path in run.get("parts", [])}
     # a reader (a record of versions read, no parts) writes nothing, so it holds back no young file
     writers = [run for run in live if run.get("parts") or not run.get("reads")]
@@ -455,6 +518,42 @@ def collect_garbage(
         relative = location.relative_to(root)
         report.removed.append((f"{relative} (incomplete upload)" if upload_id else relative, size))
     return report
+
+
+def _checked_manifests(root: Location, storage: Storage, manifests: dict[int, bytes], whole: Iterable[int],
+                       files: list[tuple[ObjectInfo, str | None]]) -> dict[int, dict]:
+    """Every manifest's checked body (`manifest_body`); for the versions in `whole` (those gc keeps) also their chain
+    of source tables, replayed, and every file they name, present. gc deletes by what the manifests name: one it could
+    not read whole would make it delete what a kept version needs, so any fault stops it before it deletes anything."""
+    from types import SimpleNamespace
+
+    from pipeline.manifest import read_sources  # pipeline.manifest imports this module
+
+    present = {info.location.relative_to(root) for info, upload_id in files if upload_id is None}
+    bodies = {}
+    for version, raw in manifests.items():
+        where = manifest_location(root, version).uri
+        try:
+            bodies[version] = body = manifest_body(raw, where)
+            if body["version"] != version:
+                raise ManifestError(f"{where} says it is version {body['version']}")
+            if version not in whole:
+                continue
+            missing = sorted(manifest_references(body) - present)
+            if missing:
+                raise ManifestError(f"{where} names {len(missing)} file(s) that are not there: {', '.join(missing[:3])}")
+            try:
+                read_sources(root, SimpleNamespace(**{key: body[key] for key in _SOURCE_KEYS}), storage)
+            except (OSError, ValueError, pa.ArrowException) as error:
+                raise ManifestError(f"{where}: its chain of source tables cannot be read ({type(error).__name__}: "
+                                    f"{error})") from None
+        except ManifestError as error:
+            raise ManifestError(f"{error}. gc deleted nothing: restore or repair that version (or remove its manifest "
+                                "by hand if it is not wanted), then run gc again") from None
+    return bodies
+
+
+_SOURCE_KEYS = ("version", "source_tables", "num_sources")  # what read_sources needs of a manifest
 
 
 def _versions_read(runs: list[dict]) -> set[int]:

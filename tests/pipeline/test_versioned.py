@@ -20,6 +20,7 @@ from pipeline.manifest import (
     ShardEntry,
     SourceTable,
     latest_manifest,
+    load_manifest,
     read_sources,
     write_manifest,
     write_sources,
@@ -351,3 +352,71 @@ def test_adoption_raises_a_store_that_refuses_instead_of_taking_the_part_for_a_l
     finally:
         s3_server.require_credentials(False)
     assert published_part(storage, part, "shards/part-whole.parquet", b"uniformer.test")["adopted"]
+
+
+def _all_files(storage, root) -> dict[str, bytes]:
+    return {info.location.relative_to(root): storage.read_bytes(info.location)
+            for folder in ("manifests", "shards", "sources", "errors") for info in storage.list_objects(root.join(folder))}
+
+
+def _without_shards(body: dict) -> dict:
+    return {key: value for key, value in body.items() if key != "shards"}
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda storage, root, paths: _rewrite_v2(storage, root, _without_shards), "v000002.json lacks shards"),
+    (lambda storage, root, paths: storage.put_bytes(root.join("manifests/v000002.json"), b'{"version": 2, "shar'),
+     "v000002.json is not valid JSON"),
+    (lambda storage, root, paths: storage.put_bytes(root.join("manifests/v000002.json"), b"[1, 2]"),
+     "v000002.json holds a JSON list, not a manifest's object"),
+    (lambda storage, root, paths: storage.delete(root.join(paths["sources_v2"])), "names 1 file(s) that are not there"),
+    (lambda storage, root, paths: storage.put_bytes(root.join(paths["sources_v2"]), b"PAR1 not parquet"),
+     "its chain of source tables cannot be read"),
+    (lambda storage, root, paths: storage.delete(root.join(paths["new"])), "shards/part-new.parquet"),
+])
+def test_gc_over_a_damaged_kept_version_deletes_nothing_and_exits_1(tmp_path, damage, message):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    storage, root = Storage(), parse_uri(str(tmp_path / "clips"))
+    paths = _dataset_with_two_versions(storage, root)
+    damage(storage, root, paths)
+    before = _all_files(storage, root)
+    assert "manifests/v000001.json" in before  # the version gc would drop: still there after the refusal
+    result = CliRunner().invoke(app, ["gc", str(tmp_path / "clips"), "--keep-versions", "1", "--min-age", "0"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "gc deleted nothing" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert _all_files(storage, root) == before
+
+
+def _rewrite_v2(storage, root, change) -> None:
+    location = root.join("manifests/v000002.json")
+    storage.put_bytes(location, json.dumps(change(json.loads(storage.read_bytes(location)))).encode())
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"[]", "holds a JSON list, not a manifest's object"),
+    (b"\xff\xfe", "is not valid JSON"),
+    ("extra", "has keys a clip dataset manifest does not: surprise"),
+    ("no shards", "lacks shards"),
+    ("shards a string", "shards is 'x', not list"),
+    ("shard without rows", "lacks shards[0].rows"),
+])
+def test_every_reader_of_a_damaged_manifest_gets_a_clear_error_naming_the_file(tmp_path, content, message):
+    storage, root = Storage(), parse_uri(str(tmp_path / "clips"))
+    _dataset_with_two_versions(storage, root)
+    changes = {
+        "extra": lambda body: {**body, "surprise": 1},
+        "no shards": _without_shards,
+        "shards a string": lambda body: {**body, "shards": "x"},
+        "shard without rows": lambda body: {**body, "shards": [{"path": "shards/a.parquet", "sha256": "0", "bytes": 1}]},
+    }
+    if isinstance(content, bytes):
+        storage.put_bytes(root.join("manifests/v000002.json"), content)
+    else:
+        _rewrite_v2(storage, root, changes[content])
+    with pytest.raises(ManifestError) as refused:
+        load_manifest(str(tmp_path / "clips"))
+    assert "manifests/v000002.json" in str(refused.value) and message in str(refused.value), refused.value
