@@ -18,7 +18,7 @@ if not os.environ.get("RAY_ADDRESS"):
 # The jobs' config classes hold the options' defaults, which the flags show in --help.
 from jobs.demo import DemoConfig  # noqa: E402
 from jobs.evaluate import EvaluateConfig  # noqa: E402
-from jobs.exitcodes import ExitCode  # noqa: E402
+from jobs.exitcodes import ExitCode, OptionError  # noqa: E402
 from jobs.ingest import IngestConfig  # noqa: E402
 from jobs.retrain import RETRAIN_EXPERIMENT, RetrainConfig  # noqa: E402
 from jobs.score import ScoreConfig  # noqa: E402
@@ -52,14 +52,34 @@ def main_options(
         "lines and progress bars); -vv adds debug lines.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings, errors and the final summary."),
+    scheduled: bool = typer.Option(
+        False, "--scheduled",
+        help="Exit 0 on the outcomes a schedule expects: 3 (nothing new), 4 (candidate rejected), 5 (finished with "
+        "per-video errors), which are still printed; for schedulers that tell only success from failure (KubeRay "
+        "RayJobs, CronJobs). Any other failure keeps its code.",
+    ),
 ) -> None:
     """Each sub-command is one job; `uniformer COMMAND --help` explains its options. Options of `uniformer` itself
-    (-v, -q) go before COMMAND."""
+    (-v, -q, --scheduled) go before COMMAND."""
     from jobs.console import QUIET, configure_logging
 
     if verbose and quiet:
         raise typer.BadParameter("-v and -q contradict each other", param_hint="-v/-q")
     configure_logging(QUIET if quiet else verbose)
+    _invocation["scheduled"] = scheduled
+
+
+# Set by the main callback for the command being run: how its outcome becomes the exit code.
+_invocation = {"scheduled": False}
+SCHEDULED_OUTCOMES = (ExitCode.NOTHING_NEW, ExitCode.REJECTED, ExitCode.PARTIAL)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`; under --scheduled an outcome a schedule expects exits 0."""
+    if _invocation["scheduled"] and code in SCHEDULED_OUTCOMES:
+        typer.echo(f"exit code {code} ({ExitCode(code).name.lower()}) reported as 0: --scheduled", err=True)
+        code = ExitCode.SUCCESS
+    raise typer.Exit(code=int(code))
 
 
 @app.command("models")
@@ -173,16 +193,16 @@ def _given(ctx: typer.Context, renamed: dict[str, str] | None = None) -> dict:
 
 def _resolve(ctx: typer.Context, config_class: type, config_file: str | None, given: dict, print_config: bool):
     """The job's configuration: the class's defaults, the file over them, the given flags over both."""
-    from jobs.config import ConfigError, build, merge, read_file, to_yaml
+    from jobs.config import ConfigError, absolute_paths, build, merge, read_file, to_yaml
 
     try:
         config = build(config_class, merge(read_file(config_file) if config_file else {}, given))
     except ConfigError as error:
         ctx.fail(str(error))  # a usage error: exit code 2
-    if print_config:
+    if print_config:  # as given: a printed configuration stays portable
         typer.echo(to_yaml(config), nl=False)
         raise typer.Exit()
-    return config
+    return absolute_paths(config)
 
 
 @contextlib.contextmanager
@@ -193,6 +213,9 @@ def _job(name: str, json_output: bool, *handled: type[Exception]):
     try:
         with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
             yield lambda line: typer.echo(line, err=json_output)
+    except OptionError as error:  # before handled: an OptionError is a ValueError too
+        typer.echo(f"{name}: {error}", err=True)
+        _finish(json_output, {"error": str(error), "option": error.option}, ExitCode.USAGE)
     except handled as error:
         typer.echo(f"{name} failed: {error}", err=True)
         _finish(json_output, {"error": str(error)}, ExitCode.FAILURE)
@@ -202,7 +225,7 @@ def _finish(json_output: bool, summary: dict, code: ExitCode = ExitCode.SUCCESS)
     """Exit with `code`; with --json, print the summary first, with its outcome."""
     if json_output:
         typer.echo(json.dumps({"outcome": code.name.lower(), "exit_code": int(code), **summary}, indent=1, default=str))
-    raise typer.Exit(code=int(code))
+    _exit(code)
 
 
 def _dataset_outcome(written: bool, errored: int) -> ExitCode:
@@ -389,7 +412,7 @@ def gc_command(
 ) -> None:
     """Remove older versions' manifests and every shard, table and staging file no kept version refers to; never
     what a running job writes or reads (ingest, score, train, evaluate). Prints what it removed and the bytes freed."""
-    from pipeline import StorageError
+    from pipeline import ManifestError, StorageError
     from pipeline.storage import Storage, parse_uri
     from pipeline.versioned import collect_garbage
 
@@ -397,7 +420,7 @@ def gc_command(
     try:
         storage.check_access(root)
         report = collect_garbage(root, storage, keep_versions, dry_run=dry_run, min_age_s=min_age)
-    except StorageError as error:
+    except (StorageError, ManifestError) as error:
         typer.echo(f"gc failed: {error}", err=True)
         raise typer.Exit(code=ExitCode.FAILURE) from None
     for line in report.lines():
@@ -683,7 +706,7 @@ def submit_command(
         return
     status = follow(client, submission.job_id)
     typer.echo(f"job {submission.job_id} {status.value}")
-    raise typer.Exit(code=exit_code_of(client, submission.job_id))
+    _exit(exit_code_of(client, submission.job_id))
 
 
 def main() -> None:

@@ -54,9 +54,16 @@ def check_invocation(argv: Sequence[str]) -> None:
 
     from jobs.cli import app
 
+    group = typer.main.get_command(app)
+    # `uniformer`'s own flags (-v, -q, --scheduled) go before the command; --version and --help end it there
+    own = {name for param in group.params for name in (*param.opts, *param.secondary_opts)}
+    argv = list(argv)
+    while argv and argv[0].startswith("-"):
+        if argv[0] in ("--version", "--help") or not (argv[0] in own or set(argv[0][1:]) == {"v"}):
+            raise SubmitError(f"'uniformer {argv[0]}' is not an option that runs a command")
+        argv.pop(0)
     if not argv:
         raise SubmitError("no command given")
-    group = typer.main.get_command(app)
     name, rest = argv[0], list(argv[1:])
     if "--help" in rest:
         raise SubmitError(f"'uniformer {name} --help' prints help instead of running")

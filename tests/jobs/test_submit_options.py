@@ -20,7 +20,11 @@ from jobs.submit import (
 def test_commands_are_checked_by_the_cli_parser_before_submission():
     check_invocation(["ingest", "s3://raw/", "--out", "s3://clips/", "--frames", "8"])
     check_invocation(["submit", "--wait", "train", "--data", "s3://clips/", "--epochs", "2"])
+    check_invocation(["--scheduled", "-vv", "score", "s3://archive/", "--model", "models:/m@champion", "--out", "s3://x/"])
     for argv, message in [
+        (["--version", "models"], "'uniformer --version' is not an option that runs a command"),
+        (["--bogus", "models"], "'uniformer --bogus' is not an option"),
+        (["--scheduled"], "no command given"),
         (["ingest", "s3://raw/"], "missing out"),
         (["train", "--data", "x", "--workers", "two"], "--workers"),
         (["train", "--data", "x", "--bogus"], "No such option: --bogus"),
