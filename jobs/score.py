@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.config import LOCAL_PATH
 from jobs.console import eta, init_ray, rate
 from jobs.report import error_lines, first_of_lines, table_lines
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
@@ -83,9 +84,9 @@ class ScoreConfig:
     """The options of `uniformer score`; how the model runs takes its defaults from ScoreOptions, the limits from
     DecodeLimits."""
 
-    src: str  # videos: s3://bucket/prefix or a local folder
-    out: str  # predictions (one model per folder)
-    model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or a package folder
+    src: str = field(metadata=LOCAL_PATH)  # videos: s3://bucket/prefix or a local folder
+    out: str = field(metadata=LOCAL_PATH)  # predictions (one model per folder)
+    model: str = field(metadata=LOCAL_PATH)  # models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or a package folder
     views: str = "4x3"  # TEMPORALxSPATIAL; evaluation and the retrain gate judge at the same by default
     top_k: int = 5
     full_probs: bool = False
@@ -95,7 +96,7 @@ class ScoreConfig:
     actors: int | None = ScoreOptions.actors
     cpus_per_actor: float = ScoreOptions.cpus_per_actor
     precision: str = ScoreOptions.precision
-    tracking_uri: str | None = None
+    tracking_uri: str | None = field(default=None, metadata=LOCAL_PATH)
     endpoint_url: str | None = None
     max_frame_side: int = DecodeLimits.max_frame_side
     max_frames: int = DecodeLimits.max_frames
@@ -399,6 +400,10 @@ def run_score(
         previous_failures = read_failures(root, previous.errors, storage) if previous else {}
         plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard,
                           previous_failures, retry_errors, keep_deleted)
+        if plan.replaces_model:
+            echo(f"{root.uri} holds the predictions of {ModelIdentity(**previous.model).describe()} up to version "
+                 f"{previous.version}; {resolved.identity.describe()} succeeds it: every listed video is scored again "
+                 f"into the next version (version {previous.version} keeps the old predictions until gc)")
         if dry_run:
             return _preview(plan, echo)
         run.claim(plan.groups.names + [result["shard"]["path"] for result in plan.adopted])

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from jobs.scoring.model_ref import ModelIdentity
 from jobs.scoring.predict import prediction_fields
 from pipeline.listing import PlannedGroups, SourceVideo, VideoListing
-from pipeline.manifest import ShardEntry, SourceTable, check_inside_root, read_sources, write_sources
+from pipeline.manifest import ManifestError, ShardEntry, SourceTable, read_sources, write_sources
 from pipeline.schema import ErrorRecord
 from pipeline.shards import publish_table, rewrite_without_videos
 from pipeline.storage import Location, Storage
@@ -41,6 +41,8 @@ from pipeline.versioned import (
     deleted_inputs,
     failures_changed,
     list_manifest_versions,
+    manifest_body,
+    manifest_json,
     manifest_location,
     new_run_token,
     partition_inputs,
@@ -151,7 +153,7 @@ class ScoreManifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "ScoreManifest":
-        body = json.loads(text)
+        body = manifest_json(text, where)
         found = body.get("schema_version")
         if body.get("kind") == MANIFEST_KIND and isinstance(found, int) and found < MANIFEST_SCHEMA_VERSION:
             raise ScoreConfigError(
@@ -164,20 +166,25 @@ class ScoreManifest:
                 f"{where} is not a predictions manifest this version reads (kind {body.get('kind')!r}, schema "
                 f"{found}); write predictions to their own --out"
             )
-        body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
-        for table in body["source_tables"]:
-            check_inside_root(table["path"], "source table")
-        if body.get("errors") is not None:
-            check_inside_root(body["errors"], "errors table")
-        return cls(**body)
+        manifest_body(body, where)
+        unknown = set(body) - {item.name for item in fields(cls)}
+        if unknown:
+            raise ManifestError(f"{where} has keys a predictions manifest does not: {', '.join(sorted(unknown))}")
+        try:
+            body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
+            return cls(**body)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ManifestError(f"{where} is not a predictions manifest: {type(error).__name__}: {error}") from None
 
 
 def latest_score_manifest(root: Location, storage: Storage) -> ScoreManifest | None:
     versions = list_manifest_versions(root, storage)
-    if not versions:
-        return None
-    location = manifest_location(root, versions[-1])
-    return ScoreManifest.from_json(storage.read_bytes(location).decode("utf-8"), location.uri)
+    return read_score_manifest(root, versions[-1], storage) if versions else None
+
+
+def read_score_manifest(root: Location, version: int, storage: Storage) -> ScoreManifest:
+    location = manifest_location(root, version)
+    return ScoreManifest.from_json(storage.read_bytes(location), location.uri)
 
 
 def write_score_manifest(root: Location, manifest: ScoreManifest, storage: Storage) -> Location:
@@ -203,6 +210,9 @@ class ScorePlan:
     # video ids of the previous version that changed or left the source: their old predictions leave the dataset
     superseded: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)  # of those, the ones no longer listed
+    # the model is a new version of the previous version's (`succeeds`): every listed video is scored again, and the
+    # next version holds none of the previous version's predictions
+    replaces_model: bool = False
 
     @property
     def num_pending(self) -> int:
@@ -219,14 +229,25 @@ def shard_name(identity: ModelIdentity, params: ScoreParams, sources: list[dict]
     return f"{PREDICTIONS_DIR}/part-{digest[:24]}.parquet"
 
 
+def succeeds(previous: ScoreManifest | None, identity: ModelIdentity) -> bool:
+    """Whether `identity` is another version of the registered model whose predictions `previous` holds: the champion
+    alias moved since the last run. A destination follows one registered model; its next version holds the new
+    version's predictions of every listed video, and the versions before keep the old ones until gc."""
+    if previous is None or previous.model["package_sha256"] == identity.package_sha256:
+        return False
+    held = previous.model
+    return held.get("version") is not None and identity.version is not None and held["name"] == identity.name
+
+
 def check_compatible(previous: ScoreManifest | None, identity: ModelIdentity, params: ScoreParams, dst: str) -> None:
     if previous is None:
         return
-    if previous.model["package_sha256"] != identity.package_sha256:
+    if previous.model["package_sha256"] != identity.package_sha256 and not succeeds(previous, identity):
         held = ModelIdentity(**previous.model).describe()
         raise ScoreConfigError(
             f"{dst} holds predictions of {held}; this run resolved {identity.uri} to {identity.describe()}. One "
-            "destination holds one model's predictions: write to a new --out"
+            "destination follows one registered model (a new version of it re-scores the destination): write "
+            "another model's predictions to a new --out"
         )
     if previous.params != params.to_dict():
         raise ScoreConfigError(
@@ -253,9 +274,11 @@ def plan_score(
     run published (adopted whole when every source of theirs is still pending). Predictions of videos no longer
     listed leave the next version, unless `keep_deleted`."""
     check_compatible(previous, identity, params, root.uri)
-    previous_failures = previous_failures or {}
+    replaces_model = succeeds(previous, identity)
+    # a new model version owes nothing to the old one's results: its failures are tried again too
+    previous_failures = {} if replaces_model else previous_failures or {}
     listed = VideoListing.of(listed)
-    done = read_sources(root, previous, storage) if previous else SourceTable.empty()
+    done = read_sources(root, previous, storage) if previous and not replaces_model else SourceTable.empty()
     inputs = partition_inputs(listed, done, ("etag", "size"), previous_failures, retry_errors)
     pending = _one_per_video_id(inputs.pending)
     deleted = deleted_inputs(done, listed, keep_deleted)
@@ -293,7 +316,7 @@ def plan_score(
         root=root, source=source, identity=identity, params=params, previous=previous, previous_sources=done,
         listed=listed, already_done=inputs.already_done, adopted=adopted, groups=groups,
         previous_failures=previous_failures, known_failures=inputs.known_failures, superseded=superseded,
-        deleted=deleted,
+        deleted=deleted, replaces_model=replaces_model,
     )
 
 
@@ -380,7 +403,7 @@ def commit_score(
         for video in r["videos"]
     ]).table
     scored = upserts.num_rows
-    kept_shards = list(previous.shards) if previous else []
+    kept_shards = list(previous.shards) if previous and not plan.replaces_model else []
     # the plan's, and videos of adopted shards that the previous version held
     superseded = plan.superseded | plan.previous_sources.present(upserts.column("video_id"))
     if superseded:
@@ -401,7 +424,7 @@ def commit_score(
     )
     check_accounting(asdict(counts), ("scored", "already_done", "known_failures", "errored"), "scoring")
     failures = version_failures(plan.known_failures, errors)
-    changed = new_shards or superseded or failures_changed(plan.previous_failures, failures)
+    changed = plan.replaces_model or new_shards or superseded or failures_changed(plan.previous_failures, failures)
     if previous is not None and not changed:
         return None, counts, errors
 
@@ -409,8 +432,8 @@ def commit_score(
     version, token = (previous.version if previous else 0) + 1, new_run_token()
     errors_path = publish_failures(storage, plan.root, version, token, failures)
     sources, delta = plan.previous_sources.updated(superseded, upserts)
-    source_tables = write_sources(plan.root, version, previous.source_tables if previous else [], sources, delta,
-                                  storage, token)
+    chain = previous.source_tables if previous and not plan.replaces_model else []
+    source_tables = write_sources(plan.root, version, chain, sources, delta, storage, token)
     manifest = ScoreManifest(
         version=version,
         source=plan.source.uri,
@@ -429,12 +452,20 @@ def commit_score(
 
 
 def read_predictions(dst: str, storage: Storage | None = None, columns: list[str] | None = None) -> pa.Table:
-    """The rows of the latest manifest version of a predictions destination (exactly the listed shards)."""
+    """The rows of a predictions destination's latest version (the current model's, when an alias is scored on a
+    schedule), or of `DST@VERSION`: exactly the listed shards."""
+    from pipeline.manifest import parse_dataset_ref
     from pipeline.storage import parse_uri
 
     storage = storage or Storage()
+    dst, version = parse_dataset_ref(dst)
     root = parse_uri(dst)
-    manifest = latest_score_manifest(root, storage)
+    if version is None:
+        manifest = latest_score_manifest(root, storage)
+    elif version in list_manifest_versions(root, storage):
+        manifest = read_score_manifest(root, version, storage)
+    else:
+        raise ScoreConfigError(f"no predictions version {version} under {root.uri}")
     if manifest is None:
         raise ScoreConfigError(f"no predictions manifest under {root.uri}")
     tables = []

@@ -141,8 +141,8 @@ def test_registered_alias_scores_s3_videos_like_the_model_run_directly(
     assert manifest.throughput["first_prediction_seconds"] > manifest.throughput["startup_seconds"] > 0
 
 
-def test_alias_moved_during_a_run_does_not_change_the_version_used(
-    registered, mlflow_server, videos, tmp_path, ray_local
+def test_alias_moved_during_a_run_does_not_change_the_version_used_and_the_next_run_follows_it(
+    registered, mlflow_server, videos, packages, tmp_path, ray_local
 ):
     client = mlflow.MlflowClient(mlflow_server.uri)
     dst = str(tmp_path / "scores")
@@ -166,14 +166,27 @@ def test_alias_moved_during_a_run_does_not_change_the_version_used(
         v2 = expected_probs(tiny_net(1), rows[0]["source_uri"])
         assert np.abs(np.asarray(rows[0]["probs"]) - v2).max() > 1e-3  # the versions are told apart
 
-        # The alias now names version 2: the same destination refuses to mix it in ...
-        with pytest.raises(ScoreConfigError, match="version 1.*version 2"):
-            run_score(str(videos), dst, f"models:/{registered}@champion", views="2x3", top_k=3, full_probs=True,
-                      tracking_uri=mlflow_server.uri, echo=lambda line: None)
-        # ... and version 1 by number finds everything done.
-        again = run_score(str(videos), dst, f"models:/{registered}/1", views="2x3", top_k=3, full_probs=True,
+        # The alias now names version 2: the same command scores every video again with it, into the next version
+        lines = []
+        moved_on = run_score(str(videos), dst, f"models:/{registered}@champion", views="2x3", top_k=3,
+                             full_probs=True, tracking_uri=mlflow_server.uri, echo=lines.append)
+        assert (moved_on.scored, moved_on.already_done, moved_on.manifest_version) == (6, 0, 2)
+        assert any("succeeds it: every listed video is scored again" in line for line in lines), lines
+        current = read_predictions(dst).to_pylist()
+        assert {row["model_version"] for row in current} == {2} and len(current) == 6
+        assert_rows_match_the_net(current, tiny_net(1), lambda row: row["source_uri"])
+        # readers follow the destination; version 1's predictions stay readable by number until gc
+        assert {row["model_version"] for row in read_predictions(f"{dst}@1").to_pylist()} == {1}
+        # a week later, nothing new for the same champion
+        again = run_score(str(videos), dst, f"models:/{registered}@champion", views="2x3", top_k=3, full_probs=True,
                           tracking_uri=mlflow_server.uri, echo=lambda line: None)
         assert (again.scored, again.already_done, again.manifest_written) == (0, 6, False)
+        # another model (here a package that is no version of this registered model) is not mixed in
+        with pytest.raises(ScoreConfigError, match="One destination follows one registered model"):
+            run_score(str(videos), dst, str(packages[1]), views="2x3", top_k=3, full_probs=True,
+                      echo=lambda line: None)
+        with pytest.raises(ScoreConfigError, match="no predictions version 7"):
+            read_predictions(f"{dst}@7")
     finally:
         client.set_registered_model_alias(registered, "champion", "1")
 
