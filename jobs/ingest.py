@@ -7,6 +7,7 @@ the manifest commit and the end summary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,21 +33,22 @@ from pipeline.versioned import RunRecord, nothing_new_line, read_failures
 
 @dataclass
 class IngestConfig:
-    """The options of `uniformer ingest` (and of retrain's `ingest:` section, whose src and out are retrain's):
-    the sampling defaults are SamplingParams', the limits DecodeLimits'."""
+    """The options of `uniformer ingest` (and of retrain's `ingest:` section, whose src and out are retrain's).
+    A sampling option left out (null) is the one the dataset's manifest records, or SamplingParams' default for a new
+    dataset; the limits' defaults are DecodeLimits'."""
 
     src: str = field(metadata=LOCAL_PATH)  # videos: s3://bucket/prefix or a local folder
     out: str = field(metadata=LOCAL_PATH)  # the clip dataset
     labels: str | None = field(default=None, metadata=LOCAL_PATH)  # CSV 'path,label' with paths relative to src
     labels_from_dirs: bool = False
     classes: str | None = field(default=None, metadata=LOCAL_PATH)  # class names, one per line, in class id order
-    frames: int = SamplingParams.frames
-    size: int = SamplingParams.size
-    short_side: int = SamplingParams.short_side
-    clips_per_video: int = SamplingParams.clips_per_video
-    sampling: str = SamplingParams.sampling
-    stride: int = SamplingParams.stride
-    frames_per_segment: int = SamplingParams.frames_per_segment
+    frames: int | None = None
+    size: int | None = None
+    short_side: int | None = None
+    clips_per_video: int | None = None
+    sampling: str | None = None
+    stride: int | None = None
+    frames_per_segment: int | None = None
     endpoint_url: str | None = None
     max_frame_side: int = DecodeLimits.max_frame_side
     max_frames: int = DecodeLimits.max_frames
@@ -61,11 +63,12 @@ class IngestConfig:
         for name in ("max_frame_side", "max_frames", "max_seconds", "decode_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        self.sampling_params()  # refuses frames, size, sampling, ... by name
-
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(self.frames, self.short_side, self.size, self.sampling, self.stride,
-                              self.clips_per_video, self.frames_per_segment)
+        # refused by name here; how they fit together is checked once the dataset's recorded sampling is known
+        for name in ("frames", "size", "short_side", "clips_per_video", "stride", "frames_per_segment"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sampling not in (None, "uniform", "dense"):
+            raise ValueError(f"sampling must be 'uniform' or 'dense', not {self.sampling!r}")
 
     def run_options(self) -> dict:
         """`run_ingest`'s keyword arguments besides src, out and endpoint_url (retrain passes its own)."""
@@ -132,13 +135,13 @@ def run_ingest(
     labels_csv: str | None = None,
     labels_from_dirs: bool = False,
     classes: str | None = None,
-    frames: int = SamplingParams.frames,
-    size: int = SamplingParams.size,
-    short_side: int = SamplingParams.short_side,
-    clips_per_video: int = SamplingParams.clips_per_video,
-    sampling: str = SamplingParams.sampling,
-    stride: int = SamplingParams.stride,
-    frames_per_segment: int = SamplingParams.frames_per_segment,
+    frames: int | None = None,
+    size: int | None = None,
+    short_side: int | None = None,
+    clips_per_video: int | None = None,
+    sampling: str | None = None,
+    stride: int | None = None,
+    frames_per_segment: int | None = None,
     endpoint_url: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES,
@@ -152,9 +155,13 @@ def run_ingest(
     A video above `decode_limits` (pipeline.decode.DecodeLimits) becomes an error row, as does one whose decoding
     crashes or runs past its time limit. Videos that failed before are decoded again only when they changed, or with
     `retry_errors`; videos gone from `src` leave the new version unless `keep_deleted`. A run with nothing new writes
-    no version. With `dry_run`, returns what the run would do and writes nothing."""
+    no version. With `dry_run`, returns what the run would do and writes nothing. A sampling option left None is
+    the one the dataset records (SamplingParams' default for a new dataset); one that contradicts it is refused."""
     started = time.monotonic()
-    params = SamplingParams(frames, short_side, size, sampling, stride, clips_per_video, frames_per_segment)
+    requested = {name: value for name, value in dict(
+        frames=frames, short_side=short_side, size=size, sampling=sampling, stride=stride,
+        clips_per_video=clips_per_video, frames_per_segment=frames_per_segment,
+    ).items() if value is not None}
     if labels_csv and labels_from_dirs:
         raise ValueError("use either a labels CSV or labels from folders, not both")  # before any storage access
     if classes and not (labels_csv or labels_from_dirs):
@@ -174,6 +181,7 @@ def run_ingest(
     # the run record comes before any part is looked at: `uniformer gc` leaves them
     with contextlib.nullcontext() if dry_run else RunRecord(storage, root, "ingest") as run:
         previous = latest_manifest(root, storage)
+        params = dataclasses.replace(previous.sampling if previous else SamplingParams(), **requested)
         previous_sources = read_sources(root, previous, storage) if previous else None
         previous_failures = read_failures(root, previous.errors, storage) if previous else {}
         plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, previous_sources,

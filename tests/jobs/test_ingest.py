@@ -223,6 +223,12 @@ def test_incremental_run_decodes_only_new_and_changed_videos(tmp_path, make_vide
     third = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
     assert (third.ingested, third.already_done, third.manifest_version, third.manifest_written) == (0, 4, 2, False)
 
+    # an incremental run need not repeat the sampling: the manifest records it
+    write_motion_video(src / "up" / "later_up.mp4", "up", size=(64, 48), seed=104)
+    fourth = run_ingest(str(src), dst, labels_from_dirs=True)
+    assert (fourth.ingested, fourth.already_done, fourth.manifest_version) == (1, 4, 3)
+    assert load_manifest(dst).sampling == v1.sampling
+
 
 def test_changing_sampling_parameters_on_an_existing_dataset_is_refused(tmp_path, make_videos, ray_local):
     src, dst = tmp_path / "videos", str(tmp_path / "clips")
@@ -230,6 +236,8 @@ def test_changing_sampling_parameters_on_an_existing_dataset_is_refused(tmp_path
     run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
     with pytest.raises(IngestConfigError, match="new --out"):
         run_ingest(str(src), dst, labels_from_dirs=True, **{**SMALL, "frames": 8})
+    with pytest.raises(IngestConfigError, match="new --out"):  # one flag alone, the rest as recorded
+        run_ingest(str(src), dst, labels_from_dirs=True, frames=SMALL["frames"] + 1)
 
 
 def test_reader_refuses_a_version_with_a_missing_or_altered_shard(tmp_path, make_videos, ray_local):
