@@ -170,6 +170,29 @@ class PromotionLock(Lease):
     name, contender, on_loss = "promotion lock", "another retrain", f"the {CHAMPION} alias is left as it is"
 
 
+def best_judged_version(client, model_name: str, val_ref: str, metric: str, views: str) -> int | None:
+    """What the gate compares with when the model has no champion alias: None for a model whose versions were never
+    judged (its first candidate becomes champion), else the version the gate judged best on this validation set,
+    metric and views. A model whose champion alias was removed (its version deleted, or the alias by hand) is not
+    new: a candidate must still beat what the gate has seen. ChampionUnknown when none was judged like this one."""
+    judged = [version for version in model_versions(client, model_name) if "gate.decision" in version.tags]
+    if not judged:
+        return None
+    comparable = [
+        version for version in judged
+        if (version.tags.get("gate.val_dataset"), version.tags.get("gate.metric"), version.tags.get("gate.views"))
+        == (val_ref, metric, views) and version.tags.get("gate.candidate_score")
+    ]
+    if not comparable:
+        raise ChampionUnknown(
+            f"{model_name} has no {CHAMPION} alias, and none of its {len(judged)} judged versions was judged on "
+            f"{val_ref} by {metric} at {views} views: nothing promoted. Set the alias by hand (`mlflow` client "
+            f"set_registered_model_alias({model_name!r}, {CHAMPION!r}, VERSION)) and run the retrain again"
+        )
+    best = max(comparable, key=lambda version: (float(version.tags["gate.candidate_score"]), int(version.version)))
+    return int(best.version)
+
+
 def version_trained_on(client, model_name: str, fingerprint: str):
     """The registered version that already learnt from a dataset of this content fingerprint, whatever its version
     number: the champion, or a candidate the gate judged. A version registered by a retrain that stopped before its
@@ -182,13 +205,14 @@ def version_trained_on(client, model_name: str, fingerprint: str):
     return None
 
 
-def gate(candidate_accuracy: float, champion_accuracy: float | None, min_gain: float) -> tuple[bool, str]:
+def gate(candidate_accuracy: float, champion_accuracy: float | None, min_gain: float,
+         against: str = CHAMPION) -> tuple[bool, str]:
     if champion_accuracy is None:
         return True, "no champion yet: the first model becomes champion"
     gain = candidate_accuracy - champion_accuracy
     if gain > 0 and gain >= min_gain:
-        return True, f"candidate beats champion by {gain:+.4f} (>= {min_gain})"
-    return False, f"candidate does not beat champion by {min_gain} (gain {gain:+.4f})"
+        return True, f"candidate beats {against} by {gain:+.4f} (>= {min_gain})"
+    return False, f"candidate does not beat {against} by {min_gain} (gain {gain:+.4f})"
 
 
 def promote_if_better(model_name: str, candidate_version: int, candidate_score: float, val_ref: str,
@@ -215,12 +239,19 @@ def promote_if_better(model_name: str, candidate_version: int, candidate_score: 
         if champion == candidate_version:
             return GateDecision(False, "candidate is already champion", candidate_version, candidate_score,
                                 champion, candidate_score, metric, views)
+        stand_in = None
+        if champion is None:
+            champion = stand_in = best_judged_version(client, model_name, val_ref, metric, views)
         champion_score = None
         if champion is not None:
             if champion not in scores:  # the alias moved since: its figures are on its tags when it was gated
                 scores[champion] = score(champion)
             champion_score = scores[champion]
-        promoted, reason = gate(candidate_score, champion_score, min_gain)
+        if stand_in is None:
+            promoted, reason = gate(candidate_score, champion_score, min_gain)
+        else:
+            promoted, reason = gate(candidate_score, champion_score, min_gain, f"v{stand_in}")
+            reason = f"no {CHAMPION} alias: judged against v{stand_in}, the best version the gate judged; {reason}"
         if promoted:
             lock.ensure_held()  # the evaluation may have outlasted a lease that could not be renewed
             client.set_registered_model_alias(model_name, CHAMPION, str(candidate_version))

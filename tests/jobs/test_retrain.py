@@ -99,6 +99,32 @@ def test_first_model_becomes_champion_and_better_replaces_it_but_worse_does_not(
     assert tags["gate.decision"] == "rejected" and tags["gate.champion_version"] == str(strong)
 
 
+def test_a_model_whose_champion_version_was_deleted_is_judged_against_its_best_judged_version(
+    left_only_validation, mlflow_server, tmp_path
+):
+    uri, name = mlflow_server.uri, "gate-deleted-champion"
+    client = mlflow.MlflowClient(uri)
+    weak = register_constant_model(name, "right", uri, tmp_path)
+    promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    strong = register_constant_model(name, "left", uri, tmp_path)
+    promote_if_better(name, strong, 1.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    client.delete_model_version(name, str(strong))  # the champion alias goes with its version
+    assert champion_version(client, name) is None
+
+    poor = register_constant_model(name, "up", uri, tmp_path)
+    decision = promote_if_better(name, poor, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    assert not decision.promoted and decision.champion_version == weak, decision
+    assert decision.reason.startswith(f"no champion alias: judged against v{weak}, the best version the gate judged")
+    assert champion_version(client, name) is None  # not "no champion yet": nothing was promoted
+
+    # judged only on another validation set: nothing to compare with, nothing promoted
+    with pytest.raises(ChampionUnknown, match="none of its 2 judged versions was judged on elsewhere@1"):
+        promote_if_better(name, poor, 0.0, "elsewhere@1", 0.0, lock_for(tmp_path, name), uri)
+    better = register_constant_model(name, "left", uri, tmp_path)
+    decision = promote_if_better(name, better, 1.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    assert decision.promoted and champion_of(name, uri) == better
+
+
 def test_two_retrains_promoting_at_once_do_not_both_promote(left_only_validation, mlflow_server, tmp_path):
     uri, name = mlflow_server.uri, "gate-race"
     weak = register_constant_model(name, "right", uri, tmp_path)
