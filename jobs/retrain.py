@@ -3,11 +3,12 @@ current champion on the same fixed validation set, judged as production scores: 
 pipeline on the cluster's workers) at the scoring views, top-1 by default. A version's figures on a dataset version
 and views are kept on its tags, so a champion is evaluated once.
 
-MLflow has no compare-and-set for aliases, so promotion runs under a lease object in storage (see PromotionLock):
-holding it, a retrain reads the alias, re-evaluates the champion if it changed since the gate was computed, checks
-that the lease is still its own, sets the alias and reads it back. Two retrains started at once therefore cannot
-both promote a model that the other has since beaten. Only a champion that does not exist yet lets a candidate in
-unopposed: a registry that cannot be read stops the retrain with nothing promoted.
+MLflow has no compare-and-set for aliases, so promotion runs under a lease kept in the registry itself, one per
+registered model (see PromotionLock): holding it, a retrain reads the alias, re-evaluates the champion if it changed
+since the gate was computed, checks that the lease is still its own, sets the alias and reads it back. Two retrains
+of one model, whatever storage each trains into, therefore cannot both promote a model that the other has since
+beaten. Only a model whose versions were never judged lets a candidate in unopposed: a registry that cannot be read
+stops the retrain with nothing promoted.
 """
 
 from __future__ import annotations
@@ -20,11 +21,10 @@ from jobs.evaluate import evaluate_model
 from jobs.ingest import IngestConfig, run_ingest
 from jobs.scoring.model_ref import resolve_model
 from jobs.score import ScoreConfig, ScoreOptions
-from jobs.serving.registry import model_versions
+from jobs.serving.registry import RegistryLease, model_versions
 from jobs.train import run_train, tracking_uri
 from jobs.training.config import TrainConfig
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
-from pipeline.lease import Lease
 from pipeline.manifest import content_fingerprint, latest_manifest
 from pipeline.storage import Storage
 from pipeline.views import parse_views
@@ -163,11 +163,14 @@ def champion_version(client, model_name: str) -> int | None:
     return int(version) if version is not None else None
 
 
-class PromotionLock(Lease):
-    """The promotion lease of one registered model: held by at most one retrain at a time, from reading the
-    champion alias to reading it back after moving it."""
+class PromotionLock(RegistryLease):
+    """The promotion lease of one registered model, in its tracking server's registry: held by at most one retrain
+    at a time, from reading the champion alias to reading it back after moving it."""
 
     name, contender, on_loss = "promotion lock", "another retrain", f"the {CHAMPION} alias is left as it is"
+
+    def __init__(self, client, model_name: str, **lease_options):
+        super().__init__(client, model_name, "promotion", **lease_options)
 
 
 def best_judged_version(client, model_name: str, val_ref: str, metric: str, views: str) -> int | None:
@@ -314,8 +317,6 @@ def run_retrain(
     cfg = train or TrainConfig(data=data_ref)
     cfg.data, cfg.val_data, cfg.register_as, cfg.tracking_uri = data_ref, val_ref, model_name, uri
     cfg.endpoint_url = cfg.endpoint_url or endpoint_url
-    locks, storage = parse_uri(cfg.storage).join("locks"), Storage(cfg.endpoint_url)
-    storage.check_conditional_writes(locks)  # before training: the promotion lease relies on them
     with tempfile.TemporaryDirectory() as scratch:
         if init == "champion":
             version = champion_version(client, model_name)
@@ -331,7 +332,7 @@ def run_retrain(
     score = evaluate_version(model_name, result.registered_version, val_ref, gate_views, gate_metric, uri,
                              cfg.endpoint_url, options)
     decision = promote_if_better(model_name, result.registered_version, score, val_ref, min_gain,
-                                 PromotionLock(storage, locks.join(f"{model_name}.promotion.lock")), uri,
+                                 PromotionLock(client, model_name), uri,
                                  cfg.endpoint_url, gate_views, gate_metric, options)
     for key, value in (("dataset", data_ref), ("val_dataset", val_ref), ("gate_decision", str(decision.promoted))):
         client.set_tag(result.mlflow_run_id, f"retrain.{key}", value)

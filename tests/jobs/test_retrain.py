@@ -30,10 +30,10 @@ from jobs.serving.registry import log_model, model_versions
 from jobs.training.config import TrainConfig
 from model.package import ModelCard, save_package
 from pipeline import generate_motion_dataset, load_manifest, parse_uri
-from pipeline.lease import LeaseLost
+from pipeline.lease import Lease, LeaseHeld, LeaseLost
 from pipeline.manifest import content_fingerprint, write_manifest
-from pipeline.storage import Storage, StorageError
-from tests.conftest import ignore_conditional_writes, start_local_ray
+from pipeline.storage import Storage
+from tests.conftest import start_local_ray
 
 pytestmark = pytest.mark.integration
 CLASSES = ["down", "left", "right", "up"]
@@ -65,8 +65,9 @@ def register_constant_model(name: str, answer: str, tracking_uri: str, tmp_path)
     return log_model(run.info.run_id, weights, card, tracking_uri, register_as=name)[1]
 
 
-def lock_for(tmp_path, name: str) -> PromotionLock:
-    return PromotionLock(Storage(), parse_uri(str(tmp_path / "locks" / f"{name}.lock")), wait_s=120)
+def lock_for(uri: str, name: str) -> PromotionLock:
+    """A retrain's promotion lock: in the registry at `uri`, wherever the retrain's storage is."""
+    return PromotionLock(mlflow.MlflowClient(uri), name, wait_s=120)
 
 
 def champion_of(name: str, uri: str) -> int:
@@ -85,15 +86,15 @@ def test_first_model_becomes_champion_and_better_replaces_it_but_worse_does_not(
 ):
     uri, name = mlflow_server.uri, "gate-sequence"
     weak = register_constant_model(name, "right", uri, tmp_path)
-    first = promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    first = promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     assert first.promoted and champion_of(name, uri) == weak
 
     strong = register_constant_model(name, "left", uri, tmp_path)
-    better = promote_if_better(name, strong, 1.0, left_only_validation, 0.5, lock_for(tmp_path, name), uri)
+    better = promote_if_better(name, strong, 1.0, left_only_validation, 0.5, lock_for(uri, name), uri)
     assert better.promoted and better.champion_score == 0.0 and champion_of(name, uri) == strong
 
     worse = register_constant_model(name, "up", uri, tmp_path)
-    rejected = promote_if_better(name, worse, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    rejected = promote_if_better(name, worse, 0.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     assert not rejected.promoted and rejected.champion_score == 1.0 and champion_of(name, uri) == strong
     tags = mlflow.MlflowClient(uri).get_model_version(name, str(worse)).tags
     assert tags["gate.decision"] == "rejected" and tags["gate.champion_version"] == str(strong)
@@ -105,30 +106,30 @@ def test_a_model_whose_champion_version_was_deleted_is_judged_against_its_best_j
     uri, name = mlflow_server.uri, "gate-deleted-champion"
     client = mlflow.MlflowClient(uri)
     weak = register_constant_model(name, "right", uri, tmp_path)
-    promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     strong = register_constant_model(name, "left", uri, tmp_path)
-    promote_if_better(name, strong, 1.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    promote_if_better(name, strong, 1.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     client.delete_model_version(name, str(strong))  # the champion alias goes with its version
     assert champion_version(client, name) is None
 
     poor = register_constant_model(name, "up", uri, tmp_path)
-    decision = promote_if_better(name, poor, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    decision = promote_if_better(name, poor, 0.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     assert not decision.promoted and decision.champion_version == weak, decision
     assert decision.reason.startswith(f"no champion alias: judged against v{weak}, the best version the gate judged")
     assert champion_version(client, name) is None  # not "no champion yet": nothing was promoted
 
     # judged only on another validation set: nothing to compare with, nothing promoted
     with pytest.raises(ChampionUnknown, match="none of its 2 judged versions was judged on elsewhere@1"):
-        promote_if_better(name, poor, 0.0, "elsewhere@1", 0.0, lock_for(tmp_path, name), uri)
+        promote_if_better(name, poor, 0.0, "elsewhere@1", 0.0, lock_for(uri, name), uri)
     better = register_constant_model(name, "left", uri, tmp_path)
-    decision = promote_if_better(name, better, 1.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    decision = promote_if_better(name, better, 1.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     assert decision.promoted and champion_of(name, uri) == better
 
 
 def test_two_retrains_promoting_at_once_do_not_both_promote(left_only_validation, mlflow_server, tmp_path):
     uri, name = mlflow_server.uri, "gate-race"
     weak = register_constant_model(name, "right", uri, tmp_path)
-    promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     candidates = [register_constant_model(name, "left", uri, tmp_path) for _ in range(2)]
 
     decisions, start = {}, threading.Barrier(2)
@@ -136,7 +137,7 @@ def test_two_retrains_promoting_at_once_do_not_both_promote(left_only_validation
     def promote(version: int) -> None:
         start.wait()
         decisions[version] = promote_if_better(name, version, 1.0, left_only_validation, 0.0,
-                                               lock_for(tmp_path, name), uri)
+                                               lock_for(uri, name), uri)
 
     threads = [threading.Thread(target=promote, args=(v,)) for v in candidates]
     for thread in threads:
@@ -150,19 +151,26 @@ def test_two_retrains_promoting_at_once_do_not_both_promote(left_only_validation
     assert champion_of(name, uri) == promoted[0]
 
 
+class StorageLease(Lease):
+    """pipeline.lease under test here (training's run lock is one); promotion's lock is in the registry."""
+
+    name, contender = "storage lease", "another holder"
+
+
 def crash_holding(storage: Storage, location) -> None:
     """What a retrain that died holding the lease leaves: a lease object that has expired."""
     storage.put_bytes(location, json.dumps({"owner": "crashed", "expires_at": time.time() - 1}).encode(),
                       if_absent=True)
 
 
-def test_an_expired_lock_of_a_crashed_retrain_is_taken_over(tmp_path):
-    crash_holding(Storage(), parse_uri(str(tmp_path / "locks" / "m.lock")))
-    with lock_for(tmp_path, "m") as lock:
-        assert lock.owner in Storage().read_bytes(lock.location).decode()
-    held = PromotionLock(Storage(), parse_uri(str(tmp_path / "locks" / "n.lock")))
-    with held, pytest.raises(TimeoutError, match="held by another retrain"):
-        PromotionLock(Storage(), held.location, wait_s=0.5).__enter__()
+def test_an_expired_storage_lease_of_a_crashed_holder_is_taken_over(tmp_path):
+    location = parse_uri(str(tmp_path / "locks" / "m.lock"))
+    crash_holding(Storage(), location)
+    with StorageLease(Storage(), location) as lease:
+        assert lease.owner in Storage().read_bytes(lease.location).decode()
+    held = StorageLease(Storage(), parse_uri(str(tmp_path / "locks" / "n.lock")))
+    with held, pytest.raises(TimeoutError, match="held by another holder"):
+        StorageLease(Storage(), held.location, wait_s=0.5).__enter__()
 
 
 def test_two_contenders_over_an_expired_lease_exactly_one_holds_it(storage_folder):
@@ -170,10 +178,10 @@ def test_two_contenders_over_an_expired_lease_exactly_one_holds_it(storage_folde
     for round_ in range(5):
         location = folder.join(f"round-{round_}.lock")
         crash_holding(storage, location)
-        contenders = [PromotionLock(storage, location, wait_s=1.0) for _ in range(2)]
+        contenders = [StorageLease(storage, location, wait_s=1.0) for _ in range(2)]
         outcomes, start, tried = {}, threading.Barrier(2), threading.Barrier(2)
 
-        def contend(lock: PromotionLock) -> None:
+        def contend(lock: StorageLease) -> None:
             start.wait()
             try:
                 lock.__enter__()
@@ -210,9 +218,9 @@ def test_a_waiter_that_saw_the_lease_expire_cannot_replace_it_once_taken_over(st
     location = folder.join("m.lock")
     crash_holding(storage, location)
     late = StaleReads(storage, storage.read_versioned(location))
-    with PromotionLock(storage, location) as first:
+    with StorageLease(storage, location) as first:
         with pytest.raises(TimeoutError):
-            PromotionLock(late, location, wait_s=0.5).__enter__()
+            StorageLease(late, location, wait_s=0.5).__enter__()
         assert late.served >= 1 and json.loads(late.snapshot[0])["owner"] == "crashed"  # it did see it expired
         assert json.loads(storage.read_bytes(location))["owner"] == first.owner
 
@@ -220,53 +228,107 @@ def test_a_waiter_that_saw_the_lease_expire_cannot_replace_it_once_taken_over(st
 def test_a_held_lease_is_renewed_and_released_for_the_next_retrain(storage_folder):
     storage, folder = storage_folder
     location = folder.join("m.lock")
-    with PromotionLock(storage, location, ttl_s=2.0, renew_every_s=0.2) as holder:
+    with StorageLease(storage, location, ttl_s=2.0, renew_every_s=0.2) as holder:
         first = json.loads(storage.read_bytes(location))["expires_at"]
         while time.time() < first + 0.5:  # past the expiry of the lease as first written
             time.sleep(0.05)
         assert json.loads(storage.read_bytes(location))["expires_at"] > first
         holder.ensure_held()
         with pytest.raises(TimeoutError):
-            PromotionLock(storage, location, wait_s=0.3).__enter__()
-    with PromotionLock(storage, location, wait_s=0.3) as next_one:
+            StorageLease(storage, location, wait_s=0.3).__enter__()
+    with StorageLease(storage, location, wait_s=0.3) as next_one:
         assert json.loads(storage.read_bytes(location))["owner"] == next_one.owner
 
 
 def test_releasing_a_lease_that_vanished_does_not_fail(storage_folder):
     storage, folder = storage_folder
-    with PromotionLock(storage, folder.join("m.lock")) as lock:
+    with StorageLease(storage, folder.join("m.lock")) as lock:
         storage.delete(lock.location)
         with pytest.raises(LeaseLost):
             lock.ensure_held()
 
 
 def test_a_holder_whose_lease_expired_and_was_taken_over_cannot_move_the_alias(
-    left_only_validation, mlflow_server, s3_server, tmp_path, monkeypatch
+    left_only_validation, mlflow_server, tmp_path, monkeypatch
 ):
     uri, name = mlflow_server.uri, "gate-lease-lost"
-    storage, location = Storage(s3_server.endpoint_url), parse_uri(f"s3://{s3_server.create_bucket()}/m.lock")
+    client = mlflow.MlflowClient(uri)
     weak = register_constant_model(name, "right", uri, tmp_path)
-    promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     strong = register_constant_model(name, "left", uri, tmp_path)
 
     # A holder whose renewals never come (a stalled process): while it reads the champion, its lease expires and
     # another retrain takes it over.
-    stalled = PromotionLock(storage, location, ttl_s=0.5, renew_every_s=3600)
+    stalled = PromotionLock(client, name, ttl_s=0.5, renew_every_s=3600)
     thieves, lookups = [], []
     lookup = jobs.retrain.champion_version
 
     def lookup_while_taken_over(*args, **kwargs):
         lookups.append(args)
         if len(lookups) == 2:  # the read under the lease
-            thieves.append(PromotionLock(storage, location, wait_s=60).__enter__())
+            thieves.append(PromotionLock(client, name, wait_s=60).__enter__())
         return lookup(*args, **kwargs)
 
     monkeypatch.setattr(jobs.retrain, "champion_version", lookup_while_taken_over)
     with pytest.raises(LeaseLost, match="no longer held"):
         promote_if_better(name, strong, 1.0, left_only_validation, 0.0, stalled, uri)
-    assert json.loads(storage.read_bytes(location))["owner"] == thieves[0].owner  # the takeover really happened
+    generations = thieves[0].generations()  # the takeover really happened: a newer generation, the thief's
+    assert max(generations) == thieves[0].generation > 1 and generations[thieves[0].generation]["owner"] == \
+        thieves[0].owner
     thieves[0].__exit__(None, None, None)
     assert champion_of(name, uri) == weak
+    assert thieves[0].generations() == {}  # released: no lock model left in the registry
+
+
+def test_the_promotion_lock_lives_in_the_registry_one_per_model_and_is_exclusive(mlflow_server):
+    client, other_client = mlflow.MlflowClient(mlflow_server.uri), mlflow.MlflowClient(mlflow_server.uri)
+    with PromotionLock(client, "lock-a") as held:
+        assert held.generations() == {1: {"owner": held.owner, "expires_at": held.generations()[1]["expires_at"]}}
+        # another process of the same tracking server (another storage, another machine) waits for it ...
+        with pytest.raises(LeaseHeld, match="promotion lock .*lock-a.promotion-lock.N.* is held by another retrain"):
+            PromotionLock(other_client, "lock-a", wait_s=0.5).__enter__()
+        # ... a lock of another model does not, nor one whose name LIKE's wildcards would match
+        with PromotionLock(other_client, "lock_a"), PromotionLock(other_client, "lock-ab"):
+            pass
+        held.ensure_held()
+    with PromotionLock(other_client, "lock-a", wait_s=0.5) as next_one:
+        assert next_one.generation == 1
+    # a crashed holder's lease lapses and is taken over by a newer generation, which removes the older one
+    crashed = PromotionLock(client, "lock-c", ttl_s=0.3, renew_every_s=3600)
+    crashed.__enter__()
+    with PromotionLock(other_client, "lock-c", wait_s=5) as successor:
+        assert successor.generation == 2 and set(successor.generations()) == {2}
+        with pytest.raises(LeaseLost):
+            crashed.ensure_held()
+
+
+def test_two_contenders_over_an_expired_promotion_lock_exactly_one_holds_it(mlflow_server):
+    client = mlflow.MlflowClient(mlflow_server.uri)
+    for round_ in range(3):
+        name = f"lock-race-{round_}"
+        PromotionLock(client, name, ttl_s=0.2, renew_every_s=3600).__enter__()  # crashed holder
+        time.sleep(0.3)
+        contenders = [PromotionLock(mlflow.MlflowClient(mlflow_server.uri), name, wait_s=1.0) for _ in range(2)]
+        outcomes, start, tried = {}, threading.Barrier(2), threading.Barrier(2)
+
+        def contend(lock: PromotionLock) -> None:
+            start.wait()
+            try:
+                lock.__enter__()
+            except TimeoutError:
+                outcomes[lock.owner] = "gave up"
+                tried.wait()
+                return
+            outcomes[lock.owner] = "held"
+            tried.wait()  # hold it until the other contender has given up
+            lock.__exit__(None, None, None)
+
+        threads = [threading.Thread(target=contend, args=(lock,)) for lock in contenders]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(outcomes.values()) == ["gave up", "held"], f"round {round_}: {outcomes}"
 
 
 class FailingRegistry:
@@ -340,10 +402,10 @@ def test_a_registry_answering_5xx_stops_the_gate_with_nothing_promoted(
 ):
     uri, name = mlflow_server.uri, "gate-registry-down"
     strong = register_constant_model(name, "left", uri, tmp_path)
-    promote_if_better(name, strong, 1.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    promote_if_better(name, strong, 1.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     weak = register_constant_model(name, "right", uri, tmp_path)
     with pytest.raises(ChampionUnknown, match="nothing promoted"):
-        promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(tmp_path, name), failing_registry.uri)
+        promote_if_better(name, weak, 0.0, left_only_validation, 0.0, lock_for(uri, name), failing_registry.uri)
     assert len(failing_registry.refused) == RETRIES + 1  # the registry really answered 503 to every attempt
     assert champion_of(name, uri) == strong
     assert "gate.decision" not in mlflow.MlflowClient(uri).get_model_version(name, str(weak)).tags
@@ -354,7 +416,7 @@ def test_retrain_does_not_start_from_pretrained_weights_when_the_champion_cannot
 ):
     uri, name = mlflow_server.uri, "retrain-registry-down"
     champion = register_constant_model(name, "left", uri, tmp_path)
-    promote_if_better(name, champion, 1.0, left_only_validation, 0.0, lock_for(tmp_path, name), uri)
+    promote_if_better(name, champion, 1.0, left_only_validation, 0.0, lock_for(uri, name), uri)
     generate_motion_dataset(tmp_path / "videos", 1, classes=("left",), size=(40, 40), num_frames=16, seed=5)
 
     def train_without_champion(cfg):
@@ -367,22 +429,6 @@ def test_retrain_does_not_start_from_pretrained_weights_when_the_champion_cannot
                     ingest_options={"labels_from_dirs": True, "frames": 8, "size": 32, "short_side": 40},
                     echo=lambda line: None)
     assert len(failing_registry.refused) == RETRIES + 1
-
-
-def test_retrain_refuses_lock_storage_that_ignores_conditional_writes(
-    left_only_validation, mlflow_server, s3_server, tmp_path, monkeypatch
-):
-    ignored = ignore_conditional_writes(monkeypatch, "if_absent", "if_match")
-    monkeypatch.setattr(jobs.retrain, "run_train", lambda cfg: pytest.fail("trained on a store without a lease"))
-    generate_motion_dataset(tmp_path / "videos", 1, classes=("left",), size=(40, 40), num_frames=16, seed=6)
-    train = TrainConfig(data="set by retrain", storage=f"s3://{s3_server.create_bucket()}/runs",
-                        tracking_uri=mlflow_server.uri, endpoint_url=s3_server.endpoint_url)
-    with pytest.raises(StorageError, match="ignores If-None-Match"):
-        run_retrain(str(tmp_path / "videos"), str(tmp_path / "clips"), "retrain-bad-store", left_only_validation,
-                    init="pretrained", train=train,
-                    ingest_options={"labels_from_dirs": True, "frames": 8, "size": 32, "short_side": 40},
-                    echo=lambda line: None)
-    assert ignored and all("/runs/locks/" in uri for uri in ignored)
 
 
 def test_a_model_name_cannot_widen_or_redirect_the_versions_filter(mlflow_server, tmp_path):
