@@ -210,9 +210,14 @@ def _job(name: str, json_output: bool, *handled: type[Exception]):
     """Runs a job's body with the `echo` it prints its text with: stdout, or with --json stderr, where whatever its
     libraries print goes too, so that stdout carries the JSON summary alone. A `handled` error ends the command with
     its message and exit code 1 (a JSON summary saying so with --json)."""
+    from jobs.serving.registry import TrackingUnreachable
+
     try:
         with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
             yield lambda line: typer.echo(line, err=json_output)
+    except TrackingUnreachable as error:  # any job that talks to MLflow
+        typer.echo(f"{name} failed: {error}", err=True)
+        _finish(json_output, {"error": str(error)}, ExitCode.FAILURE)
     except OptionError as error:  # before handled: an OptionError is a ValueError too
         typer.echo(f"{name}: {error}", err=True)
         _finish(json_output, {"error": str(error), "option": error.option}, ExitCode.USAGE)

@@ -21,7 +21,7 @@ from jobs.evaluate import evaluate_model
 from jobs.ingest import IngestConfig, run_ingest
 from jobs.scoring.model_ref import resolve_model
 from jobs.score import ScoreConfig, ScoreOptions
-from jobs.serving.registry import RegistryLease, model_versions
+from jobs.serving.registry import RegistryLease, model_versions, probe_tracking_server
 from jobs.train import run_train, tracking_uri
 from jobs.training.config import TrainConfig
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
@@ -299,6 +299,7 @@ def run_retrain(
     if init not in ("champion", "pretrained"):
         raise ValueError(f"init must be 'champion' or 'pretrained', not {init!r}")
     uri = tracking_uri(train.tracking_uri if train else None)
+    probe_tracking_server(uri)
     client = mlflow.MlflowClient(uri)
     if dry_run:
         return preview_retrain(source, dataset, model_name, client, init, train, ingest_options or {}, endpoint_url,

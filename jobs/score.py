@@ -387,43 +387,46 @@ def run_score(
     source, root = parse_uri(src), parse_uri(out)
     storage.check_access(source)
     storage.check_access(root, must_exist=False)
-    if not dry_run:
-        storage.check_conditional_writes(root)  # manifests are published if-absent
-    # the run record comes before any part is looked at: `uniformer gc` leaves the run's parts alone
-    record = contextlib.nullcontext() if dry_run else RunRecord(storage, root, "score")
-    with tempfile.TemporaryDirectory() as download_dir, record as run:
+    with tempfile.TemporaryDirectory() as download_dir:
+        # before anything is written: a model that cannot be resolved leaves nothing behind in the destination
         resolved = resolve_model(model, download_dir, tracking_uri)
         params = build_params(resolved.card, views, top_k, full_probs, short_side)
+        if not dry_run:
+            storage.check_conditional_writes(root)  # manifests are published if-absent
         echo(f"score with {resolved.identity.describe()}, views {params.views}, {params.frames} frames")
-        listed = list_videos(source, storage)
-        previous = latest_score_manifest(root, storage)
-        previous_failures = read_failures(root, previous.errors, storage) if previous else {}
-        plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard,
-                          previous_failures, retry_errors, keep_deleted)
-        if plan.replaces_model:
-            echo(f"{root.uri} holds the predictions of {ModelIdentity(**previous.model).describe()} up to version "
-                 f"{previous.version}; {resolved.identity.describe()} succeeds it: every listed video is scored again "
-                 f"into the next version (version {previous.version} keeps the old predictions until gc)")
-        if dry_run:
-            return _preview(plan, echo)
-        run.claim(plan.groups.names + [result["shard"]["path"] for result in plan.adopted])
-        storage.remove_stale_staging(root.join(PREDICTIONS_DIR))
-        echo(
-            f"score {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already "
-            f"scored, {len(plan.known_failures)} known failures, "
-            f"{sum(len(r['videos']) + len(r['errors']) for r in plan.adopted)} in adopted shards, "
-            f"{plan.num_pending} to score in {len(plan.groups)} shards"
-        )
-        throughput = Throughput()
-        results = _run_groups(plan, resolved, storage, options, echo, throughput, started) if plan.groups else []
+        # the run record comes before any part is looked at: `uniformer gc` leaves the run's parts alone
+        with contextlib.nullcontext() if dry_run else RunRecord(storage, root, "score") as run:
+            listed = list_videos(source, storage)
+            previous = latest_score_manifest(root, storage)
+            previous_failures = read_failures(root, previous.errors, storage) if previous else {}
+            plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard,
+                              previous_failures, retry_errors, keep_deleted)
+            if plan.replaces_model:
+                held = ModelIdentity(**previous.model).describe()
+                echo(f"{root.uri} holds the predictions of {held} up to version {previous.version}; "
+                     f"{resolved.identity.describe()} succeeds it: every listed video is scored again into the next "
+                     f"version (version {previous.version} keeps the old predictions until gc)")
+            if dry_run:
+                return _preview(plan, echo)
+            run.claim(plan.groups.names + [result["shard"]["path"] for result in plan.adopted])
+            storage.remove_stale_staging(root.join(PREDICTIONS_DIR))
+            echo(
+                f"score {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already "
+                f"scored, {len(plan.known_failures)} known failures, "
+                f"{sum(len(r['videos']) + len(r['errors']) for r in plan.adopted)} in adopted shards, "
+                f"{plan.num_pending} to score in {len(plan.groups)} shards"
+            )
+            throughput = Throughput()
+            results = (_run_groups(plan, resolved, storage, options, echo, throughput, started) if plan.groups
+                       else [])
 
-        manifest, counts, errors = commit_score(
-            plan, results, resolved.card.class_names, time.monotonic() - started, asdict(throughput), storage
-        )
-        if manifest is not None:
-            write_score_manifest(root, manifest, storage)
-        else:
-            echo(nothing_new_line(asdict(counts), "scored"))
+            manifest, counts, errors = commit_score(
+                plan, results, resolved.card.class_names, time.monotonic() - started, asdict(throughput), storage
+            )
+            if manifest is not None:
+                write_score_manifest(root, manifest, storage)
+            else:
+                echo(nothing_new_line(asdict(counts), "scored"))
     version = manifest.version if manifest else (previous.version if previous else None)
     summary = ScoreSummary(
         **asdict(counts),

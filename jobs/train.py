@@ -25,6 +25,7 @@ from jobs.exitcodes import OptionError
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
 from jobs.training.checkpoint import WEIGHTS
 from jobs.training.config import CONFIG_ARTIFACT, TrainConfig
+from jobs.serving.registry import probe_tracking_server
 from jobs.training.progress import DriverConsole
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
@@ -217,6 +218,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) there"
         )
     cfg.tracking_uri = uri
+    probe_tracking_server(uri)  # before Ray starts, not after minutes of the client's retries
     # the workers read the shards for as long as this driver lives
     read = [cfg.data, cfg.val_data] if cfg.val_data else [cfg.data]
     with exclusive_run(cfg), reading_datasets(read, cfg.endpoint_url, "train"):
@@ -473,4 +475,5 @@ def register_run(run_name: str, storage: str, register_as: str | None = None, tr
     # a URI that held credentials was recorded masked: then only `tracking` or MLFLOW_TRACKING_URI can stand for it
     recorded = None if cfg.tracking_uri and MASK in cfg.tracking_uri else cfg.tracking_uri
     uri = tracking_uri(tracking or recorded)
+    probe_tracking_server(uri)
     return finish_registration(cfg, manifest, uri, progress["mlflow_run_id"])

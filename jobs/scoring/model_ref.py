@@ -83,6 +83,9 @@ def resolve_model(reference: str, download_dir: str, tracking_uri: str | None = 
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from jobs.serving.registry import probe_tracking_server
+
+    probe_tracking_server(tracking_uri or mlflow.get_tracking_uri())
     client = mlflow.MlflowClient(tracking_uri)
     try:
         if match := _LOGGED.match(reference):

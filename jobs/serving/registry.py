@@ -9,10 +9,12 @@ import tempfile
 import threading
 import time
 import uuid
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 import model
+from jobs.credentials import redact
 from model.package import ModelCard
 from pipeline.lease import LeaseHeld, LeaseLost
 
@@ -20,6 +22,38 @@ PYFUNC_SOURCE = os.path.join(os.path.dirname(__file__), "pyfunc_model.py")
 MODEL_PACKAGE_DIR = os.path.dirname(model.__file__)
 
 log = logging.getLogger(__name__)
+
+
+# How long a job waits for the tracking server to answer at all before it says so: MLflow's own client retries a
+# refused connection with exponential backoff for minutes.
+PROBE_TIMEOUT_S = 10.0
+
+
+class TrackingUnreachable(RuntimeError):
+    """The MLflow tracking server did not answer the probe a job makes before its work starts."""
+
+
+def probe_tracking_server(uri: str) -> None:
+    """Raise TrackingUnreachable within PROBE_TIMEOUT_S when the tracking server at an http(s) `uri` does not answer
+    at all. Any HTTP answer counts as reachable (a 401 or 404 is the job's to explain), and so does a TLS handshake
+    this probe cannot verify (MLflow's client has its own certificate settings). Local stores are not probed."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    parts = urlsplit(uri)
+    # without the user info: requests would send it as a header, and the probe needs no credential
+    health = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/") + "/health", "", ""))
+    try:
+        requests.get(health, timeout=(PROBE_TIMEOUT_S / 2, PROBE_TIMEOUT_S / 2), allow_redirects=False)
+    except requests.exceptions.SSLError:
+        return
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as error:
+        raise TrackingUnreachable(
+            f"the MLflow tracking server at {redact(uri)} does not answer ({type(error).__name__} within "
+            f"{PROBE_TIMEOUT_S:.0f} s): nothing was started. Check the tracking URI (--tracking-uri or "
+            "MLFLOW_TRACKING_URI) and that the server is up"
+        ) from None
 
 
 def _quoted(name: str) -> str:
