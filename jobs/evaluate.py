@@ -184,14 +184,17 @@ def log_evaluation(evaluation: Evaluation, identity: ModelIdentity, experiment: 
     """An MLflow run with the figures, the per-class table and the failures; figures also on the model version."""
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking.context.registry import resolve_tags
+
+    from jobs.serving.registry import experiment_id
 
     client = _client(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    tags = {"dataset": evaluation.dataset, "views": evaluation.views, "model": identity.describe()}
+    tags = resolve_tags({"dataset": evaluation.dataset, "views": evaluation.views, "model": identity.describe(),
+                         "uniformer.entry_point": "evaluate"})
     if identity.version is not None:
         tags.update({"model_name": identity.name, "model_version": str(identity.version)})
-    run = client.create_run(experiment_id, run_name=f"evaluate {identity.name} on {evaluation.dataset}", tags=tags)
+    run_name = f"evaluate {identity.name} on {evaluation.dataset}"
+    run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
     step_time = int(run.info.start_time)
     figures = {**evaluation.metrics, "videos": evaluation.videos, "failed_videos": len(evaluation.failed)}
     client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), step_time, 0) for k, v in figures.items()])

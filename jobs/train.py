@@ -25,7 +25,7 @@ from jobs.exitcodes import OptionError
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
 from jobs.training.checkpoint import WEIGHTS
 from jobs.training.config import CONFIG_ARTIFACT, TrainConfig
-from jobs.serving.registry import probe_tracking_server
+from jobs.serving.registry import experiment_id, probe_tracking_server
 from jobs.training.progress import DriverConsole
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
@@ -121,12 +121,10 @@ def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, ma
     if record:  # resumed: the run trains again, whatever its last command left it as
         client.update_run(record["mlflow_run_id"], status="RUNNING")
         return record["mlflow_run_id"]
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
     # who started it, from what (the `uniformer` entry point, the git commit where there is one): what
     # mlflow.start_run records, which MlflowClient.create_run leaves out
     tags = resolve_tags({"ray_train_run": cfg.name, "uniformer.entry_point": "train"})
-    run = client.create_run(experiment_id, run_name=cfg.name, tags=tags)
+    run = client.create_run(experiment_id(client, cfg.experiment), run_name=cfg.name, tags=tags)
     recorded = cfg.redacted()
     params = [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in recorded.items()]
     client.log_batch(run.info.run_id, params=params)

@@ -9,6 +9,7 @@ import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -54,6 +55,27 @@ def probe_tracking_server(uri: str) -> None:
             f"{PROBE_TIMEOUT_S:.0f} s): nothing was started. Check the tracking URI (--tracking-uri or "
             "MLFLOW_TRACKING_URI) and that the server is up"
         ) from None
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of MLflow experiment `name`, created when missing. With a sqlite tracking URI its artifacts go to
+    `mlruns/` beside the database file: MLflow's default is the working directory of whichever command created it."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:///"):
+        database = os.path.abspath(client.tracking_uri[len("sqlite:///"):])
+        location = Path(os.path.dirname(database), "mlruns").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created by another command meanwhile
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def _quoted(name: str) -> str:

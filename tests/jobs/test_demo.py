@@ -16,6 +16,9 @@ pytestmark = pytest.mark.integration
 
 def test_small_demo_runs_every_stage_end_to_end(tmp_path, monkeypatch, ray_local):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
     result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path / "demo"), "--size", "small", "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)  # the summary alone on stdout; the text, and the jobs' own, on stderr
@@ -26,5 +29,7 @@ def test_small_demo_runs_every_stage_end_to_end(tmp_path, monkeypatch, ray_local
     assert summary["archive_videos_scored"] == 8
     assert summary["champion"] in (1, 2)
     output = result.stderr
+    # everything under the workdir, MLflow's artifacts too (beside its database), nothing in the caller's folder
+    assert not list(caller.iterdir()) and (tmp_path / "demo" / "mlruns").is_dir()
     assert "demo summary" in output and "mlflow ui --backend-store-uri sqlite:///" in output
     assert "gate decision on v2" in output
