@@ -105,10 +105,22 @@ def rate(count: float, started: float, unit: str) -> str:
     return f"{count / elapsed:.3g} {unit}/s" if elapsed > 0 else f"- {unit}/s"
 
 
-def eta(done: float, total: float, started: float) -> str:
-    """`ETA 4m10s` when `done` of `total` took the time since `started` (time.monotonic()): the pace of the whole run
-    so far, start-up included, so it errs long while the first items come out."""
-    elapsed = time.monotonic() - started
-    if done <= 0 or elapsed <= 0:
-        return "ETA -"
-    return f"ETA {duration(max(0.0, total - done) * elapsed / done)}"
+class Pace:
+    """How long the rest of a run's items will take, at the pace measured since its first item was done: the time
+    before it (Ray starting, actors loading, the first decodes) is start-up, which would make the first estimates
+    many times too long. Until a second report there is no pace to tell."""
+
+    def __init__(self):
+        self._first: tuple[float, float] | None = None  # (time.monotonic(), done) at the first report with any done
+
+    def eta(self, done: float, total: float) -> str:
+        """`ETA 4m10s`, or `ETA -` while the pace is unknown."""
+        now = time.monotonic()
+        if done <= 0:
+            return "ETA -"
+        if self._first is None:
+            self._first = (now, done)
+        first_at, first_done = self._first
+        if done <= first_done or now <= first_at:
+            return "ETA -"
+        return f"ETA {duration(max(0.0, total - done) * (now - first_at) / (done - first_done))}"

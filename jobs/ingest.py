@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from jobs.config import LOCAL_PATH
-from jobs.console import eta, init_ray, rate
+from jobs.console import Pace, init_ray, rate
 from jobs.report import error_lines, first_of_lines, table_lines
 from pipeline.decode import DecodeLimits
 from pipeline.ingest import (
@@ -198,11 +198,11 @@ def run_ingest(
         results = []
         if plan.groups:
             init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
-            decoding_started, last_report = time.monotonic(), 0.0
+            decoding_started, last_report, pace = time.monotonic(), 0.0, Pace()
             for row in build_dataset(plan, storage, decode_limits).iter_rows():
                 results.append(_decoded(row))
                 if time.monotonic() - last_report >= 2.0 or len(results) == len(plan.groups):
-                    echo(_progress_line(results, len(plan.groups), decoding_started))
+                    echo(_progress_line(results, len(plan.groups), decoding_started, pace))
                     last_report = time.monotonic()
 
         outcome = commit_ingest(plan, results, storage)
@@ -243,11 +243,11 @@ def _decoded(row: dict) -> dict:
     return json.loads(row["result"])
 
 
-def _progress_line(results: list[dict], total: int, started: float) -> str:
+def _progress_line(results: list[dict], total: int, started: float, pace: Pace) -> str:
     clips = sum(result["shard"]["rows"] for result in results if result["shard"])
     errors = sum(len(result["errors"]) for result in results)
     return (f"  shards {len(results)}/{total}  clips {clips}  errors {errors}  {rate(clips, started, 'clips')}  "
-            f"{eta(len(results), total, started)}")
+            f"{pace.eta(len(results), total)}")
 
 
 def format_summary(summary: IngestSummary, max_errors: int = 10) -> str:

@@ -337,9 +337,11 @@ def run_retrain(
                                  cfg.endpoint_url, gate_views, gate_metric, options)
     for key, value in (("dataset", data_ref), ("val_dataset", val_ref), ("gate_decision", str(decision.promoted))):
         client.set_tag(result.mlflow_run_id, f"retrain.{key}", value)
+    against = ("no champion" if decision.champion_score is None else
+               f"champion v{decision.champion_version} {decision.champion_score:.4f}")
     echo(
         f"[retrain] {model_name} v{decision.candidate_version} {gate_metric} at {gate_views} views "
-        f"{decision.candidate_score:.4f} vs champion v{decision.champion_version} {decision.champion_score}: "
+        f"{decision.candidate_score:.4f} vs {against}: "
         f"{'PROMOTED' if decision.promoted else 'kept champion'} ({decision.reason})"
     )
     return RetrainResult(manifest.version, summary.ingested, decision)

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.config import LOCAL_PATH
-from jobs.console import eta, init_ray, rate
+from jobs.console import Pace, init_ray, rate
 from jobs.report import error_lines, first_of_lines, table_lines
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
 from jobs.scoring.predict import ViewPredictor
@@ -471,7 +471,7 @@ def _run_groups(
     dataset = _build(ray_items(plan.groups.videos, plan.groups.size), resolved, plan.params, storage, options)
     waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
     buffered: dict[int, list[pa.Table]] = defaultdict(list)
-    results, done, failed, last_report = [], 0, 0, 0.0
+    results, done, failed, last_report, pace = [], 0, 0, 0.0, Pace()
     total = plan.num_pending
     first_rows = 0
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -493,7 +493,7 @@ def _run_groups(
                 failed += len(errors)
         if time.monotonic() - last_report >= 2.0 or done == total:
             echo(f"  videos {done}/{total}  shards {len(results)}/{len(plan.groups)}  errors {failed}  "
-                 f"{rate(done, started, 'videos')}  {eta(done, total, started)}")
+                 f"{rate(done, started, 'videos')}  {pace.eta(done, total)}")
             last_report = time.monotonic()
     if any(waiting.values()):
         raise RuntimeError(f"scoring lost rows of shards {[i for i, n in waiting.items() if n]}")  # a bug

@@ -21,7 +21,9 @@ class UniFormerV2Classifier(PythonModel):
         self.torch = torch
         self.net, self.card = load_package(context.artifacts["weights"], context.artifacts["config"])
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    # typed as MLflow reads it: an ndarray input is checked against the logged signature, and no "add type hints"
+    # warning is printed at every log and load
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         from model.inference import predict_views
 
         clips = self.torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.uint8)))

@@ -14,8 +14,9 @@ import sys
 import mlflow
 import pytest
 
+import jobs.console
 from jobs.cli import app
-from jobs.console import NORMAL, QUIET, configure_logging, duration, eta
+from jobs.console import NORMAL, QUIET, Pace, configure_logging, duration
 from jobs.training.progress import ProgressBoard, RankZeroProgress, progress_line
 from pipeline import generate_motion_dataset, load_manifest
 from tests.conftest import REPO_ROOT
@@ -34,9 +35,15 @@ def uniformer(*arguments: str, env: dict) -> str:
     return done.stdout
 
 
-def test_durations_and_etas_read_as_people_write_them():
+def test_durations_and_etas_read_as_people_write_them(monkeypatch):
     assert [duration(s) for s in (0, 42.4, 185, 7620)] == ["0s", "42s", "3m05s", "2h07m"]
-    assert eta(0, 10, started=0.0) == "ETA -"
+    clock = iter([100.0, 130.0, 131.0, 134.0])  # 30 s of start-up before the first item, then 1 item per 2 s
+    monkeypatch.setattr(jobs.console.time, "monotonic", lambda: next(clock))
+    pace = Pace()
+    assert pace.eta(0, 10) == "ETA -"  # nothing done
+    assert pace.eta(1, 10) == "ETA -"  # the first item carries the start-up: no pace yet (not 9 x 30 s)
+    assert pace.eta(1, 10) == "ETA -"
+    assert pace.eta(3, 10) == "ETA 14s"  # 2 items in 4 s since the first: 7 left
 
 
 def test_a_progress_line_carries_the_figures_of_its_window_and_the_last_validation():

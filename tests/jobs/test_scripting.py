@@ -191,7 +191,7 @@ def test_retrain_exits_rejected_then_nothing_new_and_its_dry_run_writes_nothing(
     assert rejected.exit_code == ExitCode.REJECTED, rejected.stderr
     result = json.loads(rejected.stdout)
     decision = result["decision"]
-    assert (f"{decision['candidate_score']:.4f} vs champion v{champion} {decision['champion_score']}: kept champion"
+    assert (f"{decision['candidate_score']:.4f} vs champion v{champion} {decision['champion_score']:.4f}: kept champion"
             in rejected.stderr)
     assert (result["outcome"], decision["promoted"], decision["champion_version"]) == ("rejected", False, champion)
     assert decision["champion_score"] == 1.0 and decision["candidate_version"] == champion + 1

@@ -8,6 +8,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -167,7 +168,10 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
 
     # the registered pyfunc predicts on the stored clip format, and agrees with the checkpoint's weights
     mlflow.set_tracking_uri(mlflow_server.uri)
-    served = mlflow.pyfunc.load_model("models:/motion-classifier/1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        served = mlflow.pyfunc.load_model("models:/motion-classifier/1")
+    assert not [w for w in caught if "type hints" in str(w.message)], [str(w.message) for w in caught]
     rows = list(iter_clips(motion_dataset, columns=["frames", "label"]))[:6]
     clips = np.stack([row["frames"] for row in rows])
     probabilities = served.predict(clips)
