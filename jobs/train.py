@@ -248,8 +248,9 @@ def fit(cfg: TrainConfig, run_id: str, make_trainer):
         with DriverConsole() as console:
             result = make_trainer(console.board).fit()
     except TrainingFailedError as error:
+        failures = worker_failures(error).rstrip(".")
         raise TrainingFailed(
-            f"training run {cfg.name} (MLflow run {run_id}) failed: {worker_failures(error)}. Checkpoints written "
+            f"training run {cfg.name} (MLflow run {run_id}) failed: {failures}. Checkpoints written "
             f"before it are kept in {redact(cfg.storage)}: running the same command again resumes from the last one"
         ) from None
     if result.checkpoint is None:
