@@ -64,8 +64,8 @@ def pin_dataset_version(ref: str, endpoint_url: str | None, option: str = "--dat
     dst, version = parse_dataset_ref(ref)
     versions = list_manifest_versions(parse_uri(dst), Storage(endpoint_url))
     if not versions:
-        raise OptionError(option, f"no clip dataset at {redact(dst)} (no manifest under it): ingest videos there first, "
-                          "or give the dataset's own folder or URI")
+        raise OptionError(option, f"no clip dataset at {redact(dst)} (no manifest under it): ingest videos there "
+                          "first, or give the dataset's own folder or URI")
     if version is not None and version not in versions:
         raise OptionError(option, f"{redact(dst)} has no version {version} (it has {versions[0]} to {versions[-1]})")
     manifest = load_manifest(dst, version, endpoint_url=endpoint_url)
