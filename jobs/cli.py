@@ -107,7 +107,8 @@ def weights_inspect_command(
     path: str = typer.Argument(..., help="Checkpoint file (.pt, .pth, .pyth, .bin, .safetensors)."),
     model_name: str = typer.Option("uniformerv2_b16", "--model", help="Named configuration it would load into."),
     overrides: list[str] = typer.Option([], "--set", help="Model option override KEY=VALUE, as for `train`."),
-    classes: int = typer.Option(400, help="Classes of that model: a classifier head of another count is skipped."),
+    classes: int = typer.Option(400, min=1,
+                                help="Classes of that model: a classifier head of another count is skipped."),
 ) -> None:
     """Print the file's layout, the architecture its tensors imply, and what loading it into --model would load,
     inflate, interpolate, keep or ignore. Nothing in the file is run."""
@@ -115,6 +116,13 @@ def weights_inspect_command(
 
     import model
 
+    options = _parse_overrides(overrides)
+    try:  # the model's name and options before the file is read
+        model.get_config(model_name, **options)
+    except KeyError as error:
+        raise typer.BadParameter(error.args[0], param_hint="--model") from None
+    except (TypeError, ValueError) as error:
+        raise typer.BadParameter(str(error), param_hint="--set") from None
     try:
         checkpoint = model.read_checkpoint(path)
     except (OSError, ValueError) as error:
@@ -123,7 +131,7 @@ def weights_inspect_command(
     typer.echo(f"layout        {checkpoint.layout}: {model.LAYOUTS[checkpoint.layout]}")
     typer.echo("architecture  " + ", ".join(f"{key}={value}" for key, value in checkpoint.architecture().items()))
     with torch.device("meta"):  # the check reads shapes only: no memory for a B/16 or L/14
-        net = model.create_model(model_name, classes, **_parse_overrides(overrides))
+        net = model.create_model(model_name, classes, **options)
     try:
         report = model.check_pretrained(net, checkpoint)
     except ValueError as error:

@@ -9,6 +9,7 @@ section) merges key by key. What `to_yaml` writes, `read_file` and `build` read 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -45,6 +46,8 @@ def read_file(path: str) -> dict:
             values = yaml.safe_load(handle)
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}): {error.reason}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
     if values is None:
@@ -137,13 +140,14 @@ def _checked(key: str, value, hint):
     for kind in kinds:
         if isinstance(value, bool) and kind is not bool:
             continue
-        if kind is float and isinstance(value, (int, float)):
-            return float(value)
-        if kind is float and isinstance(value, str):
+        if kind is float and isinstance(value, (int, float, str)):
             try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
+                number = float(value)
+            except (ValueError, OverflowError):
+                continue
+            if not math.isfinite(number):  # nan passes every `< 0` check, inf every `> limit`: neither is a setting
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
         if isinstance(value, kind):
             return dict(value) if kind is dict else value
     expected = " or ".join(_KIND_NAMES.get(kind, kind.__name__) for kind in kinds) + (" or null" if optional else "")

@@ -12,6 +12,7 @@ touched.
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import math
 import os
@@ -95,6 +96,11 @@ _STORAGE_DTYPES = {
 }
 
 
+# The storages' bytes an archive may declare, as a multiple of the archive file's size: torch writes storages
+# uncompressed, so a real archive declares about its own size; more is a zip bomb (or a file lying about its entries).
+_MAX_INFLATION = 4
+
+
 class _ScriptObject:
     """What a class named by the archive (`__torch__.model.VisualTransformer`, ...) becomes: the state it is given."""
 
@@ -107,17 +113,32 @@ class _ScriptObject:
         self.state = state if isinstance(state, dict) else {}
 
 
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_flags) -> torch.Tensor:
+def _rebuild_tensor(storage: torch.Tensor, offset, size, stride, *_flags) -> torch.Tensor:
+    """The tensor a state dict holds: a dense view inside its storage, no larger than the storage."""
+    if not (isinstance(storage, torch.Tensor) and _ints(size) and _ints(stride) and _ints((offset,))
+            and len(size) == len(stride)):
+        raise pickle.UnpicklingError("a tensor whose storage, offset, size or stride is not what torch writes")
+    numel = math.prod(size)
+    if offset < 0 or any(n < 0 for n in size) or any(step < 1 for n, step in zip(size, stride) if n > 1):
+        raise pickle.UnpicklingError(f"a tensor of size {tuple(size)}, stride {tuple(stride)} at offset {offset}: "
+                                     "negative, or a zero stride that repeats elements")
+    if numel > storage.numel():
+        raise pickle.UnpicklingError(f"a tensor of {numel} elements over a storage of {storage.numel()}")
     return storage.as_strided(size, stride, offset)  # as_strided checks the view against the storage's bounds
 
 
-class _ArchiveUnpickler(pickle.Unpickler):
-    """Builds tensors from the archive's storages; every other class is an inert `_ScriptObject`, so nothing the
-    file names is imported or called."""
+def _ints(values) -> bool:
+    return isinstance(values, tuple) and all(type(value) is int for value in values)
 
-    def __init__(self, pickled, archive: zipfile.ZipFile, root: str) -> None:
+
+class _ArchiveUnpickler(pickle._Unpickler):
+    """Builds tensors from the archive's storages; every other class is an inert `_ScriptObject`, so nothing the
+    file names is imported or called. The pure-Python unpickler, for its opcode table: BUILD gives state to the
+    archive's module objects only (on a tensor it would reach `Tensor.set_`, on a function its `__dict__`)."""
+
+    def __init__(self, pickled, archive: zipfile.ZipFile, root: str, budget: int) -> None:
         super().__init__(pickled)
-        self._archive, self._root = archive, root
+        self._archive, self._root, self._budget = archive, root, budget
         self._storages: dict[str, torch.Tensor] = {}
 
     def find_class(self, module: str, name: str):
@@ -131,15 +152,46 @@ class _ArchiveUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"tensor kind {module}.{name} is not supported (quantized or sparse?)")
         return type(name, (_ScriptObject,), {})
 
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if not isinstance(target, _ScriptObject):
+            raise pickle.UnpicklingError(f"the pickle sets the state of a {type(target).__name__}: only the "
+                                         "archive's module objects take state")
+        target.__setstate__(state)
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
+
     def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise pickle.UnpicklingError("unexpected persistent id")
         kind, dtype, key, _location, numel = pid
-        if kind != "storage" or not isinstance(dtype, torch.dtype):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        if key not in self._storages:
-            data = bytearray(self._archive.read(f"{self._root}/data/{key}"))
-            if len(data) != numel * dtype.itemsize:
-                raise pickle.UnpicklingError(f"storage {key}: {len(data)} bytes for {numel} x {dtype}")
-            self._storages[key] = torch.frombuffer(data, dtype=dtype) if numel else torch.empty(0, dtype=dtype)
+        if (kind != "storage" or not isinstance(dtype, torch.dtype) or not isinstance(key, str)
+                or type(numel) is not int):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.200}")
+        if key in self._storages:
+            if self._storages[key].numel() != numel:
+                raise pickle.UnpicklingError(f"storage {key} declared with {self._storages[key].numel()} and {numel} "
+                                             "elements")
+            return self._storages[key]
+        expected = numel * dtype.itemsize
+        name = f"{self._root}/data/{key}"
+        try:
+            declared = self._archive.getinfo(name).file_size
+        except KeyError:
+            raise pickle.UnpicklingError(f"storage {key} is not in the archive") from None
+        if numel < 0 or declared != expected:
+            raise pickle.UnpicklingError(f"storage {key}: {declared} bytes for {numel} x {dtype}")
+        self._budget -= expected
+        if self._budget < 0:  # before anything is inflated
+            raise pickle.UnpicklingError(f"the storages declare more than {_MAX_INFLATION} times the archive's size")
+        with self._archive.open(name) as entry:
+            data = bytearray(entry.read(expected + 1))  # no more than declared, whatever the entry holds
+        if len(data) != expected:
+            raise pickle.UnpicklingError(f"storage {key}: {len(data)} bytes for {numel} x {dtype}")
+        # a view of the bytes read, which cannot grow: nothing the pickle does reaches other memory
+        self._storages[key] = torch.frombuffer(data, dtype=dtype) if numel else torch.zeros(0, dtype=dtype)
         return self._storages[key]
 
 
@@ -154,12 +206,19 @@ def _torchscript_root(archive: zipfile.ZipFile) -> str | None:
     return None
 
 
-def _read_torchscript(archive: zipfile.ZipFile, root: str) -> StateDict:
-    """Every tensor attribute of the pickled module tree, by attribute path (`visual.conv1.weight`, ...)."""
-    if f"{root}/byteorder" in archive.namelist() and archive.read(f"{root}/byteorder").strip() != b"little":
-        raise ValueError("written on a big-endian machine; its storages cannot be read here")
+def _read_torchscript(archive: zipfile.ZipFile, root: str, budget: int) -> StateDict:
+    """Every tensor attribute of the pickled module tree, by attribute path (`visual.conv1.weight`, ...); the storages
+    may declare `budget` bytes in all."""
+    if f"{root}/byteorder" in archive.namelist():
+        with archive.open(f"{root}/byteorder") as order:
+            if order.read(16).strip() != b"little":
+                raise ValueError("written on a big-endian machine; its storages cannot be read here")
+    pickle_size = archive.getinfo(f"{root}/data.pkl").file_size
+    if pickle_size > budget:
+        raise ValueError(f"its pickle declares {pickle_size} bytes, more than {_MAX_INFLATION} times the archive's "
+                         "size")
     with archive.open(f"{root}/data.pkl") as pickled:
-        tree = _ArchiveUnpickler(pickled, archive, root).load()
+        tree = _ArchiveUnpickler(io.BytesIO(pickled.read(pickle_size + 1)), archive, root, budget).load()
     tensors: StateDict = {}
     seen: set[int] = set()
     stack = [("", tree)]
@@ -189,22 +248,31 @@ def load_state_dict_file(path: str | os.PathLike) -> Mapping:
             root = _torchscript_root(archive)
             if root is not None:
                 try:
-                    return _read_torchscript(archive, root)
+                    return _read_torchscript(archive, root, _MAX_INFLATION * os.path.getsize(path))
                 except Exception as exc:  # a damaged or crafted archive fails in many ways
-                    raise ValueError(f"{path}: TorchScript archive whose tensors cannot be read: {exc}") from exc
+                    raise ValueError(f"{path}: TorchScript archive whose tensors cannot be read: "
+                                     f"{_first_line(exc)}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError or RuntimeError depending on the content
         raise ValueError(
-            f"{path}: cannot be read as tensors only ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            f"{path}: cannot be read as tensors only ({type(exc).__name__}: {_first_line(exc)}). "
             "Checkpoints holding pickled Python objects are refused; re-save the state dict alone "
             "(torch.save(ckpt['state_dict'], ...)) or as safetensors."
         ) from exc
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _unwrap(checkpoint: Mapping) -> StateDict:
     """Finds the tensor dict inside training checkpoints ({'model_state': ...}, {'state_dict': ...}, ...), without
     the `module.` that DistributedDataParallel puts before every key (open_clip's training checkpoints)."""
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"the file holds a {type(checkpoint).__name__}, not a state dict (a mapping of names to "
+                         "tensors)")
     for wrapper in ("model_state", "state_dict", "model", "module"):
         inner = checkpoint.get(wrapper)
         if isinstance(inner, Mapping):

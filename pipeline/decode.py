@@ -18,6 +18,7 @@ process with a time limit (`decoder=`, pipeline.isolation).
 from __future__ import annotations
 
 import io
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -60,8 +61,9 @@ class DecodeLimits:
     timeout_s: float = 600.0
 
     def __post_init__(self):
-        if min(self.max_frame_side, self.max_frames, self.max_seconds, self.timeout_s) <= 0:
-            raise ValueError(f"decode limits must be > 0: {self}")
+        values = (self.max_frame_side, self.max_frames, self.max_seconds, self.timeout_s)
+        if not all(math.isfinite(value) and value > 0 for value in values):
+            raise ValueError(f"decode limits must be finite and > 0: {self}")
 
 
 @dataclass(frozen=True)

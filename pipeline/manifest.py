@@ -159,6 +159,14 @@ class Manifest:
         unknown = set(body) - {item.name for item in fields(cls)}
         if unknown:
             raise ManifestError(f"{where} has keys a clip dataset manifest does not: {', '.join(sorted(unknown))}")
+        class_map = body.get("class_map")
+        if not (isinstance(class_map, dict) and all(isinstance(name, str) and type(index) is int
+                                                    for name, index in class_map.items())):
+            raise ManifestError(f"{where}: class_map is {class_map!r:.80}, not a mapping of class names to ids")
+        if body.get("labels") not in ("csv", "dirs", "none"):
+            raise ManifestError(f"{where}: labels is {body.get('labels')!r:.80}, not csv, dirs or none")
+        if not isinstance(body.get("counts"), dict) or not isinstance(body.get("sampling"), dict):
+            raise ManifestError(f"{where}: counts and sampling must be mappings")
         try:
             body["sampling"] = SamplingParams(**body["sampling"])
             body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]

@@ -138,6 +138,28 @@ class ObjectInfo:
     modified: float | None = None  # seconds since the epoch, when the listing says
 
 
+def _check_writable_folder(path: str) -> None:
+    """StorageError unless `path` is a writable folder, or one that can be made below the nearest that exists (made
+    to see, and removed again: a refused job leaves nothing behind)."""
+    existing = path
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise StorageError(f"cannot write under {path}: {existing} is a file, not a folder")
+    if existing == path:
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write under {path}: the folder is not writable by this user")
+        return
+    try:
+        os.makedirs(path)
+    except OSError as error:
+        raise StorageError(f"cannot create the folder {path}: {error.strerror or error}") from None
+    made = path
+    while made != existing:
+        os.rmdir(made)
+        made = os.path.dirname(made)
+
+
 def resolve_endpoint_url(endpoint_url: str | None) -> str | None:
     return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
@@ -211,6 +233,8 @@ class Storage:
         if location.scheme == "file":
             if must_exist and not os.path.isdir(location.path):
                 raise StorageError(f"local folder {location.path} does not exist")
+            if not must_exist:  # a destination: a folder that is there or can be made, and written
+                _check_writable_folder(location.path)
             return
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 

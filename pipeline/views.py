@@ -29,12 +29,21 @@ if TYPE_CHECKING:
 _VIEWS = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
+# Views per video that any test protocol uses are far below these (the paper's most is 4x3, MMAction2's 10x3):
+# more only multiply decoding and memory (the views of a batch are decoded and held at once).
+MAX_TEMPORAL_VIEWS, MAX_SPATIAL_VIEWS = 32, 10
+
+
 def parse_views(text: str) -> tuple[int, int]:
     """`"4x3"` -> (4 temporal clips, 3 spatial crops)."""
     match = _VIEWS.match(text)
     if not match or min(int(match.group(1)), int(match.group(2))) < 1:
         raise ValueError(f"views must be TEMPORALxSPATIAL with both >= 1, e.g. '4x3', not {text!r}")
-    return int(match.group(1)), int(match.group(2))
+    temporal, spatial = int(match.group(1)), int(match.group(2))
+    if temporal > MAX_TEMPORAL_VIEWS or spatial > MAX_SPATIAL_VIEWS:
+        raise ValueError(f"views {text!r} exceed {MAX_TEMPORAL_VIEWS}x{MAX_SPATIAL_VIEWS}: test protocols use up to "
+                         "10x3, and each view is decoded and held in memory with the others")
+    return temporal, spatial
 
 
 def crop_offsets(length: int, crop: int, count: int) -> list[int]:

@@ -82,3 +82,45 @@ def test_gc_command_lists_with_dry_run_then_removes_and_prints_the_bytes_freed(t
 
     result = runner.invoke(app, ["gc", str(dst), "--keep-versions", "0"])
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    (["--max-seconds", "nan"], "max_seconds: expected a finite number, got nan"),
+    (["--decode-timeout", "inf"], "decode_timeout: expected a finite number, got inf"),
+    (["--frames", "0"], "frames must be >= 1"),
+])
+def test_numbers_that_are_no_setting_are_usage_errors(tmp_path, given, message):
+    result = runner.invoke(app, ["ingest", str(tmp_path), "--out", str(tmp_path / "clips"), *given])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "clips").exists()
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/below"])
+def test_an_output_that_cannot_be_a_folder_is_refused_before_any_work(tmp_path, out):
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    result = runner.invoke(app, ["ingest", str(tmp_path / "videos"), "--out", str(tmp_path / out)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"cannot write under {tmp_path / out}: {tmp_path / 'afile'} is a file, not a folder" in result.output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["afile", "videos"]
+
+
+def test_a_config_file_that_is_not_utf8_is_a_usage_error(tmp_path):
+    (tmp_path / "ingest.yaml").write_bytes(b"\xff\xfe src: x")
+    result = runner.invoke(app, ["ingest", "--config", str(tmp_path / "ingest.yaml")])
+    assert result.exit_code == 2 and "not UTF-8 text" in result.output, result.output
+
+
+def test_views_beyond_any_test_protocol_are_refused_by_score_before_any_work(tmp_path):
+    result = runner.invoke(app, ["score", str(tmp_path), "--model", str(tmp_path / "nothing"), "--out",
+                                 str(tmp_path / "scores"), "--views", "99999999x99999999"])
+    assert result.exit_code != 0 and "exceed 32x10" in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "scores").exists()
+
+
+def test_score_with_a_model_that_is_not_there_leaves_nothing_behind(tmp_path):
+    (tmp_path / "videos").mkdir()
+    result = runner.invoke(app, ["score", str(tmp_path / "videos"), "--model", str(tmp_path / "nonexistent"),
+                                 "--out", str(tmp_path / "scores")])
+    assert result.exit_code == 1 and "is not a model package folder" in result.output, result.output
+    assert not (tmp_path / "scores").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -64,3 +65,19 @@ def test_convert_writes_the_vit_as_safetensors_that_load_like_the_archive(tmp_pa
 def test_convert_refuses_an_output_it_could_not_read_back(tmp_path):
     result = runner.invoke(app, ["weights", "convert", str(tmp_path / "in.pt"), str(tmp_path / "out.pt")])
     assert result.exit_code != 0 and ".safetensors" in result.output
+
+
+@pytest.mark.parametrize(("make", "args", "code", "message"), [
+    (lambda path: torch.save([1, 2], path), [], 1, "the file holds a list, not a state dict"),
+    (lambda path: torch.save(torch.zeros(3), path), [], 1, "the file holds a Tensor, not a state dict"),
+    (lambda path: path.write_bytes(b""), [], 1, "cannot be read as tensors only (EOFError"),
+    (lambda path: torch.save({}, path), ["--model", "nosuch"], 2, "unknown model 'nosuch'"),
+    (lambda path: torch.save({}, path), ["--set", "bogus=1"], 2, "unknown UniFormerV2 option(s): ['bogus']"),
+    (lambda path: torch.save({}, path), ["--classes", "-3"], 2, "greater than or equal to 1"),
+])
+def test_inspect_refuses_what_is_no_checkpoint_or_no_model_in_one_line(tmp_path, make, args, code, message):
+    path = tmp_path / "weights.pt"
+    make(path)
+    result = CliRunner().invoke(app, ["weights", "inspect", str(path), *args])
+    assert result.exit_code == code and "Traceback" not in result.output, result.output
+    assert message in " ".join(result.output.split()), result.output
