@@ -18,6 +18,7 @@ if not os.environ.get("RAY_ADDRESS"):
 # The jobs' config classes hold the options' defaults, which the flags show in --help.
 from jobs.demo import DemoConfig  # noqa: E402
 from jobs.evaluate import EvaluateConfig  # noqa: E402
+from jobs.credentials import redact  # noqa: E402
 from jobs.exitcodes import ExitCode, OptionError  # noqa: E402
 from jobs.ingest import IngestConfig  # noqa: E402
 from jobs.retrain import RETRAIN_EXPERIMENT, RetrainConfig  # noqa: E402
@@ -223,15 +224,16 @@ def _job(name: str, json_output: bool, *handled: type[Exception]):
     try:
         with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
             yield lambda line: typer.echo(line, err=json_output)
+    # whatever raised them, the messages pass one redaction: an address's password never reaches the console
     except TrackingUnreachable as error:  # any job that talks to MLflow
-        typer.echo(f"{name} failed: {error}", err=True)
-        _finish(json_output, {"error": str(error)}, ExitCode.FAILURE)
+        typer.echo(f"{name} failed: {redact(str(error))}", err=True)
+        _finish(json_output, {"error": redact(str(error))}, ExitCode.FAILURE)
     except OptionError as error:  # before handled: an OptionError is a ValueError too
-        typer.echo(f"{name}: {error}", err=True)
-        _finish(json_output, {"error": str(error), "option": error.option}, ExitCode.USAGE)
+        typer.echo(f"{name}: {redact(str(error))}", err=True)
+        _finish(json_output, {"error": redact(str(error)), "option": error.option}, ExitCode.USAGE)
     except handled as error:
-        typer.echo(f"{name} failed: {error}", err=True)
-        _finish(json_output, {"error": str(error)}, ExitCode.FAILURE)
+        typer.echo(f"{name} failed: {redact(str(error))}", err=True)
+        _finish(json_output, {"error": redact(str(error))}, ExitCode.FAILURE)
 
 
 def _finish(json_output: bool, summary: dict, code: ExitCode = ExitCode.SUCCESS) -> None:
@@ -434,7 +436,7 @@ def gc_command(
         storage.check_access(root)
         report = collect_garbage(root, storage, keep_versions, dry_run=dry_run, min_age_s=min_age)
     except (StorageError, ManifestError) as error:
-        typer.echo(f"gc failed: {error}", err=True)
+        typer.echo(f"gc failed: {redact(str(error))}", err=True)
         raise typer.Exit(code=ExitCode.FAILURE) from None
     for line in report.lines():
         typer.echo(line)
@@ -711,7 +713,7 @@ def submit_command(
         submission = submit(job, args or [], client=client, working_dir=shipped, pip=pip, env=env,
                             submission_id=job_id)
     except SubmitError as error:
-        typer.echo(f"submit failed: {error}", err=True)
+        typer.echo(f"submit failed: {redact(str(error))}", err=True)
         raise typer.Exit(code=ExitCode.FAILURE) from None
     typer.echo(f"submitted {submission.job_id} to {submission.address}: {submission.entrypoint}")
     if not wait:

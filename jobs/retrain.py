@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from jobs.config import DEFAULTS, LOCAL_PATH, SUPPLIED
+from jobs.credentials import redact
 from jobs.evaluate import evaluate_model
 from jobs.ingest import IngestConfig, run_ingest
 from jobs.scoring.model_ref import resolve_model
@@ -157,7 +158,7 @@ def champion_version(client, model_name: str) -> int | None:
         # A timeout or a 5xx is not "no champion": the candidate would replace a better model unopposed.
         raise ChampionUnknown(
             f"cannot read the {CHAMPION} alias of {model_name} ({error.error_code}): nothing promoted; "
-            f"{error.message}"
+            f"{redact(error.message)}"
         ) from None
     version = registered.aliases.get(CHAMPION)
     return int(version) if version is not None else None

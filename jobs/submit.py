@@ -100,6 +100,19 @@ def _resolve_configuration(command, context) -> None:
         pass  # the configuration resolved
 
 
+def refuse_credentials_in(args: Sequence[str]) -> None:
+    """SubmitError for an argument holding a credential (a URI's password, `token=...`): the entrypoint is shown to
+    everyone who can list the cluster's jobs (`ray job list`, the dashboard)."""
+    for arg in args:
+        if carries_credentials(arg):
+            raise SubmitError(
+                f"refusing to submit the argument {redact(arg)}: it holds credentials, and a job's entrypoint is "
+                "visible to anyone who can list jobs; give the address without them and keep the credentials in the "
+                "cluster's secret store (a Kubernetes Secret as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+                "AWS keys or an instance role)"
+            )
+
+
 def entrypoint_for(job: str, args: Sequence[str]) -> str:
     return shlex.join(["uniformer", job, *args])
 
@@ -221,6 +234,7 @@ def submit(job: str, args: Sequence[str] = (), *, address: str | None = None, cl
     working_dir: True ships this checkout (nothing when installed as a package), None/False ships nothing, or a
     folder. env: extra variable names whose local values are forwarded besides PASSTHROUGH_ENV."""
     check_invocation([job, *args])
+    refuse_credentials_in(args)
     if working_dir is True:
         working_dir = default_working_dir()
     runtime_env = runtime_env_for(working_dir or None, pip, forwarded_env(env, environ))

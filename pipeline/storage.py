@@ -38,6 +38,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from pipeline.redaction import redact
+
 # Objects at most this large are decoded from memory; larger ones are spilled to local disk first because decord
 # copies a file-like input whole, so memory per task would grow with the video's length.
 DEFAULT_SPILL_THRESHOLD_BYTES = 64 * 1024 * 1024
@@ -178,11 +180,11 @@ class Storage:
         self.spill_threshold_bytes = spill_threshold_bytes
 
     def __repr__(self) -> str:
-        return f"Storage(endpoint_url={self.endpoint_url!r})"
+        return f"Storage(endpoint_url={redact(self.endpoint_url or '')!r})"
 
     @property
     def endpoint_name(self) -> str:
-        return self.endpoint_url or "the default AWS S3 endpoint"
+        return redact(self.endpoint_url) if self.endpoint_url else "the default AWS S3 endpoint"
 
     # ---- clients -------------------------------------------------------------------------------------------------
     def _client(self, quick: bool = False):

@@ -6,6 +6,7 @@ artifacts, the Ray instance's whole temp dir with its session logs) and everythi
 from __future__ import annotations
 
 import json
+import socket
 import os
 import shutil
 import subprocess
@@ -154,6 +155,50 @@ def test_submit_sends_no_credential_and_refuses_an_address_that_holds_one():
     with pytest.raises(SubmitError, match="refusing to forward MLFLOW_TRACKING_TOKEN: its name says"):
         submit("train", ["--data", "s3://clips/k400"], client=RecordingClient(), env=["MLFLOW_TRACKING_TOKEN"],
                environ=environ)
+
+    # nor inside an argument: the entrypoint is shown to everyone who lists the cluster's jobs
+    for argument in (["--tracking-uri", f"http://trainer:{secret['PASSWORD']}@mlflow:5000"],
+                     ["--endpoint-url", f"http://minio:9000/?X-Amz-Signature={secret['TOKEN']}"]):
+        client = RecordingClient()
+        job_args = ["s3://archive/", "--model", "models:/m@champion", "--out", "s3://scores/", *argument]
+        with pytest.raises(SubmitError, match="refusing to submit the argument") as refused:
+            submit("score", job_args, client=client, environ=environ)
+        assert not [s for s in secret.values() if s in str(refused.value)] and not client.sent
+
+
+def test_a_password_inside_a_uri_appears_in_no_message_of_any_job(tmp_path, monkeypatch):
+    """retrain, ingest, score, evaluate and submit, their text and their --json, with a password in each address."""
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    password = markers()["PASSWORD"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "raw").mkdir()
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"http://alice:{password}@127.0.0.1:{port}"
+    commands = [
+        (["retrain", "--source", "./raw", "--dataset", "./clips", "--model-name", "m", "--val", "./val", "--dry-run"],
+         {"MLFLOW_TRACKING_URI": address}),
+        (["ingest", "s3://bucket/raw", "--out", "./clips", "--endpoint-url", address], {}),
+        (["ingest", "./raw", "--out", "s3://bucket/clips"], {"AWS_ENDPOINT_URL": address}),
+        (["score", "./raw", "--model", "models:/m@champion", "--out", "./scores", "--tracking-uri", address], {}),
+        (["evaluate", "--data", "./clips", "--model", "models:/m@champion", "--tracking-uri", address], {}),
+        (["submit", "--address", "http://127.0.0.1:1", "train", "--data", "./clips", "--endpoint-url", address], {}),
+    ]
+    for argv, env in commands:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        for json_output in ([], ["--json"]):
+            if argv[0] == "submit" and json_output:
+                continue
+            result = CliRunner().invoke(app, argv + json_output)
+            assert result.exit_code != 0, (argv, result.output)
+            assert password not in result.output and "Traceback" not in result.output, (argv, result.output)
+        for name in env:
+            monkeypatch.delenv(name)
 
 
 def test_redact_masks_user_info_and_secret_parameters_and_nothing_else():
