@@ -773,6 +773,9 @@ def test_the_only_peer_from_outside_the_deployment_is_kuberays_operator_on_the_j
                 assert "ipBlock" not in peer, f"{policy['metadata']['name']}: {peer}"
                 if "namespaceSelector" in peer:
                     assert peer.get("podSelector") == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}
+                    # one namespace by name: `{}` admits a pod with the operator's label in any namespace
+                    assert list(peer["namespaceSelector"].get("matchLabels", {})) == ["kubernetes.io/metadata.name"], (
+                        policy["metadata"]["name"], peer)
                     assert rule["ports"] == [{"protocol": "TCP", "port": RAY_JOBS_API_PORT}], policy["metadata"]["name"]
                     assert selects(policy["spec"]["podSelector"], pod_labels(ray_head()))
 
@@ -917,3 +920,77 @@ def test_a_cpu_only_worker_group_autoscales_for_decoding():
 
 def test_local_cluster_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(INFRA / "local-cluster.sh")], check=True)
+
+
+# ---- Pod Security Standards: "restricted" --------------------------------------------------------------------------
+# https://kubernetes.io/docs/concepts/security/pod-security-standards/ (restricted), written out here as checks
+_RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                            "projected", "secret"}
+_ADDABLE_CAPABILITIES = {"NET_BIND_SERVICE"}
+
+
+def restricted_violations(spec: dict) -> list[str]:
+    """What keeps a pod spec from the "restricted" Pod Security Standard, plus a read-only root filesystem."""
+    found = []
+    pod = spec.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(field):
+            found.append(f"{field} is set")
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= _RESTRICTED_VOLUME_TYPES:
+            found.append(f"volume {volume['name']} is of type {sorted(kinds)}")
+    for container in spec.get("containers", []) + spec.get("initContainers", []):
+        where, own = container["name"], container.get("securityContext") or {}
+
+        def setting(name: str):
+            return own.get(name, pod.get(name))
+
+        if own.get("privileged"):
+            found.append(f"{where}: privileged")
+        if own.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{where}: allowPrivilegeEscalation is not false")
+        capabilities = own.get("capabilities") or {}
+        if "ALL" not in capabilities.get("drop", []):
+            found.append(f"{where}: capabilities do not drop ALL")
+        if set(capabilities.get("add", [])) - _ADDABLE_CAPABILITIES:
+            found.append(f"{where}: adds capabilities {capabilities['add']}")
+        if setting("runAsNonRoot") is not True or setting("runAsUser") == 0:
+            found.append(f"{where}: may run as root")
+        if (setting("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{where}: no RuntimeDefault or Localhost seccomp profile")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{where}: a hostPort")
+        if own.get("readOnlyRootFilesystem") is not True:
+            found.append(f"{where}: the root filesystem is writable")
+    return found
+
+
+def test_every_pod_passes_the_restricted_pod_security_standard_with_a_read_only_root():
+    violations = {where: found for where, spec in pod_specs() if (found := restricted_violations(spec))}
+    assert not violations, violations
+    (cluster,) = of_kind("RayCluster")  # the autoscaler sidecar KubeRay adds to the head pod
+    sidecar = {"name": "autoscaler", "securityContext": cluster["spec"]["autoscalerOptions"]["securityContext"]}
+    assert restricted_violations({"containers": [sidecar]}) == ["autoscaler: the root filesystem is writable"]
+
+
+def test_the_restricted_check_finds_what_it_looks_for():
+    loose = {"hostNetwork": True, "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+             "containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 80}],
+                             "securityContext": {"privileged": True, "capabilities": {"add": ["SYS_ADMIN"]}}}]}
+    assert restricted_violations(loose) == [
+        "hostNetwork is set", "volume h is of type ['hostPath']", "c: privileged",
+        "c: allowPrivilegeEscalation is not false", "c: capabilities do not drop ALL",
+        "c: adds capabilities ['SYS_ADMIN']",
+        "c: may run as root", "c: no RuntimeDefault or Localhost seccomp profile", "c: a hostPort",
+        "c: the root filesystem is writable",
+    ]
+
+
+def test_job_submitters_carry_no_storage_identity():
+    accounts = {doc["metadata"]["name"]: doc for doc in of_kind("ServiceAccount")}
+    for where, spec in pod_specs():
+        if where.endswith(" submitter") or any(submits(c) for c in spec["containers"]):
+            account = accounts[spec["serviceAccountName"]]
+            assert not account.get("metadata", {}).get("annotations"), (where, account["metadata"])
+            assert account.get("automountServiceAccountToken") is False, where
