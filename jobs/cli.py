@@ -508,6 +508,10 @@ def train_command(
         TrainConfig, "augment", "--augment",
         help="recipe: RandAugment m7 n4 + RandomResizedCrop + flip (the paper's); crop: random crop + flip.",
     ),
+    input_normalization: str = _option(
+        TrainConfig, "input_normalization", "--input-normalization",
+        help="Pixel normalisation, kept in the model: slowfast (0.45/0.225, the official code's) | clip (CLIP's).",
+    ),
     grad_clip: float = _option(TrainConfig, "grad_clip", "--grad-clip", help="Max gradient norm; 0 disables clipping."),
     precision: str = _option(TrainConfig, "precision", "--precision", help="bf16 | fp16 | fp32 (autocast on CUDA)."),
     activation_checkpointing: bool = _option(TrainConfig, "activation_checkpointing", "--activation-checkpointing",

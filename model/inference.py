@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from model.transforms import eval_transform
+from model.transforms import eval_transform, input_normalization
 
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", *_AUTOCAST_DTYPES)
@@ -36,13 +36,14 @@ def predict_views(
     `resolve_precision`). Forward passes take at most `max_clips` clips each (all B*V at once when None). A single
     stored clip is a batch of one view: `views = clips[:, None]`."""
     batch, num_views = views.shape[:2]
+    normalization = input_normalization(net)  # the model's own, never a constant
     clips = views.reshape(batch * num_views, *views.shape[2:])  # [B*V, T, H, W, 3]
     dtype = _AUTOCAST_DTYPES[resolve_precision(precision, clips.device)]
     step = max_clips or max(1, clips.shape[0])
     outputs = []
     with torch.inference_mode(), torch.autocast(clips.device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, clips.shape[0], step):
-            logits = net(eval_transform(clips[start : start + step], crop))
+            logits = net(eval_transform(clips[start : start + step], crop, normalization))
             outputs.append(torch.softmax(logits.float(), dim=-1))
     probs = torch.cat(outputs)  # [B*V, C]
     return probs.reshape(batch, num_views, -1).mean(dim=1)

@@ -14,13 +14,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from model.uniformerv2 import CLIP_MEAN, CLIP_STD
+from model.uniformerv2 import NORMALIZATIONS
 
 
-def normalize(clips: torch.Tensor) -> torch.Tensor:
-    """uint8 `[B, T, H, W, 3]` -> CLIP-normalised float `[B, 3, T, H, W]`."""
-    mean = torch.tensor(CLIP_MEAN, device=clips.device) * 255.0
-    inv_std = 1.0 / (torch.tensor(CLIP_STD, device=clips.device) * 255.0)
+def normalize(clips: torch.Tensor, normalization: str = "clip") -> torch.Tensor:
+    """uint8 `[B, T, H, W, 3]` (or 0..255 floats) -> float `[B, 3, T, H, W]` normalised as `normalization` says
+    (model.uniformerv2.NORMALIZATIONS: the one the model's weights were trained with)."""
+    mean, std = NORMALIZATIONS[normalization]
+    mean = torch.tensor(mean, device=clips.device) * 255.0
+    inv_std = 1.0 / (torch.tensor(std, device=clips.device) * 255.0)
     x = (clips.float() - mean) * inv_std
     return x.permute(0, 4, 1, 2, 3).contiguous()
 
@@ -118,14 +120,22 @@ def train_transform(
     generator: torch.Generator | None = None,
     flip: bool = True,
     augment: str = "crop",
+    normalization: str = "clip",
 ) -> torch.Tensor:
     """uint8 `[B, T, H, W, 3]` -> the model's normalised `[B, 3, T, size, size]`, augmented as `augment` says."""
     if augment == "recipe":
-        return normalize(recipe_augment(clips, size, generator, flip))
+        return normalize(recipe_augment(clips, size, generator, flip), normalization)
     if augment == "crop":
-        return normalize(random_crop_flip(clips, size, generator, flip))
+        return normalize(random_crop_flip(clips, size, generator, flip), normalization)
     raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {augment!r}")
 
 
-def eval_transform(clips: torch.Tensor, size: int) -> torch.Tensor:
-    return normalize(center_crop(clips, size))
+def eval_transform(clips: torch.Tensor, size: int, normalization: str = "clip") -> torch.Tensor:
+    return normalize(center_crop(clips, size), normalization)
+
+
+def input_normalization(net: torch.nn.Module) -> str:
+    """The normalisation a UniFormerV2 (bare, DDP-wrapped or compiled) expects: its config's."""
+    while not hasattr(net, "config") and hasattr(net, "module"):
+        net = net.module
+    return getattr(net, "_orig_mod", net).config.input_normalization

@@ -24,6 +24,10 @@ from model.blocks import GlobalUniBlock, LayerNorm, LocalUniBlock
 # CLIP's input normalisation (RGB, on [0, 1] pixels).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The input normalisations weights are trained with, (mean, std) on [0, 1] RGB pixels: OpenAI CLIP's, and PySlowFast's
+# defaults, with which the official UniFormerV2 code trains and tests every released checkpoint (no official config
+# overrides them; MMAction2's UniFormerV2 configs repeat them as 114.75 / 57.375 on [0, 255]).
+NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "slowfast": ((0.45,) * 3, (0.225,) * 3)}
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,10 @@ class UniFormerV2Config:
     # memory
     use_checkpoint: bool = False
     checkpoint_num: int | None = None  # checkpoint the first N local blocks; None = all of them
+    # the pixels' normalisation the weights expect (NORMALIZATIONS): no option of the official constructor (its data
+    # loader normalises), kept here so that every package and checkpoint carries it; packages written before it
+    # existed were trained on CLIP's
+    input_normalization: str = "clip"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -87,6 +95,9 @@ class UniFormerV2Config:
             raise ValueError(f"mlp_dropout needs {self.n_layers} values, got {len(self.mlp_dropout)}")
         if self.temporal_downsample and self.t_size % 2:
             raise ValueError(f"temporal_downsample halves T: t_size={self.t_size} must be even")
+        if self.input_normalization not in NORMALIZATIONS:
+            raise ValueError(f"input_normalization must be one of {', '.join(NORMALIZATIONS)}, not "
+                             f"{self.input_normalization!r}")
 
     def replace(self, **overrides) -> UniFormerV2Config:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}

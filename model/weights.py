@@ -41,6 +41,9 @@ LAYOUTS = {
     "native": "this package's own state_dict()",
 }
 IMAGE_LAYOUTS = frozenset({"clip", "hf", "timm"})
+# The input normalisation video checkpoints of a layout were trained with (model.uniformerv2.NORMALIZATIONS): the
+# official release and MMAction2 both use PySlowFast's. Image towers are fine-tuned with the recipe's choice.
+TRAINED_NORMALIZATION = {"official": "slowfast", "mmaction": "slowfast"}
 # Where a whole image-text model keeps its image tower; the rest of the file (the text tower) is ignored.
 _IMAGE_TOWERS = {"clip": "visual.", "hf": "vision_model."}
 # CLIP-named image keys UniFormerV2 has no use for: the image-text projection and what feeds it, HF's position ids.
@@ -56,6 +59,9 @@ class LoadReport:
     kept_initialisation: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # tensors of the file with no place in UniFormerV2
     skipped_head: bool = False
+    # the normalisation the file's weights were trained with, when the layout says, and the model's own
+    trained_normalization: str | None = None
+    model_normalization: str = "clip"
 
     def summary(self) -> str:
         """A few lines for a console, after the caller's own line naming the file and layout: what came from the
@@ -70,6 +76,10 @@ class LoadReport:
         ]
         if self.skipped_head:
             lines.append("head          skipped: the file's classifier has another class count")
+        if self.trained_normalization not in (None, self.model_normalization):
+            lines.append(f"normalisation the file was trained on {self.trained_normalization} pixels, the model "
+                         f"normalises {self.model_normalization}: build it with "
+                         f"input_normalization={self.trained_normalization} to score it as it was trained")
         return "\n".join(lines)
 
 
@@ -524,7 +534,9 @@ def _plan(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint) 
     model on the meta device serves."""
     checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source)
     layout = checkpoint.layout
-    report = LoadReport(layout=layout, ignored=checkpoint.ignored)
+    report = LoadReport(layout=layout, ignored=checkpoint.ignored,
+                        trained_normalization=TRAINED_NORMALIZATION.get(layout),
+                        model_normalization=model.config.input_normalization)
     target = model.state_dict()
     state = checkpoint.state
     if layout in IMAGE_LAYOUTS:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from model.configs import get_config
 from model.transforms import AUGMENTATIONS
+from model.uniformerv2 import NORMALIZATIONS
 
 from jobs.config import LOCAL_PATH
 from jobs.credentials import redact
@@ -41,6 +42,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     hflip: bool = True  # off for classes that depend on left/right
     augment: str = "recipe"  # recipe: RandAugment m7 n4 + RandomResizedCrop + flip (official); crop: random crop + flip
+    # the pixels' normalisation the model trains with and keeps in its package: slowfast (mean 0.45, std 0.225), the
+    # official code's for every released checkpoint, CLIP-initialised ones included; or clip (OpenAI CLIP's)
+    input_normalization: str = "slowfast"
     grad_clip: float = 1.0
     activation_checkpointing: bool = False
     precision: str = "bf16"  # bf16 | fp16 | fp32; autocast applies on CUDA only
@@ -73,6 +77,9 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if self.select not in ("best", "last"):
             raise ValueError(f"select must be best or last, not {self.select!r}")
+        if self.input_normalization not in NORMALIZATIONS:
+            raise ValueError(f"input_normalization must be one of {', '.join(NORMALIZATIONS)}, not "
+                             f"{self.input_normalization!r}")
         if self.augment not in AUGMENTATIONS:
             raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {self.augment!r}")
         if self.compile not in ("auto", "on", "off"):

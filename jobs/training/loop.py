@@ -28,7 +28,7 @@ from jobs.training.optim import build_optimizer, build_scheduler
 from jobs.training.progress import RankZeroProgress
 from jobs.training.tracking import RunTracker
 from model.inference import predict_views
-from model.transforms import train_transform
+from model.transforms import input_normalization, train_transform
 from pipeline import load_manifest
 from pipeline.epochs import EpochPlan
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 def model_overrides(cfg: TrainConfig, frames: int) -> dict:
-    overrides = {"t_size": frames, **cfg.model_overrides}
+    overrides = {"t_size": frames, "input_normalization": cfg.input_normalization, **cfg.model_overrides}
     if cfg.activation_checkpointing:
         overrides["use_checkpoint"] = True
     return overrides
@@ -413,7 +413,8 @@ class Trainer:
         """One micro-batch's loss (its share of the step's) and gradients; DDP all-reduces the gradients only on the
         step's last micro-batch."""
         cfg = self.cfg
-        inputs = train_transform(batch["frames"], self.crop_size, generator, flip=cfg.hflip, augment=cfg.augment)
+        inputs = train_transform(batch["frames"], self.crop_size, generator, flip=cfg.hflip, augment=cfg.augment,
+                                 normalization=input_normalization(self.model))
         sync = contextlib.nullcontext() if last_micro_step or self.world == 1 else self.model.no_sync()
         with sync:
             with self.autocast():

@@ -179,14 +179,16 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
     import model
-    from model.transforms import eval_transform
 
     net = model.create_model("uniformerv2_tiny", num_classes=4, t_size=8)
     with chosen.as_directory() as directory:
         net.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+    # pixels normalised as the official code does (PySlowFast's mean and std), which the registered model records
+    normalized = (torch.from_numpy(clips[:, :, 4:36, 4:36]).float() / 255.0 - 0.45) / 0.225
     with torch.no_grad():
-        direct = torch.softmax(net.eval()(eval_transform(torch.from_numpy(clips), 32)), dim=-1).numpy()
+        direct = torch.softmax(net.eval()(normalized.permute(0, 4, 1, 2, 3)), dim=-1).numpy()
     np.testing.assert_allclose(probabilities, direct, atol=1e-5)
+    assert served.unwrap_python_model().card.overrides["input_normalization"] == "slowfast"
 
 
 def test_relative_paths_reach_the_workers_as_the_driver_meant_them(motion_dataset, tmp_path, mlflow_server,
