@@ -480,6 +480,11 @@ def train_command(
     ),
     pretrained: str = _option(TrainConfig, "pretrained", "--pretrained",
                               help="Initial weights: CLIP / timm / official / MMAction2 checkpoint file."),
+    pretrained_class_map: str = _option(
+        TrainConfig, "pretrained_class_map", "--pretrained-class-map",
+        help="JSON or CSV: dataset class -> the pretrained head's row or class name (e.g. K710 -> K400); mapped rows "
+        "are kept, the others start fresh. Without it a registered model's head is matched by class name.",
+    ),
     val: str = _option(TrainConfig, "val_data", "--val",
                        help="Validation dataset DST[@VERSION]; default: a held-out split."),
     val_fraction: float = _option(TrainConfig, "val_fraction", "--val-fraction",

@@ -206,6 +206,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         raise OptionError("--pretrained", f"no file {cfg.pretrained}: give a checkpoint file (`uniformer weights "
                           "inspect FILE` tells whether it loads) or a registered model models:/NAME/VERSION")
     cfg.data, manifest = pin_dataset_version(cfg.data, cfg.endpoint_url)
+    check_class_map(cfg, manifest.class_names)
     if cfg.val_data:
         cfg.val_data, _ = pin_dataset_version(cfg.val_data, cfg.endpoint_url, "--val")
     uri = tracking_uri(cfg.tracking_uri)
@@ -233,6 +234,23 @@ def run_train(cfg: TrainConfig) -> TrainResult:
             outcome = TrainResult(cfg.name, run_id, result.checkpoint.path, dict(result.metrics or {}))
             outcome.model_uri, outcome.registered_version = finish_registration(cfg, manifest, uri, run_id)
             return outcome
+
+
+def check_class_map(cfg: TrainConfig, class_names: list[str]) -> None:
+    """The class map file, read here as the workers will: an OptionError, in seconds, when it cannot be used."""
+    from jobs.training.loop import read_class_map
+
+    if not cfg.pretrained_class_map:
+        return
+    if not cfg.pretrained:
+        raise OptionError("--pretrained-class-map", "maps the rows of a pretrained head: give --pretrained too")
+    try:
+        unknown = sorted(set(read_class_map(cfg.pretrained_class_map)) - set(class_names))
+    except ValueError as error:
+        raise OptionError("--pretrained-class-map", str(error)) from None
+    if unknown:
+        raise OptionError("--pretrained-class-map",
+                          f"names classes the dataset does not have: {', '.join(unknown[:10])}")
 
 
 class TrainingFailed(RuntimeError):

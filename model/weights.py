@@ -19,7 +19,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -59,6 +59,10 @@ class LoadReport:
     kept_initialisation: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # tensors of the file with no place in UniFormerV2
     skipped_head: bool = False
+    # with a head map (`load_pretrained(head_rows=...)`): the model's classes whose row came from the file's head, and
+    # those that start from the model's initialisation
+    head_mapped: list[int] = field(default_factory=list)
+    head_fresh: list[int] = field(default_factory=list)
     # the normalisation the file's weights were trained with, when the layout says, and the model's own
     trained_normalization: str | None = None
     model_normalization: str = "clip"
@@ -76,6 +80,9 @@ class LoadReport:
         ]
         if self.skipped_head:
             lines.append("head          skipped: the file's classifier has another class count")
+        if self.head_mapped or self.head_fresh:
+            lines.append(f"head          {len(self.head_mapped)} of {len(self.head_mapped) + len(self.head_fresh)} "
+                         f"classes from the file's head by the class map, {len(self.head_fresh)} initialised")
         if self.trained_normalization not in (None, self.model_normalization):
             lines.append(f"normalisation the file was trained on {self.trained_normalization} pixels, the model "
                          f"normalises {self.model_normalization}: build it with "
@@ -529,7 +536,29 @@ def _describe(keys: set[str], limit: int = 15) -> str:
     return ", ".join(listed[:limit]) + more
 
 
-def _plan(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint) -> tuple[StateDict, LoadReport]:
+def _mapped_head(state: StateDict, target: StateDict, head_rows: Sequence[int | None],
+                 report: LoadReport) -> StateDict:
+    """The model's head with row i taken from the file's row `head_rows[i]`, and the model's own initial row where it
+    is None (a class the file's head does not know)."""
+    source_weight, source_bias = state["head.fc.weight"], state["head.fc.bias"]
+    weight, bias = target["head.fc.weight"].clone(), target["head.fc.bias"].clone()
+    if len(head_rows) != weight.shape[0]:
+        raise ValueError(f"the class map gives {len(head_rows)} rows for a head of {weight.shape[0]} classes")
+    if source_weight.shape[1:] != weight.shape[1:]:
+        raise ValueError(f"the file's head takes {source_weight.shape[1]} features, the model's {weight.shape[1]}")
+    for row, source_row in enumerate(head_rows):
+        if source_row is None:
+            report.head_fresh.append(row)
+            continue
+        if not 0 <= source_row < source_weight.shape[0]:
+            raise ValueError(f"the class map takes row {source_row} of a head of {source_weight.shape[0]} classes")
+        weight[row], bias[row] = source_weight[source_row], source_bias[source_row]
+        report.head_mapped.append(row)
+    return {"head.fc.weight": weight, "head.fc.bias": bias}
+
+
+def _plan(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint,
+          head_rows: Sequence[int | None] | None = None) -> tuple[StateDict, LoadReport]:
     """The tensors `load_pretrained` would load into `model` and its report; reads only the model's shapes, so a
     model on the meta device serves."""
     checkpoint = source if isinstance(source, Checkpoint) else read_checkpoint(source)
@@ -549,7 +578,11 @@ def _plan(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint) 
     required = {k for k in required if not k.endswith("num_batches_tracked")}
 
     head = {"head.fc.weight", "head.fc.bias"}
-    if layout not in IMAGE_LAYOUTS and head <= set(state) and state["head.fc.weight"].shape != target["head.fc.weight"].shape:
+    if head_rows is not None:
+        if layout in IMAGE_LAYOUTS or not head <= set(state):
+            raise ValueError(f"a class map needs a classifier head in the file; this '{layout}' checkpoint has none")
+        state = {**state, **_mapped_head(state, target, head_rows, report)}
+    elif layout not in IMAGE_LAYOUTS and head <= set(state) and state["head.fc.weight"].shape != target["head.fc.weight"].shape:
         log.info("skipping classifier head: checkpoint has %d classes, model %d",
                  state["head.fc.weight"].shape[0], target["head.fc.weight"].shape[0])
         state = {k: v for k, v in state.items() if k not in head}
@@ -578,18 +611,22 @@ def _plan(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint) 
     return state, report
 
 
-def check_pretrained(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint) -> LoadReport:
+def check_pretrained(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint,
+                     head_rows: Sequence[int | None] | None = None) -> LoadReport:
     """A dry run of `load_pretrained`: the same checks and report, the model untouched (it may live on `meta`)."""
-    return _plan(model, source)[1]
+    return _plan(model, source, head_rows)[1]
 
 
-def load_pretrained(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint) -> LoadReport:
+def load_pretrained(model: UniFormerV2, source: str | os.PathLike | Mapping | Checkpoint,
+                    head_rows: Sequence[int | None] | None = None) -> LoadReport:
     """Loads `source` (a path, a state dict in any supported layout, or a `Checkpoint`) into `model`, in place.
 
     Image-ViT layouts fill the ViT and leave the video parts at their identity-preserving initialisation; video
     layouts must cover the whole model. A classifier head of another class count is skipped (fine-tuning to new
-    classes), and reported. Anything missing, unexpected or of the wrong shape raises before the model is touched.
+    classes), and reported, unless `head_rows` maps the model's classes to the file's rows (row i from the file's row
+    `head_rows[i]`, None: the model's initialisation), as the official code keeps a K710 head's rows for K400.
+    Anything missing, unexpected or of the wrong shape raises before the model is touched.
     """
-    state, report = _plan(model, source)
+    state, report = _plan(model, source, head_rows)
     model.load_state_dict(state, strict=False)
     return report

@@ -26,6 +26,8 @@ class TrainConfig:
     model: str = "uniformerv2_b16"
     model_overrides: dict = field(default_factory=dict)
     pretrained: str | None = field(default=None, metadata=LOCAL_PATH)
+    # which of the pretrained head's rows each of the dataset's classes starts from (jobs.training.loop.read_class_map)
+    pretrained_class_map: str | None = field(default=None, metadata=LOCAL_PATH)
     val_data: str | None = field(default=None, metadata=LOCAL_PATH)  # a second manifest; otherwise a held-out split of `data`
     val_fraction: float = 0.2
     workers: int = 1

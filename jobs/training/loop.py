@@ -46,18 +46,78 @@ def build_model(cfg: TrainConfig, num_classes: int, frames: int) -> torch.nn.Mod
     return model.create_model(cfg.model, num_classes=num_classes, **model_overrides(cfg, frames))
 
 
-def load_initial_weights(net: torch.nn.Module, source: str, tracking_uri: str) -> None:
-    """A checkpoint file in any supported layout, or a registered model (`models:/NAME/VERSION`). Rank 0 prints what
-    was loaded, inflated, interpolated, kept and ignored, so that a run started from the wrong file shows at once."""
-    if not source.startswith("models:/"):
-        report = model.load_pretrained(net, source)
-    else:
-        from jobs.scoring.model_ref import resolve_model
+def read_class_map(path: str) -> dict[str, int | str]:
+    """A class map file: the dataset's class name -> the pretrained head's row (an index) or class name, as a JSON
+    object or a two-column CSV (`target,source`). ValueError naming the file and the line otherwise."""
+    import csv
+    import json
 
-        with tempfile.TemporaryDirectory() as scratch:
-            report = model.load_pretrained(net, resolve_model(source, scratch, tracking_uri).weights_path)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the class map {path}: {error}") from None
+    if path.endswith(".json"):
+        try:
+            mapping = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"class map {path} is not valid JSON: {error}") from None
+        if not isinstance(mapping, dict):
+            raise ValueError(f"class map {path} must be a JSON object of target class -> source row or name")
+    else:
+        mapping = {}
+        for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+            if not row or row[0].startswith("#"):
+                continue
+            if len(row) != 2:
+                raise ValueError(f"class map {path} line {number}: expected `target,source`, got {row!r:.80}")
+            mapping[row[0].strip()] = int(row[1]) if row[1].strip().isdigit() else row[1].strip()
+    for target, source in mapping.items():
+        if not (isinstance(source, str) or (type(source) is int and source >= 0)):
+            raise ValueError(f"class map {path}: {target!r} maps to {source!r}, not a row index or a class name")
+    return mapping
+
+
+def head_rows(class_names: list[str], class_map: dict[str, int | str] | None,
+              source_names: list[str] | None) -> list[int | None] | None:
+    """For each of the dataset's classes, the pretrained head's row it starts from (None: a fresh row), by the class
+    map, else by name when the source's class names are known (a registered model's card); None when neither says."""
+    if class_map is None and not source_names:
+        return None
+    position = {name: row for row, name in enumerate(source_names or [])}
+    rows = []
+    for name in class_names:
+        source = class_map.get(name) if class_map is not None else name
+        if isinstance(source, str):
+            if class_map is not None and source not in position:
+                raise ValueError(f"the class map maps {name!r} to {source!r}, which the pretrained head does not name")
+            source = position.get(source)
+        rows.append(source)
+    return rows
+
+
+def load_initial_weights(net: torch.nn.Module, source: str, tracking_uri: str, class_names: list[str] | None = None,
+                         class_map: dict[str, int | str] | None = None) -> None:
+    """A checkpoint file in any supported layout, or a registered model (`models:/NAME/VERSION`). The head's rows
+    follow the dataset's classes (`class_names`) by `class_map`, or by name from a registered model's card. Rank 0
+    prints what was loaded, inflated, interpolated, mapped, kept and ignored, so that a run started from the wrong
+    file shows at once."""
+    with tempfile.TemporaryDirectory() as scratch:
+        if source.startswith("models:/"):
+            from jobs.scoring.model_ref import resolve_model
+
+            resolved = resolve_model(source, scratch, tracking_uri)
+            weights, source_names = resolved.weights_path, resolved.card.class_names
+        else:
+            weights, source_names = source, None
+        rows = head_rows(class_names, class_map, source_names) if class_names else None
+        report = model.load_pretrained(net, weights, rows)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        log.info("initial weights from %s (%s layout):\n%s", source, report.layout, report.summary())
+        lines = report.summary()
+        if report.head_fresh:
+            fresh = [class_names[row] for row in report.head_fresh]
+            lines += f"\nhead          initialised for: {', '.join(fresh[:20])}{' ...' if len(fresh) > 20 else ''}"
+        log.info("initial weights from %s (%s layout):\n%s", source, report.layout, lines)
 
 
 @dataclass
@@ -86,6 +146,7 @@ def build_train_state(
     warmup_steps: int,
     checkpoint_dir: str | None = None,
     tracking_uri: str | None = None,
+    class_names: list[str] | None = None,
 ) -> TrainState:
     """The model moves to its device before the optimizer exists: `Optimizer.load_state_dict` places each state
     tensor on its parameter's device and dtype as they are when it runs, so a checkpoint loaded into a model that
@@ -98,7 +159,8 @@ def build_train_state(
     if checkpoint_dir:
         ckpt.load(checkpoint_dir, net, optimizer, scheduler, scaler)
     elif cfg.pretrained:
-        load_initial_weights(net, cfg.pretrained, tracking_uri)
+        class_map = read_class_map(cfg.pretrained_class_map) if cfg.pretrained_class_map else None
+        load_initial_weights(net, cfg.pretrained, tracking_uri, class_names, class_map)
     if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
         net.compile_blocks()
     return TrainState(net, optimizer, scheduler, scaler)
@@ -323,7 +385,7 @@ class Trainer:
                 first_batches = streams.open(progress.epoch, progress.step_in_epoch)
             state = build_train_state(cfg, len(manifest.class_map), manifest.sampling.frames, device,
                                       layout.total_steps, layout.warmup_steps(cfg.warmup_epochs), checkpoint_dir,
-                                      loop_config["tracking_uri"])
+                                      loop_config["tracking_uri"], manifest.class_names)
 
         model = ray.train.torch.prepare_model(state.net, parallel_strategy_kwargs=ddp_options(cfg))
         tracker = RunTracker(loop_config["tracking_uri"], progress.mlflow_run_id, enabled=rank == 0)
