@@ -474,6 +474,10 @@ def train_command(
     ctx: typer.Context,
     data: str = _option(TrainConfig, "data", "--data",
                         help="Clip dataset: DST or DST@VERSION (s3://... or a local folder)."),
+    recipe: str = _option(TrainConfig, "recipe", "--recipe",
+                          help="A published recipe under the other options: k400_b16_clip, k700_b16_clip, "
+                          "k710_to_k400_b16 (jobs/recipes/, each value's source beside it); its lr scales with the "
+                          "total batch."),
     model_name: str = _option(TrainConfig, "model", "--model", help="Named configuration (see `uniformer models`)."),
     overrides: list[str] = typer.Option(
         None, "--set", help="Model option override KEY=VALUE, e.g. --set no_lmhra=True (merged into the file's)."

@@ -87,6 +87,8 @@ def build(cls: type, values: Mapping, where: str = "", supplied: Mapping | None 
     supplied = dict(supplied or {})
     if not isinstance(values, Mapping):
         raise ConfigError(f"{where.rstrip('.') or 'the configuration'} must be a mapping of keys to values")
+    if hasattr(cls, "layered"):  # a class whose values lie over another layer (a training recipe)
+        values = cls.layered(values)
     hints = typing.get_type_hints(cls)
     fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
     settable = [name for name in fields if name not in supplied]

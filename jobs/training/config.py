@@ -25,6 +25,8 @@ class TrainConfig:
     data: str = field(metadata=LOCAL_PATH)  # DST or DST@version
     model: str = "uniformerv2_b16"
     model_overrides: dict = field(default_factory=dict)
+    # a named recipe (jobs/recipes/NAME.yaml) under the other options; its learning rates scale with the total batch
+    recipe: str | None = None
     pretrained: str | None = field(default=None, metadata=LOCAL_PATH)
     # which of the pretrained head's rows each of the dataset's classes starts from (jobs.training.loop.read_class_map)
     pretrained_class_map: str | None = field(default=None, metadata=LOCAL_PATH)
@@ -64,6 +66,14 @@ class TrainConfig:
     select: str = "best"  # the checkpoint registered: best (validation top-1 over epoch ends) | last
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs, tests)
     log_every: int = 10  # optimizer steps between reading step metrics back from the device (one host sync)
+
+    @classmethod
+    def layered(cls, values: dict) -> dict:
+        """The values a configuration is built from: those given, over the recipe they name (jobs.config.build)."""
+        from jobs.training.recipes import with_recipe
+
+        defaults = {item.name: item.default for item in dataclasses.fields(cls)}
+        return with_recipe(dict(values), defaults)
 
     def __post_init__(self) -> None:
         if not self.experiment:
