@@ -417,6 +417,42 @@ def evaluate_command(
     _finish(json_output, evaluation.to_dict())
 
 
+@app.command("predict")
+def predict_command(
+    videos: list[str] = typer.Argument(..., help="Videos: local files or s3://bucket/key.", show_default=False),
+    model_ref: str = typer.Option(..., "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID, or "
+                                  "a local package folder."),
+    views: str = typer.Option(ScoreConfig.views, "--views", help="Test views TEMPORALxSPATIAL, as for `score`."),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="Classes shown per video, best first."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."),
+    endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3-compatible endpoint (also AWS_ENDPOINT_URL)."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON object per video on stdout (JSON Lines)."),
+) -> None:
+    """What is in these videos: top-k class names and probabilities per video, by the same decoding and multi-view
+    inference as `score`, in this process (no Ray, nothing written). Exit 5 when a video could not be read."""
+    from jobs.config import absolute_location
+    from jobs.predict import predict_videos
+    from jobs.scoring.model_ref import ModelReferenceError
+    from pipeline import StorageError
+
+    failed = 0
+    with _job("predict", False, StorageError, ModelReferenceError, ValueError):
+        identity, predictions = predict_videos(
+            videos, absolute_location(model_ref), views=views, top_k=top_k,
+            tracking_uri=absolute_location(tracking_uri) if tracking_uri else None, endpoint_url=endpoint_url,
+        )
+        typer.echo(f"predict with {identity.describe()}, views {views}", err=True)
+        for prediction in predictions:
+            failed += prediction.error is not None
+            if json_output:
+                typer.echo(json.dumps({"video": prediction.video, "uri": prediction.uri, "top_k": prediction.top_k,
+                                       "error": prediction.error, "seconds": round(prediction.seconds, 3),
+                                       "model": identity.to_dict()}))
+            else:
+                typer.echo(prediction.line())
+    _exit(ExitCode.PARTIAL if failed else ExitCode.SUCCESS)
+
+
 @app.command("gc")
 def gc_command(
     dst: str = typer.Argument(..., help="A clip or predictions dataset: s3://bucket/prefix or a local folder."),

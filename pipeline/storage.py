@@ -303,6 +303,21 @@ class Storage:
                 return False
             raise
 
+    def size(self, location: Location) -> int:
+        """The object's size in bytes; FileNotFoundError when there is none, on S3 as locally."""
+        if location.scheme == "file":
+            if not os.path.isfile(location.path):
+                raise FileNotFoundError(location.uri)
+            return os.path.getsize(location.path)
+        from botocore.exceptions import ClientError
+
+        try:
+            return int(self._client().head_object(Bucket=location.bucket, Key=location.path)["ContentLength"])
+        except ClientError as error:
+            if _error_code(error) in _NOT_FOUND_CODES:
+                raise FileNotFoundError(location.uri) from None
+            raise
+
     def read_bytes(self, location: Location) -> bytes:
         """The object's content; FileNotFoundError when there is none, on S3 as locally."""
         if location.scheme == "file":

@@ -1,0 +1,84 @@
+"""`uniformer predict`: what is in these videos? The scoring path in one process (no Ray, nothing written): the
+model resolved once, each video decoded into the model's views as `score` decodes them (`decode_batch`, in the
+decoding child process, within the decode limits) and run through the same `ViewPredictor`, so a video gets the
+probabilities `score` would write for it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jobs.score import ScoreConfig, build_params, decode_batch
+from jobs.scoring.model_ref import ModelIdentity, resolve_model
+from jobs.scoring.predict import ViewPredictor
+from jobs.scoring.results import identity_columns
+from pipeline.decode import DecodeLimits
+from pipeline.storage import Storage, is_object_error, parse_uri
+
+
+@dataclass
+class VideoPrediction:
+    video: str  # as given
+    uri: str
+    top_k: list[dict] = field(default_factory=list)  # {"id", "name", "prob"}, best first
+    error: str | None = None  # "stage: ErrorType: message" for a video that could not be read or decoded
+    seconds: float = 0.0  # since the command started: the first answer's is the start-up's too
+
+    def line(self) -> str:
+        if self.error:
+            return f"{self.video}  error  {self.error}"
+        return f"{self.video}  " + "  ".join(f"{top['name']} {top['prob']:.3f}" for top in self.top_k)
+
+
+def predict_videos(
+    videos: Sequence[str],
+    model: str,
+    views: str = ScoreConfig.views,
+    top_k: int = 5,
+    tracking_uri: str | None = None,
+    endpoint_url: str | None = None,
+    limits: DecodeLimits = DecodeLimits(),
+) -> tuple[ModelIdentity, Iterator[VideoPrediction]]:
+    """The model's identity, and each video's prediction as soon as it is made, in the order given."""
+    started = time.monotonic()
+    storage = Storage(endpoint_url)
+    with tempfile.TemporaryDirectory() as scratch:
+        resolved = resolve_model(model, scratch, tracking_uri)
+        params = build_params(resolved.card, views, top_k, full_probs=False, short_side=None)
+        with open(resolved.weights_path, "rb") as handle:
+            weights = handle.read()
+        with open(resolved.config_path, encoding="utf-8") as handle:
+            config = handle.read()
+    predictor = ViewPredictor({"weights": weights, "config": config}, params.top_k, False,
+                              identity_columns(resolved.identity), torch_threads=os.cpu_count())
+
+    def predictions() -> Iterator[VideoPrediction]:
+        for video in videos:
+            location = parse_uri(video)
+            try:
+                size = storage.size(location)
+            except Exception as error:  # noqa: BLE001 - told per video, as score does
+                if not is_object_error(error):
+                    raise  # the store failed, not this video
+                yield VideoPrediction(video, location.uri, error=f"read: {type(error).__name__}: no such video",
+                                      seconds=time.monotonic() - started)
+                continue
+            batch = {"video_id": np.array([video], object), "source_uri": np.array([location.uri], object),
+                     "source_etag": np.array([""], object), "source_size": np.array([size]),
+                     "shard": np.array([0])}
+            row = predictor(decode_batch(batch, storage, params, limits)).to_pylist()[0]
+            seconds = time.monotonic() - started
+            if row["error_type"]:
+                error = f"{row['error_stage']}: {row['error_type']}: {row['error_message']}"
+                yield VideoPrediction(video, location.uri, error=error, seconds=seconds)
+                continue
+            top = [{"id": int(i), "name": name, "prob": float(prob)}
+                   for i, name, prob in zip(row["top_k_ids"], row["top_k_names"], row["top_k_probs"])]
+            yield VideoPrediction(video, location.uri, top, seconds=seconds)
+
+    return resolved.identity, predictions()
