@@ -173,32 +173,38 @@ def test_an_expired_storage_lease_of_a_crashed_holder_is_taken_over(tmp_path):
         StorageLease(Storage(), held.location, wait_s=0.5).__enter__()
 
 
+def contend_at_once(contenders: list) -> list[str]:
+    """Each lease (storage or registry) tried at the same moment by its own thread: "held" or "gave up" each, the
+    holder keeping it until every other has given up."""
+    outcomes, start, tried = {}, threading.Barrier(len(contenders)), threading.Barrier(len(contenders))
+
+    def contend(lease) -> None:
+        start.wait()
+        try:
+            lease.__enter__()
+        except TimeoutError:
+            outcomes[lease.owner] = "gave up"
+            tried.wait()
+            return
+        outcomes[lease.owner] = "held"
+        tried.wait()
+        lease.__exit__(None, None, None)
+
+    threads = [threading.Thread(target=contend, args=(lease,)) for lease in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return list(outcomes.values())
+
+
 def test_two_contenders_over_an_expired_lease_exactly_one_holds_it(storage_folder):
     storage, folder = storage_folder
     for round_ in range(5):
         location = folder.join(f"round-{round_}.lock")
         crash_holding(storage, location)
         contenders = [StorageLease(storage, location, wait_s=1.0) for _ in range(2)]
-        outcomes, start, tried = {}, threading.Barrier(2), threading.Barrier(2)
-
-        def contend(lock: StorageLease) -> None:
-            start.wait()
-            try:
-                lock.__enter__()
-            except TimeoutError:
-                outcomes[lock.owner] = "gave up"
-                tried.wait()
-                return
-            outcomes[lock.owner] = "held"
-            tried.wait()  # hold it until the other contender has given up
-            lock.__exit__(None, None, None)
-
-        threads = [threading.Thread(target=contend, args=(lock,)) for lock in contenders]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert sorted(outcomes.values()) == ["gave up", "held"], f"round {round_}: {outcomes}"
+        assert sorted(contend_at_once(contenders)) == ["gave up", "held"], f"round {round_}"
 
 
 class StaleReads(Storage):
@@ -309,26 +315,7 @@ def test_two_contenders_over_an_expired_promotion_lock_exactly_one_holds_it(mlfl
         PromotionLock(client, name, ttl_s=0.2, renew_every_s=3600).__enter__()  # crashed holder
         time.sleep(0.3)
         contenders = [PromotionLock(mlflow.MlflowClient(mlflow_server.uri), name, wait_s=1.0) for _ in range(2)]
-        outcomes, start, tried = {}, threading.Barrier(2), threading.Barrier(2)
-
-        def contend(lock: PromotionLock) -> None:
-            start.wait()
-            try:
-                lock.__enter__()
-            except TimeoutError:
-                outcomes[lock.owner] = "gave up"
-                tried.wait()
-                return
-            outcomes[lock.owner] = "held"
-            tried.wait()  # hold it until the other contender has given up
-            lock.__exit__(None, None, None)
-
-        threads = [threading.Thread(target=contend, args=(lock,)) for lock in contenders]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60)
-        assert sorted(outcomes.values()) == ["gave up", "held"], f"round {round_}: {outcomes}"
+        assert sorted(contend_at_once(contenders)) == ["gave up", "held"], f"round {round_}"
 
 
 class FailingRegistry:
