@@ -548,7 +548,10 @@ def train_command(
     warmup_epochs: float = _option(TrainConfig, "warmup_epochs", "--warmup-epochs", help="Linear warmup length."),
     label_smoothing: float = _option(TrainConfig, "label_smoothing", "--label-smoothing", help="Label smoothing."),
     hflip: bool = _option(TrainConfig, "hflip", "--hflip/--no-hflip",
-                          help="Random horizontal flips (off for left/right classes)."),
+                          help="Random horizontal flips (off for left/right classes, or give --flip-pairs)."),
+    flip_pairs: str = _option(TrainConfig, "flip_pairs", "--flip-pairs",
+                              help="CSV of class-name pairs a flip turns into each other (Something-Something's "
+                              "left/right classes): flipped clips get the mirror label."),
     augment: str = _option(
         TrainConfig, "augment", "--augment",
         help="recipe: RandAugment m7 n4 + RandomResizedCrop + flip (the paper's); crop: random crop + flip.",

@@ -207,6 +207,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
                           "inspect FILE` tells whether it loads) or a registered model models:/NAME/VERSION")
     cfg.data, manifest = pin_dataset_version(cfg.data, cfg.endpoint_url)
     check_class_map(cfg, manifest.class_names)
+    check_flip_pairs(cfg, manifest.class_names)
     if cfg.val_data:
         cfg.val_data, _ = pin_dataset_version(cfg.val_data, cfg.endpoint_url, "--val")
     uri = tracking_uri(cfg.tracking_uri)
@@ -251,6 +252,20 @@ def check_class_map(cfg: TrainConfig, class_names: list[str]) -> None:
     if unknown:
         raise OptionError("--pretrained-class-map",
                           f"names classes the dataset does not have: {', '.join(unknown[:10])}")
+
+
+def check_flip_pairs(cfg: TrainConfig, class_names: list[str]) -> None:
+    """The flip pairs file, read here as the workers will: an OptionError, in seconds, when it cannot be used."""
+    from jobs.training.loop import flip_swap, read_flip_pairs
+
+    if not cfg.flip_pairs:
+        return
+    if not cfg.hflip:
+        raise OptionError("--flip-pairs", "swaps the labels of horizontally flipped clips: it needs --hflip")
+    try:
+        flip_swap(read_flip_pairs(cfg.flip_pairs), class_names)
+    except ValueError as error:
+        raise OptionError("--flip-pairs", str(error)) from None
 
 
 class TrainingFailed(RuntimeError):

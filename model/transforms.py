@@ -37,11 +37,13 @@ def center_crop(clips: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def random_crop_flip(
-    clips: torch.Tensor, size: int, generator: torch.Generator | None = None, flip: bool = True
-) -> torch.Tensor:
+    clips: torch.Tensor, size: int, generator: torch.Generator | None = None, flip: bool = True,
+    return_flips: bool = False,
+):
     """An independent random `size` window and (with `flip`) horizontal flip per clip of `[B, T, H, W, 3]`, the
     same for all frames of a clip, gathered in one indexing op (no loop over clips). Turn flipping off for classes
-    that depend on left/right (Something-Something's "pushing left to right", motion direction)."""
+    that depend on left/right (Something-Something's "pushing left to right", motion direction), or swap their labels
+    for the flipped clips (`return_flips`: also the `[B]` bool mask of the clips flipped)."""
     batch, _, height, width, _ = clips.shape
     if size > min(height, width):
         raise ValueError(f"crop size {size} exceeds the stored {height}x{width} frames")
@@ -54,8 +56,8 @@ def random_crop_flip(
     cols = torch.where(flips[:, None], lefts[:, None] + size - 1 - offsets, lefts[:, None] + offsets)
     index = torch.arange(batch, device=device)[:, None, None]
     # [B, T, H, W, 3] -> [B, size, size, T, 3] by advanced indexing on (B, H, W), then back to [B, T, size, size, 3]
-    cropped = clips.permute(0, 2, 3, 1, 4)[index, rows[:, :, None], cols[:, None, :]]
-    return cropped.permute(0, 3, 1, 2, 4)
+    cropped = clips.permute(0, 2, 3, 1, 4)[index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2, 4)
+    return (cropped, flips) if return_flips else cropped
 
 
 AUGMENTATIONS = ("recipe", "crop")
@@ -93,8 +95,9 @@ def resized_crop_box(
 
 
 def recipe_augment(
-    clips: torch.Tensor, size: int, generator: torch.Generator | None = None, flip: bool = True
-) -> torch.Tensor:
+    clips: torch.Tensor, size: int, generator: torch.Generator | None = None, flip: bool = True,
+    return_flips: bool = False,
+):
     """uint8 `[B, T, H, W, 3]` -> float `[B, T, size, size, 3]` in 0..255: per clip, RandAugment (the same ops for every
     frame of a clip, torchvision's tensor implementation, which draws from torch's global RNG), a RandomResizedCrop
     window resized to `size` (bilinear, antialiased) and a horizontal flip with probability 0.5 when `flip`. A loop
@@ -103,6 +106,7 @@ def recipe_augment(
 
     rand_augment = v2.RandAugment(num_ops=RAND_AUGMENT_OPS, magnitude=RAND_AUGMENT_MAGNITUDE)
     out = torch.empty((clips.shape[0], clips.shape[1], size, size, 3), device=clips.device)
+    flips = torch.zeros(clips.shape[0], dtype=torch.bool, device=clips.device)
     for index, clip in enumerate(clips):
         frames = rand_augment(clip.permute(0, 3, 1, 2))  # [T, 3, H, W] uint8, one op sequence for the clip
         top, left, h, w = resized_crop_box(frames.shape[-2], frames.shape[-1], generator)
@@ -110,8 +114,9 @@ def recipe_augment(
         window = F.interpolate(window, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         if flip and torch.rand((), generator=generator).item() < 0.5:
             window = window.flip(-1)
+            flips[index] = True
         out[index] = window.clamp_(0, 255).permute(0, 2, 3, 1)
-    return out
+    return (out, flips) if return_flips else out
 
 
 def train_transform(
@@ -121,13 +126,16 @@ def train_transform(
     flip: bool = True,
     augment: str = "crop",
     normalization: str = "clip",
-) -> torch.Tensor:
-    """uint8 `[B, T, H, W, 3]` -> the model's normalised `[B, 3, T, size, size]`, augmented as `augment` says."""
-    if augment == "recipe":
-        return normalize(recipe_augment(clips, size, generator, flip), normalization)
-    if augment == "crop":
-        return normalize(random_crop_flip(clips, size, generator, flip), normalization)
-    raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {augment!r}")
+    return_flips: bool = False,
+):
+    """uint8 `[B, T, H, W, 3]` -> the model's normalised `[B, 3, T, size, size]`, augmented as `augment` says (with
+    `return_flips`, also the `[B]` bool mask of the clips flipped)."""
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {augment!r}")
+    augmented = recipe_augment if augment == "recipe" else random_crop_flip
+    windows, flips = augmented(clips, size, generator, flip, return_flips=True)
+    inputs = normalize(windows, normalization)
+    return (inputs, flips) if return_flips else inputs
 
 
 def eval_transform(clips: torch.Tensor, size: int, normalization: str = "clip") -> torch.Tensor:

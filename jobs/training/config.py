@@ -44,7 +44,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
-    hflip: bool = True  # off for classes that depend on left/right
+    hflip: bool = True  # off for classes that depend on left/right, or keep it with flip_pairs
+    # a CSV of class-name pairs a horizontal flip turns into each other: flipped clips get the mirror label
+    flip_pairs: str | None = field(default=None, metadata=LOCAL_PATH)
     augment: str = "recipe"  # recipe: RandAugment m7 n4 + RandomResizedCrop + flip (official); crop: random crop + flip
     # the pixels' normalisation the model trains with and keeps in its package: slowfast (mean 0.45, std 0.225), the
     # official code's for every released checkpoint, CLIP-initialised ones included; or clip (OpenAI CLIP's)

@@ -78,6 +78,42 @@ def read_class_map(path: str) -> dict[str, int | str]:
     return mapping
 
 
+def read_flip_pairs(path: str) -> list[tuple[str, str]]:
+    """Class names that a horizontal flip turns into each other, one `a,b` pair per line of a CSV (Something-
+    Something's "pushing left to right" and "pushing right to left"). ValueError naming the file and line."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            rows = list(csv.reader(handle.read().splitlines()))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read the flip pairs {path}: {error}") from None
+    pairs, seen = [], set()
+    for number, row in enumerate(rows, start=1):
+        if not row or row[0].startswith("#"):
+            continue
+        if len(row) != 2 or row[0].strip() == row[1].strip():
+            raise ValueError(f"flip pairs {path} line {number}: expected two different class names, got {row!r:.80}")
+        pair = (row[0].strip(), row[1].strip())
+        if seen & set(pair):
+            raise ValueError(f"flip pairs {path} line {number}: {sorted(seen & set(pair))} already has a mirror")
+        seen |= set(pair)
+        pairs.append(pair)
+    return pairs
+
+
+def flip_swap(pairs: list[tuple[str, str]], class_names: list[str], device=None) -> torch.Tensor:
+    """Class id -> the id its clips get when flipped: the pair's other class, or itself."""
+    ids = {name: index for index, name in enumerate(class_names)}
+    unknown = sorted({name for pair in pairs for name in pair} - set(ids))
+    if unknown:
+        raise ValueError(f"the flip pairs name classes the dataset does not have: {', '.join(unknown[:10])}")
+    swap = torch.arange(len(class_names))
+    for a, b in pairs:
+        swap[ids[a]], swap[ids[b]] = ids[b], ids[a]
+    return swap.to(device) if device is not None else swap
+
+
 def head_rows(class_names: list[str], class_map: dict[str, int | str] | None,
               source_names: list[str] | None) -> list[int | None] | None:
     """For each of the dataset's classes, the pretrained head's row it starts from (None: a fresh row), by the class
@@ -342,6 +378,8 @@ class Trainer:
         self.crop_size, self.rank, self.world = crop_size, rank, world
         # what the step runs: the DDP wrapper across ranks; `state.net` holds the weights
         self.model = state.net if model is None else model
+        # class id -> the id of its mirror image (`--flip-pairs`), for the labels of horizontally flipped clips
+        self.flip_swap = flip_swap(read_flip_pairs(cfg.flip_pairs), class_names, device) if cfg.flip_pairs else None
         self.streams, self.first_batches = streams, first_batches
         self.val_plan, self.class_names = val_plan, class_names
         self.tracker = tracker or RunTracker(None, progress.mlflow_run_id, enabled=False)
@@ -475,13 +513,17 @@ class Trainer:
         """One micro-batch's loss (its share of the step's) and gradients; DDP all-reduces the gradients only on the
         step's last micro-batch."""
         cfg = self.cfg
-        inputs = train_transform(batch["frames"], self.crop_size, generator, flip=cfg.hflip, augment=cfg.augment,
-                                 normalization=input_normalization(self.model))
+        inputs, flipped = train_transform(batch["frames"], self.crop_size, generator, flip=cfg.hflip,
+                                          augment=cfg.augment, normalization=input_normalization(self.model),
+                                          return_flips=True)
+        labels = batch["label"]
+        if self.flip_swap is not None:  # a flipped "pushing left to right" is "pushing right to left"
+            labels = torch.where(flipped, self.flip_swap[labels], labels)
         sync = contextlib.nullcontext() if last_micro_step or self.world == 1 else self.model.no_sync()
         with sync:
             with self.autocast():
                 logits = self.model(inputs)
-                loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=cfg.label_smoothing)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
             self.state.scaler.scale(loss / cfg.grad_accum).backward()
         return loss.detach() / cfg.grad_accum
 
