@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 
@@ -12,3 +13,10 @@ def emit(result: dict, output: str | os.PathLike | None) -> None:
     print(text)
     if output:
         Path(output).write_text(text + "\n")
+
+
+def spread(values, digits: int = 3) -> dict:
+    """A figure measured over interleaved rounds: its median (what a goal is judged by), min and max, and the rounds."""
+    values = list(values)
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits), "rounds": [round(value, digits) for value in values]}
