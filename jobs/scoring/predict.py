@@ -86,6 +86,12 @@ class ViewPredictor:
         self.identity = identity_columns
         self.precision = precision
         self.max_clips = max_clips
+        # one forward on a dummy view now: the first call's one-time costs (kernel and layout choices, the allocator's
+        # growth, on CUDA the context's lazy work) are paid while the first videos decode, not by their predictions
+        card = self.card
+        blank = torch.zeros((1, 1, card.frames, card.crop_size, card.crop_size, 3), dtype=torch.uint8,
+                            device=self.device)
+        predict_views(self.net, blank, card.crop_size, precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         count = len(batch["source_uri"])
