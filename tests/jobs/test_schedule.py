@@ -84,8 +84,8 @@ def run(*argv: str) -> tuple[int, dict]:
 def test_three_weeks_of_the_shipped_schedule_from_relative_paths(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    generate_motion_dataset("raw", 10, seed=1, **VIDEO)
-    generate_motion_dataset("val-videos", 6, seed=2, **VIDEO)
+    generate_motion_dataset("raw", 30, seed=1, **VIDEO)
+    generate_motion_dataset("val-videos", 8, seed=2, **VIDEO)
     generate_motion_dataset("archive", 2, seed=3, layout="flat", write_labels_csv=False, **VIDEO)
 
     # the fixed validation set, ingested once with the shipped ingest job
@@ -93,7 +93,7 @@ def test_three_weeks_of_the_shipped_schedule_from_relative_paths(tmp_path, monke
                                        "./val-videos/labels.csv", "s3://clips/k400/": "./val-clips"}, CLIPS)
     Path("ingest.yaml").write_text(yaml.safe_dump(ingest))
     code, summary = run(*shipped_command("rayjob-ingest.yaml", "ingest"))
-    assert (code, summary["outcome"], summary["ingested"]) == (0, "success", 24), summary
+    assert (code, summary["outcome"], summary["ingested"]) == (0, "success", 32), summary
 
     retrain_paths = {"s3://raw-videos/": "./raw", "s3://clips/k400/": "./clips", "s3://clips/k400-val@1":
                      "./val-clips@1", "s3://raw-videos/labels.csv": "./raw/labels.csv", "s3://runs/retrain/": "./runs",
@@ -127,9 +127,9 @@ def test_three_weeks_of_the_shipped_schedule_from_relative_paths(tmp_path, monke
     # week 2: new videos arrive in the bucket and the archive; the retrain promotes, and the same score command
     # leaves every archive video with a prediction by the new champion
     started = time.monotonic()
-    add_videos(Path("raw"), 4, seed=4, prefix="week2")
+    add_videos(Path("raw"), 10, seed=4, prefix="week2")
     generate_motion_dataset("archive/week2", 1, seed=5, layout="flat", write_labels_csv=False, **VIDEO)
-    code, second = retrain_week({"epochs": 30})
+    code, second = retrain_week({"epochs": 20})
     decision = second["decision"]
     assert code == 0 and decision["promoted"] and decision["candidate_version"] == 2, json.dumps(decision)
     assert decision["champion_version"] == 1 and decision["candidate_score"] > decision["champion_score"]
@@ -142,7 +142,7 @@ def test_three_weeks_of_the_shipped_schedule_from_relative_paths(tmp_path, monke
 
     # week 3: nothing new: both exit 3 (nothing new), which the shipped --scheduled reports as a successful run
     started = time.monotonic()
-    code, third = retrain_week({"epochs": 30})
+    code, third = retrain_week({"epochs": 20})
     assert (code, third["outcome"], third["exit_code"]) == (0, "nothing_new", 3), third
     code, scored = run(*score_argv)
     assert (code, scored["outcome"], scored["exit_code"], scored["scored"]) == (0, "nothing_new", 3, 0), scored
