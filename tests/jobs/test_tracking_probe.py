@@ -34,16 +34,19 @@ def silent_port():
 
 @pytest.mark.parametrize("port_of", [refusing_port, silent_port])
 @pytest.mark.parametrize("command", [
+    # retrain reads MLFLOW_TRACKING_URI; score is given --tracking-uri (an address earlier tests of this process set
+    # with mlflow.set_tracking_uri would otherwise stand in for the environment's)
     ["retrain", "--source", "./raw", "--dataset", "./clips", "--model-name", "m", "--val", "./val", "--dry-run"],
-    ["score", "./archive", "--model", "models:/m@champion", "--out", "./scores"],
+    ["score", "./archive", "--model", "models:/m@champion", "--out", "./scores", "--tracking-uri", "{address}"],
 ])
 def test_jobs_report_a_tracking_server_that_does_not_answer_within_seconds(tmp_path, monkeypatch, port_of, command):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "archive").mkdir()
     with port_of() as port:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{PASSWORD}@127.0.0.1:{port}")
+        address = f"http://alice:{PASSWORD}@127.0.0.1:{port}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", address)
         started = time.monotonic()
-        result = CliRunner().invoke(app, command)
+        result = CliRunner().invoke(app, [arg.format(address=address) for arg in command])
         seconds = time.monotonic() - started
     assert result.exit_code == 1, result.output
     assert f"the MLflow tracking server at http://alice:***@127.0.0.1:{port} does not answer" in result.output
