@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -213,7 +214,9 @@ def test_a_failed_training_fails_its_mlflow_run_and_tells_the_workers_error_in_o
         run_train(cfg)
     message = str(failed.value)
     assert "\n" not in message and "Traceback" not in message, message
-    assert f"training run {cfg.name}" in message and "rank 0: " in message and "rank 1: " in message, message
+    # each worker that failed, by rank, with its own error (Ray may report one rank or both: both fail alike)
+    assert f"training run {cfg.name}" in message, message
+    assert re.search(r"failed: rank [01]: ValueError: .*weights\.pt: cannot be read as tensors only", message), message
     client = mlflow.MlflowClient(mlflow_server.uri)
     [run] = client.search_runs([client.get_experiment_by_name("fails").experiment_id])
     assert run.info.status == "FAILED" and run.info.end_time  # not RUNNING forever
