@@ -22,10 +22,10 @@ from jobs.config import LOCAL_PATH, absolute_location, absolute_paths, to_yaml
 from jobs.console import init_ray
 from jobs.credentials import MASK, carries_credentials, mlflow_env_for_workers, redact, redacted_stdout
 from jobs.exitcodes import OptionError
+from jobs.serving.registry import experiment_id, probe_tracking_server
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
 from jobs.training.checkpoint import WEIGHTS
 from jobs.training.config import CONFIG_ARTIFACT, TrainConfig
-from jobs.serving.registry import experiment_id, probe_tracking_server
 from jobs.training.progress import DriverConsole
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
@@ -113,7 +113,6 @@ def open_mlflow_run(cfg: TrainConfig, uri: str, record_path: str, filesystem, ma
     """The MLflow run of this training run: created once, then found again through the run record."""
     import mlflow
     from mlflow.entities import Param
-
     from mlflow.tracking.context.registry import resolve_tags
 
     client = mlflow.MlflowClient(uri)
