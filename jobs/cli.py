@@ -438,7 +438,7 @@ def predict_command(
     failed = 0
     with _job("predict", False, StorageError, ModelReferenceError, ValueError):
         identity, predictions = predict_videos(
-            videos, absolute_location(model_ref), views=views, top_k=top_k,
+            videos, model_ref, views=views, top_k=top_k,
             tracking_uri=absolute_location(tracking_uri) if tracking_uri else None, endpoint_url=endpoint_url,
         )
         typer.echo(f"predict with {identity.describe()}, views {views}", err=True)

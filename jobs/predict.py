@@ -50,12 +50,11 @@ def predict_videos(
     with tempfile.TemporaryDirectory() as scratch:
         resolved = resolve_model(model, scratch, tracking_uri)
         params = build_params(resolved.card, views, top_k, full_probs=False, short_side=None)
-        with open(resolved.weights_path, "rb") as handle:
-            weights = handle.read()
-        with open(resolved.config_path, encoding="utf-8") as handle:
-            config = handle.read()
-    predictor = ViewPredictor({"weights": weights, "config": config}, params.top_k, False,
-                              identity_columns(resolved.identity), torch_threads=os.cpu_count())
+        # the package's files as they are, and no warm-up: here the first real video pays the first call's costs
+        # anyway, and a blank forward before it would only delay the first answer
+        package = {"weights_path": resolved.weights_path, "config_path": resolved.config_path}
+        predictor = ViewPredictor(package, params.top_k, False, identity_columns(resolved.identity),
+                                  torch_threads=os.cpu_count(), warm_up=False)
 
     def predictions() -> Iterator[VideoPrediction]:
         for video in videos:

@@ -53,8 +53,10 @@ def top_k_columns(
 
 class ViewPredictor:
     """Ray Data callable class for `map_batches` in an actor pool: builds the network once per actor from the
-    package (weights bytes in the object store, config JSON), then turns batches of decoded videos into prediction
-    rows. Rows whose decoding failed pass through with null predictions and their error."""
+    package (weights bytes in the object store and config JSON, or, in the process that holds them, the package's
+    files: `weights_path`, `config_path`), then turns batches of decoded videos into prediction rows. Rows whose
+    decoding failed pass through with null predictions and their error. `warm_up`: one forward on a blank view at
+    start, for a pool whose first videos are still decoding."""
 
     def __init__(
         self,
@@ -66,32 +68,39 @@ class ViewPredictor:
         precision: str = "auto",
         max_clips: int | None = None,
         torch_threads: int | None = None,
+        warm_up: bool = True,
     ):
         import ray
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        weights = package["weights"]
-        weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
-        with tempfile.TemporaryDirectory() as directory:
-            weights_path, config_path = os.path.join(directory, WEIGHTS_FILE), os.path.join(directory, CONFIG_FILE)
-            with open(weights_path, "wb") as handle:
-                handle.write(weights)
-            with open(config_path, "w", encoding="utf-8") as handle:
-                handle.write(package["config"])
-            self.net, self.card = load_package(weights_path, config_path, device=self.device)
+        if "weights_path" in package:
+            self.net, self.card = load_package(package["weights_path"], package["config_path"], device=self.device)
+        else:
+            weights = package["weights"]
+            weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
+            with tempfile.TemporaryDirectory() as directory:
+                weights_path = os.path.join(directory, WEIGHTS_FILE)
+                config_path = os.path.join(directory, CONFIG_FILE)
+                with open(weights_path, "wb") as handle:
+                    handle.write(weights)
+                with open(config_path, "w", encoding="utf-8") as handle:
+                    handle.write(package["config"])
+                self.net, self.card = load_package(weights_path, config_path, device=self.device)
         self.top_k = min(top_k, self.card.num_classes)
         self.full_probs = full_probs
         self.identity = identity_columns
         self.precision = precision
         self.max_clips = max_clips
-        # one forward on a dummy view now: the first call's one-time costs (kernel and layout choices, the allocator's
-        # growth, on CUDA the context's lazy work) are paid while the first videos decode, not by their predictions
-        card = self.card
-        blank = torch.zeros((1, 1, card.frames, card.crop_size, card.crop_size, 3), dtype=torch.uint8,
-                            device=self.device)
-        predict_views(self.net, blank, card.crop_size, precision)
+        if warm_up:
+            # one forward on a blank view now: the first call's one-time costs (kernel and layout choices, the
+            # allocator's growth, on CUDA the context's lazy work) are paid while the first videos decode, not by
+            # their predictions
+            card = self.card
+            blank = torch.zeros((1, 1, card.frames, card.crop_size, card.crop_size, 3), dtype=torch.uint8,
+                                device=self.device)
+            predict_views(self.net, blank, card.crop_size, precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         count = len(batch["source_uri"])
