@@ -20,7 +20,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
@@ -155,10 +155,7 @@ class Manifest:
             raise ManifestError(
                 f"clip dataset schema version {found} is not supported (this version reads {SCHEMA_VERSION}): {hint}"
             )
-        manifest_body(body, where)
-        unknown = set(body) - {item.name for item in fields(cls)}
-        if unknown:
-            raise ManifestError(f"{where} has keys a clip dataset manifest does not: {', '.join(sorted(unknown))}")
+        manifest_body(body, where, cls, "clip dataset manifest")
         class_map = body.get("class_map")
         if not (isinstance(class_map, dict) and all(isinstance(name, str) and type(index) is int
                                                     for name, index in class_map.items())):

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -91,11 +91,16 @@ def manifest_json(text: bytes | str, where: str) -> dict:
     return body
 
 
-def manifest_body(text: bytes | str | dict, where: str) -> dict:
+def manifest_body(text: bytes | str | dict, where: str, kind: type | None = None, what: str = "") -> dict:
     """A manifest's object (`manifest_json`) with what readers and gc rely on checked: its version, parts, chain of
-    source tables and errors table, each of the right type and inside the root. A manifest that lacks or mistypes one
-    of them is a ManifestError naming `where`, never a KeyError or TypeError later."""
+    source tables and errors table, each of the right type and inside the root, and with `kind` (the manifest's
+    dataclass, `what` naming it in messages) no key that class lacks. A manifest that lacks or mistypes one of them is
+    a ManifestError naming `where`, never a KeyError or TypeError later."""
     body = text if isinstance(text, dict) else manifest_json(text, where)
+    if kind is not None:
+        unknown = set(body) - {item.name for item in fields(kind)}
+        if unknown:
+            raise ManifestError(f"{where} has keys a {what} does not: {', '.join(sorted(unknown))}")
     _check_keys(body, _MANIFEST_KEYS, where, "")
     for index, part in enumerate(body["shards"]):
         _check_keys(part, _PART_KEYS, where, f"shards[{index}].")

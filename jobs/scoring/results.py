@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -166,10 +166,7 @@ class ScoreManifest:
                 f"{where} is not a predictions manifest this version reads (kind {body.get('kind')!r}, schema "
                 f"{found}); write predictions to their own --out"
             )
-        manifest_body(body, where)
-        unknown = set(body) - {item.name for item in fields(cls)}
-        if unknown:
-            raise ManifestError(f"{where} has keys a predictions manifest does not: {', '.join(sorted(unknown))}")
+        manifest_body(body, where, cls, "predictions manifest")
         try:
             body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
             return cls(**body)
