@@ -46,6 +46,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from bench_output import emit, spread  # noqa: E402
+
+from jobs.config import build
+from jobs.options import IngestConfig
 from pipeline.synthetic import write_motion_video  # noqa: E402
 
 # (width, height, frames, fps): a mix of resolutions and lengths
@@ -129,12 +132,19 @@ def bench_ingest(src: Path, dst: Path, frames: int, size: int, short_side: int) 
     for index in range(4):
         shutil.copyfile(first, warm_src / f"warm_{index}.mp4")
     shutil.rmtree(dst.parent / "warm-dst", ignore_errors=True)
-    run_ingest(str(warm_src), str(dst.parent / "warm-dst"), frames=frames, size=size, short_side=short_side,
-               echo=lambda _: None)
+    run_ingest(
+        build(
+            IngestConfig,
+            dict(src=str(warm_src), out=str(dst.parent / "warm-dst"), frames=frames, size=size, short_side=short_side),
+        ),
+        echo=lambda _: None,
+    )
     shutil.rmtree(dst, ignore_errors=True)
     with Measured() as measured:
-        summary = run_ingest(str(src), str(dst), frames=frames, size=size, short_side=short_side,
-                             echo=lambda _: None)
+        summary = run_ingest(
+            build(IngestConfig, dict(src=str(src), out=str(dst), frames=frames, size=size, short_side=short_side)),
+            echo=lambda _: None,
+        )
     assert summary.errored == 0, summary.errors
     clips = summary.clips_written
     return clips / measured.wall, 1000 * measured.cpu / clips, clips
@@ -259,8 +269,9 @@ _JOB = """
 import sys, logging, ray
 ray.init(num_cpus=int(sys.argv[3]), include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 from jobs.ingest import run_ingest
-s = run_ingest(sys.argv[1], sys.argv[2], frames=int(sys.argv[4]), size=int(sys.argv[5]), short_side=int(sys.argv[6]),
-               echo=lambda _: None)
+from jobs.options import ClipSampling, IngestConfig
+clip = ClipSampling(frames=int(sys.argv[4]), size=int(sys.argv[5]), short_side=int(sys.argv[6]))
+s = run_ingest(IngestConfig(sys.argv[1], sys.argv[2], clip=clip), echo=lambda _: None)
 assert s.errored == 0 and s.ingested == s.listed, s
 """
 

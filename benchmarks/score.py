@@ -39,9 +39,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.ingest import Measured, make_videos, ray_worker_niceness  # noqa: E402
-
 from bench_output import emit, spread
+
+from benchmarks.ingest import Measured, make_videos, ray_worker_niceness  # noqa: E402
+from jobs.options import ScoreConfig
 
 FULL_CONFIGS = [(320, 240, 300, 30), (640, 360, 150, 30), (1280, 720, 90, 30)]
 QUICK_CONFIGS = [(320, 240, 90, 30), (640, 360, 60, 30)]
@@ -120,7 +121,9 @@ def bench_score(src: Path, work: Path, package: Path, views: str, options) -> tu
     out = work / "scores"
     shutil.rmtree(out, ignore_errors=True)
     with Measured() as measured:
-        summary = run_score(str(src), str(out), str(package), views=views, options=options, echo=lambda _: None)
+        summary = run_score(
+            ScoreConfig(str(src), str(out), str(package), views=views, options=options), echo=lambda _: None
+        )
     assert summary.errored == 0 and summary.scored == summary.listed, summary
     speed, count = summary.throughput, summary.scored
     return (speed.videos_per_s, speed.steady_videos_per_s, count / measured.wall, 1000 * measured.cpu / count,
@@ -137,7 +140,10 @@ def warm_score(src: Path, work: Path, package: Path, views: str, options) -> Non
     for index, path in enumerate(sorted(src.glob("*.mp4"))[:4]):
         shutil.copyfile(path, warm_src / f"warm_{index}.mp4")
     shutil.rmtree(work / "warm-out", ignore_errors=True)
-    run_score(str(warm_src), str(work / "warm-out"), str(package), views=views, options=options, echo=lambda _: None)
+    run_score(
+        ScoreConfig(str(warm_src), str(work / "warm-out"), str(package), views=views, options=options),
+        echo=lambda _: None,
+    )
 
 
 def main() -> None:
@@ -164,7 +170,8 @@ def main() -> None:
     import torch
 
     import model
-    from jobs.score import ScoreOptions, build_params
+    from jobs.options import ScoreOptions
+    from jobs.score import build_params
     from model.package import ModelCard, save_package
     from pipeline.views import parse_views
 

@@ -17,6 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from jobs.config import build
+from jobs.options import IngestConfig
+
 # the repository first: `import model` must find the package, not this folder's model.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on loopback only
@@ -42,8 +45,20 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="uniformer-train-bench-")
     generate_motion_dataset(os.path.join(root, "videos"), args.videos_per_class, size=(40, 40), num_frames=16)
     ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
-    run_ingest(os.path.join(root, "videos"), os.path.join(root, "clips"), labels_from_dirs=True, frames=8,
-               short_side=40, size=32, echo=lambda _: None)
+    run_ingest(
+        build(
+            IngestConfig,
+            dict(
+                src=os.path.join(root, "videos"),
+                out=os.path.join(root, "clips"),
+                labels_from_dirs=True,
+                frames=8,
+                short_side=40,
+                size=32,
+            ),
+        ),
+        echo=lambda _: None,
+    )
     tracking = f"sqlite:///{os.path.join(root, 'mlflow.db')}"
 
     results = {}

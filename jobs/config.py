@@ -21,18 +21,55 @@ import yaml
 from jobs.credentials import MASK, redact
 
 # Field metadata of a section: which of its fields the enclosing configuration supplies (section field -> field of
-# the enclosing class), so that a file cannot set them, and the section's own defaults where they differ.
+# the enclosing class), so that a file cannot set them, the section's own defaults where they differ, and which of
+# its fields have a flag of the enclosing command.
 SUPPLIED = "supplied"
 DEFAULTS = "defaults"
-
-# Field metadata of an option that may name a place on the caller's machine (a folder, a file, a dataset `DST@V`, a
-# `sqlite:///` database): `absolute_paths` resolves it against the working directory of the command that parsed it,
-# before anything reaches Ray, whose workers and actors run in folders of their own.
-LOCAL_PATH = {"local_path": True}
+FLAGS = "flags"
+# Field metadata of an inline section: its fields are keys of the enclosing mapping, not a nested one.
+INLINE = "inline"
 # `scheme:` of a URI that is not a local path (s3://, models:/, runs:/, http://, postgresql://)
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+def option(default=dataclasses.MISSING, *, help: str, flag: str | None = None, local_path: bool = False,
+           argument: bool = False, default_factory=dataclasses.MISSING):
+    """A field of a config class: the option's one declaration, its help included; the CLI (jobs.flags) makes its
+    flag from it. `flag`: the flag's names when not `--field-name` (`--gpu`, `--hflip/--no-hflip`); `argument`: a
+    positional argument instead. `local_path`: the value may name a place on the caller's machine (a folder, a file, a
+    dataset `DST@V`, a `sqlite:///` database), which `absolute_paths` resolves against the working directory of the
+    command that parsed it, before anything reaches Ray, whose workers and actors run in folders of their own."""
+    metadata = {"help": help, "flag": flag, "local_path": local_path, "argument": argument}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def section(section_class: type, *, inline: bool = False, supplied: Mapping | None = None,
+            defaults: Mapping | None = None, flags: tuple[str, ...] = ()):
+    """A field holding a section, a config class of its own. An `inline` section's keys sit in the enclosing mapping
+    (a file and `--print-config` show them flat, every field has its flag); another is a nested mapping whose
+    `supplied` fields the enclosing class sets, with its own `defaults`, and only `flags` of its fields as flags of
+    the enclosing command."""
+    if inline:
+        return dataclasses.field(default_factory=section_class, metadata={INLINE: True})
+    metadata = {SUPPLIED: dict(supplied or {}), DEFAULTS: dict(defaults or {}), FLAGS: tuple(flags)}
+    return dataclasses.field(kw_only=True, metadata=metadata)
+
+
+def settings(cls: type) -> dict[str, tuple[str, ...]]:
+    """Every key of the mapping that `cls` is built from, in order, with the path of attributes that holds it
+    (inline sections' fields under their section's name). Nested sections are keys of their own."""
+    keys = {}
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        if not item.init:
+            continue
+        if item.metadata.get(INLINE):
+            keys.update({key: (item.name, *path) for key, path in settings(hints[item.name]).items()})
+        else:
+            keys[item.name] = (item.name,)
+    return keys
 
 
 class ConfigError(ValueError):
@@ -91,18 +128,22 @@ def build(cls: type, values: Mapping, where: str = "", supplied: Mapping | None 
         values = cls.layered(values)
     hints = typing.get_type_hints(cls)
     fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
-    settable = [name for name in fields if name not in supplied]
+    inline = {name: settings(hints[name]) for name, item in fields.items() if item.metadata.get(INLINE)}
+    settable = [key for key in settings(cls) if key not in supplied]
     for key in values:
         if key in supplied:
             raise ConfigError(f"{where}{key} is not set here: it comes from the enclosing configuration")
-        if key not in fields:
+        if key not in settable:
             raise ConfigError(f"unknown key {where}{key}; valid keys: {', '.join(settable)}")
     arguments = dict(supplied)
-    sections = [name for name in settable if dataclasses.is_dataclass(hints[name])]
-    for name in settable:
-        if name in sections:
+    sections = [name for name in settable if name in fields and name not in inline
+                and dataclasses.is_dataclass(hints[name])]
+    for name in fields:
+        if name in supplied or name in sections:
             continue
-        if name in values:
+        if name in inline:
+            arguments[name] = build(hints[name], {key: values[key] for key in inline[name] if key in values}, where)
+        elif name in values:
             arguments[name] = _checked(f"{where}{name}", values[name], hints[name])
         elif _required(fields[name]):
             raise ConfigError(f"missing {where}{name}: give its flag or `{name}:` in the config file")
@@ -163,6 +204,9 @@ def to_dict(config) -> dict:
     values = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
+        if field.metadata.get(INLINE):
+            values.update(to_dict(value))
+            continue
         if dataclasses.is_dataclass(value):
             value = {key: item for key, item in to_dict(value).items() if key not in field.metadata.get(SUPPLIED, {})}
         elif isinstance(value, str):

@@ -10,36 +10,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 
-from jobs.config import LOCAL_PATH
+from jobs.ingest import run_ingest
+from jobs.options import ClipSampling, DemoConfig, DemoSize, IngestConfig, RetrainConfig, ScoreConfig
 from jobs.report import table_lines
 from jobs.retrain import run_retrain
 from jobs.score import run_score
 from jobs.train import ensure_ray
 from jobs.training.config import TrainConfig
 from pipeline import generate_motion_dataset, load_manifest
-
-
-@dataclass
-class DemoSize:
-    """How much work the demo does; `small` keeps CI fast, `default` shows learning on a laptop."""
-
-    train_per_class: int
-    new_per_class: int
-    val_per_class: int
-    archive_videos: int
-    epochs: int
-
-    @classmethod
-    def named(cls, name: str) -> DemoSize:
-        sizes = {
-            "default": cls(train_per_class=150, new_per_class=50, val_per_class=30, archive_videos=40, epochs=8),
-            "small": cls(train_per_class=24, new_per_class=8, val_per_class=8, archive_videos=8, epochs=1),
-        }
-        if name not in sizes:
-            raise ValueError(f"unknown demo size {name!r}; choose from {sorted(sizes)}")
-        return sizes[name]
 
 
 # 40 px videos, 8-frame clips of 40 px squares, 32 px model crops: what uniformerv2_tiny is built for.
@@ -49,25 +28,10 @@ MODEL_NAME = "demo-motion"
 SCORE_VIEWS = "2x1"  # the demo scores at these views, and its gate judges at the same ones
 
 
-@dataclass
-class DemoConfig:
-    """The options of `uniformer demo`."""
-
-    workdir: str = field(default="demo-output", metadata=LOCAL_PATH)  # videos, clips, runs, scores and mlflow.db
-    size: str = "default"  # default (shows learning) | small (a quick smoke run)
-    workers: int = 2  # Ray Train workers
-
-    def __post_init__(self) -> None:
-        DemoSize.named(self.size)  # refuses an unknown size by name
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-
-
-def run_demo(workdir: str = DemoConfig.workdir, size: str = DemoConfig.size, workers: int = DemoConfig.workers,
-             echo=print) -> dict:
+def run_demo(config: DemoConfig, echo=print) -> dict:
     started = time.monotonic()
-    sizes = DemoSize.named(size)
-    workdir = os.path.abspath(workdir)
+    sizes = DemoSize.named(config.size)
+    workdir = os.path.abspath(config.workdir)
     bucket = os.path.join(workdir, "bucket")
     raw, archive = os.path.join(bucket, "raw-videos"), os.path.join(bucket, "archive")
     val_videos = os.path.join(bucket, "validation-videos")
@@ -83,33 +47,31 @@ def run_demo(workdir: str = DemoConfig.workdir, size: str = DemoConfig.size, wor
                             write_labels_csv=False, **VIDEO)
 
     train = TrainConfig(
-        data=clips, model="uniformerv2_tiny", workers=workers, epochs=sizes.epochs, batch_size=16, lr=2e-3,
+        data=clips, model="uniformerv2_tiny", workers=config.workers, epochs=sizes.epochs, batch_size=16, lr=2e-3,
         warmup_epochs=0.3, hflip=False, augment="crop", storage=os.path.join(workdir, "runs"), tracking_uri=tracking,
         experiment="demo", checkpoint_every=0,
     )
     ensure_ray(train)
-    ingest_options = dict(labels_from_dirs=True, **CLIPS)
 
     echo("[demo] 2/6 ingesting the fixed validation set")
-    from jobs.ingest import run_ingest
-
-    run_ingest(val_videos, val_clips, echo=echo, **ingest_options)
+    run_ingest(IngestConfig(val_videos, val_clips, labels_from_dirs=True, clip=ClipSampling(**CLIPS)), echo=echo)
 
     echo("[demo] 3/6 retrain #1: ingest, train with 2 workers, register, gate (the first model becomes champion)")
-    first = run_retrain(raw, clips, MODEL_NAME, val_clips, train=train, ingest_options=ingest_options,
-                        init="pretrained", gate_views=SCORE_VIEWS, echo=echo)
+    new_videos = IngestConfig(raw, clips, labels_from_dirs=True, clip=ClipSampling(**CLIPS))
+    first = run_retrain(RetrainConfig(raw, clips, MODEL_NAME, val_clips, init="pretrained", gate_views=SCORE_VIEWS,
+                                      train=train, ingest=new_videos), echo=echo)
 
     echo(f"[demo] 4/6 scoring the archive with models:/{MODEL_NAME}@champion")
-    scored = run_score(archive, scores, f"models:/{MODEL_NAME}@champion", views=SCORE_VIEWS, top_k=2,
-                       tracking_uri=tracking, echo=echo)
+    scored = run_score(ScoreConfig(archive, scores, f"models:/{MODEL_NAME}@champion", views=SCORE_VIEWS, top_k=2,
+                                   tracking_uri=tracking), echo=echo)
 
     echo("[demo] 5/6 new videos arrive")
     add_videos(raw, os.path.join(workdir, "incoming"), sizes.new_per_class, seed=4)
 
     echo("[demo] 6/6 retrain #2: incremental ingest, candidate from the champion, gate")
     second_train = TrainConfig(**{**train.to_dict(), "lr": 5e-4, "warmup_epochs": 0.1})
-    second = run_retrain(raw, clips, MODEL_NAME, val_clips, train=second_train, ingest_options=ingest_options,
-                         init="champion", gate_views=SCORE_VIEWS, echo=echo)
+    second = run_retrain(RetrainConfig(raw, clips, MODEL_NAME, val_clips, init="champion", gate_views=SCORE_VIEWS,
+                                       train=second_train, ingest=new_videos), echo=echo)
 
     summary = {
         "clips": load_manifest(clips).num_clips,

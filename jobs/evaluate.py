@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from jobs.config import LOCAL_PATH
 from jobs.credentials import redact, redacted_stdout
 from jobs.metrics import per_class_report, scores_from_counts
 from jobs.report import table_lines
-from jobs.score import ScoreConfig, ScoreOptions, score_dataset
-from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
+from jobs.options import EvaluateConfig
+from jobs.score import score_dataset
+from jobs.scoring.model_ref import ModelIdentity, resolve_model
 from jobs.train import reading_datasets
 from jobs.train import tracking_uri as resolve_tracking_uri
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
@@ -39,34 +39,7 @@ from pipeline.views import parse_views
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "uniformerv2-evaluations"
 METRICS = ("accuracy", "top5_accuracy", "mean_class_accuracy", "loss")
-
-
-@dataclass
-class EvaluateConfig:
-    """The options of `uniformer evaluate`: the model runs as scoring runs it, with scoring's defaults."""
-
-    data: str = field(metadata=LOCAL_PATH)  # labelled clip dataset DST[@VERSION]: its source videos are evaluated
-    model: str = field(metadata=LOCAL_PATH)  # models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or a package folder
-    views: str = ScoreConfig.views
-    batch_size: int = ScoreOptions.batch_size
-    use_gpu: bool = ScoreOptions.use_gpu
-    actors: int | None = ScoreOptions.actors
-    cpus_per_actor: float = ScoreOptions.cpus_per_actor
-    precision: str = ScoreOptions.precision
-    experiment: str = DEFAULT_EXPERIMENT
-    tracking_uri: str | None = field(default=None, metadata=LOCAL_PATH)
-    endpoint_url: str | None = None
-
-    def __post_init__(self) -> None:
-        parse_views(self.views)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        self.options()
-
-    def options(self) -> ScoreOptions:
-        return ScoreOptions(self.batch_size, self.use_gpu, self.actors, self.cpus_per_actor, self.precision)
 
 
 class EvaluationError(ValueError):
@@ -136,32 +109,23 @@ def score_rows(rows: list[dict], labels: dict[str, str], class_names: list[str])
     return scores.metrics, per_class_report(confusion, class_names), failed
 
 
-def evaluate_model(
-    data: str,
-    model: str | ResolvedModel,
-    views: str = ScoreConfig.views,
-    options=None,
-    tracking_uri: str | None = None,
-    endpoint_url: str | None = None,
-    experiment: str | None = DEFAULT_EXPERIMENT,
-    use_cache: bool = False,
-) -> Evaluation:
-    """Evaluates `model` (a reference or a resolved model) on dataset `data` (`DST[@VERSION]`) at `views`. Logs an
-    MLflow run in `experiment` (None: log nothing) and keeps the figures on a registered version's tags. With
-    `use_cache`, a registered version already evaluated on this dataset version and views is not evaluated again."""
-    temporal, spatial = parse_views(views)
-    views = f"{temporal}x{spatial}"
-    pinned = f"{parse_dataset_ref(data)[0]}@{load_manifest(data, endpoint_url=endpoint_url).version}"
+def evaluate_model(config: EvaluateConfig, *, use_cache: bool = False) -> Evaluation:
+    """Evaluates `config.model` on dataset `config.data` (`DST[@VERSION]`) at `config.views`. Logs an MLflow run in
+    `config.experiment` and keeps the figures on a registered version's tags. With `use_cache`, a registered version
+    already evaluated on this dataset version and views is not evaluated again."""
+    temporal, spatial = parse_views(config.views)
+    views, tracking_uri, endpoint_url = f"{temporal}x{spatial}", config.tracking_uri, config.endpoint_url
+    pinned = f"{parse_dataset_ref(config.data)[0]}@{load_manifest(config.data, endpoint_url=endpoint_url).version}"
     with reading_datasets([pinned], endpoint_url, "evaluate"), tempfile.TemporaryDirectory() as directory:
         dataset, videos, _ = dataset_videos(pinned, endpoint_url)
-        resolved = resolve_model(model, directory, tracking_uri) if isinstance(model, str) else model
+        resolved = resolve_model(config.model, directory, tracking_uri)
         if use_cache:
             cached = cached_evaluation(resolved.identity, dataset, views, tracking_uri)
             if cached is not None:
                 return cached
         rows = (
             score_dataset(videos, resolved, views=views, top_k=min(5, resolved.card.num_classes), full_probs=True,
-                          options=options, endpoint_url=endpoint_url)
+                          options=config.options, endpoint_url=endpoint_url)
             .select_columns(["video_id", "probs", "error_type", "error_message"])
             .take_all()
         )
@@ -169,8 +133,8 @@ def evaluate_model(
     metrics, per_class, failed = score_rows(rows, labels, resolved.card.class_names)
     evaluation = Evaluation(dataset, views, resolved.identity.to_dict(), len(rows) - len(failed), failed, metrics,
                             per_class)
-    if experiment:
-        evaluation.mlflow_run_id = log_evaluation(evaluation, resolved.identity, experiment, tracking_uri)
+    if config.experiment:
+        evaluation.mlflow_run_id = log_evaluation(evaluation, resolved.identity, config.experiment, tracking_uri)
     return evaluation
 
 

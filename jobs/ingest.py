@@ -13,10 +13,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from jobs.config import LOCAL_PATH
+from jobs.options import IngestConfig
 from jobs.console import Pace, init_ray, rate
 from jobs.report import error_lines, first_of_lines, table_lines
-from pipeline.decode import DecodeLimits
 from pipeline.ingest import (
     DEFAULT_MAX_SHARD_BYTES,
     IngestCounts,
@@ -29,57 +28,6 @@ from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, read_
 from pipeline.schema import ErrorRecord
 from pipeline.storage import DEFAULT_SPILL_THRESHOLD_BYTES, Storage, parse_uri
 from pipeline.versioned import RunRecord, nothing_new_line, read_failures
-
-
-@dataclass
-class IngestConfig:
-    """The options of `uniformer ingest` (and of retrain's `ingest:` section, whose src and out are retrain's).
-    A sampling option left out (null) is the one the dataset's manifest records, or SamplingParams' default for a new
-    dataset; the limits' defaults are DecodeLimits'."""
-
-    src: str = field(metadata=LOCAL_PATH)  # videos: s3://bucket/prefix or a local folder
-    out: str = field(metadata=LOCAL_PATH)  # the clip dataset
-    labels: str | None = field(default=None, metadata=LOCAL_PATH)  # CSV 'path,label' with paths relative to src
-    labels_from_dirs: bool = False
-    classes: str | None = field(default=None, metadata=LOCAL_PATH)  # class names, one per line, in class id order
-    frames: int | None = None
-    size: int | None = None
-    short_side: int | None = None
-    clips_per_video: int | None = None
-    sampling: str | None = None
-    stride: int | None = None
-    frames_per_segment: int | None = None
-    endpoint_url: str | None = None
-    max_frame_side: int = DecodeLimits.max_frame_side
-    max_frames: int = DecodeLimits.max_frames
-    max_seconds: float = DecodeLimits.max_seconds
-    decode_timeout: float = DecodeLimits.timeout_s
-    retry_errors: bool = False  # decode again the videos that failed before, changed or not
-    keep_deleted: bool = False  # keep the clips of videos no longer listed
-
-    def __post_init__(self) -> None:
-        if self.labels and self.labels_from_dirs:
-            raise ValueError("labels and labels_from_dirs: use either a labels CSV or labels from folders, not both")
-        for name in ("max_frame_side", "max_frames", "max_seconds", "decode_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        # refused by name here; how they fit together is checked once the dataset's recorded sampling is known
-        for name in ("frames", "size", "short_side", "clips_per_video", "stride", "frames_per_segment"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.sampling not in (None, "uniform", "dense"):
-            raise ValueError(f"sampling must be 'uniform' or 'dense', not {self.sampling!r}")
-
-    def run_options(self) -> dict:
-        """`run_ingest`'s keyword arguments besides src, out and endpoint_url (retrain passes its own)."""
-        return dict(
-            labels_csv=self.labels, labels_from_dirs=self.labels_from_dirs, classes=self.classes,
-            frames=self.frames, size=self.size,
-            short_side=self.short_side, clips_per_video=self.clips_per_video, sampling=self.sampling,
-            stride=self.stride, frames_per_segment=self.frames_per_segment,
-            decode_limits=DecodeLimits(self.max_frame_side, self.max_frames, self.max_seconds, self.decode_timeout),
-            retry_errors=self.retry_errors, keep_deleted=self.keep_deleted,
-        )
 
 
 @dataclass
@@ -130,43 +78,23 @@ class IngestSummary(IngestCounts):
 
 
 def run_ingest(
-    src: str,
-    out: str,
-    labels_csv: str | None = None,
-    labels_from_dirs: bool = False,
-    classes: str | None = None,
-    frames: int | None = None,
-    size: int | None = None,
-    short_side: int | None = None,
-    clips_per_video: int | None = None,
-    sampling: str | None = None,
-    stride: int | None = None,
-    frames_per_segment: int | None = None,
-    endpoint_url: str | None = None,
+    config: IngestConfig,
+    *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES,
-    decode_limits: DecodeLimits = DecodeLimits(),
-    retry_errors: bool = False,
-    keep_deleted: bool = False,
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
 ) -> IngestSummary | IngestPreview:
-    """Ingest every video under `src` not yet in the dataset at `out`; see the module docstring of pipeline.ingest.
-    A video above `decode_limits` (pipeline.decode.DecodeLimits) becomes an error row, as does one whose decoding
-    crashes or runs past its time limit. Videos that failed before are decoded again only when they changed, or with
-    `retry_errors`; videos gone from `src` leave the new version unless `keep_deleted`. A run with nothing new writes
-    no version. With `dry_run`, returns what the run would do and writes nothing. A sampling option left None is
-    the one the dataset records (SamplingParams' default for a new dataset); one that contradicts it is refused."""
+    """Ingest every video under `config.src` not yet in the dataset at `config.out`; see the module docstring of
+    pipeline.ingest. A video above `config.limits` (pipeline.decode.DecodeLimits) becomes an error row, as does one
+    whose decoding crashes or runs past its time limit. Videos that failed before are decoded again only when they
+    changed, or with `retry_errors`; videos gone from `src` leave the new version unless `keep_deleted`. A run with
+    nothing new writes no version. With `dry_run`, returns what the run would do and writes nothing. A sampling option
+    left None is the one the dataset records (SamplingParams' default for a new dataset); one that contradicts it is
+    refused."""
     started = time.monotonic()
-    requested = {name: value for name, value in dict(
-        frames=frames, short_side=short_side, size=size, sampling=sampling, stride=stride,
-        clips_per_video=clips_per_video, frames_per_segment=frames_per_segment,
-    ).items() if value is not None}
-    if labels_csv and labels_from_dirs:
-        raise ValueError("use either a labels CSV or labels from folders, not both")  # before any storage access
-    if classes and not (labels_csv or labels_from_dirs):
-        raise ValueError("a class list orders the labels' ids: give it with a labels CSV or labels from folders")
-    storage = Storage(endpoint_url, spill_threshold_bytes=spill_threshold_bytes)
+    src, out, labels_csv, labels_from_dirs = config.src, config.out, config.labels, config.labels_from_dirs
+    storage = Storage(config.endpoint_url, spill_threshold_bytes=spill_threshold_bytes)
     source, root = parse_uri(src), parse_uri(out)
     storage.check_access(source)
     storage.check_access(root, must_exist=False)
@@ -174,18 +102,18 @@ def run_ingest(
         storage.check_conditional_writes(root)  # manifests are published if-absent
 
     labels = read_labels_csv(labels_csv, storage) if labels_csv else None  # refuses unsafe paths before any work
-    class_names = read_class_names(classes, storage) if classes else None
+    class_names = read_class_names(config.classes, storage) if config.classes else None
     listed = list_videos(source, storage)
     labelled, label_errors = attach_labels(listed, source, labels_csv=labels, labels_from_dirs=labels_from_dirs)
     labels_mode = "csv" if labels_csv else "dirs" if labels_from_dirs else "none"
     # the run record comes before any part is looked at: `uniformer gc` leaves them
     with contextlib.nullcontext() if dry_run else RunRecord(storage, root, "ingest") as run:
         previous = latest_manifest(root, storage)
-        params = dataclasses.replace(previous.sampling if previous else SamplingParams(), **requested)
+        params = dataclasses.replace(previous.sampling if previous else SamplingParams(), **config.clip.given())
         previous_sources = read_sources(root, previous, storage) if previous else None
         previous_failures = read_failures(root, previous.errors, storage) if previous else {}
         plan = plan_ingest(out, src, listed, labelled, label_errors, labels_mode, params, previous, previous_sources,
-                           max_shard_bytes, class_names, previous_failures, retry_errors, keep_deleted)
+                           max_shard_bytes, class_names, previous_failures, config.retry_errors, config.keep_deleted)
         if dry_run:
             return _preview(plan, echo)
         run.claim(plan.groups.names)
@@ -199,7 +127,7 @@ def run_ingest(
         if plan.groups:
             init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
             decoding_started, last_report, pace = time.monotonic(), 0.0, Pace()
-            for row in build_dataset(plan, storage, decode_limits).iter_rows():
+            for row in build_dataset(plan, storage, config.limits).iter_rows():
                 results.append(_decoded(row))
                 if time.monotonic() - last_report >= 2.0 or len(results) == len(plan.groups):
                     echo(_progress_line(results, len(plan.groups), decoding_started, pace))

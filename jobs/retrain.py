@@ -13,58 +13,22 @@ stops the retrain with nothing promoted.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 
-from jobs.config import DEFAULTS, LOCAL_PATH, SUPPLIED
 from jobs.credentials import redact
 from jobs.evaluate import evaluate_model
-from jobs.ingest import IngestConfig, run_ingest
+from jobs.ingest import run_ingest
+from jobs.options import GATE_METRICS, EvaluateConfig, RetrainConfig, ScoreConfig, ScoreOptions
 from jobs.scoring.model_ref import resolve_model
-from jobs.score import ScoreConfig, ScoreOptions
 from jobs.serving.registry import RegistryLease, model_versions, probe_tracking_server
 from jobs.train import run_train, tracking_uri
-from jobs.training.config import TrainConfig
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.manifest import content_fingerprint, latest_manifest
 from pipeline.storage import Storage
-from pipeline.views import parse_views
 
 CHAMPION = "champion"
-
-
-GATE_METRICS = ("accuracy", "top5_accuracy", "mean_class_accuracy")
-RETRAIN_EXPERIMENT = "uniformerv2-retrain"  # the MLflow experiment of candidates, unless train.experiment says another
-
-
-@dataclass
-class RetrainConfig:
-    """The options of `uniformer retrain`: its own, every training option in `train` and every ingest option in
-    `ingest`, less what retrain sets itself (the dataset, the validation set, the registered name, the endpoint)."""
-
-    source: str = field(metadata=LOCAL_PATH)  # raw videos; what is new is ingested
-    dataset: str = field(metadata=LOCAL_PATH)  # the clip dataset it grows
-    model_name: str  # registered model whose champion alias is gated
-    val: str = field(metadata=LOCAL_PATH)  # fixed validation dataset DST[@VERSION]
-    min_gain: float = 0.0
-    gate_metric: str = "accuracy"
-    gate_views: str = ScoreConfig.views  # the views scoring uses
-    init: str = "champion"  # champion: from the champion's weights; pretrained: from train.pretrained
-    endpoint_url: str | None = None
-    train: TrainConfig = field(kw_only=True, metadata={
-        SUPPLIED: {"data": "dataset", "val_data": "val", "register_as": "model_name", "endpoint_url": "endpoint_url"},
-        DEFAULTS: {"experiment": RETRAIN_EXPERIMENT},
-    })
-    ingest: IngestConfig = field(kw_only=True, metadata={
-        SUPPLIED: {"src": "source", "out": "dataset", "endpoint_url": "endpoint_url"},
-    })
-
-    def __post_init__(self) -> None:
-        if self.gate_metric not in GATE_METRICS:
-            raise ValueError(f"gate_metric must be one of {', '.join(GATE_METRICS)}, not {self.gate_metric!r}")
-        if self.init not in ("champion", "pretrained"):
-            raise ValueError(f"init must be 'champion' or 'pretrained', not {self.init!r}")
-        parse_views(self.gate_views)
 
 
 @dataclass
@@ -101,10 +65,10 @@ class RetrainPreview:
     dry_run: bool = True
 
 
-def preview_retrain(source: str, dataset: str, model_name: str, client, init: str, train: TrainConfig | None,
-                    ingest_options: dict, endpoint_url: str | None, echo=print) -> RetrainPreview:
-    ingest = run_ingest(source, dataset, endpoint_url=endpoint_url, dry_run=True, echo=echo, **ingest_options)
-    current = latest_manifest(parse_uri(dataset), Storage(endpoint_url))
+def preview_retrain(config: RetrainConfig, client, echo=print) -> RetrainPreview:
+    source, dataset, model_name = config.source, config.dataset, config.model_name
+    ingest = run_ingest(config.ingest, dry_run=True, echo=echo)
+    current = latest_manifest(parse_uri(dataset), Storage(config.endpoint_url))
     if ingest.to_decode or ingest.replaced_or_removed:
         would_train = True
         reason = (f"ingest would decode {ingest.to_decode} videos and drop the clips of "
@@ -117,8 +81,9 @@ def preview_retrain(source: str, dataset: str, model_name: str, client, init: st
         reason = (f"{model_name} v{learnt.version} learnt {dataset}@{current.version}'s data" if learnt else
                   f"no gated version of {model_name} learnt {dataset}@{current.version}'s data")
     champion = champion_version(client, model_name)
-    pretrained = (train.pretrained if train else None) or "random initialisation"
-    starts_from = f"models:/{model_name}/{champion}" if init == "champion" and champion is not None else pretrained
+    pretrained = config.train.pretrained or "random initialisation"
+    starts_from = (f"models:/{model_name}/{champion}" if config.init == "champion" and champion is not None
+                   else pretrained)
     preview = RetrainPreview(ingest.to_decode, current.version if current else None, would_train, reason, champion,
                              starts_from)
     if would_train:
@@ -134,8 +99,9 @@ def evaluate_version(model_name: str, version: int, val_ref: str, views: str, me
     """The gate's figure for one registered version: `uniformer evaluate` at the views scoring uses (decoding and the
     model run as Ray tasks on the cluster's workers, GPUs with `--gpu`), read back from the version's tags when it
     was already evaluated on this dataset version and views."""
-    evaluation = evaluate_model(val_ref, f"models:/{model_name}/{version}", views=views, options=options,
-                                tracking_uri=uri, endpoint_url=endpoint_url, use_cache=True)
+    config = EvaluateConfig(val_ref, f"models:/{model_name}/{version}", views=views, options=options or ScoreOptions(),
+                            tracking_uri=uri, endpoint_url=endpoint_url)
+    evaluation = evaluate_model(config, use_cache=True)
     return evaluation.metrics[metric]
 
 
@@ -279,36 +245,21 @@ def promote_if_better(model_name: str, candidate_version: int, candidate_score: 
     return decision
 
 
-def run_retrain(
-    source: str,
-    dataset: str,
-    model_name: str,
-    val: str,
-    min_gain: float = 0.0,
-    init: str = "champion",
-    train: TrainConfig | None = None,
-    ingest_options: dict | None = None,
-    endpoint_url: str | None = None,
-    gate_views: str = ScoreConfig.views,
-    gate_metric: str = "accuracy",
-    dry_run: bool = False,
-    echo=print,
-) -> RetrainResult | RetrainPreview:
+def run_retrain(config: RetrainConfig, *, dry_run: bool = False, echo=print) -> RetrainResult | RetrainPreview:
     """One scheduled retraining cycle; see the module docstring. With `dry_run`, what it would do."""
     import mlflow
 
-    if init not in ("champion", "pretrained"):
-        raise ValueError(f"init must be 'champion' or 'pretrained', not {init!r}")
-    uri = tracking_uri(train.tracking_uri if train else None)
+    source, dataset, model_name, endpoint_url = config.source, config.dataset, config.model_name, config.endpoint_url
+    gate_views, gate_metric = config.gate_views, config.gate_metric
+    uri = tracking_uri(config.train.tracking_uri)
     probe_tracking_server(uri)
     client = mlflow.MlflowClient(uri)
     if dry_run:
-        return preview_retrain(source, dataset, model_name, client, init, train, ingest_options or {}, endpoint_url,
-                               echo)
-    summary = run_ingest(source, dataset, endpoint_url=endpoint_url, echo=echo, **(ingest_options or {}))
+        return preview_retrain(config, client, echo)
+    summary = run_ingest(config.ingest, echo=echo)
     manifest = load_manifest(dataset, endpoint_url=endpoint_url)
     data_ref = f"{dataset}@{manifest.version}"
-    val_ref = f"{parse_dataset_ref(val)[0]}@{load_manifest(val, endpoint_url=endpoint_url).version}"
+    val_ref = f"{parse_dataset_ref(config.val)[0]}@{load_manifest(config.val, endpoint_url=endpoint_url).version}"
 
     learnt = version_trained_on(client, model_name, content_fingerprint(manifest))
     if learnt is not None:
@@ -316,11 +267,11 @@ def run_retrain(
              f"on ({learnt.tags.get('dataset')}, content {learnt.tags['dataset_fingerprint']})")
         return RetrainResult(manifest.version, summary.ingested, None, ["nothing new"])
 
-    cfg = train or TrainConfig(data=data_ref)
+    cfg = dataclasses.replace(config.train)  # run_train makes its paths absolute: the configuration stays as given
     cfg.data, cfg.val_data, cfg.register_as, cfg.tracking_uri = data_ref, val_ref, model_name, uri
     cfg.endpoint_url = cfg.endpoint_url or endpoint_url
     with tempfile.TemporaryDirectory() as scratch:
-        if init == "champion":
+        if config.init == "champion":
             version = champion_version(client, model_name)
             if version is None:  # the normal first run
                 echo(f"[retrain] no champion of {model_name} yet: candidate starts from the configured weights")
@@ -333,7 +284,7 @@ def run_retrain(
     options = ScoreOptions(use_gpu=cfg.use_gpu)
     score = evaluate_version(model_name, result.registered_version, val_ref, gate_views, gate_metric, uri,
                              cfg.endpoint_url, options)
-    decision = promote_if_better(model_name, result.registered_version, score, val_ref, min_gain,
+    decision = promote_if_better(model_name, result.registered_version, score, val_ref, config.min_gain,
                                  PromotionLock(client, model_name), uri,
                                  cfg.endpoint_url, gate_views, gate_metric, options)
     for key, value in (("dataset", data_ref), ("val_dataset", val_ref), ("gate_decision", str(decision.promoted))):

@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.config import LOCAL_PATH
 from jobs.console import Pace, init_ray, rate
+from jobs.options import ScoreConfig, ScoreOptions
 from jobs.report import error_lines, first_of_lines, table_lines
 from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
 from jobs.scoring.predict import ViewPredictor
@@ -43,7 +43,6 @@ from jobs.scoring.results import (
     publish_shard,
     write_score_manifest,
 )
-from model.inference import PRECISIONS
 from pipeline.decode import DecodeLimits
 from pipeline.isolation import shared_decoder
 from pipeline.listing import ItemsOnDemand, SourceVideo, VideoListing, list_videos
@@ -58,67 +57,6 @@ _VIDEOS_PER_DECODE_BATCH = 4
 # A decoding worker's memory besides its output: the process with torch and decord loaded, frames at source
 # resolution, demuxer buffers (Ray Data measured ~550 MB per worker on 640x360 sources).
 _DECODER_MEMORY_BYTES = 512 * 1024 * 1024
-
-
-@dataclass
-class ScoreOptions:
-    """How to run the model; none of these changes a prediction beyond bf16/fp16 rounding."""
-
-    batch_size: int = 4  # videos per model call; a forward pass sees batch_size x views clips
-    use_gpu: bool = False
-    actors: int | None = None  # most model replicas the pool grows to; default: see actor_pool_bounds
-    cpus_per_actor: float = 1.0  # also the actor's torch threads on CPU
-    precision: str = "auto"  # bf16 on CUDA, fp32 on CPU; an explicit fp32 / bf16 / fp16 applies on either
-    max_clips_per_forward: int | None = None
-    decode_limits: DecodeLimits = DecodeLimits()  # a video above them, or whose decoding crashes, is an error row
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.actors is not None and self.actors < 1:
-            raise ValueError("actors must be >= 1")
-
-
-@dataclass
-class ScoreConfig:
-    """The options of `uniformer score`; how the model runs takes its defaults from ScoreOptions, the limits from
-    DecodeLimits."""
-
-    src: str = field(metadata=LOCAL_PATH)  # videos: s3://bucket/prefix or a local folder
-    out: str = field(metadata=LOCAL_PATH)  # predictions (one model per folder)
-    model: str = field(metadata=LOCAL_PATH)  # models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID or a package folder
-    views: str = "4x3"  # TEMPORALxSPATIAL; evaluation and the retrain gate judge at the same by default
-    top_k: int = 5
-    full_probs: bool = False
-    short_side: int | None = None  # default: the model's crop size
-    batch_size: int = ScoreOptions.batch_size
-    use_gpu: bool = ScoreOptions.use_gpu
-    actors: int | None = ScoreOptions.actors
-    cpus_per_actor: float = ScoreOptions.cpus_per_actor
-    precision: str = ScoreOptions.precision
-    tracking_uri: str | None = field(default=None, metadata=LOCAL_PATH)
-    endpoint_url: str | None = None
-    max_frame_side: int = DecodeLimits.max_frame_side
-    max_frames: int = DecodeLimits.max_frames
-    max_seconds: float = DecodeLimits.max_seconds
-    decode_timeout: float = DecodeLimits.timeout_s
-    retry_errors: bool = False  # score again the videos that failed before, changed or not
-    keep_deleted: bool = False  # keep the predictions of videos no longer listed
-
-    def __post_init__(self) -> None:
-        parse_views(self.views)
-        for name in ("top_k", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_frame_side", "max_frames", "max_seconds", "decode_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        self.options()  # refuses precision and actors by name
-
-    def options(self) -> ScoreOptions:
-        limits = DecodeLimits(self.max_frame_side, self.max_frames, self.max_seconds, self.decode_timeout)
-        return ScoreOptions(self.batch_size, self.use_gpu, self.actors, self.cpus_per_actor, self.precision,
-                            decode_limits=limits)
 
 
 def actor_pool_bounds(actors: int | None, use_gpu: bool, cluster_gpus: float) -> tuple[int, int]:
@@ -210,7 +148,8 @@ def ray_items(videos: VideoListing, videos_per_shard: int) -> Sequence[dict]:
 
 
 def _build(
-    items: Sequence[dict], resolved: ResolvedModel, params: ScoreParams, storage: Storage, options: ScoreOptions
+    items: Sequence[dict], resolved: ResolvedModel, params: ScoreParams, storage: Storage, options: ScoreOptions,
+    limits: DecodeLimits,
 ):
     """The Ray Dataset of prediction rows (plus `shard` and `error_*` columns) for the given videos."""
     import ray
@@ -233,7 +172,7 @@ def _build(
     view_bytes = params.temporal_views * params.spatial_views * params.frames * params.crop * params.crop * 3
     decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
         decode_batch,
-        fn_kwargs={"storage": storage, "params": params, "limits": options.decode_limits},
+        fn_kwargs={"storage": storage, "params": params, "limits": limits},
         batch_size=_VIDEOS_PER_DECODE_BATCH,
         batch_format="numpy",
         num_cpus=1,
@@ -249,7 +188,6 @@ def _build(
             "identity_columns": identity_columns(resolved.identity),
             "use_gpu": options.use_gpu,
             "precision": options.precision,
-            "max_clips": options.max_clips_per_forward,
             "torch_threads": None if options.use_gpu else max(1, int(options.cpus_per_actor)),
         },
         batch_size=options.batch_size,
@@ -268,6 +206,7 @@ def score_dataset(
     full_probs: bool = False,
     short_side: int | None = None,
     options: ScoreOptions | None = None,
+    limits: DecodeLimits = DecodeLimits(),
     tracking_uri: str | None = None,
     endpoint_url: str | None = None,
 ):
@@ -285,7 +224,7 @@ def score_dataset(
     with tempfile.TemporaryDirectory() as directory:
         resolved = resolve_model(model, directory, tracking_uri) if isinstance(model, str) else model
         params = build_params(resolved.card, views, top_k, full_probs, short_side)
-        dataset = _build(items, resolved, params, storage, options or ScoreOptions())  # reads the package now
+        dataset = _build(items, resolved, params, storage, options or ScoreOptions(), limits)  # reads the package now
     return dataset.drop_columns(["shard"])
 
 
@@ -359,38 +298,26 @@ class ScoreSummary(ScoreCounts):
 
 
 def run_score(
-    src: str,
-    out: str,
-    model: str,
-    views: str | tuple[int, int] = ScoreConfig.views,
-    top_k: int = ScoreConfig.top_k,
-    full_probs: bool = False,
-    short_side: int | None = None,
-    options: ScoreOptions | None = None,
-    tracking_uri: str | None = None,
-    endpoint_url: str | None = None,
+    config: ScoreConfig,
+    *,
     videos_per_shard: int = DEFAULT_VIDEOS_PER_SHARD,
-    retry_errors: bool = False,
-    keep_deleted: bool = False,
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
 ) -> ScoreSummary | ScorePreview:
-    """Score every video under `src` not yet scored into `out` by the same model; see the module docstring. Videos
-    that failed before are tried again only when they changed, or with `retry_errors`; predictions of videos gone from
-    `src` leave the new version unless `keep_deleted`; a run with nothing new writes no version. With `dry_run`, returns what the run would do and writes nothing."""
+    """Score every video under `config.src` not yet scored into `config.out` by the same model; see the module
+    docstring. Videos that failed before are tried again only when they changed, or with `retry_errors`; predictions
+    of videos gone from `src` leave the new version unless `keep_deleted`; a run with nothing new writes no version.
+    With `dry_run`, returns what the run would do and writes nothing."""
     started = time.monotonic()
-    options = options or ScoreOptions()
-    views = parse_views(views) if isinstance(views, str) else views  # usage errors before any storage access
-    if top_k < 1 or options.batch_size < 1:
-        raise ValueError("top_k and batch_size must be >= 1")
-    storage = Storage(endpoint_url)
-    source, root = parse_uri(src), parse_uri(out)
+    views = parse_views(config.views)
+    storage = Storage(config.endpoint_url)
+    source, root = parse_uri(config.src), parse_uri(config.out)
     storage.check_access(source)
     storage.check_access(root, must_exist=False)
     with tempfile.TemporaryDirectory() as download_dir:
         # before anything is written: a model that cannot be resolved leaves nothing behind in the destination
-        resolved = resolve_model(model, download_dir, tracking_uri)
-        params = build_params(resolved.card, views, top_k, full_probs, short_side)
+        resolved = resolve_model(config.model, download_dir, config.tracking_uri)
+        params = build_params(resolved.card, views, config.top_k, config.full_probs, config.short_side)
         if not dry_run:
             storage.check_conditional_writes(root)  # manifests are published if-absent
         echo(f"score with {resolved.identity.describe()}, views {params.views}, {params.frames} frames")
@@ -400,7 +327,7 @@ def run_score(
             previous = latest_score_manifest(root, storage)
             previous_failures = read_failures(root, previous.errors, storage) if previous else {}
             plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard,
-                              previous_failures, retry_errors, keep_deleted)
+                              previous_failures, config.retry_errors, config.keep_deleted)
             if plan.replaces_model:
                 held = ModelIdentity(**previous.model).describe()
                 echo(f"{root.uri} holds the predictions of {held} up to version {previous.version}; "
@@ -417,7 +344,7 @@ def run_score(
                 f"{plan.num_pending} to score in {len(plan.groups)} shards"
             )
             throughput = Throughput()
-            results = (_run_groups(plan, resolved, storage, options, echo, throughput, started) if plan.groups
+            results = (_run_groups(plan, resolved, storage, config.options, config.limits, echo, throughput, started) if plan.groups
                        else [])
 
             manifest, counts, errors = commit_score(
@@ -461,6 +388,7 @@ def _run_groups(
     resolved: ResolvedModel,
     storage: Storage,
     options: ScoreOptions,
+    limits: DecodeLimits,
     echo: Callable[[str], None],
     throughput: Throughput,
     job_started: float,
@@ -468,7 +396,7 @@ def _run_groups(
     """Stream prediction rows out of Ray Data and publish each group's shard as soon as all its videos are in."""
     started = time.monotonic()
     init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
-    dataset = _build(ray_items(plan.groups.videos, plan.groups.size), resolved, plan.params, storage, options)
+    dataset = _build(ray_items(plan.groups.videos, plan.groups.size), resolved, plan.params, storage, options, limits)
     waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
     buffered: dict[int, list[pa.Table]] = defaultdict(list)
     results, done, failed, last_report, pace = [], 0, 0, 0.0, Pace()

@@ -16,12 +16,13 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from jobs.config import LOCAL_PATH, absolute_location, absolute_paths, to_yaml
+from jobs.config import absolute_location, absolute_paths, to_yaml
 from jobs.console import init_ray
 from jobs.credentials import MASK, carries_credentials, mlflow_env_for_workers, redact, redacted_stdout
 from jobs.exitcodes import OptionError
+from jobs.options import RegisterConfig
 from jobs.serving.registry import experiment_id, probe_tracking_server
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
 from jobs.training.checkpoint import WEIGHTS
@@ -483,28 +484,16 @@ def select_checkpoints(storage: str, run_name: str, select: str, endpoint_url: s
     return final, max(scored, key=lambda item: item[0]["metrics"][SELECT_METRIC], default=final)
 
 
-@dataclass
-class RegisterConfig:
-    """The options of `uniformer register`."""
-
-    run: str  # the Ray Train run name `uniformer train` printed
-    storage: str = field(default=TrainConfig.storage, metadata=LOCAL_PATH)  # the checkpoint storage the run used
-    register_as: str | None = None  # default: the run's own
-    tracking_uri: str | None = field(default=None, metadata=LOCAL_PATH)  # default: MLFLOW_TRACKING_URI, else the run's
-    endpoint_url: str | None = None
-
-
-def register_run(run_name: str, storage: str, register_as: str | None = None, tracking: str | None = None,
-                 endpoint_url: str | None = None) -> tuple[str, int | None]:
+def register_run(config: RegisterConfig) -> tuple[str, int | None]:
     """Logs and registers the final model of a finished run whose end-of-run registration failed."""
-    progress, _ = final_checkpoint(storage, run_name, endpoint_url)
+    progress, _ = final_checkpoint(config.storage, config.run, config.endpoint_url)
     cfg = TrainConfig.from_dict(progress["config"])
-    cfg.storage = storage  # where the checkpoints are now (the record may name the address masked)
-    if register_as:
-        cfg.register_as = register_as
+    cfg.storage = config.storage  # where the checkpoints are now (the record may name the address masked)
+    if config.register_as:
+        cfg.register_as = config.register_as
     manifest = load_manifest(cfg.data, endpoint_url=cfg.endpoint_url)
     # a URI that held credentials was recorded masked: then only `tracking` or MLFLOW_TRACKING_URI can stand for it
     recorded = None if cfg.tracking_uri and MASK in cfg.tracking_uri else cfg.tracking_uri
-    uri = tracking_uri(tracking or recorded)
+    uri = tracking_uri(config.tracking_uri or recorded)
     probe_tracking_server(uri)
     return finish_registration(cfg, manifest, uri, progress["mlflow_run_id"])

@@ -21,7 +21,7 @@ import io
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,19 +51,23 @@ class DecodeTimeout(VideoDecodeError):
 @dataclass(frozen=True)
 class DecodeLimits:
     """What one video may cost. The defaults admit any action dataset's videos (4K, an hour at 60 fps) and refuse
-    what only a broken or hostile file declares; the jobs' options and flags take their defaults from here."""
+    what only a broken or hostile file declares. The jobs take these fields as options, with each field's `help`."""
 
-    max_frame_side: int = 4096  # pixels, the longer side
-    max_frames: int = 216_000  # an hour at 60 fps
-    max_seconds: float = 3600.0
+    max_frame_side: int = field(default=4096, metadata={"help": "Refuse videos with a longer frame side (pixels)."})
+    max_frames: int = field(default=216_000, metadata={"help": "Refuse videos that declare more frames."})  # 1 h, 60 fps
+    max_seconds: float = field(
+        default=3600.0, metadata={"help": "Refuse videos that declare a longer duration (seconds)."}
+    )
     # Per video, when decoded in a child process: an hour of 4K with long key-frame intervals and dozens of sampled
     # frames decodes well within it.
-    timeout_s: float = 600.0
+    decode_timeout: float = field(
+        default=600.0, metadata={"help": "Seconds one video's decoding may take before it is stopped."}
+    )
 
     def __post_init__(self):
-        values = (self.max_frame_side, self.max_frames, self.max_seconds, self.timeout_s)
-        if not all(math.isfinite(value) and value > 0 for value in values):
-            raise ValueError(f"decode limits must be finite and > 0: {self}")
+        for name, value in vars(self).items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be > 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -259,13 +263,13 @@ def read_sampled_frames(
     decoder threads; one per task is right when every CPU runs its own task. A video whose header declares more than
     `limits` is refused before decoding; with `min_short_side`, a source much larger than that is decoded scaled down
     (`decode_size`), so the frames come back smaller than the source. With `decoder`, all of it runs in that child
-    process, stopped after `limits.timeout_s` (pipeline.isolation).
+    process, stopped after `limits.decode_timeout` (pipeline.isolation).
     Raises VideoDecodeError (VideoTooLarge, DecoderCrashed, DecodeTimeout) with a one-line reason for anything that is
     not a decodable video within the limits.
     """
     if decoder is not None:
         return decoder.call(
-            limits.timeout_s, read_sampled_frames, video, frames, sampling, stride, clips_per_video, num_threads,
+            limits.decode_timeout, read_sampled_frames, video, frames, sampling, stride, clips_per_video, num_threads,
             frames_per_segment, limits, min_short_side,
         )
     import decord

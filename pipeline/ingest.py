@@ -201,7 +201,7 @@ def ingest_group(
 ) -> dict:
     """Decode every video of a group into one shard. Never raises for a bad video: it becomes an error record.
     That includes a video above `limits` and, when `decoder` (a child process, pipeline.isolation) decodes, one that
-    crashes it or runs past `limits.timeout_s`; without `decoder` the videos are decoded in this process. The next
+    crashes it or runs past `limits.decode_timeout`; without `decoder` the videos are decoded in this process. The next
     video is read and decoded while the current one's clips are written (`one_ahead`).
 
     Returns a JSON-able result: the shard entry (None when no video gave clips), per-video clip counts, errors, and

@@ -6,13 +6,9 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from model.configs import get_config
-from model.transforms import AUGMENTATIONS
-from model.uniformerv2 import NORMALIZATIONS
-
-from jobs.config import LOCAL_PATH
+from jobs.config import option
 from jobs.credentials import redact
 
 DEFAULT_EXPERIMENT = "uniformerv2"
@@ -20,54 +16,87 @@ DEFAULT_EXPERIMENT = "uniformerv2"
 # The resolved configuration in the run's MLflow artifacts, in the format `uniformer train --config` reads.
 CONFIG_ARTIFACT = "config/train.yaml"
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class TrainConfig:
-    data: str = field(metadata=LOCAL_PATH)  # DST or DST@version
-    model: str = "uniformerv2_b16"
-    model_overrides: dict = field(default_factory=dict)
-    # a named recipe (jobs/recipes/NAME.yaml) under the other options; its learning rates scale with the total batch
-    recipe: str | None = None
-    pretrained: str | None = field(default=None, metadata=LOCAL_PATH)
-    # which of the pretrained head's rows each of the dataset's classes starts from (jobs.training.loop.read_class_map)
-    pretrained_class_map: str | None = field(default=None, metadata=LOCAL_PATH)
-    val_data: str | None = field(default=None, metadata=LOCAL_PATH)  # a second manifest; otherwise a held-out split of `data`
-    val_fraction: float = 0.2
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    placement_strategy: str = "PACK"  # Ray placement group strategy of the workers (SPREAD: across nodes)
-    epochs: int = 10
-    batch_size: int = 8  # per worker, per micro-step
-    grad_accum: int = 1
-    lr: float = 4e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.0
-    hflip: bool = True  # off for classes that depend on left/right, or keep it with flip_pairs
-    # a CSV of class-name pairs a horizontal flip turns into each other: flipped clips get the mirror label
-    flip_pairs: str | None = field(default=None, metadata=LOCAL_PATH)
-    augment: str = "recipe"  # recipe: RandAugment m7 n4 + RandomResizedCrop + flip (official); crop: random crop + flip
-    # the pixels' normalisation the model trains with and keeps in its package: slowfast (mean 0.45, std 0.225), the
-    # official code's for every released checkpoint, CLIP-initialised ones included; or clip (OpenAI CLIP's)
-    input_normalization: str = "slowfast"
-    grad_clip: float = 1.0
-    activation_checkpointing: bool = False
-    precision: str = "bf16"  # bf16 | fp16 | fp32; autocast applies on CUDA only
-    compile: str = "auto"  # torch.compile each block: on | off | auto (on for CUDA)
-    seed: int = 0
-    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = at the end of each epoch only
-    keep_checkpoints: int = 2
-    max_failures: int = 3
-    storage: str = field(default="./runs", metadata=LOCAL_PATH)
-    run_name: str | None = None
-    experiment: str | None = None  # MLflow experiment; default: MLFLOW_EXPERIMENT_NAME, else DEFAULT_EXPERIMENT
-    tracking_uri: str | None = field(default=None, metadata=LOCAL_PATH)
-    register_as: str | None = None
-    endpoint_url: str | None = None
-    select: str = "best"  # the checkpoint registered: best (validation top-1 over epoch ends) | last
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs, tests)
-    log_every: int = 10  # optimizer steps between reading step metrics back from the device (one host sync)
+    """The options of `uniformer train` (and of retrain's `train:` section)."""
+
+    data: str = option(help="Clip dataset: DST or DST@VERSION (s3://... or a local folder).", local_path=True)
+    model: str = option("uniformerv2_b16", help="Named configuration (see `uniformer models`).")
+    model_overrides: dict = option(
+        default_factory=dict, flag="--set",
+        help="Model option override KEY=VALUE, e.g. --set no_lmhra=True (merged into the file's).",
+    )
+    recipe: str | None = option(
+        None, help="A published recipe under the other options: k400_b16_clip, k700_b16_clip, k710_to_k400_b16 "
+        "(jobs/recipes/, each value's source beside it); its lr scales with the total batch.",
+    )
+    pretrained: str | None = option(
+        None, local_path=True, help="Initial weights: CLIP / timm / official / MMAction2 checkpoint file."
+    )
+    pretrained_class_map: str | None = option(
+        None, local_path=True,
+        help="JSON or CSV: dataset class -> the pretrained head's row or class name (e.g. K710 -> K400); mapped rows "
+        "are kept, the others start fresh. Without it a registered model's head is matched by class name.",
+    )
+    val_data: str | None = option(
+        None, flag="--val", local_path=True, help="Validation dataset DST[@VERSION]; default: a held-out split."
+    )
+    val_fraction: float = option(0.2, help="Share of videos held out for validation when --val is not given.")
+    workers: int = option(1, help="Ray Train workers (one per GPU with --gpu).")
+    use_gpu: bool = option(False, flag="--gpu", help="One GPU per worker, NCCL; otherwise CPU workers with gloo.")
+    cpus_per_worker: float = option(1.0, help="CPUs reserved per training worker.")
+    placement_strategy: str = option(
+        "PACK", help="Where workers go: PACK fills nodes, SPREAD puts them on different nodes when it can."
+    )
+    epochs: int = option(10, help="Passes over the training set.")
+    batch_size: int = option(8, help="Clips per worker per micro-step.")
+    grad_accum: int = option(1, help="Micro-steps per optimizer step.")
+    lr: float = option(4e-4, help="Peak learning rate.")
+    min_lr: float = option(1e-6, help="Learning rate at the end of the cosine.")
+    weight_decay: float = option(0.05, help="AdamW weight decay (not on 1-D parameters).")
+    warmup_epochs: float = option(1.0, help="Linear warmup length.")
+    label_smoothing: float = option(0.0, help="Label smoothing.")
+    hflip: bool = option(True, flag="--hflip/--no-hflip",
+                         help="Random horizontal flips (off for left/right classes, or give --flip-pairs).")
+    flip_pairs: str | None = option(
+        None, local_path=True, help="CSV of class-name pairs a flip turns into each other (Something-Something's "
+        "left/right classes): flipped clips get the mirror label.",
+    )
+    augment: str = option(
+        "recipe", help="recipe: RandAugment m7 n4 + RandomResizedCrop + flip (the paper's); crop: random crop + flip."
+    )
+    # the official code normalises with slowfast's mean 0.45 / std 0.225 for every released checkpoint, CLIP-initialised
+    # ones included; the model keeps it in its package
+    input_normalization: str = option(
+        "slowfast",
+        help="Pixel normalisation, kept in the model: slowfast (0.45/0.225, the official code's) | clip (CLIP's).",
+    )
+    grad_clip: float = option(1.0, help="Max gradient norm; 0 disables clipping.")
+    activation_checkpointing: bool = option(False, help="Recompute block activations in the backward pass.")
+    precision: str = option("bf16", help="bf16 | fp16 | fp32 (autocast on CUDA).")
+    compile: str = option("auto", help="torch.compile each block: on | off | auto (on with CUDA).")
+    seed: int = option(0, help="Seed of weights, data order and augmentation.")
+    checkpoint_every: int = option(0, help="Optimizer steps between checkpoints; 0 = each epoch end.")
+    keep_checkpoints: int = option(2, help="Checkpoints kept (the best ones with --select best, and the latest).")
+    max_failures: int = option(3, help="Automatic restarts after worker or node loss (-1: forever).")
+    storage: str = option("./runs", local_path=True, help="Checkpoint storage: local folder or s3://bucket/prefix.")
+    run_name: str | None = option(
+        None, help="Ray Train run name; default derived from the options (same command = same run)."
+    )
+    experiment: str | None = option(
+        None, help=f"MLflow experiment; default: MLFLOW_EXPERIMENT_NAME, else {DEFAULT_EXPERIMENT}."
+    )
+    tracking_uri: str | None = option(
+        None, local_path=True, help="MLflow tracking URI; default: MLFLOW_TRACKING_URI."
+    )
+    register_as: str | None = option(None, help="Register the final model under this MLflow model name.")
+    endpoint_url: str | None = option(None, help="S3-compatible endpoint (also AWS_ENDPOINT_URL).")
+    select: str = option("best", help="Checkpoint to register: best (validation top-1 at an epoch end) | last.")
+    max_steps: int | None = option(None, help="Stop after this many optimizer steps.")
+    log_every: int = option(10, help="Optimizer steps between reading step metrics back from the device.")
 
     @classmethod
     def layered(cls, values: dict) -> dict:
@@ -91,6 +120,12 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
         if self.select not in ("best", "last"):
             raise ValueError(f"select must be best or last, not {self.select!r}")
+        # the model's names are checked here, in the driver, before any worker starts; imported here, where a
+        # configuration is built, so that the CLI's --help does not load torch
+        from model.configs import get_config
+        from model.transforms import AUGMENTATIONS
+        from model.uniformerv2 import NORMALIZATIONS
+
         if self.input_normalization not in NORMALIZATIONS:
             raise ValueError(f"input_normalization must be one of {', '.join(NORMALIZATIONS)}, not "
                              f"{self.input_normalization!r}")
@@ -102,12 +137,12 @@ class TrainConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, not {self.precision!r}")
-        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-        if self.placement_strategy not in strategies:
-            raise ValueError(f"placement_strategy must be {', '.join(strategies)}, not {self.placement_strategy!r}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_strategy must be {', '.join(PLACEMENT_STRATEGIES)}, not "
+                             f"{self.placement_strategy!r}")
         if self.max_failures < -1:
             raise ValueError("max_failures must be >= -1 (-1 retries forever)")
-        try:  # the model's name and options are known here, in the driver, before any worker starts
+        try:
             get_config(self.model, **self.model_overrides)
         except KeyError as error:
             raise ValueError(error.args[0]) from None

@@ -11,13 +11,16 @@ import yaml
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.config import ConfigError, build, read_file, to_yaml
-from jobs.demo import DemoConfig
-from jobs.evaluate import EvaluateConfig
-from jobs.ingest import IngestConfig
-from jobs.retrain import RETRAIN_EXPERIMENT, RetrainConfig
-from jobs.score import ScoreConfig
-from jobs.train import RegisterConfig
+from jobs.config import ConfigError, build, read_file, to_dict, to_yaml
+from jobs.options import (
+    RETRAIN_EXPERIMENT,
+    DemoConfig,
+    EvaluateConfig,
+    IngestConfig,
+    RegisterConfig,
+    RetrainConfig,
+    ScoreConfig,
+)
 from jobs.training.config import TrainConfig
 
 runner = CliRunner()
@@ -60,7 +63,7 @@ def test_flags_are_turned_into_the_config_class_fields():
             train.max_steps) == ({"no_lmhra": True}, True, False, "off", 1e-3, "val@1", 7)
     retrain = build(RetrainConfig, yaml.safe_load(print_config("retrain", COMMANDS["retrain"][1])))
     assert retrain.train.workers == 2 and retrain.train.model_overrides == {"no_lmhra": True}
-    assert retrain.train.experiment == "weekly" and retrain.ingest.frames == 4 and retrain.ingest.labels_from_dirs
+    assert retrain.train.experiment == "weekly" and retrain.ingest.clip.frames == 4 and retrain.ingest.labels_from_dirs
     # what retrain supplies to its sections
     assert (retrain.train.data, retrain.train.val_data, retrain.train.register_as) == ("clips", "val@1", "m")
     assert (retrain.ingest.src, retrain.ingest.out) == ("raw", "clips")
@@ -70,7 +73,7 @@ def test_defaults_come_from_the_config_classes():
     printed = yaml.safe_load(print_config("train", ["--data", "clips"]))
     assert printed == dataclasses.asdict(TrainConfig(data="clips"))
     printed = yaml.safe_load(print_config("score", ["a", "--out", "b", "--model", "m"]))
-    assert printed == dataclasses.asdict(ScoreConfig("a", "b", "m"))
+    assert printed == to_dict(ScoreConfig("a", "b", "m"))
     retrain = build(RetrainConfig, yaml.safe_load(print_config("retrain", COMMANDS["retrain"][1][:8])))
     assert retrain.train.experiment == RETRAIN_EXPERIMENT and retrain.train.epochs == TrainConfig.epochs
 

@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 
 import model
 from jobs.cli import app
+from jobs.config import build
 from jobs.exitcodes import ExitCode
 from jobs.ingest import run_ingest
+from jobs.options import IngestConfig
 from jobs.scoring.results import latest_score_manifest, read_predictions
 from model.package import ModelCard, save_package
 from pipeline import Storage, iter_clips, parse_uri, write_motion_video
@@ -75,7 +77,9 @@ def test_ingest_turns_each_bad_video_into_one_error_row_and_ingests_the_rest(
     archive, tmp_path, ray_crashing_on_one_video
 ):
     dst = str(tmp_path / "clips")
-    summary = run_ingest(str(archive), dst, frames=4, size=28, short_side=32, decode_limits=LIMITS)
+    summary = run_ingest(
+        build(IngestConfig, dict(src=str(archive), out=dst, frames=4, size=28, short_side=32, **vars(LIMITS)))
+    )
 
     assert (summary.listed, summary.ingested, summary.errored) == (7, 4, 3)
     assert summary.manifest_written

@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 
 import model
 from jobs.cli import app
+from jobs.config import build
 from jobs.evaluate import EvaluationError, cached_evaluation, evaluate_model, score_rows
 from jobs.ingest import run_ingest
+from jobs.options import EvaluateConfig, IngestConfig
 from jobs.scoring.model_ref import resolve_model
 from jobs.serving.registry import log_model
 from model.inference import predict_views
@@ -52,7 +54,9 @@ def test_figures_from_prediction_rows():
 def test_evaluate_a_registered_model_like_production_scores_it(tmp_path, mlflow_server, ray_local):
     videos, clips = tmp_path / "videos", str(tmp_path / "clips")
     generate_motion_dataset(videos, 2, size=(64, 48), num_frames=16, seed=11)
-    run_ingest(str(videos), clips, labels_from_dirs=True, frames=8, short_side=40, size=32)
+    run_ingest(
+        build(IngestConfig, dict(src=str(videos), out=clips, labels_from_dirs=True, frames=8, short_side=40, size=32))
+    )
     torch.manual_seed(0)
     net = model.create_model(CARD.model, CARD.num_classes, **CARD.overrides).eval()
     save_package(net, CARD, tmp_path / "package")
@@ -66,8 +70,11 @@ def test_evaluate_a_registered_model_like_production_scores_it(tmp_path, mlflow_
     assert {line.split("==")[0] for line in pinned if "==" in line} >= {"torch", "safetensors", "numpy", "mlflow"}
 
     experiment = f"evaluations-{uuid.uuid4().hex[:8]}"
-    evaluation = evaluate_model(f"{clips}@1", f"models:/{name}/1", views="2x3", tracking_uri=mlflow_server.uri,
-                                experiment=experiment)
+    evaluation = evaluate_model(
+        EvaluateConfig(
+            f"{clips}@1", f"models:/{name}/1", views="2x3", tracking_uri=mlflow_server.uri, experiment=experiment
+        )
+    )
 
     # the same figures as the model run directly on each video's 2x3 views
     labels, expected = [], []
@@ -100,7 +107,7 @@ def test_evaluate_a_registered_model_like_production_scores_it(tmp_path, mlflow_
     assert "top-1 accuracy" in result.stderr
 
     unlabelled = str(tmp_path / "unlabelled")
-    run_ingest(str(videos), unlabelled, frames=8, short_side=40, size=32)
+    run_ingest(build(IngestConfig, dict(src=str(videos), out=unlabelled, frames=8, short_side=40, size=32)))
     refused = CliRunner().invoke(app, ["evaluate", "--data", unlabelled, "--model", f"models:/{name}/1",
                                        "--tracking-uri", mlflow_server.uri])
     assert refused.exit_code == 1 and "has no labels" in refused.stderr

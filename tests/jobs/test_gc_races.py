@@ -9,7 +9,9 @@ import time
 
 import pytest
 
+from jobs.config import build
 from jobs.ingest import run_ingest
+from jobs.options import EvaluateConfig, IngestConfig
 from jobs.training.config import TrainConfig
 from pipeline import generate_motion_dataset, iter_clips, load_manifest
 from pipeline.storage import Storage, parse_uri
@@ -54,12 +56,12 @@ def test_gc_racing_an_ingest_removes_unreferenced_files_and_the_ingest_publishes
 ):
     dst, endpoint_url = clips
     storage, root = Storage(endpoint_url), parse_uri(dst)
-    ingest = dict(labels_from_dirs=True, endpoint_url=endpoint_url, **SMALL)
     src = tmp_path / "videos"
+    ingest = build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, endpoint_url=endpoint_url, **SMALL))
     make_videos(src, num_per_class=1, classes=("left", "right"))
-    run_ingest(str(src), dst, **ingest)
+    run_ingest(ingest)
     (src / "right" / "right_0000.mp4").unlink()
-    run_ingest(str(src), dst, **ingest)  # v2: right_0000's shard is v1's alone
+    run_ingest(ingest)  # v2: right_0000's shard is v1's alone
     only_v1 = (_files_of(load_manifest(f"{dst}@1", endpoint_url=endpoint_url))
                - _files_of(load_manifest(f"{dst}@2", endpoint_url=endpoint_url)))
     assert len([path for path in only_v1 if path.startswith("shards/")]) == 1
@@ -71,7 +73,7 @@ def test_gc_racing_an_ingest_removes_unreferenced_files_and_the_ingest_publishes
     before = _parts(storage, root)
     make_videos(src / "batch2", num_per_class=8, seed=5)  # 32 new videos, one shard each: a run of several seconds
 
-    thread, outcome = in_background(lambda: run_ingest(str(src), dst, **ingest))
+    thread, outcome = in_background(lambda: run_ingest(ingest))
     deadline = time.monotonic() + 120
     while not (_parts(storage, root) - before) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -95,10 +97,10 @@ def test_a_training_run_keeps_the_version_it_reads_from_gc_until_it_ends(tmp_pat
     src, dst = tmp_path / "videos", str(tmp_path / "clips")
     storage, root = Storage(), parse_uri(dst)
     generate_motion_dataset(src, num_per_class=4, size=(40, 40), num_frames=16, seed=3)
-    ingest = dict(labels_from_dirs=True, frames=8, size=32, short_side=40, max_shard_bytes=1 << 30)
-    run_ingest(str(src), dst, **ingest)  # v1: one shard of 16 videos
+    ingest = build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, frames=8, size=32, short_side=40))
+    run_ingest(ingest, max_shard_bytes=1 << 30)  # v1: one shard of 16 videos
     (src / "left" / "left_0000.mp4").unlink()
-    run_ingest(str(src), dst, **ingest)  # v2: that shard rewritten without it
+    run_ingest(ingest, max_shard_bytes=1 << 30)  # v2: that shard rewritten without it
     only_v1 = _files_of(load_manifest(f"{dst}@1")) - _files_of(load_manifest(f"{dst}@2"))
     assert any(path.startswith("shards/") for path in only_v1)
 
@@ -148,10 +150,11 @@ def test_an_evaluation_keeps_the_version_it_evaluates_from_gc_until_it_ends(tmp_
     src, dst, endpoint_url = tmp_path / "videos", f"s3://{s3_bucket}/clips", s3_server.endpoint_url
     storage, root = Storage(endpoint_url), parse_uri(dst)
     generate_motion_dataset(src, num_per_class=2, size=(40, 40), num_frames=16, seed=3)
-    ingest = dict(labels_from_dirs=True, frames=8, size=32, short_side=40, endpoint_url=endpoint_url)
-    run_ingest(str(src), dst, **ingest)
+    ingest = build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, frames=8, size=32, short_side=40,
+                                      endpoint_url=endpoint_url))
+    run_ingest(ingest)
     (src / "left" / "left_0000.mp4").unlink()
-    run_ingest(str(src), dst, **ingest)  # v2 without it: v1's source table is v1's alone
+    run_ingest(ingest)  # v2 without it: v1's source table is v1's alone
     only_v1 = (_files_of(load_manifest(f"{dst}@1", endpoint_url=endpoint_url))
                - _files_of(load_manifest(f"{dst}@2", endpoint_url=endpoint_url)))
     card = ModelCard("uniformerv2_tiny", 4, {"t_size": 8}, ["down", "left", "right", "up"], frames=8, crop_size=32,
@@ -159,8 +162,9 @@ def test_an_evaluation_keeps_the_version_it_evaluates_from_gc_until_it_ends(tmp_
     torch.manual_seed(0)
     save_package(model.create_model(card.model, card.num_classes, **card.overrides).eval(), card, tmp_path / "package")
 
-    thread, outcome = in_background(lambda: evaluate_model(
-        f"{dst}@1", str(tmp_path / "package"), views="1x1", experiment=None, endpoint_url=endpoint_url))
+    evaluation = EvaluateConfig(f"{dst}@1", str(tmp_path / "package"), views="1x1", experiment=None,
+                                endpoint_url=endpoint_url)
+    thread, outcome = in_background(lambda: evaluate_model(evaluation))
     deadline = time.monotonic() + 120
     while not _records(storage, root) and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jobs.config import build
 from jobs.ingest import run_ingest
+from jobs.options import IngestConfig
 from pipeline import (
     LabelsError,
     ManifestError,
@@ -50,7 +52,7 @@ def _assert_each_clip_once(rows: list[dict]) -> None:
 def test_local_folder_becomes_a_readable_clip_dataset(tmp_path, make_videos, ray_local):
     src, dst = tmp_path / "videos", str(tmp_path / "clips")
     videos = make_videos(src, num_per_class=2)
-    summary = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    summary = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)))
 
     assert (summary.listed, summary.ingested, summary.already_done, summary.errored) == (8, 8, 0, 0)
     manifest = load_manifest(dst)
@@ -92,7 +94,12 @@ def test_a_class_list_fixes_class_ids_and_refuses_other_labels(tmp_path, make_vi
     make_videos(src)  # one video each of down, left, right, up
     names = ["up", "left", "down"] + [f"filler {index}" for index in range(397)]  # a 400-class label map, no "right"
     (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
-    summary = run_ingest(str(src), dst, labels_from_dirs=True, classes=str(tmp_path / "classes.txt"), **SMALL)
+    summary = run_ingest(
+        build(
+            IngestConfig,
+            dict(src=str(src), out=dst, labels_from_dirs=True, classes=str(tmp_path / "classes.txt"), **SMALL),
+        )
+    )
 
     assert (summary.ingested, summary.errored) == (3, 1)
     assert [(error.stage, error.error_type) for error in summary.errors] == [("labels", "UnknownClass")]
@@ -102,16 +109,21 @@ def test_a_class_list_fixes_class_ids_and_refuses_other_labels(tmp_path, make_vi
 
     (tmp_path / "reordered.txt").write_text("left\nup\ndown\n")
     with pytest.raises(LabelsError, match="disagrees with the dataset's class ids"):
-        run_ingest(str(src), dst, labels_from_dirs=True, classes=str(tmp_path / "reordered.txt"), **SMALL)
+        run_ingest(
+            build(
+                IngestConfig,
+                dict(src=str(src), out=dst, labels_from_dirs=True, classes=str(tmp_path / "reordered.txt"), **SMALL),
+            )
+        )
     assert load_manifest(dst).version == manifest.version
     with pytest.raises(ValueError, match="give it with a labels CSV or labels from folders"):
-        run_ingest(str(src), dst, classes=str(tmp_path / "classes.txt"), **SMALL)
+        run_ingest(build(IngestConfig, dict(src=str(src), out=dst, classes=str(tmp_path / "classes.txt"), **SMALL)))
 
 
 def test_candidate_frames_per_segment_are_stored_for_temporal_jitter(tmp_path, make_videos, ray_local):
     src, dst = tmp_path / "videos", str(tmp_path / "clips")
     make_videos(src, num_per_class=1)
-    run_ingest(str(src), dst, labels_from_dirs=True, frames_per_segment=3, **SMALL)
+    run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, frames_per_segment=3, **SMALL)))
     manifest = load_manifest(dst)
     assert manifest.sampling.frames == 4 and manifest.sampling.clip_shape == (12, 32, 32, 3)
     rows = _rows(dst)
@@ -146,7 +158,7 @@ def test_every_bad_input_is_accounted_for_and_nothing_else_is_lost(tmp_path, mak
     labels += ["gone/never-uploaded.mp4,down"]
     (tmp_path / "labels.csv").write_text("\n".join(labels) + "\n")
 
-    summary = run_ingest(str(src), dst, labels_csv=str(tmp_path / "labels.csv"), **SMALL)
+    summary = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels=str(tmp_path / "labels.csv"), **SMALL)))
 
     total = len(good) + len(broken_kinds) + len(odd_but_fine)
     assert summary.listed == total
@@ -176,7 +188,12 @@ def test_labels_csv_escaping_the_source_is_refused_before_any_work(tmp_path, mak
     make_videos(src)
     (tmp_path / "labels.csv").write_text("path,label\n../secrets/a.mp4,left\n")
     with pytest.raises(LabelsError, match="'..'"):
-        run_ingest(str(src), str(tmp_path / "clips"), labels_csv=str(tmp_path / "labels.csv"), **SMALL)
+        run_ingest(
+            build(
+                IngestConfig,
+                dict(src=str(src), out=str(tmp_path / "clips"), labels=str(tmp_path / "labels.csv"), **SMALL),
+            )
+        )
     assert not (tmp_path / "clips" / "manifests").exists()
 
 
@@ -186,8 +203,18 @@ def test_a_destination_that_ignores_conditional_writes_is_refused_before_any_wor
     make_videos(tmp_path / "videos")
     ignored = ignore_conditional_writes(monkeypatch, "if_absent")
     with pytest.raises(StorageError, match="ignores If-None-Match"):
-        run_ingest(str(tmp_path / "videos"), f"s3://{s3_bucket}/clips", labels_from_dirs=True,
-                   endpoint_url=s3_server.endpoint_url, **SMALL)
+        run_ingest(
+            build(
+                IngestConfig,
+                dict(
+                    src=str(tmp_path / "videos"),
+                    out=f"s3://{s3_bucket}/clips",
+                    labels_from_dirs=True,
+                    endpoint_url=s3_server.endpoint_url,
+                    **SMALL,
+                ),
+            )
+        )
     assert ignored  # the store really replaced an object an if-absent write found there
     assert "Contents" not in s3_server.client().list_objects_v2(Bucket=s3_bucket)
 
@@ -195,7 +222,7 @@ def test_a_destination_that_ignores_conditional_writes_is_refused_before_any_wor
 def test_incremental_run_decodes_only_new_and_changed_videos(tmp_path, make_videos, ray_local):
     src, dst = tmp_path / "videos", str(tmp_path / "clips")
     make_videos(src, num_per_class=1, classes=("left", "right"))
-    first = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    first = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)))
     assert first.ingested == 2 and first.manifest_version == 1
     v1 = load_manifest(dst)
 
@@ -205,7 +232,7 @@ def test_incremental_run_decodes_only_new_and_changed_videos(tmp_path, make_vide
     changed = src / "right" / "right_0000.mp4"
     write_motion_video(changed, "right", size=(64, 48), num_frames=20, seed=103)
 
-    second = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    second = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)))
     assert (second.listed, second.ingested, second.already_done, second.errored) == (4, 3, 1, 0)
     v2 = load_manifest(dst)
     assert v2.version == 2 and v2.previous_version == 1
@@ -220,12 +247,12 @@ def test_incremental_run_decodes_only_new_and_changed_videos(tmp_path, make_vide
     # the earlier version is still readable as it was
     assert len(_rows(f"{dst}@1")) == 2
 
-    third = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    third = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)))
     assert (third.ingested, third.already_done, third.manifest_version, third.manifest_written) == (0, 4, 2, False)
 
     # an incremental run need not repeat the sampling: the manifest records it
     write_motion_video(src / "up" / "later_up.mp4", "up", size=(64, 48), seed=104)
-    fourth = run_ingest(str(src), dst, labels_from_dirs=True)
+    fourth = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True)))
     assert (fourth.ingested, fourth.already_done, fourth.manifest_version) == (1, 4, 3)
     assert load_manifest(dst).sampling == v1.sampling
 
@@ -233,17 +260,17 @@ def test_incremental_run_decodes_only_new_and_changed_videos(tmp_path, make_vide
 def test_changing_sampling_parameters_on_an_existing_dataset_is_refused(tmp_path, make_videos, ray_local):
     src, dst = tmp_path / "videos", str(tmp_path / "clips")
     make_videos(src, classes=("left",))
-    run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)))
     with pytest.raises(IngestConfigError, match="new --out"):
-        run_ingest(str(src), dst, labels_from_dirs=True, **{**SMALL, "frames": 8})
+        run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **{**SMALL, "frames": 8})))
     with pytest.raises(IngestConfigError, match="new --out"):  # one flag alone, the rest as recorded
-        run_ingest(str(src), dst, labels_from_dirs=True, frames=SMALL["frames"] + 1)
+        run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, frames=SMALL["frames"] + 1)))
 
 
 def test_reader_refuses_a_version_with_a_missing_or_altered_shard(tmp_path, make_videos, ray_local):
     src, dst = tmp_path / "videos", tmp_path / "clips"
     make_videos(src, num_per_class=1)
-    run_ingest(str(src), str(dst), labels_from_dirs=True, **SMALL)
+    run_ingest(build(IngestConfig, dict(src=str(src), out=str(dst), labels_from_dirs=True, **SMALL)))
     shards = load_manifest(str(dst)).shards
     (dst / shards[0].path).unlink()
     first = pq.read_table(dst / shards[1].path)
@@ -261,14 +288,15 @@ def test_killed_run_is_completed_by_a_rerun_without_duplicates_or_gaps(tmp_path,
     make_videos(src, num_per_class=10)  # 40 videos, one shard each: the run takes a few seconds
     address = ray_local.get_runtime_context().gcs_address
     script = (
-        "import sys; from jobs.ingest import run_ingest; "
-        "run_ingest(sys.argv[1], sys.argv[2], labels_from_dirs=True, frames=4, size=28, short_side=32)"
+        "import sys; from jobs.ingest import run_ingest; from jobs.options import ClipSampling, IngestConfig; "
+        "run_ingest(IngestConfig(sys.argv[1], sys.argv[2], labels_from_dirs=True, "
+        "clip=ClipSampling(frames=4, size=28, short_side=32)))"
     )
     published = kill_driver_after_first_part(script, [str(src), str(dst)], address, dst / "shards")
     assert not (dst / "manifests").exists(), "the ingest finished before it could be killed"
     assert 1 <= len(published) < 40
 
-    summary = run_ingest(str(src), str(dst), labels_from_dirs=True, **SMALL)
+    summary = run_ingest(build(IngestConfig, dict(src=str(src), out=str(dst), labels_from_dirs=True, **SMALL)))
     assert summary.ingested == 40 and summary.errored == 0
     assert summary.shards_adopted >= len(published)
     assert summary.shards_adopted + summary.shards_written == 40
@@ -288,15 +316,20 @@ def test_s3_to_s3_with_dense_multi_clip_sampling_and_spilling(s3_server, s3_buck
     src, dst = f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/datasets/motion"
 
     summary = run_ingest(
-        src,
-        dst,
-        labels_csv=f"s3://{s3_bucket}/raw/labels.csv",
-        endpoint_url=s3_server.endpoint_url,
-        sampling="dense",
-        stride=3,
-        clips_per_video=2,
-        spill_threshold_bytes=1,  # every object goes through a local spill file instead of memory
-        **SMALL,
+        build(
+            IngestConfig,
+            dict(
+                src=src,
+                out=dst,
+                labels=f"s3://{s3_bucket}/raw/labels.csv",
+                endpoint_url=s3_server.endpoint_url,
+                sampling="dense",
+                stride=3,
+                clips_per_video=2,
+                **SMALL,
+            ),
+        ),
+        spill_threshold_bytes=1,
     )
     # the two extra videos are not in labels.csv: listed, and errored as unlabelled
     assert (summary.listed, summary.ingested, summary.errored) == (6, 4, 2)
@@ -321,8 +354,19 @@ def test_s3_to_s3_with_dense_multi_clip_sampling_and_spilling(s3_server, s3_buck
     csv += "left/a clip with spaces.mp4,left\nup/ビデオ ü.mp4,up\n"
     s3_server.client().put_object(Bucket=s3_bucket, Key="raw/labels.csv", Body=csv.encode())
     again = run_ingest(
-        src, dst, labels_csv=f"s3://{s3_bucket}/raw/labels.csv", endpoint_url=s3_server.endpoint_url,
-        sampling="dense", stride=3, clips_per_video=2, **SMALL,
+        build(
+            IngestConfig,
+            dict(
+                src=src,
+                out=dst,
+                labels=f"s3://{s3_bucket}/raw/labels.csv",
+                endpoint_url=s3_server.endpoint_url,
+                sampling="dense",
+                stride=3,
+                clips_per_video=2,
+                **SMALL,
+            ),
+        )
     )
     assert (again.ingested, again.already_done, again.errored) == (2, 4, 0)
     ids = {row["video_id"] for row in _rows(dst, endpoint_url=s3_server.endpoint_url, columns=["video_id"])}
@@ -353,8 +397,16 @@ def test_ingest_survives_an_s3_server_restart_mid_run(s3_server, s3_bucket, tmp_
     watcher = threading.Thread(target=restart_after_first_shard)
     watcher.start()
     summary = run_ingest(
-        f"s3://{s3_bucket}/raw", f"s3://{s3_bucket}/out", labels_from_dirs=True,
-        endpoint_url=s3_server.endpoint_url, **SMALL,
+        build(
+            IngestConfig,
+            dict(
+                src=f"s3://{s3_bucket}/raw",
+                out=f"s3://{s3_bucket}/out",
+                labels_from_dirs=True,
+                endpoint_url=s3_server.endpoint_url,
+                **SMALL,
+            ),
+        )
     )
     watcher.join()
     assert observed.get("restarted") and not observed["manifest_before_restart"]
@@ -373,7 +425,12 @@ def test_unreachable_endpoint_fails_the_job_fast(tmp_path):
         port = sock.getsockname()[1]
     started = time.monotonic()
     with pytest.raises(StorageError, match=f"127.0.0.1:{port}"):
-        run_ingest("s3://videos/raw", "s3://clips/out", endpoint_url=f"http://127.0.0.1:{port}", **SMALL)
+        run_ingest(
+            build(
+                IngestConfig,
+                dict(src="s3://videos/raw", out="s3://clips/out", endpoint_url=f"http://127.0.0.1:{port}", **SMALL),
+            )
+        )
     assert time.monotonic() - started < 15
 
 
@@ -384,22 +441,26 @@ def test_failed_and_unlabelled_videos_are_remembered_and_a_rerun_with_nothing_ne
     make_videos(src, num_per_class=1, classes=("left", "right"))
     broken_video(src / "left" / "broken.mp4", "text")
     write_motion_video(src / "no class folder.mp4", "up", size=(64, 48))  # unlabelled: not in a class folder
-    first = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    first = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)))
     assert (first.listed, first.ingested, first.errored, first.known_failures) == (4, 2, 2, 0)
 
     lines = []
-    second = run_ingest(str(src), dst, labels_from_dirs=True, echo=lines.append, **SMALL)
+    second = run_ingest(
+        build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)), echo=lines.append
+    )
     assert (second.ingested, second.already_done, second.known_failures, second.errored) == (0, 2, 2, 0)
     assert (second.manifest_written, second.manifest_version) == (False, 1)
     assert "nothing new: 4 listed, 2 already ingested, 2 known failures" in lines
     assert any("0 to decode" in line for line in lines)  # the broken video was not decoded again
 
-    retried = run_ingest(str(src), dst, labels_from_dirs=True, retry_errors=True, **SMALL)
+    retried = run_ingest(
+        build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, retry_errors=True, **SMALL))
+    )
     assert (retried.errored, retried.known_failures, retried.manifest_written) == (1, 1, False)  # failed again
     assert [error.error_type for error in retried.errors] == ["VideoDecodeError"]
 
     write_motion_video(src / "left" / "broken.mp4", "left", size=(64, 48), seed=7)  # replaced: a new ETag
-    fixed = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    fixed = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)))
     assert (fixed.ingested, fixed.known_failures, fixed.manifest_version) == (1, 1, 2)
     remembered = pq.read_table(fixed.errors_uri).to_pylist()  # the version's table: the unlabelled video alone
     assert [(Path(row["source_uri"]).name, row["stage"]) for row in remembered] == [("no class folder.mp4", "labels")]
@@ -409,14 +470,18 @@ def test_failed_and_unlabelled_videos_are_remembered_and_a_rerun_with_nothing_ne
 def test_videos_deleted_from_the_source_leave_the_next_version_unless_kept(tmp_path, make_videos, ray_local):
     src, dst = tmp_path / "videos", str(tmp_path / "clips")
     make_videos(src, num_per_class=2, classes=("left", "right"))
-    run_ingest(str(src), dst, labels_from_dirs=True, max_shard_bytes=1 << 30, **SMALL)  # one shard of 4 videos
+    run_ingest(
+        build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)), max_shard_bytes=1 << 30
+    )  # one shard of 4 videos
     (src / "left" / "left_0000.mp4").unlink()
 
-    kept = run_ingest(str(src), dst, labels_from_dirs=True, keep_deleted=True, **SMALL)
+    kept = run_ingest(
+        build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, keep_deleted=True, **SMALL))
+    )
     assert (kept.listed, kept.deleted, kept.manifest_written) == (3, 0, False)
     assert "left/left_0000.mp4" in {row["video_id"] for row in _rows(dst, columns=["video_id"])}
 
-    dropped = run_ingest(str(src), dst, labels_from_dirs=True, **SMALL)
+    dropped = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, **SMALL)))
     assert (dropped.listed, dropped.already_done, dropped.deleted, dropped.manifest_version) == (3, 3, 1, 2)
     v2 = load_manifest(dst)
     assert set(_sources(dst, v2)) == {"left/left_0001.mp4", "right/right_0000.mp4", "right/right_0001.mp4"}

@@ -4,6 +4,8 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
+from jobs.config import build
+from jobs.options import IngestConfig
 from pipeline import load_manifest
 
 runner = CliRunner()
@@ -60,10 +62,10 @@ def test_gc_command_lists_with_dry_run_then_removes_and_prints_the_bytes_freed(t
 
     src, dst = tmp_path / "videos", tmp_path / "clips"
     make_videos(src, num_per_class=1, classes=("left", "right"))
-    options = dict(labels_from_dirs=True, frames=4, size=28, short_side=32, echo=lambda line: None)
-    run_ingest(str(src), str(dst), **options)
+    ingest = build(IngestConfig, dict(src=str(src), out=str(dst), labels_from_dirs=True, frames=4, size=28, short_side=32))
+    run_ingest(ingest, echo=lambda line: None)
     (src / "right" / "right_0000.mp4").unlink()
-    run_ingest(str(src), str(dst), **options)  # v2 without right_0000: its shard is version 1's alone
+    run_ingest(ingest, echo=lambda line: None)  # v2 without right_0000: its shard is version 1's alone
     gone = {shard.path for shard in load_manifest(f"{dst}@1").shards} - {
         shard.path for shard in load_manifest(str(dst)).shards
     }

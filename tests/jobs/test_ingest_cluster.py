@@ -2,7 +2,9 @@
 
 import pytest
 
+from jobs.config import build
 from jobs.ingest import run_ingest
+from jobs.options import IngestConfig
 from pipeline import iter_clips
 from tests.conftest import two_node_ray
 
@@ -21,7 +23,17 @@ def test_ingest_uses_both_nodes_of_a_two_node_cluster(tmp_path, make_videos, two
     assert len([node for node in ray.nodes() if node["Alive"]]) == 2
     make_videos(tmp_path / "videos", num_per_class=3)
     summary = run_ingest(
-        str(tmp_path / "videos"), str(tmp_path / "clips"), labels_from_dirs=True, frames=4, size=28, short_side=32
+        build(
+            IngestConfig,
+            dict(
+                src=str(tmp_path / "videos"),
+                out=str(tmp_path / "clips"),
+                labels_from_dirs=True,
+                frames=4,
+                size=28,
+                short_side=32,
+            ),
+        )
     )
     assert (summary.listed, summary.ingested, summary.errored) == (12, 12, 0)
     assert summary.nodes_used == 2

@@ -8,8 +8,7 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.config import absolute_location, absolute_paths
-from jobs.retrain import RetrainConfig
-from jobs.score import ScoreConfig
+from jobs.options import RetrainConfig, ScoreConfig
 from jobs.training.config import TrainConfig
 
 

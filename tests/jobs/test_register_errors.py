@@ -9,7 +9,9 @@ import os
 
 import pytest
 
+from jobs.config import build
 from jobs.ingest import run_ingest
+from jobs.options import IngestConfig, RegisterConfig
 from jobs.train import final_checkpoint, register_run, run_train
 from jobs.training.checkpoint import PROGRESS
 from jobs.training.config import TrainConfig
@@ -22,7 +24,12 @@ def test_an_error_that_is_not_mlflows_is_raised_as_itself_not_as_mlflow_out_of_r
                                                                                        ray_local):
     generate_motion_dataset(tmp_path / "videos", num_per_class=2, size=(40, 40), num_frames=16, seed=3)
     clips = str(tmp_path / "clips")
-    run_ingest(str(tmp_path / "videos"), clips, labels_from_dirs=True, frames=8, size=32, short_side=40)
+    run_ingest(
+        build(
+            IngestConfig,
+            dict(src=str(tmp_path / "videos"), out=clips, labels_from_dirs=True, frames=8, size=32, short_side=40),
+        )
+    )
     storage = str(tmp_path / "runs")
     cfg = TrainConfig(data=clips, model="uniformerv2_tiny", workers=1, epochs=1, max_steps=2, batch_size=4,
                       hflip=False, augment="crop", storage=storage, tracking_uri=mlflow_server.uri,
@@ -35,5 +42,7 @@ def test_an_error_that_is_not_mlflows_is_raised_as_itself_not_as_mlflow_out_of_r
     with open(os.path.join(checkpoint.path, PROGRESS), "w") as handle:
         json.dump(progress, handle)
     with pytest.raises(ValueError, match="Unknown format code 'f'") as failure:
-        register_run(cfg.name, storage, register_as="register-errors-again", tracking=mlflow_server.uri)
+        register_run(
+            RegisterConfig(cfg.name, storage, register_as="register-errors-again", tracking_uri=mlflow_server.uri)
+        )
     assert "MLflow" not in str(failure.value)  # not told to wait for MLflow, which no re-run would mend

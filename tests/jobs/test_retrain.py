@@ -16,7 +16,9 @@ import torch
 
 import jobs.retrain
 import model
+from jobs.config import build
 from jobs.ingest import run_ingest
+from jobs.options import IngestConfig, RetrainConfig
 from jobs.retrain import (
     CHAMPION,
     ChampionUnknown,
@@ -27,7 +29,6 @@ from jobs.retrain import (
     run_retrain,
 )
 from jobs.serving.registry import log_model, model_versions
-from jobs.training.config import TrainConfig
 from model.package import ModelCard, save_package
 from pipeline import generate_motion_dataset, load_manifest, parse_uri
 from pipeline.lease import Lease, LeaseHeld, LeaseLost
@@ -45,7 +46,14 @@ def left_only_validation(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("gate")
     generate_motion_dataset(root / "videos", 3, classes=("left",), size=(40, 40), num_frames=16, seed=4)
     start_local_ray()
-    run_ingest(str(root / "videos"), str(root / "val"), labels_from_dirs=True, frames=8, size=32, short_side=40)
+    run_ingest(
+        build(
+            IngestConfig,
+            dict(
+                src=str(root / "videos"), out=str(root / "val"), labels_from_dirs=True, frames=8, size=32, short_side=40
+            ),
+        )
+    )
     return str(root / "val") + "@1"
 
 
@@ -410,11 +418,13 @@ def test_retrain_does_not_start_from_pretrained_weights_when_the_champion_cannot
         raise AssertionError(f"training started from {cfg.pretrained!r} instead of the champion")
 
     monkeypatch.setattr(jobs.retrain, "run_train", train_without_champion)
-    train = TrainConfig(data="set by retrain", storage=str(tmp_path / "runs"), tracking_uri=failing_registry.uri)
+    config = build(RetrainConfig, dict(
+        source=str(tmp_path / "videos"), dataset=str(tmp_path / "clips"), model_name=name, val=left_only_validation,
+        train=dict(storage=str(tmp_path / "runs"), tracking_uri=failing_registry.uri),
+        ingest=dict(labels_from_dirs=True, frames=8, size=32, short_side=40),
+    ))
     with pytest.raises(ChampionUnknown, match="nothing promoted"):
-        run_retrain(str(tmp_path / "videos"), str(tmp_path / "clips"), name, left_only_validation, train=train,
-                    ingest_options={"labels_from_dirs": True, "frames": 8, "size": 32, "short_side": 40},
-                    echo=lambda line: None)
+        run_retrain(config, echo=lambda line: None)
     assert len(failing_registry.refused) == RETRIES + 1
 
 
@@ -436,7 +446,7 @@ def test_retrain_skips_a_new_version_number_holding_the_data_the_champion_learnt
     videos, clips = tmp_path / "videos", str(tmp_path / "clips")
     generate_motion_dataset(videos, 1, classes=("left",), size=(40, 40), num_frames=16, seed=7)
     ingest = {"labels_from_dirs": True, "frames": 8, "size": 32, "short_side": 40}
-    run_ingest(str(videos), clips, **ingest)
+    run_ingest(build(IngestConfig, dict(src=str(videos), out=clips, **ingest)))
     first = load_manifest(clips)
     client = mlflow.MlflowClient(uri)
     champion = register_constant_model(name, "left", uri, tmp_path)
@@ -448,7 +458,8 @@ def test_retrain_skips_a_new_version_number_holding_the_data_the_champion_learnt
     write_manifest(parse_uri(clips), dataclasses.replace(first, version=2, previous_version=1), Storage())
     monkeypatch.setattr(jobs.retrain, "run_train", lambda cfg: pytest.fail(f"trained again on {cfg.data}"))
     lines = []
-    result = run_retrain(str(videos), clips, name, left_only_validation, ingest_options=ingest, echo=lines.append,
-                         train=TrainConfig(data="set by retrain", storage=str(tmp_path / "runs"), tracking_uri=uri))
+    config = build(RetrainConfig, dict(source=str(videos), dataset=clips, model_name=name, val=left_only_validation,
+                                       train=dict(storage=str(tmp_path / "runs"), tracking_uri=uri), ingest=ingest))
+    result = run_retrain(config, echo=lines.append)
     assert (result.dataset_version, result.decision, result.messages) == (2, None, ["nothing new"])
     assert f"{clips}@2 holds the data {name} v{champion} was trained on" in lines[-1]

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 import model
 from jobs.cli import app
-from jobs.score import ScoreOptions, run_score, score_dataset
+from jobs.options import ScoreConfig, ScoreOptions
+from jobs.score import run_score, score_dataset
 from jobs.scoring.model_ref import ModelReferenceError, resolve_model
 from jobs.scoring.results import ScoreConfigError, latest_score_manifest, read_predictions
 from jobs.serving.registry import log_model
@@ -109,8 +110,17 @@ def test_registered_alias_scores_s3_videos_like_the_model_run_directly(
     src, dst = f"s3://{s3_bucket}/archive", f"s3://{s3_bucket}/scores"
 
     summary = run_score(
-        src, dst, f"models:/{registered}@champion", views="2x3", top_k=3, full_probs=True,
-        tracking_uri=mlflow_server.uri, endpoint_url=s3_server.endpoint_url, options=ScoreOptions(batch_size=2),
+        ScoreConfig(
+            src,
+            dst,
+            f"models:/{registered}@champion",
+            views="2x3",
+            top_k=3,
+            full_probs=True,
+            tracking_uri=mlflow_server.uri,
+            endpoint_url=s3_server.endpoint_url,
+            options=ScoreOptions(batch_size=2),
+        )
     )
 
     assert (summary.listed, summary.scored, summary.already_done, summary.errored) == (8, 6, 0, 2)
@@ -155,8 +165,16 @@ def test_alias_moved_during_a_run_does_not_change_the_version_used_and_the_next_
 
     try:
         summary = run_score(
-            str(videos), dst, f"models:/{registered}@champion", views="2x3", top_k=3, full_probs=True,
-            tracking_uri=mlflow_server.uri, echo=echo,
+            ScoreConfig(
+                str(videos),
+                dst,
+                f"models:/{registered}@champion",
+                views="2x3",
+                top_k=3,
+                full_probs=True,
+                tracking_uri=mlflow_server.uri,
+            ),
+            echo=echo,
         )
         assert moved and "version 1" in moved[0]
         assert client.get_model_version_by_alias(registered, "champion").version == "2"
@@ -168,8 +186,18 @@ def test_alias_moved_during_a_run_does_not_change_the_version_used_and_the_next_
 
         # The alias now names version 2: the same command scores every video again with it, into the next version
         lines = []
-        moved_on = run_score(str(videos), dst, f"models:/{registered}@champion", views="2x3", top_k=3,
-                             full_probs=True, tracking_uri=mlflow_server.uri, echo=lines.append)
+        moved_on = run_score(
+            ScoreConfig(
+                str(videos),
+                dst,
+                f"models:/{registered}@champion",
+                views="2x3",
+                top_k=3,
+                full_probs=True,
+                tracking_uri=mlflow_server.uri,
+            ),
+            echo=lines.append,
+        )
         assert (moved_on.scored, moved_on.already_done, moved_on.manifest_version) == (6, 0, 2)
         assert any("succeeds it: every listed video is scored again" in line for line in lines), lines
         current = read_predictions(dst).to_pylist()
@@ -178,13 +206,25 @@ def test_alias_moved_during_a_run_does_not_change_the_version_used_and_the_next_
         # readers follow the destination; version 1's predictions stay readable by number until gc
         assert {row["model_version"] for row in read_predictions(f"{dst}@1").to_pylist()} == {1}
         # a week later, nothing new for the same champion
-        again = run_score(str(videos), dst, f"models:/{registered}@champion", views="2x3", top_k=3, full_probs=True,
-                          tracking_uri=mlflow_server.uri, echo=lambda line: None)
+        again = run_score(
+            ScoreConfig(
+                str(videos),
+                dst,
+                f"models:/{registered}@champion",
+                views="2x3",
+                top_k=3,
+                full_probs=True,
+                tracking_uri=mlflow_server.uri,
+            ),
+            echo=lambda line: None,
+        )
         assert (again.scored, again.already_done, again.manifest_written) == (0, 6, False)
         # another model (here a package that is no version of this registered model) is not mixed in
         with pytest.raises(ScoreConfigError, match="One destination follows one registered model"):
-            run_score(str(videos), dst, str(packages[1]), views="2x3", top_k=3, full_probs=True,
-                      echo=lambda line: None)
+            run_score(
+                ScoreConfig(str(videos), dst, str(packages[1]), views="2x3", top_k=3, full_probs=True),
+                echo=lambda line: None,
+            )
         with pytest.raises(ScoreConfigError, match="no predictions version 7"):
             read_predictions(f"{dst}@7")
     finally:
@@ -214,14 +254,14 @@ def test_rerun_scores_only_new_and_changed_videos(packages, tmp_path, ray_local)
     src, dst = tmp_path / "videos", str(tmp_path / "scores")
     for index in range(4):
         write_motion_video(src / f"v{index}.mp4", CLASSES[index], size=(40, 40), num_frames=12, seed=index)
-    first = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2)
+    first = run_score(ScoreConfig(str(src), dst, str(packages[1]), views="1x1", top_k=2))
     assert (first.scored, first.model.version, first.model.name) == (4, None, "v1")
     before = {row["video_id"]: row for row in read_predictions(dst).to_pylist()}
 
     write_motion_video(src / "v4.mp4", "left", size=(40, 40), num_frames=12, seed=9)  # new
     time.sleep(0.01)
     write_motion_video(src / "v1.mp4", "up", size=(40, 40), num_frames=12, seed=10)  # replaced in place
-    second = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2)
+    second = run_score(ScoreConfig(str(src), dst, str(packages[1]), views="1x1", top_k=2))
     assert (second.listed, second.scored, second.already_done, second.errored) == (5, 2, 3, 0)
 
     rows = {row["video_id"]: row for row in read_predictions(dst).to_pylist()}
@@ -231,7 +271,7 @@ def test_rerun_scores_only_new_and_changed_videos(packages, tmp_path, ray_local)
     assert len(rows["v4.mp4"]["top_k_ids"]) == 2 and "probs" not in rows["v4.mp4"]
 
     with pytest.raises(ScoreConfigError, match="views|temporal_views"):
-        run_score(str(src), dst, str(packages[1]), views="2x1", top_k=2)
+        run_score(ScoreConfig(str(src), dst, str(packages[1]), views="2x1", top_k=2))
 
 
 def test_a_destination_that_ignores_conditional_writes_is_refused_before_any_work(
@@ -239,7 +279,9 @@ def test_a_destination_that_ignores_conditional_writes_is_refused_before_any_wor
 ):
     ignored = ignore_conditional_writes(monkeypatch, "if_absent")
     with pytest.raises(StorageError, match="ignores If-None-Match"):
-        run_score(str(videos), f"s3://{s3_bucket}/scores", str(packages[1]), endpoint_url=s3_server.endpoint_url)
+        run_score(
+            ScoreConfig(str(videos), f"s3://{s3_bucket}/scores", str(packages[1]), endpoint_url=s3_server.endpoint_url)
+        )
     assert ignored  # the store really replaced an object an if-absent write found there
     assert "Contents" not in s3_server.client().list_objects_v2(Bucket=s3_bucket)
 
@@ -261,8 +303,8 @@ def test_killed_run_resumes_without_duplicates(packages, tmp_path, ray_local):
     generate_motion_dataset(src, 5, size=(40, 40), num_frames=12, seed=5, write_labels_csv=False)  # 20 videos
     address = ray_local.get_runtime_context().gcs_address
     script = (
-        "import sys; from jobs.score import ScoreOptions, run_score; "
-        "run_score(sys.argv[1], sys.argv[2], sys.argv[3], views='2x3', options=ScoreOptions(batch_size=1), "
+        "import sys; from jobs.options import ScoreConfig, ScoreOptions; from jobs.score import run_score; "
+        "run_score(ScoreConfig(sys.argv[1], sys.argv[2], sys.argv[3], views='2x3', options=ScoreOptions(batch_size=1)), "
         "videos_per_shard=1)"
     )
     published = kill_driver_after_first_part(
@@ -271,7 +313,7 @@ def test_killed_run_resumes_without_duplicates(packages, tmp_path, ray_local):
     assert not (dst / "manifests").exists(), "the run finished before it could be killed"
     assert 1 <= len(published) < 20
 
-    summary = run_score(str(src), str(dst), str(packages[1]), views="2x3", videos_per_shard=1)
+    summary = run_score(ScoreConfig(str(src), str(dst), str(packages[1]), views="2x3"), videos_per_shard=1)
     assert (summary.scored, summary.errored) == (20, 0)
     assert summary.shards_adopted >= len(published)
     assert summary.shards_adopted + summary.shards_written == 20
@@ -300,20 +342,20 @@ def test_failed_videos_are_remembered_and_a_rerun_with_nothing_new_writes_no_ver
     src, dst = tmp_path / "videos", str(tmp_path / "scores")
     write_motion_video(src / "good.mp4", "left", size=(40, 40), num_frames=12, seed=1)
     broken_video(src / "broken.mp4", "truncated")
-    first = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2)
+    first = run_score(ScoreConfig(str(src), dst, str(packages[1]), views="1x1", top_k=2))
     assert (first.scored, first.errored, first.manifest_version) == (1, 1, 1)
 
     lines = []
-    again = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2, echo=lines.append)
+    again = run_score(ScoreConfig(str(src), dst, str(packages[1]), views="1x1", top_k=2), echo=lines.append)
     assert (again.scored, again.already_done, again.known_failures, again.errored) == (0, 1, 1, 0)
     assert not again.manifest_written and "nothing new: 2 listed, 1 already scored, 1 known failures" in lines
     assert any("0 to score" in line for line in lines)  # the broken video was not decoded again
 
-    retried = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2, retry_errors=True)
+    retried = run_score(ScoreConfig(str(src), dst, str(packages[1]), views="1x1", top_k=2, retry_errors=True))
     assert (retried.errored, retried.known_failures, retried.manifest_written) == (1, 0, False)
 
     write_motion_video(src / "broken.mp4", "up", size=(40, 40), num_frames=12, seed=2)  # replaced: a new ETag
-    fixed = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2)
+    fixed = run_score(ScoreConfig(str(src), dst, str(packages[1]), views="1x1", top_k=2))
     assert (fixed.scored, fixed.errored, fixed.manifest_version, fixed.errors_uri) == (1, 0, 2, None)
     assert sorted(read_predictions(dst, columns=["video_id"]).column("video_id").to_pylist()) == [
         "broken.mp4", "good.mp4"
@@ -326,7 +368,9 @@ def test_predictions_of_videos_deleted_from_the_source_leave_the_next_version_un
     src, dst = tmp_path / "videos", str(tmp_path / "scores")
     for index in range(3):
         write_motion_video(src / f"v{index}.mp4", CLASSES[index], size=(40, 40), num_frames=12, seed=index)
-    run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2, videos_per_shard=3)  # one shard of 3 videos
+    run_score(
+        ScoreConfig(str(src), dst, str(packages[1]), views="1x1", top_k=2), videos_per_shard=3
+    )  # one shard of 3 videos
     (src / "v1.mp4").unlink()
 
     kept = CliRunner().invoke(app, ["score", str(src), "--model", str(packages[1]), "--out", dst, "--views", "1x1",
@@ -334,7 +378,7 @@ def test_predictions_of_videos_deleted_from_the_source_leave_the_next_version_un
     assert kept.exit_code == 3, kept.output  # nothing new: the deleted video's predictions stay
     assert "nothing new: 2 listed, 2 already scored, 0 known failures" in kept.output
 
-    dropped = run_score(str(src), dst, str(packages[1]), views="1x1", top_k=2)
+    dropped = run_score(ScoreConfig(str(src), dst, str(packages[1]), views="1x1", top_k=2))
     assert (dropped.already_done, dropped.deleted, dropped.manifest_version) == (2, 1, 2)
     assert sorted(read_predictions(dst, columns=["video_id"]).column("video_id").to_pylist()) == ["v0.mp4", "v2.mp4"]
     latest = latest_score_manifest(parse_uri(dst), Storage())

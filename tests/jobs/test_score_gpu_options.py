@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import model
-from jobs.score import ScoreOptions, actor_pool_bounds, score_dataset
+from jobs.options import ScoreOptions
+from jobs.score import actor_pool_bounds, score_dataset
 from model.inference import predict_views, resolve_precision
 from model.package import ModelCard, save_package
 from pipeline.listing import SourceVideo

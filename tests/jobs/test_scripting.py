@@ -19,6 +19,7 @@ from jobs.cli import app
 from jobs.config import build, read_file
 from jobs.exitcodes import ExitCode
 from jobs.ingest import run_ingest
+from jobs.options import IngestConfig
 from jobs.train import final_checkpoint
 from jobs.training.config import CONFIG_ARTIFACT, TrainConfig
 from model.package import ModelCard, save_package
@@ -114,8 +115,19 @@ def test_score_exit_codes_json_and_dry_run(tmp_path, broken_video, ray_local):
 
 def test_train_from_the_config_its_mlflow_run_logged_is_the_same_run(tmp_path, mlflow_server, ray_local):
     generate_motion_dataset(tmp_path / "videos", 3, size=(40, 40), num_frames=16, seed=7)
-    run_ingest(str(tmp_path / "videos"), str(tmp_path / "clips"), labels_from_dirs=True, frames=8, size=32,
-               short_side=40)
+    run_ingest(
+        build(
+            IngestConfig,
+            dict(
+                src=str(tmp_path / "videos"),
+                out=str(tmp_path / "clips"),
+                labels_from_dirs=True,
+                frames=8,
+                size=32,
+                short_side=40,
+            ),
+        )
+    )
     (tmp_path / "train.yaml").write_text(yaml.safe_dump({
         "data": str(tmp_path / "clips"), "model": "uniformerv2_tiny", "workers": 1, "epochs": 1, "batch_size": 4,
         "max_steps": 2, "augment": "crop", "hflip": False, "storage": str(tmp_path / "runs"),
@@ -164,8 +176,19 @@ def test_retrain_exits_rejected_then_nothing_new_and_its_dry_run_writes_nothing(
 
     uri, name = mlflow_server.uri, f"scripting-{tmp_path.name[-12:]}"
     generate_motion_dataset(tmp_path / "val-videos", 2, classes=("left",), size=(40, 40), num_frames=16, seed=4)
-    run_ingest(str(tmp_path / "val-videos"), str(tmp_path / "val"), labels_from_dirs=True, frames=8, size=32,
-               short_side=40)
+    run_ingest(
+        build(
+            IngestConfig,
+            dict(
+                src=str(tmp_path / "val-videos"),
+                out=str(tmp_path / "val"),
+                labels_from_dirs=True,
+                frames=8,
+                size=32,
+                short_side=40,
+            ),
+        )
+    )
     # a champion that always answers `left` scores 1.0 on this validation set: no candidate can beat it
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment(f"{name}-champion")).info.run_id

@@ -19,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from jobs.config import build
 from jobs.ingest import run_ingest
+from jobs.options import IngestConfig, RegisterConfig
 from jobs.train import (
     RunInProgress,
     TrainingFailed,
@@ -42,7 +44,19 @@ def motion_dataset(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("train-data")
     generate_motion_dataset(root / "videos", num_per_class=200, size=(40, 40), num_frames=16, seed=11)
     start_local_ray()
-    run_ingest(str(root / "videos"), str(root / "clips"), labels_from_dirs=True, frames=8, size=32, short_side=40)
+    run_ingest(
+        build(
+            IngestConfig,
+            dict(
+                src=str(root / "videos"),
+                out=str(root / "clips"),
+                labels_from_dirs=True,
+                frames=8,
+                size=32,
+                short_side=40,
+            ),
+        )
+    )
     return str(root / "clips")
 
 
@@ -284,10 +298,17 @@ def test_mlflow_down_at_the_end_keeps_the_checkpoint_and_register_finishes(
 
     restarted = MlflowServer(tmp_path)  # same sqlite file and artifacts
     try:
-        model_uri, version = register_run(cfg.name, storage, tracking=restarted.uri, endpoint_url=s3_server.endpoint_url)
+        model_uri, version = register_run(
+            RegisterConfig(cfg.name, storage, tracking_uri=restarted.uri, endpoint_url=s3_server.endpoint_url)
+        )
         assert version == 1 and model_uri.startswith("models:/")
         # repeating it registers nothing new
-        assert register_run(cfg.name, storage, tracking=restarted.uri, endpoint_url=s3_server.endpoint_url)[1] == 1
+        assert (
+            register_run(
+                RegisterConfig(cfg.name, storage, tracking_uri=restarted.uri, endpoint_url=s3_server.endpoint_url)
+            )[1]
+            == 1
+        )
     finally:
         restarted.stop()
 

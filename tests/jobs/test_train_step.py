@@ -9,16 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jobs.config import build
+from jobs.ingest import run_ingest
+from jobs.metrics import per_class_report, scores_from_counts
+from jobs.options import IngestConfig
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
-from jobs.metrics import per_class_report, scores_from_counts
-from jobs.ingest import run_ingest
 from jobs.training.loop import DeviceBatches, EpochStreams, StepLayout, StepMetrics, Trainer, build_train_state
 from jobs.training.optim import build_optimizer, build_scheduler
 from jobs.training.tracking import HEATMAP_MAX_CLASSES, _confusion_image
 from model.transforms import train_transform
-from pipeline import generate_motion_dataset, load_manifest
 from pipeline import epochs as epoch_plans
+from pipeline import generate_motion_dataset, load_manifest
 
 FRAMES, CLASSES = 4, 4
 
@@ -156,8 +158,20 @@ def test_epoch_streams_read_the_head_here_and_stream_the_rest_as_one_pipeline_wo
     """The head read in this process and the Ray Data tail together give exactly the batches one Ray Data pipeline
     gives for the same rows, from an epoch's start and from a resumed step, with the head ending inside a window."""
     generate_motion_dataset(tmp_path / "videos", num_per_class=6, size=(40, 40), num_frames=16, seed=2)
-    run_ingest(str(tmp_path / "videos"), str(tmp_path / "clips"), labels_from_dirs=True, frames=FRAMES, size=32,
-               short_side=40, echo=lambda _: None)
+    run_ingest(
+        build(
+            IngestConfig,
+            dict(
+                src=str(tmp_path / "videos"),
+                out=str(tmp_path / "clips"),
+                labels_from_dirs=True,
+                frames=FRAMES,
+                size=32,
+                short_side=40,
+            ),
+        ),
+        echo=lambda _: None,
+    )
     monkeypatch.setattr(epoch_plans, "WINDOW_ROWS", 5)  # several windows in 24 clips
     clips = str(tmp_path / "clips")
     plan = epoch_plans.EpochPlan(clips, load_manifest(clips), "train", 0.0, world_size=1, seed=3)

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.epochs import EpochPlan, WindowReader
+from pipeline.epochs import EpochPlan
 from pipeline.manifest import Manifest, SamplingParams, ShardEntry
 from pipeline.shards import ShardWriter
 from pipeline.storage import Storage, parse_uri

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jobs.config import ConfigError, build, read_file
-from jobs.retrain import RetrainConfig
+from jobs.options import RetrainConfig
 from jobs.scoring.results import ScoreConfigError, ScoreManifest
 from jobs.training.config import TrainConfig
 from pipeline.manifest import Manifest, ManifestError, SamplingParams, ShardEntry

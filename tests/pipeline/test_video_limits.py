@@ -119,7 +119,7 @@ def test_resolution_frames_and_duration_limits_each_refuse(tmp_path):
         with pytest.raises(VideoTooLarge, match=message):
             decode_clips(str(path), frames=4, short_side=32, limits=limits)
     with pytest.raises(ValueError, match="> 0"):
-        DecodeLimits(timeout_s=0)
+        DecodeLimits(decode_timeout=0)
 
 
 def test_a_larger_source_is_decoded_scaled_down_to_the_clips_short_side_giving_nearly_the_same_clips(tmp_path):
