@@ -450,8 +450,8 @@ def submit_command(
     shipped = {"auto": True, "none": None}.get(working_dir, working_dir)
     try:
         client = connect(address)
-        submission = submit(job, args or [], client=client, working_dir=shipped, pip=pip, env=env,
-                            submission_id=job_id)
+        submission = submit(typer.main.get_command(app), job, args or [], client=client, working_dir=shipped,
+                            pip=pip, env=env, submission_id=job_id)
     except SubmitError as error:
         typer.echo(f"submit failed: {redact(str(error))}", err=True)
         raise typer.Exit(code=ExitCode.FAILURE) from None

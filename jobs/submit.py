@@ -46,15 +46,11 @@ class Submission:
     entrypoint: str
 
 
-def check_invocation(argv: Sequence[str]) -> None:
-    """Parse `uniformer ARGV` with the CLI's own parser, without running it; raise SubmitError when it would fail.
-
-    `submit JOB ARGS` is checked through to the inner JOB ARGS."""
+def check_invocation(group, argv: Sequence[str]) -> None:
+    """Parse `uniformer ARGV` with the CLI's own parser, `group` (the click group of jobs.cli), without running it;
+    raise SubmitError when it would fail. `submit JOB ARGS` is checked through to the inner JOB ARGS."""
     import typer
 
-    from jobs.cli import app
-
-    group = typer.main.get_command(app)
     # `uniformer`'s own flags (-v, -q, --scheduled) go before the command; --version and --help end it there
     own = {name for param in group.params for name in (*param.opts, *param.secondary_opts)}
     argv = list(argv)
@@ -81,7 +77,7 @@ def check_invocation(argv: Sequence[str]) -> None:
         except typer.TyperException as error:  # click's usage errors, raised by typer's bundled click
             raise SubmitError(f"uniformer {name}: {error.format_message()}") from None
     if name == "submit":
-        check_invocation([params["job"], *(params["args"] or [])])
+        check_invocation(group, [params["job"], *(params["args"] or [])])
 
 
 def _resolve_configuration(command, context) -> None:
@@ -226,14 +222,15 @@ def explained_errors(address: str):
         raise SubmitError(f"no Ray dashboard at {address}: {_first_line(error)}") from None
 
 
-def submit(job: str, args: Sequence[str] = (), *, address: str | None = None, client=None,
+def submit(group, job: str, args: Sequence[str] = (), *, address: str | None = None, client=None,
            working_dir: str | Path | None | bool = True, pip: Sequence[str] = (), env: Sequence[str] = (),
            environ: Mapping[str, str] | None = None, submission_id: str | None = None) -> Submission:
-    """Submit `uniformer JOB ARGS` to the cluster; returns at once with the job id (see `follow`).
+    """Submit `uniformer JOB ARGS` to the cluster, once `group` (the click group of jobs.cli) parses them; returns at
+    once with the job id (see `follow`).
 
     working_dir: True ships this checkout (nothing when installed as a package), None/False ships nothing, or a
     folder. env: extra variable names whose local values are forwarded besides PASSTHROUGH_ENV."""
-    check_invocation([job, *args])
+    check_invocation(group, [job, *args])
     refuse_credentials_in(args)
     if working_dir is True:
         working_dir = default_working_dir()

@@ -23,8 +23,10 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 
+from jobs.cli import app
 from jobs.credentials import carries_credentials, redact
 from jobs.submit import SubmitError, check_invocation
 from tests.conftest import MlflowServer
@@ -35,6 +37,7 @@ K8S = INFRA / "k8s"
 SECRETS_TEMPLATE = K8S / "secrets.template.yaml"
 LOCK = INFRA / "requirements.lock"
 DEV_LOCK = REPO / "dev.lock"
+CLI = typer.main.get_command(app)  # what `uniformer submit` checks a command line against
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|_URI$", re.IGNORECASE)
 SAFE_LITERAL_ENV = {"MLFLOW_TRACKING_URI"}  # a service address, not a credential (pointing at the in-cluster Service)
 GPU = "nvidia.com/gpu"
@@ -352,7 +355,7 @@ def test_every_uniformer_command_is_a_valid_invocation_of_the_cli():
     for where, argv in commands:
         assert argv[0] == "uniformer", (where, argv)
         try:
-            check_invocation(argv[1:])
+            check_invocation(CLI, argv[1:])
         except SubmitError as error:
             failures.append(f"{where}: {error}")
     assert not failures, "invalid uniformer commands in infra/k8s:\n" + "\n".join(failures)
@@ -364,7 +367,7 @@ def test_the_cli_check_rejects_what_the_parser_rejects():
                  ["score", "s3://a/", "s3://b/", "--out", "s3://s/"],
                  ["submit", "--wait", "train", "--data", "s3://c/", "--epochs", "many"]):
         with pytest.raises(SubmitError):
-            check_invocation(argv)
+            check_invocation(CLI, argv)
 
 
 def test_every_job_takes_its_options_from_a_config_file_the_ray_head_mounts():

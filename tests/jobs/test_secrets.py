@@ -6,9 +6,9 @@ artifacts, the Ray instance's whole temp dir with its session logs) and everythi
 from __future__ import annotations
 
 import json
-import socket
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -16,10 +16,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+import typer
 
+from jobs.cli import app
 from jobs.credentials import adopt_mlflow_env, mlflow_env_for_workers, redact
 from jobs.submit import SubmitError, submit
 from jobs.training.config import TrainConfig
+
+CLI = typer.main.get_command(app)  # what `uniformer submit` checks a command line against
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -140,7 +144,7 @@ def test_submit_sends_no_credential_and_refuses_an_address_that_holds_one():
         "AWS_ENDPOINT_URL": "http://minio:9000", "LOG_LEVEL": "debug",
     }
     client = RecordingClient()
-    submit("train", ["--data", "s3://clips/k400"], client=client, env=["LOG_LEVEL"], environ=environ)
+    submit(CLI, "train", ["--data", "s3://clips/k400"], client=client, env=["LOG_LEVEL"], environ=environ)
     sent = json.dumps(client.sent)
     assert not [s for s in secret.values() if s in sent], sent
     assert client.sent["runtime_env"]["env_vars"] == {
@@ -150,10 +154,10 @@ def test_submit_sends_no_credential_and_refuses_an_address_that_holds_one():
 
     with_password = {**environ, "MLFLOW_TRACKING_URI": f"http://trainer:{secret['PASSWORD']}@mlflow:5000"}
     with pytest.raises(SubmitError, match="configure MLFLOW_TRACKING_URI on the cluster") as refused:
-        submit("train", ["--data", "s3://clips/k400"], client=RecordingClient(), environ=with_password)
+        submit(CLI, "train", ["--data", "s3://clips/k400"], client=RecordingClient(), environ=with_password)
     assert secret["PASSWORD"] not in str(refused.value) and "http://trainer:***@mlflow:5000" in str(refused.value)
     with pytest.raises(SubmitError, match="refusing to forward MLFLOW_TRACKING_TOKEN: its name says"):
-        submit("train", ["--data", "s3://clips/k400"], client=RecordingClient(), env=["MLFLOW_TRACKING_TOKEN"],
+        submit(CLI, "train", ["--data", "s3://clips/k400"], client=RecordingClient(), env=["MLFLOW_TRACKING_TOKEN"],
                environ=environ)
 
     # nor inside an argument: the entrypoint is shown to everyone who lists the cluster's jobs
@@ -162,7 +166,7 @@ def test_submit_sends_no_credential_and_refuses_an_address_that_holds_one():
         client = RecordingClient()
         job_args = ["s3://archive/", "--model", "models:/m@champion", "--out", "s3://scores/", *argument]
         with pytest.raises(SubmitError, match="refusing to submit the argument") as refused:
-            submit("score", job_args, client=client, environ=environ)
+            submit(CLI, "score", job_args, client=client, environ=environ)
         assert not [s for s in secret.values() if s in str(refused.value)] and not client.sent
 
 

@@ -27,10 +27,14 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
+import typer
 
+from jobs.cli import app
 from jobs.exitcodes import ExitCode
 from jobs.submit import SubmitError, connect, exit_code_of, follow, submit
 from pipeline import load_manifest
+
+CLI = typer.main.get_command(app)  # what `uniformer submit` checks a command line against
 
 pytestmark = pytest.mark.integration
 
@@ -129,7 +133,7 @@ def cluster():
 
 
 def run_to_end(client, job: str, args: list[str], environ: dict) -> str:
-    submission = submit(job, args, client=client, environ=environ)
+    submission = submit(CLI, job, args, client=client, environ=environ)
     chunks: list[str] = []
     status = follow(client, submission.job_id, write=chunks.append, timeout_s=JOB_TIMEOUT_S)
     logs = "".join(chunks) or client.get_job_logs(submission.job_id)
@@ -164,8 +168,8 @@ def test_ingest_and_train_jobs_run_on_a_token_authenticated_two_node_cluster(
     manifest = load_manifest(clips, endpoint_url=s3_server.endpoint_url)
     assert manifest.num_clips == 16 and manifest.counts["listed"] == 16 and manifest.sampling.size == 32
     # the job's exit code comes back through `submit --wait`: here the same ingest again, which finds nothing new
-    again = submit("ingest", [f"s3://{s3_bucket}/raw", "--out", clips, "--labels-from-dirs", "--frames", "8",
-                              "--short-side", "40", "--size", "32"], client=client, environ=environ)
+    again = submit(CLI, "ingest", [f"s3://{s3_bucket}/raw", "--out", clips, "--labels-from-dirs", "--frames", "8",
+                                   "--short-side", "40", "--size", "32"], client=client, environ=environ)
     follow(client, again.job_id, write=lambda text: None, timeout_s=JOB_TIMEOUT_S)
     assert exit_code_of(client, again.job_id) == ExitCode.NOTHING_NEW
 

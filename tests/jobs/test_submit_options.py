@@ -4,7 +4,9 @@ runtime_env (code, forwarded settings, never credentials) and the Ray token foun
 from __future__ import annotations
 
 import pytest
+import typer
 
+from jobs.cli import app
 from jobs.submit import (
     SubmitError,
     auth_token,
@@ -16,11 +18,14 @@ from jobs.submit import (
     runtime_env_for,
 )
 
+CLI = typer.main.get_command(app)  # what `uniformer submit` checks a command line against
+
 
 def test_commands_are_checked_by_the_cli_parser_before_submission():
-    check_invocation(["ingest", "s3://raw/", "--out", "s3://clips/", "--frames", "8"])
-    check_invocation(["submit", "--wait", "train", "--data", "s3://clips/", "--epochs", "2"])
-    check_invocation(["--scheduled", "-vv", "score", "s3://archive/", "--model", "models:/m@champion", "--out", "s3://x/"])
+    check_invocation(CLI, ["ingest", "s3://raw/", "--out", "s3://clips/", "--frames", "8"])
+    check_invocation(CLI, ["submit", "--wait", "train", "--data", "s3://clips/", "--epochs", "2"])
+    check_invocation(CLI, ["--scheduled", "-vv", "score", "s3://archive/", "--model", "models:/m@champion", "--out",
+                           "s3://x/"])
     for argv, message in [
         (["--version", "models"], "'uniformer --version' is not an option that runs a command"),
         (["--bogus", "models"], "'uniformer --bogus' is not an option"),
@@ -33,7 +38,7 @@ def test_commands_are_checked_by_the_cli_parser_before_submission():
         (["ingest", "--help"], "prints help"),
     ]:
         with pytest.raises(SubmitError, match=message):
-            check_invocation(argv)
+            check_invocation(CLI, argv)
 
 
 def test_entrypoint_quotes_arguments_for_the_job_shell():
