@@ -104,8 +104,8 @@ def refuse_credentials_in(args: Sequence[str]) -> None:
             raise SubmitError(
                 f"refusing to submit the argument {redact(arg)}: it holds credentials, and a job's entrypoint is "
                 "visible to anyone who can list jobs; give the address without them and keep the credentials in the "
-                "cluster's secret store (a Kubernetes Secret as MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
-                "AWS keys or an instance role)"
+                "cluster's secret store (a Kubernetes Secret mounted as MLflow's ~/.mlflow/credentials or an AWS "
+                "shared credentials file, or an instance role)"
             )
 
 
@@ -141,8 +141,8 @@ def forwarded_env(names: Sequence[str] = (), environ: Mapping[str, str] | None =
             raise SubmitError(
                 f"refusing to forward {name}={redact(value)}: it holds credentials, and the job's runtime_env is "
                 f"visible to anyone who can list jobs; configure {name} on the cluster instead (the nodes' "
-                "environment, a Kubernetes Secret), or the service's own credential variables there (e.g. "
-                f"MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD), and unset {name} for `uniformer submit`"
+                "environment, a Kubernetes Secret), or the service's own credentials there (e.g. MLflow's "
+                f"~/.mlflow/credentials file), and unset {name} for `uniformer submit`"
             )
     return forwarded
 

@@ -40,6 +40,12 @@ DEV_LOCK = REPO / "dev.lock"
 CLI = typer.main.get_command(app)  # what `uniformer submit` checks a command line against
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|_URI$", re.IGNORECASE)
 SAFE_LITERAL_ENV = {"MLFLOW_TRACKING_URI"}  # a service address, not a credential (pointing at the in-cluster Service)
+# variables that name a file the process reads its credential from; their value is a path in a mounted Secret
+CREDENTIAL_FILE_ENV = {"RAY_AUTH_TOKEN_PATH", "AWS_SHARED_CREDENTIALS_FILE"}
+# The only pod that takes Secrets as environment variables: `mlflow server` reads its database URI and auth settings
+# from its environment only, and runs no job. Every other credential is a file, read by the process that needs it:
+# a variable would be inherited by every process of every job submitted to the cluster.
+SECRET_ENV_ALLOWED = {"Deployment/mlflow"}
 GPU = "nvidia.com/gpu"
 # A GPU pod takes a whole 8-GPU node: the workers of one training run then share NVLink, not sockets between pods.
 GPUS_PER_POD = 8
@@ -106,6 +112,27 @@ def pod_labels(where: str) -> dict:
 def containers() -> list[tuple[str, dict]]:
     return [(f"{where} {c['name']}", c) for where, spec in pod_specs()
             for c in spec.get("containers", []) + spec.get("initContainers", [])]
+
+
+def secret_files(container: dict, pod_spec: dict) -> dict[str, tuple[str, str]]:
+    """{path in the container: (Secret, key)} of every Secret key the container mounts as a file."""
+    volumes = {volume["name"]: volume["secret"] for volume in pod_spec.get("volumes", []) if "secret" in volume}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        secret = volumes.get(mount["name"])
+        for item in (secret or {}).get("items", []):
+            files[f"{mount['mountPath']}/{item['path']}"] = (secret["secretName"], item["key"])
+    return files
+
+
+def containers_with_pods() -> list[tuple[str, dict, dict]]:
+    """(where, container, its pod spec), the KubeRay autoscaler's sidecar included (it shares the head's volumes)."""
+    found = [(f"{where} {c['name']}", c, spec) for where, spec in pod_specs()
+             for c in spec.get("containers", []) + spec.get("initContainers", [])]
+    for cluster in of_kind("RayCluster"):
+        found.append((f"RayCluster/{_name(cluster)} autoscaler", cluster["spec"]["autoscalerOptions"],
+                      cluster["spec"]["headGroupSpec"]["template"]["spec"]))
+    return found
 
 
 def _name(doc: dict) -> str:
@@ -642,7 +669,7 @@ def is_placeholder(key: str, value: str) -> bool:
     whose every credential-looking setting is `<...>`."""
     if re.fullmatch(r"<[^>]+>", value):
         return True
-    if "." not in key:
+    if "." not in key and "\n" not in value:  # a file: a key with a suffix, or a text of several lines
         return False
     settings = re.findall(r"^\s*([\w.-]+)\s*[=:]\s*(.*?)\s*$", value, re.MULTILINE)
     return all(re.fullmatch(r"<[^>]+>", setting) for name, setting in settings if CREDENTIAL_NAME.search(name))
@@ -666,8 +693,8 @@ def test_credentials_come_only_from_secrets_the_template_defines():
                 assert item["key"] in template[volume["secretName"]], f"{_name(doc)}: no {volume['secretName']}/{item}"
         for env in walk(doc, "env"):
             for entry in env:
-                if CREDENTIAL_NAME.search(entry["name"]) and entry["name"] not in SAFE_LITERAL_ENV:
-                    assert "value" not in entry, f"{_name(doc)}: {entry['name']} is inlined; use a secretKeyRef"
+                if CREDENTIAL_NAME.search(entry["name"]) and entry["name"] not in SAFE_LITERAL_ENV | CREDENTIAL_FILE_ENV:
+                    assert "value" not in entry, f"{_name(doc)}: {entry['name']} is inlined; use a Secret"
     for config in of_kind("ConfigMap"):
         assert not [key for key in config["data"] if CREDENTIAL_NAME.search(key) and key not in SAFE_LITERAL_ENV]
 
@@ -702,25 +729,42 @@ def test_no_credential_in_a_command_an_argument_or_a_config_map():
 
 def test_everything_that_talks_to_ray_presents_the_clusters_token():
     (cluster,) = of_kind("RayCluster")
-    token_ref = {"name": "uniformer-ray-auth", "key": "auth_token"}
 
-    def authenticates(env: dict, mode_required: bool = True) -> bool:
-        token = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
-        return token == token_ref and (not mode_required or env.get("RAY_AUTH_MODE", {}).get("value") == "token")
+    def authenticates(container: dict, pod_spec: dict, mode_required: bool = True) -> bool:
+        env = env_of(container)
+        token_file = env.get("RAY_AUTH_TOKEN_PATH", {}).get("value")
+        from_secret = secret_files(container, pod_spec).get(token_file) == ("uniformer-ray-auth", "auth_token")
+        return from_secret and (not mode_required or env.get("RAY_AUTH_MODE", {}).get("value") == "token")
 
-    assert authenticates({e["name"]: e for e in cluster["spec"]["autoscalerOptions"]["env"]}), "autoscaler"
-    for where, container in containers():
+    talking = {where: (container, spec) for where, container, spec in containers_with_pods()}
+    assert authenticates(*talking[f"RayCluster/{_name(cluster)} autoscaler"]), "autoscaler"
+    for where, (container, spec) in talking.items():
         if where.startswith(("RayCluster/", "RayJob/")):  # Ray nodes and `ray job submit` need RAY_AUTH_MODE too
-            assert authenticates(env_of(container)), where
+            assert authenticates(container, spec), where
     for doc in of_kind("RayJob"):
         assert doc["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     head_service = f"http://{cluster['metadata']['name']}-head-svc:8265"  # the Service KubeRay creates for the head
-    submitters = [(w, c) for w, c in containers()
-                  if submits(c)]
+    submitters = [(where, container, spec) for where, (container, spec) in talking.items()
+                  if "volumeMounts" in container and submits(container)]
     assert submitters
-    for where, container in submitters:  # `uniformer submit` reads the token itself; RAY_AUTH_MODE is not needed
-        env = env_of(container)
-        assert env["RAY_ADDRESS"]["value"] == head_service and authenticates(env, mode_required=False), where
+    for where, container, spec in submitters:  # `uniformer submit` reads the token file itself; no RAY_AUTH_MODE
+        assert env_of(container)["RAY_ADDRESS"]["value"] == head_service, where
+        assert authenticates(container, spec, mode_required=False), where
+
+
+def test_no_secret_reaches_a_ray_node_or_a_job_as_an_environment_variable():
+    checked = 0
+    for where, container, spec in containers_with_pods():
+        if where.split(" ")[0] in SECRET_ENV_ALLOWED:
+            continue
+        checked += 1
+        from_secrets = [entry["name"] for entry in container.get("env", [])
+                        if "secretKeyRef" in entry.get("valueFrom", {})]
+        from_secrets += [source["secretRef"]["name"] for source in container.get("envFrom", []) if "secretRef" in source]
+        assert not from_secrets, f"{where}: {from_secrets} as environment variables; mount the Secret as a file"
+        for name in CREDENTIAL_FILE_ENV & set(env_of(container)):
+            assert env_of(container)[name]["value"] in secret_files(container, spec), f"{where}: {name} names no Secret"
+    assert checked >= 8  # the Ray head, two worker groups, the autoscaler, three RayJob submitters, the CronJob
 
 
 def test_service_accounts_config_maps_and_volumes_exist():
@@ -798,16 +842,16 @@ def test_selects_reads_label_selectors_as_kubernetes_does(selector, labels, expe
 
 
 def test_every_mlflow_client_has_the_jobs_user_from_its_secret_and_nothing_else_has_it():
-    client_env = {"MLFLOW_TRACKING_USERNAME": {"name": "uniformer-mlflow-client", "key": "username"},
-                  "MLFLOW_TRACKING_PASSWORD": {"name": "uniformer-mlflow-client", "key": "password"}}
+    # MLflow's client reads the user and password from ~/.mlflow/credentials; the image runs as `ray`, HOME /home/ray
+    credentials = {"/home/ray/.mlflow/credentials": ("uniformer-mlflow-client", "credentials")}
     clients = admitted(mlflow_server(), MLFLOW_PORT)
     assert clients
     for where, template in pod_templates().items():
         for container in template["spec"]["containers"]:
-            env = env_of(container)
-            found = {name: env[name].get("valueFrom", {}).get("secretKeyRef") for name in client_env if name in env}
-            expected = client_env if where in clients else {}
-            assert found == expected, f"{where} {container['name']}: {found}"
+            found = {path: source for path, source in secret_files(container, template["spec"]).items()
+                     if source[0] == "uniformer-mlflow-client"}
+            assert found == (credentials if where in clients else {}), f"{where} {container['name']}: {found}"
+            assert not {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} & set(env_of(container)), where
 
 
 # ---- the cluster's shape -------------------------------------------------------------------------------------------
