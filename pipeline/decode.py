@@ -22,14 +22,18 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pipeline.isolation import DecoderProcess
-
 SAMPLINGS = ("uniform", "dense")
+
+
+class Decoder(Protocol):
+    """Where decoding runs instead of this process: pipeline.isolation.DecoderProcess, a child process."""
+
+    def call(self, timeout_s: float, function: Callable, *args, **kwargs) -> Any:
+        """`function(*args, **kwargs)` run there, stopped after `timeout_s`."""
 
 
 class VideoDecodeError(RuntimeError):
@@ -254,7 +258,7 @@ def read_sampled_frames(
     frames_per_segment: int = 1,
     limits: DecodeLimits = DecodeLimits(),
     min_short_side: int | None = None,
-    decoder: DecoderProcess | None = None,
+    decoder: Decoder | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ClipInfo]:
     """The distinct frames that K sampled clips need, at decoded size: `(frames [U, H, W, 3] uint8, their sorted
     frame indices [U], ClipInfo)`. `np.searchsorted(indices, info.frame_indices)` maps clip positions to rows.
@@ -331,7 +335,7 @@ def decode_clips(
     num_threads: int = 1,
     frames_per_segment: int = 1,
     limits: DecodeLimits = DecodeLimits(),
-    decoder: DecoderProcess | None = None,
+    decoder: Decoder | None = None,
 ) -> tuple[np.ndarray, ClipInfo]:
     """Decode K clips `[K, T * M, S, S, 3]` uint8 (M = `frames_per_segment`) from one video given as bytes (decoded from memory) or a local path:
     the sampled frames (`read_sampled_frames`, within `limits`, in `decoder`'s child process when given), each

@@ -17,6 +17,8 @@ process keeps its child for all the tasks Ray gives it (`shared_decoder`).
 from __future__ import annotations
 
 import builtins
+import dataclasses
+import importlib
 import json
 import os
 import signal
@@ -27,7 +29,9 @@ import sys
 import threading
 from typing import Any, Callable
 
-from pipeline.decode import DecoderCrashed, DecodeTimeout
+import numpy as np
+
+from pipeline.decode import ClipInfo, DecodeLimits, DecoderCrashed, DecodeTimeout, VideoDecodeError, VideoTooLarge
 
 # Imported by the child before it says it is ready, so that no call's time limit pays for the imports. The child
 # only reads frames (pipeline.decode.read_sampled_frames); resizing stays in the parent, which has torch loaded
@@ -45,15 +49,11 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # What crosses the socket is JSON with the arrays and byte strings beside it, raw, never a pickle: the reply names
 # its dataclasses and errors, and the parent rebuilds only the ones listed here.
-_DATACLASSES = ("ClipInfo", "DecodeLimits")
-_ERRORS = ("VideoDecodeError", "VideoTooLarge", "DecoderCrashed", "DecodeTimeout")
+_DATACLASSES = {kind.__name__: kind for kind in (ClipInfo, DecodeLimits)}
+_ERRORS = {kind.__name__: kind for kind in (VideoDecodeError, VideoTooLarge, DecoderCrashed, DecodeTimeout)}
 
 
 def _encode(value: Any, buffers: list) -> Any:
-    import dataclasses
-
-    import numpy as np
-
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -81,10 +81,6 @@ def _encode(value: Any, buffers: list) -> Any:
 
 
 def _decode(value: Any, buffers: list) -> Any:
-    import numpy as np
-
-    from pipeline import decode
-
     if not isinstance(value, dict):
         return value
     if "bytes" in value:
@@ -98,16 +94,14 @@ def _decode(value: Any, buffers: list) -> Any:
     if "dict" in value:
         return {key: _decode(item, buffers) for key, item in value["dict"]}
     if "dataclass" in value and value["dataclass"] in _DATACLASSES:
-        return getattr(decode, value["dataclass"])(**{k: _decode(v, buffers) for k, v in value["fields"].items()})
+        return _DATACLASSES[value["dataclass"]](**{k: _decode(v, buffers) for k, v in value["fields"].items()})
     if "error" in value:
         name = value["error"]
-        kind = getattr(decode, name) if name in _ERRORS else getattr(builtins, name, RuntimeError)
+        kind = _ERRORS[name] if name in _ERRORS else getattr(builtins, name, RuntimeError)
         if not (isinstance(kind, type) and issubclass(kind, Exception)):
             kind = RuntimeError
         return kind(value["message"])
     if "function" in value:
-        import importlib
-
         module, name = value["function"]
         target = importlib.import_module(module)
         for part in name.split("."):
@@ -146,8 +140,6 @@ def _receive_exactly(channel: socket.socket, size: int) -> bytearray:
 def _serve() -> None:
     """The child: import the decoders, say so, then run each request `(function, args, kwargs, crash)` and answer
     `(True, result)` or `(False, error)`, until the parent closes its end."""
-    import importlib
-
     if sys.platform == "linux":
         # Die with the parent: a worker that Ray kills (memory monitor, cancelled task) must not leave a hung decode
         # running. Elsewhere an orphan ends when its current call does (its answer finds the socket closed).

@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from pipeline.decode import ClipInfo, DecodeLimits, read_sampled_frames
-
-if TYPE_CHECKING:
-    from pipeline.isolation import DecoderProcess
+from pipeline.decode import ClipInfo, DecodeLimits, Decoder, read_sampled_frames
 
 _VIEWS = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
@@ -93,7 +88,7 @@ def decode_views(
     stride: int = 16,
     num_threads: int = 1,
     limits: DecodeLimits = DecodeLimits(),
-    decoder: DecoderProcess | None = None,
+    decoder: Decoder | None = None,
 ) -> tuple[np.ndarray, ClipInfo]:
     """`[temporal_views * spatial_views, T, crop, crop, 3]` uint8 views of one video (bytes or a local path).
 
