@@ -110,9 +110,11 @@ def synthesize(root: Path, count: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.manifest import Manifest, SamplingParams, ShardEntry, SourceTable, write_manifest, write_sources
+    from pipeline.dataset.parts import ShardEntry, file_sha256
+    from pipeline.dataset.sources import SourceTable, write_sources
+    from pipeline.manifest import Manifest, SamplingParams, write_manifest
     from pipeline.schema import clip_schema, frames_array
-    from pipeline.shards import file_sha256, parquet_write_options
+    from pipeline.shards import parquet_write_options
     from pipeline.storage import Storage, parse_uri
 
     storage, location = Storage(), parse_uri(str(root))
@@ -191,8 +193,9 @@ def listing(count: int):
 
 
 def measure_incremental_plan(root: str, count: int) -> dict:
+    from pipeline.dataset.sources import read_sources
     from pipeline.ingest import plan_ingest
-    from pipeline.manifest import latest_manifest, read_sources
+    from pipeline.manifest import latest_manifest
     from pipeline.storage import Storage, parse_uri
 
     listed, labelled = listing(count + NEW_VIDEOS)
@@ -219,11 +222,12 @@ def measure_listing(count: int) -> dict:
 def measure_ingest_plan(root: str, count: int, first_run: bool) -> dict:
     """The ingest driver from listing to the items Ray Data gets (jobs.ingest.run_ingest's steps, without the run
     record): incremental against the version at `root`, or into an empty destination."""
+    from pipeline.dataset.failures import read_failures
+    from pipeline.dataset.sources import read_sources
     from pipeline.ingest import plan_ingest, ray_items
     from pipeline.listing import attach_labels, list_videos
-    from pipeline.manifest import SamplingParams, latest_manifest, read_sources
+    from pipeline.manifest import SamplingParams, latest_manifest
     from pipeline.storage import parse_uri
-    from pipeline.versioned import read_failures
 
     listed_count = count if first_run else count + NEW_VIDEOS
     storage, source = synthetic_storage(listed_count), parse_uri("s3://raw/")
@@ -254,8 +258,9 @@ PARAMS = dict(frames=8, crop=224, short_side=256, temporal_views=1, spatial_view
 def synthesize_predictions(root: Path, count: int) -> None:
     """A predictions version (manifest and source table: planning reads no shard) holding `count` videos, 1,000 per
     shard."""
-    from jobs.scoring.results import ScoreManifest, write_score_manifest
-    from pipeline.manifest import ShardEntry, SourceTable, write_sources
+    from pipeline.dataset.parts import ShardEntry
+    from pipeline.dataset.sources import SourceTable, write_sources
+    from pipeline.predictions import ScoreManifest, write_score_manifest
     from pipeline.storage import Storage, parse_uri
 
     storage, location = Storage(), parse_uri(str(root))
@@ -273,10 +278,11 @@ def measure_score_plan(root: str, count: int, first_run: bool) -> dict:
     """The score driver from listing to the items Ray Data gets (jobs.score.run_score's steps, without the model)."""
     from jobs.score import ray_items
     from jobs.scoring.model_ref import ModelIdentity
-    from jobs.scoring.results import ScoreParams, latest_score_manifest, plan_score
+    from jobs.scoring.results import plan_score
+    from pipeline.dataset.failures import read_failures
     from pipeline.listing import list_videos
+    from pipeline.predictions import ScoreParams, latest_score_manifest
     from pipeline.storage import parse_uri
-    from pipeline.versioned import read_failures
 
     listed_count = count if first_run else count + NEW_VIDEOS
     storage, source = synthetic_storage(listed_count), parse_uri("s3://raw/")
@@ -335,7 +341,8 @@ def measure_new_version(root: str, count: int) -> dict:
     """The source side of an incremental ingest's commit (10,000 videos added, 1,000 removed: read the version's
     sources, update them, write the delta), and what the new version writes besides its shards: manifest and source
     table."""
-    from pipeline.manifest import SourceTable, latest_manifest, read_sources, write_sources
+    from pipeline.dataset.sources import SourceTable, read_sources, write_sources
+    from pipeline.manifest import latest_manifest
     from pipeline.storage import Storage, parse_uri
 
     storage, location = Storage(), parse_uri(root)

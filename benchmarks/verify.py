@@ -22,10 +22,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 import pipeline.reader
-from pipeline.manifest import Manifest, SamplingParams, ShardEntry, write_manifest
+from pipeline.dataset.parts import ShardEntry, stream_sha256
+from pipeline.manifest import Manifest, SamplingParams, write_manifest
 from pipeline.reader import iter_clip_batches
 from pipeline.schema import MAX_ROW_GROUP_CLIPS, frames_to_numpy
-from pipeline.shards import ShardWriter, stream_sha256
+from pipeline.shards import ShardWriter
 from pipeline.storage import Storage, parse_uri
 from pipeline.synthetic import render_motion_frames
 

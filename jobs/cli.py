@@ -357,8 +357,8 @@ def gc_command(
     """Remove older versions' manifests and every shard, table and staging file no kept version refers to; never
     what a running job writes or reads (ingest, score, train, evaluate). Prints what it removed and the bytes freed."""
     from pipeline import ManifestError, StorageError
+    from pipeline.dataset.gc import collect_garbage
     from pipeline.storage import Storage, parse_uri
-    from pipeline.versioned import collect_garbage
 
     storage, root = Storage(endpoint_url), parse_uri(dst)
     try:

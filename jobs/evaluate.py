@@ -32,8 +32,8 @@ from jobs.scoring.model_ref import ModelIdentity, resolve_model
 from jobs.train import reading_datasets
 from jobs.train import tracking_uri as resolve_tracking_uri
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
+from pipeline.dataset.sources import read_sources
 from pipeline.listing import SourceVideo
-from pipeline.manifest import read_sources
 from pipeline.storage import Storage
 from pipeline.views import parse_views
 

@@ -16,6 +16,10 @@ from typing import Callable
 from jobs.options import IngestConfig
 from jobs.console import Pace, init_ray, rate
 from jobs.report import error_lines, first_of_lines, table_lines
+from pipeline.dataset.commit import nothing_new_line
+from pipeline.dataset.failures import read_failures
+from pipeline.dataset.runs import RunRecord
+from pipeline.dataset.sources import read_sources
 from pipeline.ingest import (
     DEFAULT_MAX_SHARD_BYTES,
     IngestCounts,
@@ -24,10 +28,9 @@ from pipeline.ingest import (
     plan_ingest,
 )
 from pipeline.listing import attach_labels, list_videos, read_class_names, read_labels_csv
-from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, read_sources, write_manifest
+from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, write_manifest
 from pipeline.schema import ErrorRecord
 from pipeline.storage import DEFAULT_SPILL_THRESHOLD_BYTES, Storage, parse_uri
-from pipeline.versioned import RunRecord, nothing_new_line, read_failures
 
 
 @dataclass

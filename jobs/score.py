@@ -32,23 +32,22 @@ from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
 from jobs.scoring.predict import ViewPredictor
 from jobs.scoring.results import (
     DEFAULT_VIDEOS_PER_SHARD,
-    PREDICTIONS_DIR,
     ScoreCounts,
-    ScoreParams,
     ScorePlan,
     commit_score,
     identity_columns,
-    latest_score_manifest,
     plan_score,
     publish_shard,
-    write_score_manifest,
 )
+from pipeline.dataset.commit import nothing_new_line
+from pipeline.dataset.failures import read_failures
+from pipeline.dataset.runs import RunRecord
 from pipeline.decode import DecodeLimits
 from pipeline.isolation import shared_decoder
 from pipeline.listing import ItemsOnDemand, SourceVideo, VideoListing, list_videos
+from pipeline.predictions import PREDICTIONS_DIR, ScoreParams, latest_score_manifest, write_score_manifest
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Storage, is_object_error, parse_uri
-from pipeline.versioned import RunRecord, nothing_new_line, read_failures
 from pipeline.views import decode_views, parse_views
 
 # Videos per decoding task call: enough to amortise a task, few enough that a task's output (V views of T frames

@@ -30,10 +30,11 @@ from jobs.training.config import CONFIG_ARTIFACT, TrainConfig
 from jobs.training.progress import DriverConsole
 from model.package import ModelCard
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
+from pipeline.dataset.runs import reading_versions
+from pipeline.dataset.versions import ManifestError, list_manifest_versions
 from pipeline.lease import Lease, LeaseHeld
-from pipeline.manifest import ManifestError, content_fingerprint
+from pipeline.manifest import content_fingerprint
 from pipeline.storage import Storage
-from pipeline.versioned import list_manifest_versions, reading_versions
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SELECT_METRIC = "val_accuracy"  # what --select best ranks checkpoints by (validation top-1)
@@ -78,7 +79,7 @@ def pin_dataset_version(ref: str, endpoint_url: str | None, option: str = "--dat
 
 def reading_datasets(refs: Iterable[str], endpoint_url: str | None, job: str):
     """Records, for as long as the `with` body runs, that `job` reads the pinned dataset versions `refs` (`DST@V`),
-    so that `uniformer gc` keeps them (`pipeline.versioned.reading_versions`)."""
+    so that `uniformer gc` keeps them (`pipeline.dataset.runs.reading_versions`)."""
     reads = [(parse_uri(dst), version) for dst, version in map(parse_dataset_ref, refs)]
     return reading_versions(Storage(endpoint_url), reads, job, ManifestError)
 

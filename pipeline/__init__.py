@@ -5,6 +5,8 @@ test clips instead (pipeline.views). Each step is a function on one video usable
 the edge (pipeline.ingest, pipeline.reader). Nothing here imports from `jobs`.
 """
 
+from pipeline.dataset.parts import ShardEntry
+from pipeline.dataset.versions import ManifestError, parse_dataset_ref
 from pipeline.decode import (
     SAMPLINGS,
     ClipInfo,
@@ -26,14 +28,7 @@ from pipeline.listing import (
     parse_labels_csv,
     read_labels_csv,
 )
-from pipeline.manifest import (
-    Manifest,
-    ManifestError,
-    SamplingParams,
-    ShardEntry,
-    load_manifest,
-    parse_dataset_ref,
-)
+from pipeline.manifest import Manifest, SamplingParams, load_manifest
 from pipeline.reader import iter_clip_batches, iter_clips, read_clips, verify_shards
 from pipeline.schema import (
     ERRORS_SCHEMA,

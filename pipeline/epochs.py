@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.manifest import Manifest, SamplingParams, parse_dataset_ref
+from pipeline.dataset.versions import parse_dataset_ref
+from pipeline.manifest import Manifest, SamplingParams
 from pipeline.reader import shard_paths, verify_shards
 from pipeline.schema import MAX_ROW_GROUP_CLIPS, frames_to_numpy
 from pipeline.storage import Storage, parse_uri

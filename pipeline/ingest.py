@@ -6,11 +6,12 @@
     commit_ingest    (driver)   results -> copy-on-write of changed and deleted videos' old shards -> errors table ->
                                 manifest
 
-Versions, the errors table that remembers failed inputs, run tables and adoption are pipeline.versioned's, which the
-predictions dataset shares. Killed runs: a shard's name is a hash of its sampling parameters and its exact sources (key, fingerprint, label), and
-its footer says what it holds. A re-run plans the same groups for the same pending videos, finds the shards that
-were already published and adopts them without decoding; the manifest, written last, is the only thing that makes
-shards visible to readers. Shards never listed by a manifest are invisible leftovers.
+Versions, the errors table that remembers failed inputs, run tables, adoption and the commit skeleton are the
+versioned-dataset core's (pipeline.dataset), which the predictions dataset shares. Killed runs: a shard's name is a
+hash of its sampling parameters and its exact sources (key, fingerprint, label), and its footer says what it holds.
+A re-run plans the same groups for the same pending videos, finds the shards that were already published and adopts
+them without decoding; the manifest, written last, is the only thing that makes shards visible to readers. Shards
+never listed by a manifest are invisible leftovers.
 """
 
 from __future__ import annotations
@@ -23,34 +24,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
+from pipeline.dataset.commit import check_accounting, commit_version
+from pipeline.dataset.failures import failure_key
+from pipeline.dataset.parts import ShardEntry, published_part
+from pipeline.dataset.sources import SourceTable, deleted_inputs, partition_inputs
 from pipeline.decode import DecodeLimits, decode_clips
 from pipeline.isolation import DecoderProcess, shared_decoder
 from pipeline.listing import ItemsOnDemand, PlannedGroups, SourceVideo, VideoListing, extend_class_map, fixed_class_map
-from pipeline.manifest import (
-    SHARDS_DIR,
-    Manifest,
-    SamplingParams,
-    ShardEntry,
-    SourceTable,
-    write_sources,
-)
+from pipeline.manifest import SHARDS_DIR, Manifest, SamplingParams
 from pipeline.schema import ErrorRecord, clip_schema
-from pipeline.shards import FOOTER_KEY, ShardWriter, parquet_write_options, rewrite_without_videos
+from pipeline.shards import FOOTER_KEY, ShardWriter, parquet_write_options
 from pipeline.storage import Location, Storage, is_object_error, parse_uri
-from pipeline.versioned import (
-    check_accounting,
-    check_parts_present,
-    deleted_inputs,
-    failure_key,
-    failures_changed,
-    new_run_token,
-    partition_inputs,
-    publish_failures,
-    published_part,
-    version_failures,
-)
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 1024 * 1024
 # Enough groups for this many CPUs to share the work while shards stay small only where the data is small.
@@ -69,7 +53,7 @@ class IngestPlan:
     labels_mode: str
     class_map: dict[str, int]
     previous: Manifest | None
-    previous_sources: SourceTable  # the previous version's (pipeline.manifest.read_sources), empty for a first run
+    previous_sources: SourceTable  # the previous version's (pipeline.dataset.sources.read_sources), empty at first
     listed: Sequence[SourceVideo]
     already_done: Sequence[SourceVideo]
     groups: PlannedGroups  # {"shard": relative path, "videos": [source records]}, made when asked for
@@ -358,8 +342,8 @@ class IngestOutcome:
 
 def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> IngestOutcome:
     """Turn group results into a new manifest version (written last) plus its errors table: the run's new failures
-    and the known ones of inputs still listed and unchanged. No version when nothing changed."""
-    previous = plan.previous
+    and the known ones of inputs still listed and unchanged (pipeline.dataset.commit.commit_version). No version when
+    nothing changed."""
     label_errors = [error for error in plan.label_errors if failure_key(error) not in plan.previous_failures]
     known_label_errors = [error for error in plan.label_errors if failure_key(error) in plan.previous_failures]
     errors = list(label_errors)
@@ -389,40 +373,26 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
     }
     check_accounting(counts, ("ingested", "already_done", "known_failures", "errored"), "ingest")
 
-    outcome = IngestOutcome(
-        manifest=None,
-        counts=IngestCounts(**counts, shards_written=len(new_shards) - adopted, shards_adopted=adopted),
+    manifest = commit_version(
+        storage, plan.root, plan.previous, plan.previous_sources,
+        new_shards=new_shards,
+        upserts=SourceTable.from_rows(new_sources).table,
+        superseded=plan.superseded,
+        known_failures=plan.known_failures + known_label_errors,
         errors=errors,
+        previous_failures=plan.previous_failures,
+        folder=SHARDS_DIR,
+        write_options=parquet_write_options(clip_schema(plan.sampling.stored_frames, plan.sampling.short_side)),
+        job="ingest",
+        manifest=lambda **version: Manifest(
+            source=plan.source.uri,
+            sampling=plan.sampling,
+            labels=plan.labels_mode,
+            class_map=plan.class_map,
+            counts=counts,
+            **version,
+        ),
     )
-    failures = version_failures(plan.known_failures + known_label_errors, errors)
-    changed = new_shards or plan.superseded or failures_changed(plan.previous_failures, failures)
-    if previous is not None and not changed:
-        return outcome  # nothing new: the previous version still describes the dataset
-
-    kept_shards = list(previous.shards) if previous else []
-    upserts = SourceTable.from_rows(new_sources).table
-    if plan.superseded:
-        kept_shards, moved = rewrite_without_videos(
-            storage, plan.root, kept_shards, plan.previous_sources, plan.superseded, SHARDS_DIR,
-            parquet_write_options(clip_schema(plan.sampling.stored_frames, plan.sampling.short_side)),
-        )
-        upserts = pa.concat_tables([moved, upserts])
-    check_parts_present(storage, plan.root, [shard.path for shard in new_shards], "ingest")
-    version, token = (previous.version if previous else 0) + 1, new_run_token()
-    sources, delta = plan.previous_sources.updated(plan.superseded, upserts)
-    source_tables = write_sources(plan.root, version, previous.source_tables if previous else [], sources, delta,
-                                  storage, token)
-    outcome.manifest = Manifest(
-        version=version,
-        source=plan.source.uri,
-        sampling=plan.sampling,
-        labels=plan.labels_mode,
-        class_map=plan.class_map,
-        shards=kept_shards + new_shards,
-        source_tables=source_tables,
-        num_sources=len(sources),
-        counts=counts,
-        errors=publish_failures(storage, plan.root, version, token, failures),
-        previous_version=previous.version if previous else None,
+    return IngestOutcome(
+        manifest, IngestCounts(**counts, shards_written=len(new_shards) - adopted, shards_adopted=adopted), errors
     )
-    return outcome

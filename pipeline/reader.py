@@ -13,9 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.manifest import Manifest, ManifestError, load_manifest, parse_dataset_ref
+from pipeline.dataset.parts import stream_sha256
+from pipeline.dataset.versions import ManifestError, parse_dataset_ref
+from pipeline.manifest import Manifest, load_manifest
 from pipeline.schema import clip_schema, frames_to_numpy, frames_type, with_frames_as_tensor
-from pipeline.shards import stream_sha256
 from pipeline.storage import Storage, parse_uri
 
 # (endpoint, path, sha256) of the shards this process has hashed and found as their manifest records them

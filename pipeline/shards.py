@@ -7,38 +7,18 @@ a re-run can adopt instead of decoding its videos again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.dataset.parts import file_sha256
 from pipeline.schema import MAX_ROW_GROUP_CLIPS, clip_schema, frames_array
 from pipeline.storage import Location, Storage
 
-if TYPE_CHECKING:  # pipeline.manifest imports pipeline.versioned, which imports this module
-    from pipeline.manifest import SourceTable
-
 FOOTER_KEY = b"uniformer.ingest"
-_HASH_CHUNK_BYTES = 8 << 20
-
-
-def file_sha256(path: str) -> str:
-    return stream_sha256(pafs.LocalFileSystem(), path)[1]
-
-
-def stream_sha256(filesystem: pafs.FileSystem, path: str) -> tuple[int, str]:
-    """(bytes, sha256) of a file read as a stream, local or remote, without holding it in memory."""
-    digest, size = hashlib.sha256(), 0
-    with filesystem.open_input_stream(path) as handle:
-        while chunk := handle.read_buffer(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-            size += chunk.size
-    return size, digest.hexdigest()
 
 
 def parquet_write_options(schema: pa.Schema) -> dict:
@@ -132,69 +112,3 @@ class ShardWriter:
         finally:
             if os.path.exists(self.staging):
                 os.unlink(self.staging)
-
-
-def publish_table(storage: Storage, final: Location, table: pa.Table, **write_options) -> tuple[int, str]:
-    """Write a whole table atomically under `final`; returns (bytes, sha256) of the published file."""
-    staging = storage.staging_path(final)
-    try:
-        pq.write_table(table, staging, **write_options)
-        size, digest = os.path.getsize(staging), file_sha256(staging)
-    except BaseException:
-        os.unlink(staging)
-        raise
-    storage.commit_staged(staging, final)
-    return size, digest
-
-
-def read_shard_description(storage: Storage, location: Location) -> tuple[int, dict] | None:
-    """(rows, footer description) of a published shard, or None when its footer has no description."""
-    metadata = pq.read_metadata(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location))
-    raw = (metadata.metadata or {}).get(FOOTER_KEY)
-    return (metadata.num_rows, json.loads(raw)) if raw else None
-
-
-def measure_published(storage: Storage, location: Location) -> tuple[int, str]:
-    """(bytes, sha256) of a published file, streamed when it is remote (only adopted shards need this)."""
-    return stream_sha256(storage.arrow_filesystem(location), storage.arrow_path(location))
-
-
-def rewrite_without_videos(
-    storage: Storage,
-    root: Location,
-    shards: list,
-    sources: SourceTable,
-    superseded: set[str],
-    folder: str,
-    write_options: dict,
-    keep_footer: bool = True,
-) -> tuple[list, pa.Table]:
-    """Copy-on-write of a versioned dataset: each listed shard holding rows of a `superseded` video is rewritten
-    without them under a new content-derived name in `folder`, so that every row of every listed shard stays
-    current and readers need no filtering. `sources` are the version's. Returns the shard list and the source rows
-    of the videos that moved to a rewritten shard (their `shard` updated), for SourceTable.updated.
-    `keep_footer=False` drops the old footer when it describes what the shard held before."""
-    from pipeline.manifest import ShardEntry
-
-    affected = set(sources.holding(superseded).column("shard").to_pylist())
-    kept, moved_to = [], {}
-    for shard in shards:
-        if shard.path not in affected:
-            kept.append(shard)
-            continue
-        old = root.join(shard.path)
-        table = pq.read_table(storage.arrow_path(old), filesystem=storage.arrow_filesystem(old))
-        remaining = table.filter(pa.array([v not in superseded for v in table.column("video_id").to_pylist()]))
-        if remaining.num_rows == 0:
-            continue
-        remaining_ids = sorted(set(remaining.column("video_id").to_pylist()))
-        identity = json.dumps([shard.path, remaining_ids], ensure_ascii=False).encode("utf-8")
-        path = f"{folder}/part-{hashlib.sha256(identity).hexdigest()[:24]}.parquet"
-        if not keep_footer:
-            remaining = remaining.replace_schema_metadata(None)
-        size, digest = publish_table(storage, root.join(path), remaining, **write_options)
-        kept.append(ShardEntry(path, remaining.num_rows, digest, size))
-        moved_to.update((video_id, path) for video_id in remaining_ids)
-    moved = sources.holding(list(moved_to))
-    new_shards = pa.array([moved_to[video_id] for video_id in moved.column("video_id").to_pylist()], pa.string())
-    return kept, moved.set_column(moved.schema.get_field_index("shard"), "shard", new_shards)

@@ -1,5 +1,5 @@
 """Multi-view scoring rows: the Ray Data actor that runs `model.inference.predict_views` over decoded videos, and
-the prediction columns it writes."""
+the prediction columns it writes (their schema is pipeline.predictions.prediction_fields)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,6 @@ import torch
 
 from model.inference import predict_views
 from model.package import CONFIG_FILE, WEIGHTS_FILE, load_package
-
-
-def prediction_fields(top_k: int, num_classes: int, full_probs: bool) -> list[pa.Field]:
-    """The model's columns of a prediction row (the source and model identity columns come with them)."""
-    fields = [
-        pa.field("top_k_ids", pa.list_(pa.int32(), top_k)),
-        pa.field("top_k_names", pa.list_(pa.string(), top_k)),
-        pa.field("top_k_probs", pa.list_(pa.float32(), top_k)),
-    ]
-    if full_probs:
-        fields.append(pa.field("probs", pa.list_(pa.float32(), num_classes)))
-    return fields
 
 
 def top_k_columns(

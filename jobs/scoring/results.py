@@ -1,18 +1,11 @@
-"""The predictions dataset: its schema, versioned manifests, the incremental plan, and atomic shard publishing.
+"""Planning and committing a scoring run into a predictions dataset (pipeline.predictions holds its format): which
+listed videos need scoring, which shards of a killed run to adopt, each group's shard, and the next version.
 
-Layout under a destination DST (one model package and one set of scoring parameters per DST):
-    DST/manifests/v000001.json             one per run that changed something; written last, never overwritten
-    DST/predictions/part-<hash>.parquet
-    DST/sources/v000001-<run>.parquet      the videos version 1 added, changed or removed (a delta), or all of them
-    DST/errors/v000001-<run>.parquet       every video of version 1 that could not be scored (by key and ETag)
-    DST/runs/<run>.json                    a running score job's record
-
-Versions, the source tables, the errors table that remembers failed videos, run tables, adoption and run records are
-the versioned-dataset core's (pipeline.versioned, pipeline.manifest's source tables), shared with the clip dataset.
-Like the clip dataset: a shard's name is a hash of the model package, the parameters and its exact sources, and its
-footer says what it holds (sources and errors). A killed run leaves complete shards that no manifest lists; a re-run
-adopts those whose sources are still pending and unchanged instead of scoring them again, so it finishes without
-duplicates. Only manifest-listed shards are part of the dataset (`read_predictions`).
+Versions, the source tables, the errors table that remembers failed videos, run tables, adoption and the commit
+skeleton are the versioned-dataset core's (pipeline.dataset), shared with the clip dataset. A shard's name is a hash of
+the model package, the parameters and its exact sources, and its footer says what it holds (sources and errors). A
+killed run leaves complete shards that no manifest lists; a re-run adopts those whose sources are still pending and
+unchanged instead of scoring them again, so it finishes without duplicates.
 """
 
 from __future__ import annotations
@@ -22,40 +15,27 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.scoring.model_ref import ModelIdentity
-from jobs.scoring.predict import prediction_fields
+from pipeline.dataset.commit import check_accounting, commit_version
+from pipeline.dataset.parts import ShardEntry, publish_table, published_part
+from pipeline.dataset.sources import SourceTable, deleted_inputs, partition_inputs, read_sources
 from pipeline.listing import PlannedGroups, SourceVideo, VideoListing
-from pipeline.manifest import ManifestError, ShardEntry, SourceTable, read_sources, write_sources
-from pipeline.schema import ErrorRecord
-from pipeline.shards import publish_table, rewrite_without_videos
-from pipeline.storage import Location, Storage
-from pipeline.versioned import (
-    check_accounting,
-    check_parts_present,
-    deleted_inputs,
-    failures_changed,
-    list_manifest_versions,
-    manifest_body,
-    manifest_json,
-    manifest_location,
-    new_run_token,
-    partition_inputs,
-    publish_failures,
-    publish_manifest,
-    published_part,
-    version_failures,
+from pipeline.predictions import (
+    FOOTER_KEY,
+    IDENTITY_FIELDS,
+    PREDICTIONS_DIR,
+    ScoreConfigError,
+    ScoreManifest,
+    ScoreParams,
+    predictions_schema,
 )
+from pipeline.schema import ErrorRecord
+from pipeline.storage import Location, Storage
 
-PREDICTIONS_DIR = "predictions"
-FOOTER_KEY = b"uniformer.score"
-MANIFEST_KIND = "predictions"
-MANIFEST_SCHEMA_VERSION = 2
 DEFAULT_VIDEOS_PER_SHARD = 1000
 # Shards are the unit of resumption, not of parallelism (decoding blocks are): a large run gets at least this many,
 # so that a killed run keeps most of its work, but no shard holds fewer videos than the floor below unless asked to,
@@ -64,128 +44,10 @@ _MIN_SHARDS = 64
 _MIN_VIDEOS_PER_SHARD = 16
 
 
-class ScoreConfigError(ValueError):
-    """The run's model or parameters differ from the predictions already at the destination."""
-
-
-@dataclass(frozen=True)
-class ScoreParams:
-    """Everything besides the model that decides what a prediction row means."""
-
-    frames: int
-    crop: int
-    short_side: int
-    temporal_views: int
-    spatial_views: int
-    sampling: str
-    stride: int
-    top_k: int
-    full_probs: bool
-
-    @property
-    def views(self) -> str:
-        return f"{self.temporal_views}x{self.spatial_views}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-IDENTITY_FIELDS = [
-    pa.field("model_name", pa.string()),
-    pa.field("model_version", pa.int32()),
-    pa.field("model_alias", pa.string()),
-    pa.field("model_run_id", pa.string()),
-    pa.field("model_id", pa.string()),
-]
-
-
 def identity_columns(identity: ModelIdentity) -> dict:
     """Constant columns naming the model, as {name: (value, Arrow type)}."""
     values = [identity.name, identity.version, identity.alias, identity.run_id, identity.model_id]
     return {f.name: (value, f.type) for f, value in zip(IDENTITY_FIELDS, values)}
-
-
-def predictions_schema(params: ScoreParams, num_classes: int) -> pa.Schema:
-    top_k = min(params.top_k, num_classes)
-    return pa.schema(
-        [
-            pa.field("video_id", pa.string(), nullable=False),
-            pa.field("source_uri", pa.string(), nullable=False),
-            pa.field("source_etag", pa.string(), nullable=False),
-            pa.field("source_size", pa.int64(), nullable=False),
-            *prediction_fields(top_k, num_classes, params.full_probs),
-            *IDENTITY_FIELDS,
-            pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        ]
-    )
-
-
-@dataclass
-class ScoreManifest:
-    version: int
-    source: str
-    model: dict  # ModelIdentity.to_dict()
-    params: dict  # ScoreParams.to_dict()
-    class_names: list[str]
-    shards: list[ShardEntry]
-    # the chain of source tables ({"path", "rows"}) whose replay (pipeline.manifest.read_sources) is the videos whose
-    # predictions this version holds, with their uri, etag, size and shard
-    source_tables: list[dict]
-    num_sources: int
-    counts: dict[str, int]
-    throughput: dict[str, float]  # of the run that wrote this version (jobs.score.Throughput)
-    errors: str | None = None
-    previous_version: int | None = None
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    kind: str = MANIFEST_KIND
-    schema_version: int = MANIFEST_SCHEMA_VERSION
-
-    @property
-    def num_rows(self) -> int:
-        return sum(shard.rows for shard in self.shards)
-
-    def to_json(self) -> str:
-        body = asdict(self)
-        head = ("kind", "schema_version", "version", "previous_version", "created_at")
-        ordered = {key: body[key] for key in head}
-        ordered.update({key: value for key, value in body.items() if key not in ordered})
-        return json.dumps(ordered, indent=1, ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, text: str, where: str) -> "ScoreManifest":
-        body = manifest_json(text, where)
-        found = body.get("schema_version")
-        if body.get("kind") == MANIFEST_KIND and isinstance(found, int) and found < MANIFEST_SCHEMA_VERSION:
-            raise ScoreConfigError(
-                f"{where} holds predictions of schema version {found}, written by an older uniformer (every video's "
-                f"source inside each manifest); this one reads schema version {MANIFEST_SCHEMA_VERSION}. Score into a "
-                "new destination (`uniformer score ... --out NEW_DST`): its first run scores every listed video"
-            )
-        if body.get("kind") != MANIFEST_KIND or found != MANIFEST_SCHEMA_VERSION:
-            raise ScoreConfigError(
-                f"{where} is not a predictions manifest this version reads (kind {body.get('kind')!r}, schema "
-                f"{found}); write predictions to their own --out"
-            )
-        manifest_body(body, where, cls, "predictions manifest")
-        try:
-            body["shards"] = [ShardEntry(**shard) for shard in body["shards"]]
-            return cls(**body)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ManifestError(f"{where} is not a predictions manifest: {type(error).__name__}: {error}") from None
-
-
-def latest_score_manifest(root: Location, storage: Storage) -> ScoreManifest | None:
-    versions = list_manifest_versions(root, storage)
-    return read_score_manifest(root, versions[-1], storage) if versions else None
-
-
-def read_score_manifest(root: Location, version: int, storage: Storage) -> ScoreManifest:
-    location = manifest_location(root, version)
-    return ScoreManifest.from_json(storage.read_bytes(location), location.uri)
-
-
-def write_score_manifest(root: Location, manifest: ScoreManifest, storage: Storage) -> Location:
-    return publish_manifest(root, manifest.version, manifest.to_json(), storage, ScoreConfigError, "score run")
 
 
 # ---- plan --------------------------------------------------------------------------------------------------------
@@ -199,7 +61,7 @@ class ScorePlan:
     previous_sources: SourceTable  # the previous version's (empty for a first run)
     listed: Sequence[SourceVideo]
     already_done: Sequence[SourceVideo]
-    adopted: list[dict]  # results of shards a killed run published (pipeline.versioned.published_part)
+    adopted: list[dict]  # results of shards a killed run published (pipeline.dataset.parts.published_part)
     groups: PlannedGroups  # {"shard": relative path, "videos": [source records]}, made when asked for
     # the previous version's failed videos by key and ETag (its errors table), and those unchanged and not retried
     previous_failures: dict[tuple[str, str], ErrorRecord] = field(default_factory=dict)
@@ -388,8 +250,7 @@ def commit_score(
     plan: ScorePlan, results: list[dict], class_names: list[str], seconds: float, throughput: dict, storage: Storage
 ) -> tuple[ScoreManifest | None, ScoreCounts, list[ErrorRecord]]:
     """Results -> the version's errors table (this run's new failures and the known ones still listed) and a new
-    manifest version (returned, not yet written; None when nothing changed)."""
-    previous = plan.previous
+    manifest version (returned, not yet written; None when nothing changed: pipeline.dataset.commit.commit_version)."""
     results = plan.adopted + results
     errors = [ErrorRecord(**{k: e[k] for k in ErrorRecord.__dataclass_fields__}) for r in results for e in r["errors"]]
     new_shards = [ShardEntry(**result["shard"]) for result in results if result["shard"]]
@@ -399,19 +260,9 @@ def commit_score(
         if r["shard"]
         for video in r["videos"]
     ]).table
-    scored = upserts.num_rows
-    kept_shards = list(previous.shards) if previous and not plan.replaces_model else []
-    # the plan's, and videos of adopted shards that the previous version held
-    superseded = plan.superseded | plan.previous_sources.present(upserts.column("video_id"))
-    if superseded:
-        kept_shards, moved = rewrite_without_videos(
-            storage, plan.root, kept_shards, plan.previous_sources, superseded, PREDICTIONS_DIR,
-            {"compression": "zstd"}, keep_footer=False,
-        )
-        upserts = pa.concat_tables([moved, upserts])
     counts = ScoreCounts(
         listed=len(plan.listed),
-        scored=scored,
+        scored=upserts.num_rows,
         already_done=len(plan.already_done),
         known_failures=len(plan.known_failures),
         errored=len({error.source_uri for error in errors}),
@@ -420,57 +271,28 @@ def commit_score(
         deleted=len(plan.deleted),
     )
     check_accounting(asdict(counts), ("scored", "already_done", "known_failures", "errored"), "scoring")
-    failures = version_failures(plan.known_failures, errors)
-    changed = plan.replaces_model or new_shards or superseded or failures_changed(plan.previous_failures, failures)
-    if previous is not None and not changed:
-        return None, counts, errors
-
-    check_parts_present(storage, plan.root, [shard.path for shard in new_shards], "score run")
-    version, token = (previous.version if previous else 0) + 1, new_run_token()
-    errors_path = publish_failures(storage, plan.root, version, token, failures)
-    sources, delta = plan.previous_sources.updated(superseded, upserts)
-    chain = previous.source_tables if previous and not plan.replaces_model else []
-    source_tables = write_sources(plan.root, version, chain, sources, delta, storage, token)
-    manifest = ScoreManifest(
-        version=version,
-        source=plan.source.uri,
-        model=plan.identity.to_dict(),
-        params=plan.params.to_dict(),
-        class_names=class_names,
-        shards=kept_shards + new_shards,
-        source_tables=source_tables,
-        num_sources=len(sources),
-        counts=asdict(counts),
-        throughput={"job_seconds": round(seconds, 3), **{k: round(v, 3) for k, v in throughput.items()}},
-        errors=errors_path,
-        previous_version=previous.version if previous else None,
+    manifest = commit_version(
+        storage, plan.root, plan.previous, plan.previous_sources,
+        new_shards=new_shards,
+        upserts=upserts,
+        # the plan's, and videos of adopted shards that the previous version held
+        superseded=plan.superseded | plan.previous_sources.present(upserts.column("video_id")),
+        known_failures=plan.known_failures,
+        errors=errors,
+        previous_failures=plan.previous_failures,
+        folder=PREDICTIONS_DIR,
+        write_options={"compression": "zstd"},
+        job="score run",
+        manifest=lambda **version: ScoreManifest(
+            source=plan.source.uri,
+            model=plan.identity.to_dict(),
+            params=plan.params.to_dict(),
+            class_names=class_names,
+            counts=asdict(counts),
+            throughput={"job_seconds": round(seconds, 3), **{k: round(v, 3) for k, v in throughput.items()}},
+            **version,
+        ),
+        keep_footer=False,
+        restart=plan.replaces_model,
     )
     return manifest, counts, errors
-
-
-def read_predictions(dst: str, storage: Storage | None = None, columns: list[str] | None = None) -> pa.Table:
-    """The rows of a predictions destination's latest version (the current model's, when an alias is scored on a
-    schedule), or of `DST@VERSION`: exactly the listed shards."""
-    from pipeline.manifest import parse_dataset_ref
-    from pipeline.storage import parse_uri
-
-    storage = storage or Storage()
-    dst, version = parse_dataset_ref(dst)
-    root = parse_uri(dst)
-    if version is None:
-        manifest = latest_score_manifest(root, storage)
-    elif version in list_manifest_versions(root, storage):
-        manifest = read_score_manifest(root, version, storage)
-    else:
-        raise ScoreConfigError(f"no predictions version {version} under {root.uri}")
-    if manifest is None:
-        raise ScoreConfigError(f"no predictions manifest under {root.uri}")
-    tables = []
-    for shard in manifest.shards:
-        location = root.join(shard.path)
-        tables.append(
-            pq.read_table(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location), columns=columns)
-        )
-    if not tables:
-        return pa.table({})
-    return pa.concat_tables(tables).replace_schema_metadata(None)

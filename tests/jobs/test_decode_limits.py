@@ -17,11 +17,11 @@ from jobs.config import build
 from jobs.exitcodes import ExitCode
 from jobs.ingest import run_ingest
 from jobs.options import IngestConfig
-from jobs.scoring.results import latest_score_manifest, read_predictions
 from model.package import ModelCard, save_package
 from pipeline import Storage, iter_clips, parse_uri, write_motion_video
 from pipeline.decode import DecodeLimits
 from pipeline.isolation import CRASH_ON_ENV
+from pipeline.predictions import latest_score_manifest, read_predictions
 from tests.conftest import start_local_ray
 from tests.pipeline.test_video_limits import write_declared_huge_video
 

@@ -14,8 +14,9 @@ from jobs.ingest import run_ingest
 from jobs.options import EvaluateConfig, IngestConfig
 from jobs.training.config import TrainConfig
 from pipeline import generate_motion_dataset, iter_clips, load_manifest
+from pipeline.dataset.gc import collect_garbage
+from pipeline.dataset.runs import RUNS_DIR
 from pipeline.storage import Storage, parse_uri
-from pipeline.versioned import RUNS_DIR, collect_garbage
 from tests.jobs.test_train import finished, in_background, train_in_background
 
 pytestmark = pytest.mark.integration
@@ -68,7 +69,7 @@ def test_gc_racing_an_ingest_removes_unreferenced_files_and_the_ingest_publishes
     # gc leaves what was written from a margin for clock skew before a running writer started; a file's time on S3 is
     # the server's, which cannot be set back, so the margin goes instead (server and writer share one clock here),
     # and the next second starts first (S3 keeps whole seconds)
-    monkeypatch.setattr("pipeline.versioned._RUN_START_MARGIN_S", 0.0)
+    monkeypatch.setattr("pipeline.dataset.gc._RUN_START_MARGIN_S", 0.0)
     time.sleep(1.1)
     before = _parts(storage, root)
     make_videos(src / "batch2", num_per_class=8, seed=5)  # 32 new videos, one shard each: a run of several seconds

@@ -26,8 +26,8 @@ from pipeline import (
     read_clips,
     write_motion_video,
 )
+from pipeline.dataset.sources import read_sources
 from pipeline.ingest import IngestConfigError
-from pipeline.manifest import read_sources
 from pipeline.storage import Storage, parse_uri
 from tests.conftest import ignore_conditional_writes, kill_driver_after_first_part
 

@@ -9,9 +9,9 @@ import pytest
 from botocore.exceptions import ClientError
 
 from jobs.score import decode_batch
-from jobs.scoring.results import ScoreParams
 from pipeline.ingest import ingest_group
 from pipeline.manifest import SamplingParams
+from pipeline.predictions import ScoreParams
 from pipeline.storage import Storage, parse_uri
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ import yaml
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.scoring.results import read_predictions
 from pipeline import generate_motion_dataset
+from pipeline.predictions import read_predictions
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.integration

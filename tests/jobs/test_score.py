@@ -20,12 +20,12 @@ from jobs.cli import app
 from jobs.options import ScoreConfig, ScoreOptions
 from jobs.score import run_score, score_dataset
 from jobs.scoring.model_ref import ModelReferenceError, resolve_model
-from jobs.scoring.results import ScoreConfigError, latest_score_manifest, read_predictions
 from jobs.serving.registry import log_model
 from model.package import ModelCard, save_package
 from model.transforms import eval_transform
 from pipeline import Storage, generate_motion_dataset, parse_uri, write_motion_video
-from pipeline.manifest import read_sources
+from pipeline.dataset.sources import read_sources
+from pipeline.predictions import ScoreConfigError, latest_score_manifest, read_predictions
 from pipeline.storage import StorageError
 from pipeline.views import decode_views
 from tests.conftest import ignore_conditional_writes, kill_driver_after_first_part

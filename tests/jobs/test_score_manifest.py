@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from jobs.scoring.results import ScoreConfigError, ScoreManifest
-from pipeline.manifest import ManifestError, ShardEntry
+from pipeline.dataset.parts import ShardEntry
+from pipeline.dataset.versions import ManifestError
+from pipeline.predictions import ScoreConfigError, ScoreManifest
 
 
 def written(**changes) -> str:

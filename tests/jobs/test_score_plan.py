@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from jobs.score import ray_items
 from jobs.scoring.model_ref import ModelIdentity
-from jobs.scoring.results import ScoreParams, plan_score, shard_name, source_record
+from jobs.scoring.results import plan_score, shard_name, source_record
 from pipeline.listing import SourceVideo, VideoListing
+from pipeline.predictions import ScoreParams
 from pipeline.storage import Storage, parse_uri
 
 IDENTITY = ModelIdentity("models:/m/1", "m", 1, None, None, None, "0" * 64)

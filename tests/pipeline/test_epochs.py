@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from pipeline.dataset.parts import ShardEntry
 from pipeline.epochs import EpochPlan
-from pipeline.manifest import Manifest, SamplingParams, ShardEntry
+from pipeline.manifest import Manifest, SamplingParams
 from pipeline.shards import ShardWriter
 from pipeline.storage import Storage, parse_uri
 

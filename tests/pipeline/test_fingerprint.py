@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline.manifest import Manifest, SamplingParams, ShardEntry, content_fingerprint
+from pipeline.dataset.parts import ShardEntry
+from pipeline.manifest import Manifest, SamplingParams, content_fingerprint
 
 
 def version(number: int, **changes) -> Manifest:

@@ -43,8 +43,9 @@ def test_an_error_is_raised_where_its_result_would_have_been():
 def test_ingest_dataset_runs_without_cpu_reservation_and_leaves_the_process_context_alone(tmp_path, ray_local):
     import ray.data
 
+    from pipeline.dataset.sources import SourceTable
     from pipeline.ingest import IngestPlan, build_dataset
-    from pipeline.manifest import SamplingParams, SourceTable
+    from pipeline.manifest import SamplingParams
     from pipeline.storage import Storage, parse_uri
 
     plan = IngestPlan(

@@ -3,19 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.manifest import (
-    Manifest,
-    ManifestError,
-    SamplingParams,
-    ShardEntry,
-    SourceTable,
-    list_manifest_versions,
-    load_manifest,
-    parse_dataset_ref,
-    read_sources,
-    write_manifest,
-    write_sources,
-)
+from pipeline.dataset.parts import ShardEntry
+from pipeline.dataset.sources import SourceTable, read_sources, write_sources
+from pipeline.dataset.versions import ManifestError, list_manifest_versions, parse_dataset_ref
+from pipeline.manifest import Manifest, SamplingParams, load_manifest, write_manifest
 from pipeline.storage import Storage, parse_uri
 
 

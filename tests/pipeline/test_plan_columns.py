@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from pipeline.dataset.sources import SourceTable, deleted_inputs, partition_inputs
 from pipeline.ingest import _source_record, plan_ingest, ray_items, shard_name
 from pipeline.listing import SourceVideo, VideoListing
-from pipeline.manifest import SHARDS_DIR, SamplingParams, SourceTable
+from pipeline.manifest import SHARDS_DIR, SamplingParams
 from pipeline.schema import ErrorRecord
-from pipeline.versioned import deleted_inputs, partition_inputs
 
 SAMPLING = SamplingParams(frames=4, short_side=32, size=28)
 

@@ -10,18 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.dataset.parts import ShardEntry, stream_sha256
+from pipeline.dataset.versions import ManifestError, manifest_location
 from pipeline.epochs import EpochPlan
-from pipeline.manifest import (
-    Manifest,
-    ManifestError,
-    SamplingParams,
-    ShardEntry,
-    load_manifest,
-    manifest_location,
-    write_manifest,
-)
+from pipeline.manifest import Manifest, SamplingParams, load_manifest, write_manifest
 from pipeline.reader import iter_clips
-from pipeline.shards import ShardWriter, stream_sha256
+from pipeline.shards import ShardWriter
 from pipeline.storage import Storage, parse_uri
 
 SAMPLING = SamplingParams(frames=1, short_side=2, size=2)

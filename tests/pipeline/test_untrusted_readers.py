@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 from jobs.config import ConfigError, build, read_file
 from jobs.options import RetrainConfig
-from jobs.scoring.results import ScoreConfigError, ScoreManifest
 from jobs.training.config import TrainConfig
-from pipeline.manifest import Manifest, ManifestError, SamplingParams, ShardEntry
+from pipeline.dataset.parts import ShardEntry
+from pipeline.dataset.versions import ManifestError
+from pipeline.manifest import Manifest, SamplingParams
+from pipeline.predictions import ScoreConfigError, ScoreManifest
 
 VALID = Manifest(2, "/videos", SamplingParams(frames=4, short_side=32, size=28), "dirs", {"a": 0, "b": 1},
                  [ShardEntry("shards/part-1.parquet", 3, "00" * 32, 100)],

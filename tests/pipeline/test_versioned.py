@@ -11,35 +11,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.dataset.failures import failures_changed, read_failures, version_failures
+from pipeline.dataset.gc import collect_garbage
+from pipeline.dataset.parts import ShardEntry, publish_table, published_part
+from pipeline.dataset.runs import RUNS_DIR, RunRecord, reading_versions
+from pipeline.dataset.sources import SourceTable, partition_inputs, read_sources, write_sources
+from pipeline.dataset.versions import ManifestError, manifest_location
 from pipeline.ingest import commit_ingest, plan_ingest
 from pipeline.listing import SourceVideo
-from pipeline.manifest import (
-    Manifest,
-    ManifestError,
-    SamplingParams,
-    ShardEntry,
-    SourceTable,
-    latest_manifest,
-    load_manifest,
-    read_sources,
-    write_manifest,
-    write_sources,
-)
+from pipeline.manifest import Manifest, SamplingParams, latest_manifest, load_manifest, write_manifest
 from pipeline.schema import ERRORS_SCHEMA, ErrorRecord
-from pipeline.shards import publish_table
 from pipeline.storage import Storage, parse_uri
-from pipeline.versioned import (
-    RUNS_DIR,
-    RunRecord,
-    collect_garbage,
-    failures_changed,
-    manifest_location,
-    partition_inputs,
-    published_part,
-    read_failures,
-    reading_versions,
-    version_failures,
-)
 
 SAMPLING = SamplingParams(frames=4, short_side=32, size=28)
 
@@ -302,7 +284,7 @@ def test_a_reader_that_may_not_write_the_dataset_reads_unrecorded_and_says_what_
     monkeypatch.setattr(pipeline.storage, "_clients", {})  # clients made with the test's own keys
     s3_server.require_credentials(True)
     try:
-        with caplog.at_level(logging.WARNING, logger="pipeline.versioned"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.dataset.runs"):
             with reading_versions(storage, [(root, 1)], "train", ManifestError):
                 with pytest.raises(PermissionError):  # the store really refuses this reader's writes
                     storage.put_bytes(root.join(RUNS_DIR, "probe.json"), b"{}")
@@ -311,7 +293,7 @@ def test_a_reader_that_may_not_write_the_dataset_reads_unrecorded_and_says_what_
                 report = collect_garbage(root, storage, keep_versions=1, min_age_s=0)
     finally:
         s3_server.require_credentials(False)
-    [warning] = [record.getMessage() for record in caplog.records if record.name == "pipeline.versioned"]
+    [warning] = [record.getMessage() for record in caplog.records if record.name == "pipeline.dataset.runs"]
     assert f"this train may not write s3://{s3_bucket}/clips/runs/" in warning
     assert (f"so no record keeps version 1 of {root.uri} from gc: `uniformer gc {root.uri} --keep-versions N` removes "
             "version 1 while this train runs as soon as N newer versions exist") in warning
