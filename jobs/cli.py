@@ -346,6 +346,34 @@ def predict_command(
     _exit(ExitCode.PARTIAL if failed else ExitCode.SUCCESS)
 
 
+@app.command("export")
+def export_command(
+    model_ref: str = typer.Option(..., "--model", help=MODEL_REFERENCE),
+    export_format: str = typer.Option(..., "--format", help="onnx (onnxruntime; needs the `export` extra) or "
+                                      "torchscript (libtorch)."),
+    out: str = typer.Option(..., "--out", help="The file to write (.onnx, .pt); replaced only by a checked export."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri", help=TRACKING_URI),
+    log_artifact: bool = typer.Option(
+        False, "--log-artifact", help="Also log the file under export/ of the MLflow run that logged the model."
+    ),
+) -> None:
+    """Write the model as one file that takes uint8 clips [batch, T, S, S, 3] (the normalisation inside) and gives
+    logits and probabilities, with the class names, clip format and model identity in its metadata. Written only
+    after the file, run on random clips, agrees with PyTorch within 1e-4; exit 1 otherwise, with nothing written."""
+    from jobs.config import absolute_location
+    from jobs.export import ExportError, export_model
+    from jobs.scoring.model_ref import ModelReferenceError
+
+    with _job("export", False, ModelReferenceError, ExportError, ValueError) as echo:
+        result = export_model(
+            model_ref, export_format, out, tracking_uri=absolute_location(tracking_uri) if tracking_uri else None,
+            log_artifact=log_artifact, echo=echo,
+        )
+        echo(f"exported {result.format} to {result.path} in {result.seconds:.1f} s, max difference to PyTorch "
+             f"{result.max_difference:.2g}" + (f", logged as {result.artifact_uri}" if result.artifact_uri else ""))
+    _exit(ExitCode.SUCCESS)
+
+
 @app.command("gc")
 def gc_command(
     dst: str = typer.Argument(..., help="A clip or predictions dataset: s3://bucket/prefix or a local folder."),
