@@ -357,9 +357,10 @@ def export_command(
         False, "--log-artifact", help="Also log the file under export/ of the MLflow run that logged the model."
     ),
 ) -> None:
-    """Write the model as one file that takes uint8 clips [batch, T, S, S, 3] (the normalisation inside) and gives
-    logits and probabilities, with the class names, clip format and model identity in its metadata. Written only
-    after the file, run on random clips, agrees with PyTorch within 1e-4; exit 1 otherwise, with nothing written."""
+    """Write the model as one file that takes uint8 clips (batch x T x S x S x 3, RGB, centre-cropped; the
+    normalisation inside) and gives logits and probabilities, with the class names, clip format and model identity
+    in its metadata. Written only after the file, run on random clips, agrees with PyTorch within 1e-4; exit 1
+    otherwise, --out left as it was."""
     from jobs.config import absolute_location
     from jobs.export import ExportError, export_model
     from jobs.scoring.model_ref import ModelReferenceError
