@@ -365,7 +365,7 @@ def export_command(
     from jobs.export import ExportError, export_model
     from jobs.scoring.model_ref import ModelReferenceError
 
-    with _job("export", False, ModelReferenceError, ExportError, ValueError) as echo:
+    with _job("export", False, ModelReferenceError, ExportError, ValueError, OSError) as echo:
         result = export_model(
             model_ref, export_format, out, tracking_uri=absolute_location(tracking_uri) if tracking_uri else None,
             log_artifact=log_artifact, echo=echo,

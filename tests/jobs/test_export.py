@@ -170,6 +170,13 @@ def test_onnx_without_its_packages_names_the_extra_and_a_local_folder_cannot_be_
     assert result.exit_code == 2 and "must be one of onnx, torchscript" in result.output
 
 
+def test_an_out_that_cannot_be_written_fails_in_one_line(package, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = export("--model", str(package), "--format", "torchscript", "--out", str(tmp_path / "taken" / "m.pt"))
+    assert result.exit_code == 1 and result.output.startswith("export failed: "), result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 @pytest.mark.integration
 def test_b16_at_224_by_8_frames_with_400_classes_exports_to_onnx_within_tolerance(tmp_path):
     card = ModelCard("uniformerv2_b16", 400, {}, [f"class {i}" for i in range(400)], 8, 224, 256)
