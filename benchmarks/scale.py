@@ -277,7 +277,7 @@ def synthesize_predictions(root: Path, count: int) -> None:
 def measure_score_plan(root: str, count: int, first_run: bool) -> dict:
     """The score driver from listing to the items Ray Data gets (jobs.score.run_score's steps, without the model)."""
     from jobs.score import ray_items
-    from jobs.scoring.model_ref import ModelIdentity
+    from jobs.registry import ModelIdentity
     from jobs.scoring.results import plan_score
     from pipeline.dataset.failures import read_failures
     from pipeline.listing import list_videos

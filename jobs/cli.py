@@ -230,7 +230,7 @@ def _job(name: str, json_output: bool, *handled: type[Exception]):
     """Runs a job's body with the `echo` it prints its text with: stdout, or with --json stderr, where whatever its
     libraries print goes too, so that stdout carries the JSON summary alone. A `handled` error ends the command with
     its message and exit code 1 (a JSON summary saying so with --json)."""
-    from jobs.serving.registry import TrackingUnreachable
+    from jobs.registry import TrackingUnreachable
 
     try:
         with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
@@ -284,8 +284,8 @@ def ingest_command(config: IngestConfig, json_output: bool, dry_run: bool) -> No
 @_job_command("score", ScoreConfig, dry_run=True)
 def score_command(config: ScoreConfig, json_output: bool, dry_run: bool) -> None:
     """Score every video under SRC not yet scored into --out by the same model: multi-view predictions as Parquet."""
+    from jobs.registry import ModelReferenceError
     from jobs.score import run_score
-    from jobs.scoring.model_ref import ModelReferenceError
     from pipeline import StorageError
 
     with _job("score", json_output, StorageError, ModelReferenceError, ValueError) as echo:
@@ -300,7 +300,7 @@ def evaluate_command(config: EvaluateConfig, json_output: bool, dry_run: bool) -
     """Top-1, top-5 and mean-class accuracy, loss and a per-class table of a model on a labelled dataset version,
     scored at multi-view like production; logged to MLflow."""
     from jobs.evaluate import EvaluationError, evaluate_model, summary_lines
-    from jobs.scoring.model_ref import ModelReferenceError
+    from jobs.registry import ModelReferenceError
     from pipeline import ManifestError, StorageError
 
     with _job("evaluate", json_output, StorageError, ManifestError, ModelReferenceError, EvaluationError,
@@ -325,7 +325,7 @@ def predict_command(
     inference as `score`, in this process (no Ray, nothing written). Exit 5 when a video could not be read."""
     from jobs.config import absolute_location
     from jobs.predict import predict_videos
-    from jobs.scoring.model_ref import ModelReferenceError
+    from jobs.registry import ModelReferenceError
     from pipeline import StorageError
 
     failed = 0
@@ -363,7 +363,7 @@ def export_command(
     otherwise, --out left as it was."""
     from jobs.config import absolute_location
     from jobs.export import ExportError, export_model
-    from jobs.scoring.model_ref import ModelReferenceError
+    from jobs.registry import ModelReferenceError
 
     with _job("export", False, ModelReferenceError, ExportError, ValueError, OSError) as echo:
         result = export_model(

@@ -20,7 +20,6 @@ from jobs.train import ensure_ray
 from jobs.training.config import TrainConfig
 from pipeline import generate_motion_dataset, load_manifest
 
-
 # 40 px videos, 8-frame clips of 40 px squares, 32 px model crops: what uniformerv2_tiny is built for.
 VIDEO = dict(size=(40, 40), num_frames=16, fps=8.0)
 CLIPS = dict(frames=8, short_side=40, size=32)

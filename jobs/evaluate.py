@@ -25,12 +25,12 @@ import numpy as np
 
 from jobs.credentials import redact, redacted_stdout
 from jobs.metrics import per_class_report, scores_from_counts
-from jobs.report import table_lines
 from jobs.options import EvaluateConfig
+from jobs.registry import ModelIdentity, resolve_model
+from jobs.registry import tracking_uri as resolve_tracking_uri
+from jobs.report import table_lines
 from jobs.score import score_dataset
-from jobs.scoring.model_ref import ModelIdentity, resolve_model
 from jobs.train import reading_datasets
-from jobs.train import tracking_uri as resolve_tracking_uri
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.dataset.sources import read_sources
 from pipeline.listing import SourceVideo
@@ -150,7 +150,7 @@ def log_evaluation(evaluation: Evaluation, identity: ModelIdentity, experiment: 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking.context.registry import resolve_tags
 
-    from jobs.serving.registry import experiment_id
+    from jobs.registry import experiment_id
 
     client = _client(tracking_uri)
     tags = resolve_tags({"dataset": evaluation.dataset, "views": evaluation.views, "model": identity.describe(),

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from jobs.exitcodes import OptionError
-from jobs.scoring.model_ref import ModelIdentity, resolve_model
+from jobs.registry import ModelIdentity, resolve_model
 
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4  # max abs difference of logits and probabilities accepted between the file and PyTorch

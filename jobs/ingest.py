@@ -13,8 +13,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from jobs.options import IngestConfig
 from jobs.console import Pace, init_ray, rate
+from jobs.options import IngestConfig
 from jobs.report import error_lines, first_of_lines, table_lines
 from pipeline.dataset.commit import nothing_new_line
 from pipeline.dataset.failures import read_failures

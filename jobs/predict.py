@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jobs.options import ScoreConfig
+from jobs.registry import ModelIdentity, resolve_model
 from jobs.score import build_params, decode_batch
-from jobs.scoring.model_ref import ModelIdentity, resolve_model
 from jobs.scoring.predict import ViewPredictor
 from jobs.scoring.results import identity_columns
 from pipeline.decode import DecodeLimits

@@ -21,14 +21,21 @@ from jobs.credentials import redact
 from jobs.evaluate import evaluate_model
 from jobs.ingest import run_ingest
 from jobs.options import GATE_METRICS, EvaluateConfig, RetrainConfig, ScoreConfig, ScoreOptions
-from jobs.scoring.model_ref import resolve_model
-from jobs.serving.registry import RegistryLease, model_versions, probe_tracking_server
-from jobs.train import run_train, tracking_uri
+from jobs.registry import (
+    CHAMPION,
+    ChampionUnknown,
+    RegistryLease,
+    champion_version,
+    model_versions,
+    probe_tracking_server,
+    resolve_model,
+    tracking_uri,
+    version_trained_on,
+)
+from jobs.train import run_train
 from pipeline import load_manifest, parse_dataset_ref, parse_uri
 from pipeline.manifest import content_fingerprint, latest_manifest
 from pipeline.storage import Storage
-
-CHAMPION = "champion"
 
 
 @dataclass
@@ -105,31 +112,6 @@ def evaluate_version(model_name: str, version: int, val_ref: str, views: str, me
     return evaluation.metrics[metric]
 
 
-class ChampionUnknown(RuntimeError):
-    """The registry could not say which version is champion: nothing may be promoted."""
-
-
-def champion_version(client, model_name: str) -> int | None:
-    """The version the champion alias points to; None only when the model or the alias does not exist yet."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-
-    # The registered model's alias map rather than get_model_version_by_alias, which reports a missing alias as
-    # INVALID_PARAMETER_VALUE, a code it shares with requests that are wrong in other ways.
-    try:
-        registered = client.get_registered_model(model_name)
-    except MlflowException as error:
-        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return None
-        # A timeout or a 5xx is not "no champion": the candidate would replace a better model unopposed.
-        raise ChampionUnknown(
-            f"cannot read the {CHAMPION} alias of {model_name} ({error.error_code}): nothing promoted; "
-            f"{redact(error.message)}"
-        ) from None
-    version = registered.aliases.get(CHAMPION)
-    return int(version) if version is not None else None
-
-
 class PromotionLock(RegistryLease):
     """The promotion lease of one registered model, in its tracking server's registry: held by at most one retrain
     at a time, from reading the champion alias to reading it back after moving it."""
@@ -161,18 +143,6 @@ def best_judged_version(client, model_name: str, val_ref: str, metric: str, view
         )
     best = max(comparable, key=lambda version: (float(version.tags["gate.candidate_score"]), int(version.version)))
     return int(best.version)
-
-
-def version_trained_on(client, model_name: str, fingerprint: str):
-    """The registered version that already learnt from a dataset of this content fingerprint, whatever its version
-    number: the champion, or a candidate the gate judged. A version registered by a retrain that stopped before its
-    gate is not one: training again is what gates it."""
-    champion = champion_version(client, model_name)
-    for version in model_versions(client, model_name):
-        judged = int(version.version) == champion or "gate.decision" in version.tags
-        if judged and version.tags.get("dataset_fingerprint") == fingerprint:
-            return version
-    return None
 
 
 def gate(candidate_accuracy: float, champion_accuracy: float | None, min_gain: float,

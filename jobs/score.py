@@ -27,8 +27,8 @@ import pyarrow.compute as pc
 
 from jobs.console import Pace, init_ray, rate
 from jobs.options import ScoreConfig, ScoreOptions
+from jobs.registry import ModelIdentity, ResolvedModel, resolve_model
 from jobs.report import error_lines, first_of_lines, table_lines
-from jobs.scoring.model_ref import ModelIdentity, ResolvedModel, resolve_model
 from jobs.scoring.predict import ViewPredictor
 from jobs.scoring.results import (
     DEFAULT_VIDEOS_PER_SHARD,

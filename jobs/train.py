@@ -18,12 +18,12 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from jobs.config import absolute_location, absolute_paths, to_yaml
+from jobs.config import absolute_paths, to_yaml
 from jobs.console import init_ray
 from jobs.credentials import MASK, carries_credentials, mlflow_env_for_workers, redact, redacted_stdout
 from jobs.exitcodes import OptionError
 from jobs.options import RegisterConfig
-from jobs.serving.registry import experiment_id, probe_tracking_server
+from jobs.registry import experiment_id, probe_tracking_server, tracking_uri
 from jobs.training.checkpoint import PROGRESS as PROGRESS_FILE
 from jobs.training.checkpoint import WEIGHTS
 from jobs.training.config import CONFIG_ARTIFACT, TrainConfig
@@ -36,7 +36,6 @@ from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import content_fingerprint
 from pipeline.storage import Storage
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SELECT_METRIC = "val_accuracy"  # what --select best ranks checkpoints by (validation top-1)
 RUN_RECORD = "uniformer_run.json"
 RUN_LOCK = "uniformer_run.lock"
@@ -55,9 +54,7 @@ class TrainResult:
     registered_version: int | None = None
 
 
-def tracking_uri(explicit: str | None = None) -> str:
-    # workers run in other working directories: a sqlite file is named by its absolute path
-    return absolute_location(explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
 
 
 def pin_dataset_version(ref: str, endpoint_url: str | None, option: str = "--data") -> tuple[str, object]:
@@ -388,7 +385,7 @@ def finish_registration(cfg: TrainConfig, manifest, uri: str, run_id: str):
     from botocore.exceptions import BotoCoreError, ClientError
     from mlflow.exceptions import MlflowException
 
-    from jobs.serving.registry import log_model
+    from jobs.registry import log_model
 
     (_, final), (chosen_progress, chosen) = select_checkpoints(cfg.storage, cfg.name, cfg.select, cfg.endpoint_url)
     metrics = chosen_progress.get("metrics") or {}

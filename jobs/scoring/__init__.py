@@ -1,2 +1,2 @@
-"""Batch scoring parts: model references (model_ref), multi-view inference (predict), the predictions dataset
-(results). `jobs.score` wires them into the job."""
+"""Batch scoring parts: multi-view inference (predict), planning and committing a scoring run (results).
+`jobs.score` wires them into the job; the model it scores with is resolved by jobs.registry."""

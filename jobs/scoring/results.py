@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.scoring.model_ref import ModelIdentity
+from jobs.registry import ModelIdentity
 from pipeline.dataset.commit import check_accounting, commit_version
 from pipeline.dataset.parts import ShardEntry, publish_table, published_part
 from pipeline.dataset.sources import SourceTable, deleted_inputs, partition_inputs, read_sources

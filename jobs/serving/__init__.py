@@ -1,1 +1,1 @@
-"""How trained models leave training: MLflow logging/registration and the pyfunc that serves them."""
+"""The models-from-code pyfunc that MLflow serves a registered model with (jobs.registry logs it)."""

@@ -140,7 +140,7 @@ def load_initial_weights(net: torch.nn.Module, source: str, tracking_uri: str, c
     file shows at once."""
     with tempfile.TemporaryDirectory() as scratch:
         if source.startswith("models:/"):
-            from jobs.scoring.model_ref import resolve_model
+            from jobs.registry import resolve_model
 
             resolved = resolve_model(source, scratch, tracking_uri)
             weights, source_names = resolved.weights_path, resolved.card.class_names

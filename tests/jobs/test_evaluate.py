@@ -19,8 +19,7 @@ from jobs.config import build
 from jobs.evaluate import EvaluationError, cached_evaluation, evaluate_model, score_rows
 from jobs.ingest import run_ingest
 from jobs.options import EvaluateConfig, IngestConfig
-from jobs.scoring.model_ref import resolve_model
-from jobs.serving.registry import log_model
+from jobs.registry import log_model, resolve_model
 from model.inference import predict_views
 from model.package import ModelCard, save_package
 from pipeline import generate_motion_dataset

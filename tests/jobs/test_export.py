@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import jobs.export
 import model
 from jobs.cli import app
-from jobs.serving.registry import log_model
+from jobs.registry import log_model
 from model.inference import predict_views
 from model.package import ModelCard, save_package
 

@@ -19,16 +19,8 @@ import model
 from jobs.config import build
 from jobs.ingest import run_ingest
 from jobs.options import IngestConfig, RetrainConfig
-from jobs.retrain import (
-    CHAMPION,
-    ChampionUnknown,
-    PromotionLock,
-    champion_version,
-    gate,
-    promote_if_better,
-    run_retrain,
-)
-from jobs.serving.registry import log_model, model_versions
+from jobs.registry import CHAMPION, ChampionUnknown, champion_version, log_model, model_versions
+from jobs.retrain import PromotionLock, gate, promote_if_better, run_retrain
 from model.package import ModelCard, save_package
 from pipeline import generate_motion_dataset, load_manifest, parse_uri
 from pipeline.lease import Lease, LeaseHeld, LeaseLost

@@ -18,9 +18,8 @@ from typer.testing import CliRunner
 import model
 from jobs.cli import app
 from jobs.options import ScoreConfig, ScoreOptions
+from jobs.registry import ModelReferenceError, log_model, resolve_model
 from jobs.score import run_score, score_dataset
-from jobs.scoring.model_ref import ModelReferenceError, resolve_model
-from jobs.serving.registry import log_model
 from model.package import ModelCard, save_package
 from model.transforms import eval_transform
 from pipeline import Storage, generate_motion_dataset, parse_uri, write_motion_video

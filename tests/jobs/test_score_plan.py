@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from jobs.registry import ModelIdentity
 from jobs.score import ray_items
-from jobs.scoring.model_ref import ModelIdentity
 from jobs.scoring.results import plan_score, shard_name, source_record
 from pipeline.listing import SourceVideo, VideoListing
 from pipeline.predictions import ScoreParams

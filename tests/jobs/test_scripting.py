@@ -172,7 +172,7 @@ def constant_package(tmp_path: Path, answer: str) -> str:
 
 
 def test_retrain_exits_rejected_then_nothing_new_and_its_dry_run_writes_nothing(tmp_path, mlflow_server, ray_local):
-    from jobs.serving.registry import log_model
+    from jobs.registry import log_model
 
     uri, name = mlflow_server.uri, f"scripting-{tmp_path.name[-12:]}"
     generate_motion_dataset(tmp_path / "val-videos", 2, classes=("left",), size=(40, 40), num_frames=16, seed=4)

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.cli import app
-from jobs.serving.registry import PROBE_TIMEOUT_S, TrackingUnreachable, probe_tracking_server
+from jobs.registry import PROBE_TIMEOUT_S, TrackingUnreachable, probe_tracking_server
 
 PASSWORD = "S3cretPW"
 
