@@ -375,6 +375,30 @@ def export_command(
     _exit(ExitCode.SUCCESS)
 
 
+@app.command("timeline")
+def timeline_command(
+    dst: str = typer.Argument(..., help="Windowed predictions (`score --windows`): DST or DST@VERSION."),
+    video_id: str = typer.Argument(..., help="The video's id (its key relative to the scored source)."),
+    smooth: int = typer.Option(1, "--smooth", min=1, help="Median-filter each class's probability over N windows."),
+    endpoint_url: str = typer.Option(None, "--endpoint-url", help=ENDPOINT_URL),
+    json_output: bool = typer.Option(False, "--json", help="The segments as one JSON object on stdout."),
+) -> None:
+    """A video's timeline: consecutive windows with the same top-1 class merged into segments (start, end, label,
+    mean probability)."""
+    from jobs.config import absolute_location
+    from pipeline import StorageError
+    from pipeline.storage import Storage
+    from pipeline.timeline import format_timeline, timeline
+
+    with _job("timeline", json_output, StorageError, KeyError, ValueError) as echo:
+        segments = timeline(absolute_location(dst), video_id, smooth, Storage(endpoint_url))
+        if not json_output:
+            echo(format_timeline(video_id, segments, smooth))
+    if json_output:
+        _finish(json_output, {"video_id": video_id, "smooth": smooth,
+                              "segments": [segment.to_dict() for segment in segments]})
+
+
 @app.command("gc")
 def gc_command(
     dst: str = typer.Argument(..., help="A clip or predictions dataset: s3://bucket/prefix or a local folder."),

@@ -13,6 +13,7 @@ from jobs.config import option, section
 from jobs.training.config import TrainConfig
 from pipeline.decode import DecodeLimits
 from pipeline.views import parse_views
+from pipeline.windows import parse_windows
 
 MODEL_REFERENCE = "models:/NAME@ALIAS, models:/NAME/VERSION, models:/m-ID, or a local package folder."
 TRACKING_URI = "MLflow tracking URI; default: MLFLOW_TRACKING_URI."
@@ -110,6 +111,11 @@ class ScoreConfig:
     top_k: int = option(5, help="Classes kept per video, best first.")
     full_probs: bool = option(False, help="Also store every class's probability.")
     short_side: int | None = option(None, help="Scale short sides to this before cropping; default: the crop size.")
+    windows: str | None = option(
+        None, help="Score each video as a timeline: windows of SECONDS, STRIDE seconds apart (default: SECONDS), "
+        "e.g. 2 or 2:1; one row per window, one temporal view each (--views' spatial crops); --max-seconds bounds "
+        "a window, not the video."
+    )
     options: ScoreOptions = section(ScoreOptions, inline=True)
     tracking_uri: str | None = option(None, local_path=True, help=TRACKING_URI)
     endpoint_url: str | None = option(None, help=ENDPOINT_URL)
@@ -121,6 +127,8 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         parse_views(self.views)
+        if self.windows is not None:
+            parse_windows(self.windows)
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 

@@ -29,7 +29,7 @@ from jobs.console import Pace, init_ray, rate
 from jobs.options import ScoreConfig, ScoreOptions
 from jobs.registry import ModelIdentity, ResolvedModel, resolve_model
 from jobs.report import error_lines, first_of_lines, table_lines
-from jobs.scoring.predict import ViewPredictor
+from jobs.scoring.predict import ViewPredictor, WindowPredictor
 from jobs.scoring.results import (
     DEFAULT_VIDEOS_PER_SHARD,
     ScoreCounts,
@@ -49,6 +49,7 @@ from pipeline.predictions import PREDICTIONS_DIR, ScoreParams, latest_score_mani
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Storage, is_object_error, parse_uri
 from pipeline.views import decode_views, parse_views
+from pipeline.windows import WINDOWS_PER_CHUNK, WindowSpec, iter_windows, parse_windows
 
 # Videos per decoding task call: enough to amortise a task, few enough that a task's output (V views of T frames
 # per video, ~15 MB at 4x3 views of 8 x 224 x 224) stays a modest block.
@@ -56,6 +57,8 @@ _VIDEOS_PER_DECODE_BATCH = 4
 # A decoding worker's memory besides its output: the process with torch and decord loaded, frames at source
 # resolution, demuxer buffers (Ray Data measured ~550 MB per worker on 640x360 sources).
 _DECODER_MEMORY_BYTES = 512 * 1024 * 1024
+# Windows per model call for each video of --batch-size: a window brings one temporal view, a video the default four.
+_WINDOWS_PER_VIDEO_OF_BATCH = 4
 
 
 def actor_pool_bounds(actors: int | None, use_gpu: bool, cluster_gpus: float) -> tuple[int, int]:
@@ -69,9 +72,17 @@ def actor_pool_bounds(actors: int | None, use_gpu: bool, cluster_gpus: float) ->
 
 
 def build_params(
-    card, views: str | tuple[int, int], top_k: int, full_probs: bool, short_side: int | None
+    card, views: str | tuple[int, int], top_k: int, full_probs: bool, short_side: int | None,
+    windows: str | None = None, embeddings: bool = False,
 ) -> ScoreParams:
+    """The run's parameters; with `windows` ("SECONDS[:STRIDE]"), one temporal view per window and `views`' spatial
+    crops."""
     temporal, spatial = parse_views(views) if isinstance(views, str) else views
+    spec = parse_windows(windows) if windows is not None else None
+    if spec is not None:
+        temporal = 1
+    elif embeddings:
+        raise ValueError("embeddings are stored per window: give --windows with --embeddings")
     if top_k < 1:
         raise ValueError("top_k must be >= 1")
     short = card.crop_size if short_side is None else short_side
@@ -87,6 +98,9 @@ def build_params(
         stride=16,
         top_k=min(top_k, card.num_classes),
         full_probs=full_probs,
+        window_seconds=spec.length if spec else None,
+        window_stride=spec.stride if spec else None,
+        embeddings=bool(embeddings and spec),
     )
 
 
@@ -134,6 +148,53 @@ def decode_batch(
     }
 
 
+def decode_window_batch(
+    batch: dict[str, np.ndarray], storage: Storage, params: ScoreParams, limits: DecodeLimits = DecodeLimits(),
+    windows_per_chunk: int = WINDOWS_PER_CHUNK,
+):
+    """Fetch each video of a batch and yield its windows' views (pipeline.windows.iter_windows) a chunk at a time, one
+    row per window with `windows_in_video`, so that memory holds a few windows whatever the video's length. A video
+    that cannot be read or decoded yields one error row; its `windows_in_video` counts the rows it yielded with it
+    (the windows before the failure, which the driver drops, and the error row)."""
+    spec = WindowSpec(params.window_seconds, params.window_stride)
+    keys = ("video_id", "source_uri", "source_etag", "source_size", "shard")
+    for row, (uri, size) in enumerate(zip(batch["source_uri"], batch["source_size"])):
+        video = {key: batch[key][row : row + 1] for key in keys}
+        stage, emitted = "read", 0
+        try:
+            with storage.fetched(parse_uri(str(uri)), int(size)) as path:
+                stage = "decode"
+                for chunk in iter_windows(path, spec, params.frames, params.crop, params.spatial_views,
+                                          params.short_side, limits, windows_per_chunk):
+                    count = len(chunk.bounds)
+                    emitted += count
+                    yield {
+                        **{key: np.repeat(value, count) for key, value in video.items()},
+                        "window_index": np.arange(chunk.first, chunk.first + count, dtype=np.int32),
+                        "window_start": chunk.bounds[:, 0].astype(np.float64),
+                        "window_end": chunk.bounds[:, 1].astype(np.float64),
+                        "windows_in_video": np.full(count, chunk.total, np.int64),
+                        "views": chunk.views,
+                        "error_stage": np.array([""] * count, dtype=object),
+                        "error_type": np.array([""] * count, dtype=object),
+                        "error_message": np.array([""] * count, dtype=object),
+                    }
+        except Exception as error:  # one bad input must not lose the others
+            if stage == "read" and not is_object_error(error):
+                raise  # the store failed, not this video: the task fails, and a re-run resumes
+            yield {
+                **video,
+                "window_index": np.array([-1], np.int32),
+                "window_start": np.zeros(1), "window_end": np.zeros(1),
+                "windows_in_video": np.array([emitted + 1], np.int64),
+                "views": np.zeros((1, params.spatial_views, params.frames, params.crop, params.crop, 3), np.uint8),
+                "error_stage": np.array([stage], dtype=object),
+                "error_type": np.array([type(error).__name__], dtype=object),
+                "error_message": np.array([(" ".join(str(error).split()) or type(error).__name__)[:2000]],
+                                          dtype=object),
+            }
+
+
 def ray_items(videos: VideoListing, videos_per_shard: int) -> Sequence[dict]:
     """One item per video (`shard`: the index of its group of `videos_per_shard`), made as Ray Data reads it:
     `from_items` builds and stores one block at a time, so the driver never holds every video as a Python dict."""
@@ -169,18 +230,33 @@ def _build(
     # from fusing decoding into the model actors, which it does for stages asking identical resources
     # (ray-project/ray#54433) and which would serialise decoding behind inference in each actor.
     view_bytes = params.temporal_views * params.spatial_views * params.frames * params.crop * params.crop * 3
-    decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        decode_batch,
-        fn_kwargs={"storage": storage, "params": params, "limits": limits},
-        batch_size=_VIDEOS_PER_DECODE_BATCH,
-        batch_format="numpy",
-        num_cpus=1,
-        memory=2 * _VIDEOS_PER_DECODE_BATCH * view_bytes + _DECODER_MEMORY_BYTES,
-    )
+    if params.windowed:
+        # a video per task call, its windows streamed out a chunk at a time: a long video is many small blocks
+        blocks = max(1, min(len(items), max(2 * cpus, len(items))))
+        decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            decode_window_batch,
+            fn_kwargs={"storage": storage, "params": params, "limits": limits},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=1,
+            memory=4 * WINDOWS_PER_CHUNK * view_bytes + _DECODER_MEMORY_BYTES,
+        )
+    else:
+        decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            decode_batch,
+            fn_kwargs={"storage": storage, "params": params, "limits": limits},
+            batch_size=_VIDEOS_PER_DECODE_BATCH,
+            batch_format="numpy",
+            num_cpus=1,
+            memory=2 * _VIDEOS_PER_DECODE_BATCH * view_bytes + _DECODER_MEMORY_BYTES,
+        )
     smallest, largest = actor_pool_bounds(options.actors, options.use_gpu, ray.cluster_resources().get("GPU", 0))
+    predictor = WindowPredictor if params.windowed else ViewPredictor
+    extra = {"embeddings": params.embeddings} if params.windowed else {}
     return decoded.map_batches(
-        ViewPredictor,
+        predictor,
         fn_constructor_kwargs={
+            **extra,
             "package": {"weights": weights, "config": config},
             "top_k": params.top_k,
             "full_probs": params.full_probs,
@@ -189,7 +265,8 @@ def _build(
             "precision": options.precision,
             "torch_threads": None if options.use_gpu else max(1, int(options.cpus_per_actor)),
         },
-        batch_size=options.batch_size,
+        # a window is one temporal view where a video is several: --batch-size videos' worth of windows
+        batch_size=options.batch_size * (_WINDOWS_PER_VIDEO_OF_BATCH if params.windowed else 1),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=smallest, max_size=largest),
         num_gpus=1 if options.use_gpu else 0,
@@ -316,10 +393,12 @@ def run_score(
     with tempfile.TemporaryDirectory() as download_dir:
         # before anything is written: a model that cannot be resolved leaves nothing behind in the destination
         resolved = resolve_model(config.model, download_dir, config.tracking_uri)
-        params = build_params(resolved.card, views, config.top_k, config.full_probs, config.short_side)
+        params = build_params(resolved.card, views, config.top_k, config.full_probs, config.short_side,
+                              config.windows, getattr(config, "embeddings", False))
         if not dry_run:
             storage.check_conditional_writes(root)  # manifests are published if-absent
-        echo(f"score with {resolved.identity.describe()}, views {params.views}, {params.frames} frames")
+        echo(f"score with {resolved.identity.describe()}, views {params.views}, {params.frames} frames"
+             + (f", {params.describe_unit()}" if params.windowed else ""))
         # the run record comes before any part is looked at: `uniformer gc` leaves the run's parts alone
         with contextlib.nullcontext() if dry_run else RunRecord(storage, root, "score") as run:
             listed = list_videos(source, storage)
@@ -396,6 +475,8 @@ def _run_groups(
     started = time.monotonic()
     init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
     dataset = _build(ray_items(plan.groups.videos, plan.groups.size), resolved, plan.params, storage, options, limits)
+    if plan.params.windowed:
+        return _collect_windows(dataset, plan, resolved, storage, echo, throughput, job_started, started)
     waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
     buffered: dict[int, list[pa.Table]] = defaultdict(list)
     results, done, failed, last_report, pace = [], 0, 0, 0.0, Pace()
@@ -425,6 +506,64 @@ def _run_groups(
     if any(waiting.values()):
         raise RuntimeError(f"scoring lost rows of shards {[i for i, n in waiting.items() if n]}")  # a bug
     throughput.finish(time.monotonic() - started, first_rows)
+    return results
+
+
+def _collect_windows(
+    dataset, plan: ScorePlan, resolved: ResolvedModel, storage: Storage, echo: Callable[[str], None],
+    throughput: Throughput, job_started: float, started: float,
+) -> list[dict]:
+    """Windowed runs: rows are windows, in any order. A video is done when all its windows are in (or its error row
+    and the windows it yielded before failing, which are dropped); a group's shard is published when all its videos
+    are done, so a shard, the unit a killed run leaves behind, never holds part of a video."""
+    waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
+    received: dict[str, int] = defaultdict(int)
+    expected: dict[str, int] = {}  # an error row's count overrides the windows' own
+    failed_ids: set[str] = set()
+    buffered: dict[int, list[pa.Table]] = defaultdict(list)
+    results, done, failed, windows, last_report, pace = [], 0, 0, 0, 0.0, Pace()
+    total, first_rows = plan.num_pending, 0
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if not first_rows:
+            throughput.startup_seconds, first_rows = time.monotonic() - started, 1
+            throughput.first_prediction_seconds = time.monotonic() - job_started
+        batch = batch.drop_columns([name for name in ("views",) if name in batch.column_names])
+        columns = batch.select(["video_id", "shard", "windows_in_video", "error_type"]).to_pydict()
+        finished: dict[int, int] = defaultdict(int)
+        for video_id, shard, count, error in zip(*columns.values()):
+            received[video_id] += 1
+            if error:
+                expected[video_id] = count
+                failed_ids.add(video_id)
+            else:
+                windows += 1
+                if video_id not in failed_ids:
+                    expected.setdefault(video_id, count)
+            if received[video_id] == expected.get(video_id):
+                finished[shard] += 1
+                done += 1
+                failed += video_id in failed_ids
+        for index in set(columns["shard"]):
+            buffered[index].append(batch.filter(pc.equal(batch.column("shard"), index)))
+        for index, count in finished.items():
+            waiting[index] -= count
+            if waiting[index] == 0:
+                rows = pa.concat_tables(buffered.pop(index))
+                gone = pa.array(sorted(failed_ids & set(rows.column("video_id").to_pylist())), pa.string())
+                rows = rows.filter(pc.or_(pc.invert(pc.is_in(rows.column("video_id"), gone)),
+                                          rows.column("error_type").is_valid()))
+                good, errors = _split_errors(rows)
+                dim = good.schema.field("embedding").type.list_size if "embedding" in good.column_names else None
+                results.append(publish_shard(storage, plan, plan.groups[index], good, errors,
+                                             resolved.card.num_classes, dim))
+        throughput.videos = done
+        if time.monotonic() - last_report >= 2.0 or done == total:
+            echo(f"  videos {done}/{total}  windows {windows}  shards {len(results)}/{len(plan.groups)}  errors "
+                 f"{failed}  {rate(windows, started, 'windows')}  {pace.eta(done, total)}")
+            last_report = time.monotonic()
+    if any(waiting.values()):
+        raise RuntimeError(f"scoring lost windows of shards {[i for i, n in waiting.items() if n]}")  # a bug
+    throughput.finish(time.monotonic() - started, 0)
     return results
 
 

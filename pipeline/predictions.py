@@ -59,13 +59,47 @@ class ScoreParams:
     stride: int
     top_k: int
     full_probs: bool
+    # windowed runs (`--windows`): one row per window of `window_seconds`, `window_stride` seconds apart, each one
+    # temporal view; None for whole-video predictions, whose parameters (and so shard names) leave these out
+    window_seconds: float | None = None
+    window_stride: float | None = None
+    embeddings: bool = False  # windowed runs: each window's pre-classifier feature (`embedding`, float16)
 
     @property
     def views(self) -> str:
         return f"{self.temporal_views}x{self.spatial_views}"
 
+    @property
+    def windowed(self) -> bool:
+        return self.window_seconds is not None
+
+    @property
+    def unit(self) -> str:
+        """What one row describes: `video` or `window`."""
+        return "window" if self.windowed else "video"
+
+    def describe_unit(self) -> str:
+        if not self.windowed:
+            return "whole-video predictions"
+        return f"window predictions ({self.window_seconds:g} s windows every {self.window_stride:g} s)"
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        body = asdict(self)
+        if not self.windowed:
+            for key in ("window_seconds", "window_stride", "embeddings"):
+                body.pop(key)
+        return body
+
+
+def unit_of(params: dict) -> str:
+    """`window` or `video`: what the rows of a dataset with these recorded parameters describe."""
+    return "window" if params.get("window_seconds") is not None else "video"
+
+
+def describe_params_unit(params: dict) -> str:
+    if unit_of(params) == "video":
+        return "whole-video predictions"
+    return f"window predictions ({params['window_seconds']:g} s windows every {params['window_stride']:g} s)"
 
 
 IDENTITY_FIELDS = [
@@ -89,19 +123,38 @@ def prediction_fields(top_k: int, num_classes: int, full_probs: bool) -> list[pa
     return fields
 
 
-def predictions_schema(params: ScoreParams, num_classes: int) -> pa.Schema:
+WINDOW_FIELDS = [
+    pa.field("window_index", pa.int32(), nullable=False),
+    pa.field("window_start", pa.float64(), nullable=False),
+    pa.field("window_end", pa.float64(), nullable=False),
+]
+
+
+def predictions_schema(params: ScoreParams, num_classes: int, embedding_dim: int | None = None) -> pa.Schema:
+    """One row per video, or with windows one row per window (`window_index`, `window_start`, `window_end` seconds,
+    and with embeddings `embedding`, a fixed-size list of `embedding_dim` float16)."""
     top_k = min(params.top_k, num_classes)
-    return pa.schema(
+    window = list(WINDOW_FIELDS) if params.windowed else []
+    if params.windowed and params.embeddings:
+        if not embedding_dim:
+            raise ValueError("a schema with embeddings needs the embedding's size")
+        window.append(pa.field("embedding", pa.list_(pa.float16(), embedding_dim)))
+    schema = pa.schema(
         [
             pa.field("video_id", pa.string(), nullable=False),
             pa.field("source_uri", pa.string(), nullable=False),
             pa.field("source_etag", pa.string(), nullable=False),
             pa.field("source_size", pa.int64(), nullable=False),
+            *window,
             *prediction_fields(top_k, num_classes, params.full_probs),
             *IDENTITY_FIELDS,
             pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         ]
     )
+    if params.windowed:
+        schema = schema.with_metadata({b"uniformer.unit": b"window", b"uniformer.windows": json.dumps(
+            {"seconds": params.window_seconds, "stride": params.window_stride}).encode()})
+    return schema
 
 
 @dataclass
@@ -122,6 +175,9 @@ class ScoreManifest:
     previous_version: int | None = None
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     kind: str = MANIFEST_KIND
+    # what a row describes: `video` (whole-video predictions) or `window` (a window of `params`' window_seconds and
+    # window_stride); manifests written before windows existed hold whole-video predictions
+    unit: str = "video"
     schema_version: int = MANIFEST_SCHEMA_VERSION
 
     @property

@@ -97,6 +97,10 @@ class ViewPredictor:
         if ok.any():
             views = torch.from_numpy(np.ascontiguousarray(batch["views"][ok])).to(self.device, non_blocking=True)
             probs[ok] = predict_views(self.net, views, self.card.crop_size, self.precision, self.max_clips).cpu()
+        return self.rows(batch, probs, ok)
+
+    def rows(self, batch: dict[str, np.ndarray], probs: np.ndarray, ok: np.ndarray) -> pa.Table:
+        count = len(batch["source_uri"])
         columns = top_k_columns(probs, self.top_k, self.card.class_names, self.full_probs, missing=~ok)
         scored_at = datetime.now(timezone.utc)
         table = {
@@ -118,3 +122,43 @@ class ViewPredictor:
 def _strings_or_null(values: np.ndarray) -> pa.Array:
     return pa.array([str(value) if value else None for value in values.tolist()], pa.string())
 
+
+
+class WindowPredictor(ViewPredictor):
+    """ViewPredictor for windowed scoring: a row per window (its `views` the window's spatial crops of one clip), with
+    the window's index, start and end, `windows_in_video` for the driver, and with `embeddings` the pre-classifier
+    feature averaged over the crops, as float16."""
+
+    def __init__(self, *args, embeddings: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.embeddings = embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.net.config.width)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        count = len(batch["source_uri"])
+        ok = np.array([not error for error in batch["error_type"]], dtype=bool)
+        probs = np.zeros((count, self.card.num_classes), np.float32)
+        features = np.zeros((count, self.embedding_dim), np.float16)
+        if ok.any():
+            views = torch.from_numpy(np.ascontiguousarray(batch["views"][ok])).to(self.device, non_blocking=True)
+            if self.embeddings:
+                scored, feature = predict_views(self.net, views, self.card.crop_size, self.precision, self.max_clips,
+                                                return_features=True)
+                features[ok] = feature.cpu().numpy().astype(np.float16)
+            else:
+                scored = predict_views(self.net, views, self.card.crop_size, self.precision, self.max_clips)
+            probs[ok] = scored.cpu()
+        table = super().rows(batch, probs, ok)
+        table = table.append_column("window_index", pa.array(batch["window_index"].astype(np.int32)))
+        table = table.append_column("window_start", pa.array(batch["window_start"].astype(np.float64)))
+        table = table.append_column("window_end", pa.array(batch["window_end"].astype(np.float64)))
+        table = table.append_column("windows_in_video", pa.array(batch["windows_in_video"].astype(np.int64)))
+        if self.embeddings:
+            mask = None if ok.all() else pa.array(~ok)
+            embedding = pa.FixedSizeListArray.from_arrays(pa.array(features.ravel(), pa.float16()),
+                                                          self.embedding_dim, mask=mask)
+            table = table.append_column("embedding", embedding)
+        return table

@@ -31,7 +31,9 @@ from pipeline.predictions import (
     ScoreConfigError,
     ScoreManifest,
     ScoreParams,
+    describe_params_unit,
     predictions_schema,
+    unit_of,
 )
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Location, Storage
@@ -101,6 +103,11 @@ def succeeds(previous: ScoreManifest | None, identity: ModelIdentity) -> bool:
 def check_compatible(previous: ScoreManifest | None, identity: ModelIdentity, params: ScoreParams, dst: str) -> None:
     if previous is None:
         return
+    if unit_of(previous.params) != params.unit or _windows(previous.params) != _windows(params.to_dict()):
+        raise ScoreConfigError(
+            f"{dst} holds {describe_params_unit(previous.params)}; this run asks for {params.describe_unit()}. A "
+            "destination holds one kind of rows: write them to a new --out"
+        )
     if previous.model["package_sha256"] != identity.package_sha256 and not succeeds(previous, identity):
         held = ModelIdentity(**previous.model).describe()
         raise ScoreConfigError(
@@ -113,6 +120,10 @@ def check_compatible(previous: ScoreManifest | None, identity: ModelIdentity, pa
             f"{dst} holds predictions made with {previous.params}, this run asks for {params.to_dict()}; write to a "
             "new --out"
         )
+
+
+def _windows(params: dict) -> tuple:
+    return params.get("window_seconds"), params.get("window_stride")
 
 
 def plan_score(
@@ -203,7 +214,8 @@ def _one_per_video_id(videos: VideoListing) -> VideoListing:
 
 # ---- shards ------------------------------------------------------------------------------------------------------
 def publish_shard(
-    storage: Storage, plan: ScorePlan, group: dict, rows: pa.Table, errors: list[ErrorRecord], num_classes: int
+    storage: Storage, plan: ScorePlan, group: dict, rows: pa.Table, errors: list[ErrorRecord], num_classes: int,
+    embedding_dim: int | None = None,
 ) -> dict:
     """Publish one group's predictions atomically (no file when every video of the group failed); returns the
     group's result: the shard entry, the scored videos and the errors."""
@@ -222,10 +234,13 @@ def publish_shard(
     }
     if rows.num_rows == 0:
         return result
-    schema = predictions_schema(plan.params, num_classes)
-    table = rows.select(schema.names).cast(schema).sort_by("video_id")
+    schema = predictions_schema(plan.params, num_classes, embedding_dim)
+    order = [("video_id", "ascending")] + ([("window_index", "ascending")] if plan.params.windowed else [])
+    table = rows.select(schema.names).cast(schema).sort_by(order)
     footer = {k: v for k, v in result.items() if k not in ("shard", "adopted")}
-    table = table.replace_schema_metadata({FOOTER_KEY: json.dumps(footer, ensure_ascii=False)})
+    table = table.replace_schema_metadata(
+        {**(schema.metadata or {}), FOOTER_KEY: json.dumps(footer, ensure_ascii=False)}
+    )
     size, digest = publish_table(storage, plan.root.join(group["shard"]), table, compression="zstd")
     result["shard"] = asdict(ShardEntry(group["shard"], table.num_rows, digest, size))
     return result
@@ -288,6 +303,7 @@ def commit_score(
             model=plan.identity.to_dict(),
             params=plan.params.to_dict(),
             class_names=class_names,
+            unit=plan.params.unit,
             counts=asdict(counts),
             throughput={"job_seconds": round(seconds, 3), **{k: round(v, 3) for k, v in throughput.items()}},
             **version,

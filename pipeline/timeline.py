@@ -1,0 +1,115 @@
+"""A video's timeline from a windowed predictions dataset (`uniformer score --windows`): consecutive windows with the
+same top-1 class merged into segments, and each window's embedding (`--embeddings`) for similarity search."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.dataset.versions import list_manifest_versions, parse_dataset_ref
+from pipeline.predictions import ScoreConfigError, ScoreManifest, latest_score_manifest, read_score_manifest
+from pipeline.storage import Storage, parse_uri
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float  # seconds: the first window's start
+    end: float  # the last window's end
+    label: int
+    name: str | None
+    mean_prob: float  # the label's probability, averaged over the segment's windows (0 where not in a window's top-k)
+    windows: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _manifest(dst: str, storage: Storage) -> tuple[ScoreManifest, object]:
+    dst, version = parse_dataset_ref(dst)
+    root = parse_uri(dst)
+    if version is None:
+        manifest = latest_score_manifest(root, storage)
+    elif version in list_manifest_versions(root, storage):
+        manifest = read_score_manifest(root, version, storage)
+    else:
+        raise ScoreConfigError(f"no predictions version {version} under {root.uri}")
+    if manifest is None:
+        raise ScoreConfigError(f"no predictions manifest under {root.uri}")
+    if manifest.unit != "window":
+        raise ScoreConfigError(f"{root.uri} holds whole-video predictions; a timeline needs a run with --windows")
+    return manifest, root
+
+
+def read_windows(dst: str, video_id: str, columns: list[str] | None = None, storage: Storage | None = None
+                 ) -> pa.Table:
+    """The window rows of one video of a windowed predictions dataset (`DST` or `DST@VERSION`), by window index."""
+    storage = storage or Storage()
+    manifest, root = _manifest(dst, storage)
+    tables = []
+    for shard in manifest.shards:
+        location = root.join(shard.path)
+        table = pq.read_table(storage.arrow_path(location), filesystem=storage.arrow_filesystem(location),
+                              columns=columns, filters=[("video_id", "=", video_id)])
+        if table.num_rows:
+            tables.append(table)
+    if not tables:
+        raise KeyError(f"no windows of video {video_id!r} in {root.uri}")
+    return pa.concat_tables(tables).sort_by("window_index").replace_schema_metadata(None)
+
+
+def window_probabilities(rows: pa.Table, num_classes: int) -> np.ndarray:
+    """`[W, C]` probabilities from the stored top-k (classes outside a window's top-k count 0)."""
+    ids = np.asarray(rows.column("top_k_ids").to_pylist(), np.int64)
+    probs = np.asarray(rows.column("top_k_probs").to_pylist(), np.float64)
+    dense = np.zeros((rows.num_rows, num_classes))
+    np.put_along_axis(dense, ids, probs, axis=1)
+    return dense
+
+
+def median_filter(values: np.ndarray, size: int) -> np.ndarray:
+    """Median over `size` consecutive rows centred on each (shorter at the ends), column by column."""
+    if size <= 1:
+        return values
+    half = size // 2
+    return np.stack([np.median(values[max(0, i - half) : i + half + 1], axis=0) for i in range(len(values))])
+
+
+def timeline(dst: str, video_id: str, smooth: int = 1, storage: Storage | None = None) -> list[Segment]:
+    """The segments of one video: consecutive windows with the same top-1 class merged. With `smooth` N > 1, each
+    class's probability is first median-filtered over N windows and the top-1 taken from the filtered ones."""
+    if smooth < 1:
+        raise ValueError(f"smooth must be >= 1, got {smooth}")
+    storage = storage or Storage()
+    manifest, _ = _manifest(dst, storage)
+    names = manifest.class_names
+    rows = read_windows(dst, video_id, ["window_index", "window_start", "window_end", "top_k_ids", "top_k_probs"],
+                        storage)
+    num_classes = max(len(names), int(pc.max(pc.list_flatten(rows.column("top_k_ids"))).as_py()) + 1)
+    probs = window_probabilities(rows, num_classes)
+    top1 = median_filter(probs, smooth).argmax(axis=1)
+    starts, ends = rows.column("window_start").to_numpy(), rows.column("window_end").to_numpy()
+    segments, first = [], 0
+    for at in range(1, len(top1) + 1):
+        if at == len(top1) or top1[at] != top1[first]:
+            label = int(top1[first])
+            segments.append(Segment(
+                start=float(starts[first]), end=float(ends[at - 1]), label=label,
+                name=names[label] if label < len(names) else None,
+                mean_prob=float(probs[first:at, label].mean()), windows=at - first,
+            ))
+            first = at
+    return segments
+
+
+def format_timeline(video_id: str, segments: list[Segment], smooth: int = 1) -> str:
+    how = f"top-1 median-filtered over {smooth} windows" if smooth > 1 else "top-1 per window, unsmoothed"
+    lines = [f"timeline of {video_id}  ({how})"]
+    for segment in segments:
+        label = segment.name if segment.name is not None else str(segment.label)
+        lines.append(f"  {segment.start:9.2f} - {segment.end:9.2f} s  {label:<20} p={segment.mean_prob:.3f}  "
+                     f"({segment.windows} windows)")
+    return "\n".join(lines)
