@@ -399,6 +399,31 @@ def timeline_command(
                               "segments": [segment.to_dict() for segment in segments]})
 
 
+@app.command("neighbours")
+def neighbours_command(
+    dst: str = typer.Argument(..., help="Windowed predictions with embeddings (`score --windows ... --embeddings`)."),
+    video_id: str = typer.Argument(..., help="The video's id."),
+    window: int = typer.Argument(..., help="The window's index."),
+    k: int = typer.Option(5, "--k", min=1, help="Windows to show, nearest first."),
+    endpoint_url: str = typer.Option(None, "--endpoint-url", help=ENDPOINT_URL),
+    json_output: bool = typer.Option(False, "--json", help="The neighbours as one JSON object on stdout."),
+) -> None:
+    """The windows of a video most like one of its windows: cosine similarity of their embeddings."""
+    from jobs.config import absolute_location
+    from pipeline import StorageError
+    from pipeline.storage import Storage
+    from pipeline.timeline import neighbours
+
+    with _job("neighbours", json_output, StorageError, KeyError, ValueError) as echo:
+        found = neighbours(absolute_location(dst), video_id, window, k, Storage(endpoint_url))
+        if not json_output:
+            echo(f"windows of {video_id} nearest to window {window} (cosine)")
+            for item in found:
+                echo(f"  window {item.window_index:6d}  {item.start:9.2f} - {item.end:9.2f} s  {item.similarity:.4f}")
+    if json_output:
+        _finish(json_output, {"video_id": video_id, "window": window, "neighbours": [n.to_dict() for n in found]})
+
+
 @app.command("gc")
 def gc_command(
     dst: str = typer.Argument(..., help="A clip or predictions dataset: s3://bucket/prefix or a local folder."),

@@ -116,6 +116,9 @@ class ScoreConfig:
         "e.g. 2 or 2:1; one row per window, one temporal view each (--views' spatial crops); --max-seconds bounds "
         "a window, not the video."
     )
+    embeddings: bool = option(
+        False, help="With --windows: store each window's pre-classifier feature (float16) for similarity search."
+    )
     options: ScoreOptions = section(ScoreOptions, inline=True)
     tracking_uri: str | None = option(None, local_path=True, help=TRACKING_URI)
     endpoint_url: str | None = option(None, help=ENDPOINT_URL)
@@ -129,6 +132,8 @@ class ScoreConfig:
         parse_views(self.views)
         if self.windows is not None:
             parse_windows(self.windows)
+        elif self.embeddings:
+            raise ValueError("embeddings are stored per window: give --windows with --embeddings")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 

@@ -394,7 +394,7 @@ def run_score(
         # before anything is written: a model that cannot be resolved leaves nothing behind in the destination
         resolved = resolve_model(config.model, download_dir, config.tracking_uri)
         params = build_params(resolved.card, views, config.top_k, config.full_probs, config.short_side,
-                              config.windows, getattr(config, "embeddings", False))
+                              config.windows, config.embeddings)
         if not dry_run:
             storage.check_conditional_writes(root)  # manifests are published if-absent
         echo(f"score with {resolved.identity.describe()}, views {params.views}, {params.frames} frames"

@@ -29,21 +29,31 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def predict_views(
-    net: torch.nn.Module, views: torch.Tensor, crop: int, precision: str = "fp32", max_clips: int | None = None
-) -> torch.Tensor:
+    net: torch.nn.Module, views: torch.Tensor, crop: int, precision: str = "fp32", max_clips: int | None = None,
+    return_features: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """uint8 `[B, V, T, H, W, 3]` (on the net's device) -> float32 probabilities `[B, num_classes]`, the mean of the
     V views' softmax of the centre `crop` of each view, the forward passes autocast to `precision` (see
     `resolve_precision`). Forward passes take at most `max_clips` clips each (all B*V at once when None). A single
-    stored clip is a batch of one view: `views = clips[:, None]`."""
+    stored clip is a batch of one view: `views = clips[:, None]`. With `return_features`, also the mean over the views
+    of the pre-classifier feature (`net.forward_features`, float32 `[B, D]`), from the same forward passes."""
     batch, num_views = views.shape[:2]
     normalization = input_normalization(net)  # the model's own, never a constant
     clips = views.reshape(batch * num_views, *views.shape[2:])  # [B*V, T, H, W, 3]
     dtype = _AUTOCAST_DTYPES[resolve_precision(precision, clips.device)]
     step = max_clips or max(1, clips.shape[0])
-    outputs = []
+    outputs, features = [], []
     with torch.inference_mode(), torch.autocast(clips.device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, clips.shape[0], step):
-            logits = net(eval_transform(clips[start : start + step], crop, normalization))
+            inputs = eval_transform(clips[start : start + step], crop, normalization)
+            if return_features:
+                feature = net.forward_features(inputs)
+                features.append(feature.float())
+                logits = net.forward_head(feature)
+            else:
+                logits = net(inputs)
             outputs.append(torch.softmax(logits.float(), dim=-1))
-    probs = torch.cat(outputs)  # [B*V, C]
-    return probs.reshape(batch, num_views, -1).mean(dim=1)
+    probs = torch.cat(outputs).reshape(batch, num_views, -1).mean(dim=1)  # [B, C]
+    if return_features:
+        return probs, torch.cat(features).reshape(batch, num_views, -1).mean(dim=1)
+    return probs

@@ -113,3 +113,43 @@ def format_timeline(video_id: str, segments: list[Segment], smooth: int = 1) -> 
         lines.append(f"  {segment.start:9.2f} - {segment.end:9.2f} s  {label:<20} p={segment.mean_prob:.3f}  "
                      f"({segment.windows} windows)")
     return "\n".join(lines)
+
+
+def window_embeddings(dst: str, video_id: str, storage: Storage | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`(window indices [W] int32, embeddings [W, D] float16)` of one video of a run with `--embeddings`."""
+    storage = storage or Storage()
+    manifest, root = _manifest(dst, storage)
+    if not manifest.params.get("embeddings"):
+        raise ScoreConfigError(f"{root.uri} holds no embeddings: score with --windows ... --embeddings")
+    rows = read_windows(dst, video_id, ["window_index", "embedding"], storage)
+    column = rows.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float16).reshape(-1, dim)
+    return rows.column("window_index").to_numpy().astype(np.int32), matrix
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    window_index: int
+    start: float
+    end: float
+    similarity: float  # cosine
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def neighbours(dst: str, video_id: str, window: int, k: int = 5, storage: Storage | None = None) -> list[Neighbour]:
+    """The `k` windows of the same video whose embeddings are nearest (cosine) to window `window`'s, nearest first."""
+    storage = storage or Storage()
+    indices, matrix = window_embeddings(dst, video_id, storage)
+    if window not in set(indices.tolist()):
+        raise KeyError(f"video {video_id!r} has no window {window} (windows 0..{int(indices.max())})")
+    vectors = matrix.astype(np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    query = vectors[int(np.flatnonzero(indices == window)[0])]
+    similarity = vectors @ query
+    order = [at for at in np.argsort(-similarity, kind="stable") if indices[at] != window][:k]
+    bounds = read_windows(dst, video_id, ["window_index", "window_start", "window_end"], storage)
+    starts, ends = bounds.column("window_start").to_numpy(), bounds.column("window_end").to_numpy()
+    return [Neighbour(int(indices[at]), float(starts[at]), float(ends[at]), float(similarity[at])) for at in order]

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -23,7 +24,7 @@ from pipeline import Storage, parse_uri
 from pipeline.decode import DecodeLimits, VideoTooLarge, sample_frame_indices
 from pipeline.predictions import ScoreConfigError, latest_score_manifest, read_predictions
 from pipeline.synthetic import encode_mp4, render_motion_frames
-from pipeline.timeline import timeline
+from pipeline.timeline import timeline, window_embeddings
 from pipeline.views import resize_short_side, spatial_crops
 from pipeline.windows import WindowSpec, iter_windows, parse_windows, window_bounds
 from tests.conftest import kill_driver_after_first_part
@@ -185,3 +186,35 @@ def test_a_killed_windowed_run_resumes_with_no_window_missing_or_twice(trained, 
     rows = read_predictions(str(dst), columns=["video_id", "window_index"]).to_pylist()
     seen = sorted((row["video_id"], row["window_index"]) for row in rows)
     assert seen == sorted((f"v{i}.mp4", w) for i in range(6) for w in range(15))
+
+
+@pytest.mark.integration
+def test_window_embeddings_are_nearer_for_the_same_motion(trained, tmp_path, ray_local):
+    src, dst = tmp_path / "archive", str(tmp_path / "embedded")
+    write_archive_video(src / "long.mp4")
+    runner = CliRunner()
+    result = runner.invoke(app, ["score", str(src), "--model", str(trained), "--out", dst, "--windows", "2",
+                                 "--views", "1x1", "--embeddings"])
+    assert result.exit_code == 0, result.output
+    manifest = latest_score_manifest(parse_uri(dst), Storage())
+    schema = pq.read_schema(str(Path(dst) / manifest.shards[0].path))
+    assert schema.field("embedding").type == pa.list_(pa.float16(), 96)  # the tiny model's width
+
+    indices, matrix = window_embeddings(dst, "long.mp4")
+    assert indices.tolist() == list(range(12)) and matrix.dtype == np.float16 and matrix.shape == (12, 96)
+    unit = matrix.astype(np.float32) / np.linalg.norm(matrix.astype(np.float32), axis=1, keepdims=True)
+    similarity = unit @ unit.T
+    motion = np.array([0] * 4 + [1] * 4 + [0] * 4)  # 2 s windows: left 0-3, right 4-7, left 8-11
+    same = similarity[(motion[:, None] == motion[None, :]) & ~np.eye(12, dtype=bool)]
+    different = similarity[motion[:, None] != motion[None, :]]
+    assert same.mean() > different.mean(), (same.mean(), different.mean())
+    assert similarity[1, 2] > similarity[1, 5] and similarity[5, 6] > similarity[5, 9]
+
+    nearest = runner.invoke(app, ["neighbours", dst, "long.mp4", "5", "--k", "3", "--json"])
+    assert nearest.exit_code == 0, nearest.output
+    found = json.loads(nearest.stdout)["neighbours"]
+    assert len(found) == 3 and 5 not in [item["window_index"] for item in found]
+    assert motion[found[0]["window_index"]] == motion[5]
+    # embeddings are stored per window only
+    with pytest.raises(ValueError, match="give --windows with --embeddings"):
+        ScoreConfig(str(src), dst, str(trained), embeddings=True)
