@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Windowed scoring (`uniformer score --windows`) against the decode-only rate of the same sequential walk; prints one
+JSON object.
+
+    python benchmarks/windows.py [--minutes 10] [--windows 2:1] [--views 1x1] [--cpus 2] [--memory 10,60]
+                                 [--output FILE]
+
+- score: `jobs.score.run_score` with windows on one synthetic 360p video (8 fps, a key frame every 2 s), a local Ray
+  with --cpus CPUs, the tiny model (random weights: the figures are about decoding and the pipeline, not accuracy);
+  windows/s over the Ray phase;
+- decode-only: `pipeline.windows.iter_windows` over the same video in this process, nothing else: windows/s;
+- ratio: score / decode-only (one video is one decoding task, so a single video's windowed run is bounded by one
+  CPU's walk plus the model on the same cores);
+- memory (--memory M1,M2,...): the peak RSS of a fresh process walking a video of each length (what a decoding
+  worker holds), and of the driver during a run: flat from 10 to 60 minutes when memory is bounded by a few windows.
+Videos are generated once and cached in --work-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.append(str(Path(__file__).resolve().parent))  # after the repo: benchmarks/model.py is no `model`
+
+from bench_output import emit  # noqa: E402
+
+FPS, PIECE, SIZE = 8, 16, (640, 360)
+
+
+def long_video(folder: Path, minutes: float) -> Path:
+    """A 360p video of `minutes`, motion segments of 30 s alternating left and right (pieces repeated seamlessly)."""
+    import numpy as np
+
+    from pipeline.synthetic import render_motion_frames
+
+    path = folder / f"long-{minutes:g}min.mp4"
+    if path.exists():
+        return path
+    import av
+
+    rng = np.random.default_rng(0)
+    pieces = [render_motion_frames(direction, *SIZE, PIECE, rng) for direction in ("left", "right")]
+    total = int(minutes * 60 * FPS)
+    partial = path.with_suffix(".partial.mp4")
+    with av.open(str(partial), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
+        stream.options = {"crf": "23", "preset": "ultrafast", "g": str(2 * FPS)}
+        for index in range(total):
+            frame = pieces[(index // (30 * FPS)) % 2][index % PIECE]
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    partial.rename(path)
+    return path
+
+
+def decode_only(video: Path, spec: str, frames: int, crop: int, spatial: int) -> dict:
+    from pipeline.windows import iter_windows, parse_windows
+
+    started, windows = time.monotonic(), 0
+    for chunk in iter_windows(video, parse_windows(spec), frames, crop, spatial):
+        windows += len(chunk.bounds)
+    seconds = time.monotonic() - started
+    return {"windows": windows, "seconds": round(seconds, 3), "windows_per_s": round(windows / seconds, 2),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def walk_in_fresh_process(video: Path, spec: str, frames: int, crop: int, spatial: int) -> dict:
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.append(sys.argv[1] + '/benchmarks'); "
+            "from windows import decode_only; from pathlib import Path; "
+            "print(json.dumps(decode_only(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), "
+            "int(sys.argv[6]))))")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT), str(video), spec, str(frames), str(crop),
+                          str(spatial)], check=True, capture_output=True, text=True).stdout
+    import json
+
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--windows", default="2:1")
+    parser.add_argument("--views", default="1x1")
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--memory", default="", help="Video lengths in minutes for the memory check, e.g. 10,60.")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "uniformer-bench-windows"))
+    parser.add_argument("--output")
+    args = parser.parse_args()
+
+    import logging
+
+    import ray
+    import torch
+
+    import model
+    from jobs.options import ScoreConfig, ScoreOptions
+    from jobs.score import run_score
+    from model.package import ModelCard, save_package
+    from pipeline.views import parse_views
+
+    work = Path(args.work_dir)
+    (work / "videos").mkdir(parents=True, exist_ok=True)
+    card = ModelCard("uniformerv2_tiny", 2, {"t_size": 8}, ["left", "right"], 8, 32, 32)
+    package = work / "package"
+    if not package.exists():
+        torch.manual_seed(0)
+        save_package(model.create_model(card.model, 2, **card.overrides).eval(), card, package)
+    source = work / "videos" / f"{args.minutes:g}"
+    source.mkdir(exist_ok=True)
+    video = long_video(source, args.minutes)
+    _, spatial = parse_views(args.views)
+
+    decode = walk_in_fresh_process(video, args.windows, card.frames, card.crop_size, spatial)
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as out:
+        summary = run_score(ScoreConfig(str(source), out, str(package), views=args.views, windows=args.windows,
+                                        options=ScoreOptions(batch_size=8)), echo=lambda line: None)
+    ray.shutdown()
+    windows = decode["windows"]
+    score_rate = windows / summary.throughput.seconds
+    result = {
+        "benchmark": "windows",
+        "video": {"minutes": args.minutes, "size": list(SIZE), "fps": FPS},
+        "windows": args.windows, "views": args.views, "cpus": args.cpus, "model": card.model,
+        "score": {"windows": windows, "ray_seconds": round(summary.throughput.seconds, 3),
+                  "startup_seconds": round(summary.throughput.startup_seconds, 3),
+                  "windows_per_s": round(score_rate, 2)},
+        "decode_only": decode,
+        "ratio_to_decode_only": round(score_rate / decode["windows_per_s"], 3),
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if args.memory:
+        result["walk_peak_rss_mb_by_minutes"] = {
+            minutes: walk_in_fresh_process(long_video(work / "videos", float(minutes)), args.windows, card.frames,
+                                           card.crop_size, spatial)["peak_rss_mb"]
+            for minutes in args.memory.split(",")
+        }
+    emit(result, args.output)
+
+
+if __name__ == "__main__":
+    main()
