@@ -54,7 +54,8 @@ def field_of(config_class: type, key: str) -> tuple[dataclasses.Field, type]:
     *sections, name = settings(config_class)[key]
     for section in sections:
         config_class = typing.get_type_hints(config_class)[section]
-    return {item.name: item for item in dataclasses.fields(config_class)}[name], typing.get_type_hints(config_class)[name]
+    fields = {item.name: item for item in dataclasses.fields(config_class)}
+    return fields[name], typing.get_type_hints(config_class)[name]
 
 
 def _default(item: dataclasses.Field):
@@ -114,9 +115,11 @@ def with_flags(function: Callable, flags: list[Flag], invocation: list[inspect.P
     is run: --config, --print-config, --json, --dry-run)."""
     parameters = [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
     parameters += [
-        inspect.Parameter(flag.parameter, inspect.Parameter.KEYWORD_ONLY, default=flag.declaration, annotation=flag.hint)
+        inspect.Parameter(flag.parameter, inspect.Parameter.KEYWORD_ONLY, default=flag.declaration,
+                          annotation=flag.hint)
         for flag in flags
     ]
     function.__signature__ = inspect.Signature(parameters + invocation)
-    function.__annotations__ = {parameter.name: parameter.annotation for parameter in function.__signature__.parameters.values()}
+    # typer reads the types from the annotations, the defaults from the signature
+    function.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters + invocation}
     return function

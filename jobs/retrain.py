@@ -17,7 +17,6 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 
-from jobs.credentials import redact
 from jobs.evaluate import evaluate_model
 from jobs.ingest import run_ingest
 from jobs.options import GATE_METRICS, EvaluateConfig, RetrainConfig, ScoreConfig, ScoreOptions

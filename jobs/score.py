@@ -422,8 +422,8 @@ def run_score(
                 f"{plan.num_pending} to score in {len(plan.groups)} shards"
             )
             throughput = Throughput()
-            results = (_run_groups(plan, resolved, storage, config.options, config.limits, echo, throughput, started) if plan.groups
-                       else [])
+            results = (_run_groups(plan, resolved, storage, config.options, config.limits, echo, throughput, started)
+                       if plan.groups else [])
 
             manifest, counts, errors = commit_score(
                 plan, results, resolved.card.class_names, time.monotonic() - started, asdict(throughput), storage

@@ -213,8 +213,8 @@ def run_train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(
             f"the MLflow tracking URI {redact(uri)} holds credentials, which never travel to Ray workers: set it as "
             "MLFLOW_TRACKING_URI in the environment of the driver and of every worker, or keep the credentials in "
-            "~/.mlflow/credentials, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), "
-            "there"
+            "~/.mlflow/credentials, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN), there"
         )
     cfg.tracking_uri = uri
     probe_tracking_server(uri)  # before Ray starts, not after minutes of the client's retries

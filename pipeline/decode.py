@@ -58,7 +58,8 @@ class DecodeLimits:
     what only a broken or hostile file declares. The jobs take these fields as options, with each field's `help`."""
 
     max_frame_side: int = field(default=4096, metadata={"help": "Refuse videos with a longer frame side (pixels)."})
-    max_frames: int = field(default=216_000, metadata={"help": "Refuse videos that declare more frames."})  # 1 h, 60 fps
+    # an hour at 60 fps
+    max_frames: int = field(default=216_000, metadata={"help": "Refuse videos that declare more frames."})
     max_seconds: float = field(
         default=3600.0, metadata={"help": "Refuse videos that declare a longer duration (seconds)."}
     )
