@@ -228,10 +228,8 @@ def write_score_manifest(root: Location, manifest: ScoreManifest, storage: Stora
     return publish_manifest(root, manifest.version, manifest.to_json(), storage, ScoreConfigError, "score run")
 
 
-def read_predictions(dst: str, storage: Storage | None = None, columns: list[str] | None = None) -> pa.Table:
-    """The rows of a predictions destination's latest version (the current model's, when an alias is scored on a
-    schedule), or of `DST@VERSION`: exactly the listed shards."""
-    storage = storage or Storage()
+def predictions_manifest(dst: str, storage: Storage) -> tuple[ScoreManifest, Location]:
+    """The manifest of a predictions destination's latest version, or of `DST@VERSION`, and the destination's root."""
     dst, version = parse_dataset_ref(dst)
     root = parse_uri(dst)
     if version is None:
@@ -242,6 +240,14 @@ def read_predictions(dst: str, storage: Storage | None = None, columns: list[str
         raise ScoreConfigError(f"no predictions version {version} under {root.uri}")
     if manifest is None:
         raise ScoreConfigError(f"no predictions manifest under {root.uri}")
+    return manifest, root
+
+
+def read_predictions(dst: str, storage: Storage | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The rows of a predictions destination's latest version (the current model's, when an alias is scored on a
+    schedule), or of `DST@VERSION`: exactly the listed shards."""
+    storage = storage or Storage()
+    manifest, root = predictions_manifest(dst, storage)
     tables = []
     for shard in manifest.shards:
         location = root.join(shard.path)

@@ -10,9 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset.versions import list_manifest_versions, parse_dataset_ref
-from pipeline.predictions import ScoreConfigError, ScoreManifest, latest_score_manifest, read_score_manifest
-from pipeline.storage import Storage, parse_uri
+from pipeline.predictions import ScoreConfigError, ScoreManifest, predictions_manifest
+from pipeline.storage import Location, Storage
 
 
 @dataclass(frozen=True)
@@ -28,17 +27,8 @@ class Segment:
         return asdict(self)
 
 
-def _manifest(dst: str, storage: Storage) -> tuple[ScoreManifest, object]:
-    dst, version = parse_dataset_ref(dst)
-    root = parse_uri(dst)
-    if version is None:
-        manifest = latest_score_manifest(root, storage)
-    elif version in list_manifest_versions(root, storage):
-        manifest = read_score_manifest(root, version, storage)
-    else:
-        raise ScoreConfigError(f"no predictions version {version} under {root.uri}")
-    if manifest is None:
-        raise ScoreConfigError(f"no predictions manifest under {root.uri}")
+def _manifest(dst: str, storage: Storage) -> tuple[ScoreManifest, Location]:
+    manifest, root = predictions_manifest(dst, storage)
     if manifest.unit != "window":
         raise ScoreConfigError(f"{root.uri} holds whole-video predictions; a timeline needs a run with --windows")
     return manifest, root
