@@ -20,24 +20,13 @@ from jobs.cli import app
 from jobs.registry import log_model
 from model.inference import predict_views
 from model.package import ModelCard, save_package
+from tests.jobs.test_predict import CARD, CLASSES, package  # noqa: F401 (package: a fixture)
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 # reading TorchScript back is the test's point, whatever torch.jit's deprecation notice says
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-
-CLASSES = ["down", "left", "right", "up"]
-CARD = ModelCard("uniformerv2_tiny", 4, {"t_size": 8, "input_normalization": "slowfast"}, CLASSES, 8, 32, 40)
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    torch.manual_seed(3)
-    folder = tmp_path_factory.mktemp("package") / "motion"
-    save_package(model.create_model(CARD.model, CARD.num_classes, **CARD.overrides), CARD, folder)
-    return folder
-
 
 def export(*args: str):
     return CliRunner().invoke(app, ["export", *args])

@@ -155,6 +155,8 @@ def test_alias_moved_during_a_run_does_not_change_the_version_used_and_the_next_
 ):
     client = mlflow.MlflowClient(mlflow_server.uri)
     dst = str(tmp_path / "scores")
+    champion = ScoreConfig(str(videos), dst, f"models:/{registered}@champion", views="2x3", top_k=3, full_probs=True,
+                           tracking_uri=mlflow_server.uri)
     moved = []
 
     def echo(line: str) -> None:
@@ -163,18 +165,7 @@ def test_alias_moved_during_a_run_does_not_change_the_version_used_and_the_next_
             moved.append(line)
 
     try:
-        summary = run_score(
-            ScoreConfig(
-                str(videos),
-                dst,
-                f"models:/{registered}@champion",
-                views="2x3",
-                top_k=3,
-                full_probs=True,
-                tracking_uri=mlflow_server.uri,
-            ),
-            echo=echo,
-        )
+        summary = run_score(champion, echo=echo)
         assert moved and "version 1" in moved[0]
         assert client.get_model_version_by_alias(registered, "champion").version == "2"
         rows = read_predictions(dst).to_pylist()
@@ -185,18 +176,7 @@ def test_alias_moved_during_a_run_does_not_change_the_version_used_and_the_next_
 
         # The alias now names version 2: the same command scores every video again with it, into the next version
         lines = []
-        moved_on = run_score(
-            ScoreConfig(
-                str(videos),
-                dst,
-                f"models:/{registered}@champion",
-                views="2x3",
-                top_k=3,
-                full_probs=True,
-                tracking_uri=mlflow_server.uri,
-            ),
-            echo=lines.append,
-        )
+        moved_on = run_score(champion, echo=lines.append)
         assert (moved_on.scored, moved_on.already_done, moved_on.manifest_version) == (6, 0, 2)
         assert any("succeeds it: every listed video is scored again" in line for line in lines), lines
         current = read_predictions(dst).to_pylist()
@@ -205,18 +185,7 @@ def test_alias_moved_during_a_run_does_not_change_the_version_used_and_the_next_
         # readers follow the destination; version 1's predictions stay readable by number until gc
         assert {row["model_version"] for row in read_predictions(f"{dst}@1").to_pylist()} == {1}
         # a week later, nothing new for the same champion
-        again = run_score(
-            ScoreConfig(
-                str(videos),
-                dst,
-                f"models:/{registered}@champion",
-                views="2x3",
-                top_k=3,
-                full_probs=True,
-                tracking_uri=mlflow_server.uri,
-            ),
-            echo=lambda line: None,
-        )
+        again = run_score(champion, echo=lambda line: None)
         assert (again.scored, again.already_done, again.manifest_written) == (0, 6, False)
         # another model (here a package that is no version of this registered model) is not mixed in
         with pytest.raises(ScoreConfigError, match="One destination follows one registered model"):
