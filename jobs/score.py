@@ -47,7 +47,7 @@ from pipeline.isolation import shared_decoder
 from pipeline.listing import ItemsOnDemand, SourceVideo, VideoListing, list_videos
 from pipeline.predictions import PREDICTIONS_DIR, ScoreParams, latest_score_manifest, write_score_manifest
 from pipeline.schema import ErrorRecord
-from pipeline.storage import Storage, is_object_error, parse_uri
+from pipeline.storage import Storage, is_input_error, parse_uri
 from pipeline.views import decode_views, parse_views
 from pipeline.windows import WINDOWS_PER_CHUNK, WindowSpec, iter_windows, parse_windows
 
@@ -135,10 +135,10 @@ def decode_batch(
                     decoder=decoder,
                 )
         except Exception as error:  # one bad input must not lose the others
-            if stage == "read" and not is_object_error(error):
-                raise  # the store failed, not this video: the task fails, and a re-run resumes
-            stages[row], types[row] = stage, type(error).__name__
-            messages[row] = (" ".join(str(error).split()) or type(error).__name__)[:2000]
+            if not is_input_error(stage, error):
+                raise
+            record = ErrorRecord.of(str(uri), "", stage, error)
+            stages[row], types[row], messages[row] = record.stage, record.error_type, record.message
     return {
         **{key: batch[key] for key in ("video_id", "source_uri", "source_etag", "source_size", "shard")},
         "views": views,
@@ -180,18 +180,18 @@ def decode_window_batch(
                         "error_message": np.array([""] * count, dtype=object),
                     }
         except Exception as error:  # one bad input must not lose the others
-            if stage == "read" and not is_object_error(error):
-                raise  # the store failed, not this video: the task fails, and a re-run resumes
+            if not is_input_error(stage, error):
+                raise
+            record = ErrorRecord.of(str(uri), "", stage, error)
             yield {
                 **video,
                 "window_index": np.array([-1], np.int32),
                 "window_start": np.zeros(1), "window_end": np.zeros(1),
                 "windows_in_video": np.array([emitted + 1], np.int64),
                 "views": np.zeros((1, params.spatial_views, params.frames, params.crop, params.crop, 3), np.uint8),
-                "error_stage": np.array([stage], dtype=object),
-                "error_type": np.array([type(error).__name__], dtype=object),
-                "error_message": np.array([(" ".join(str(error).split()) or type(error).__name__)[:2000]],
-                                          dtype=object),
+                "error_stage": np.array([record.stage], dtype=object),
+                "error_type": np.array([record.error_type], dtype=object),
+                "error_message": np.array([record.message], dtype=object),
             }
 
 
@@ -471,66 +471,29 @@ def _run_groups(
     throughput: Throughput,
     job_started: float,
 ) -> list[dict]:
-    """Stream prediction rows out of Ray Data and publish each group's shard as soon as all its videos are in."""
+    """Stream prediction rows out of Ray Data and publish each group's shard as soon as all its videos are in.
+
+    A whole-video run gives a row per video; a windowed run a row per window, in any order, each with its video's
+    `windows_in_video`. A video is in when all its rows are (a failed one: its error row, whose count includes the
+    windows it yielded before failing, which are dropped), so a shard, the unit a killed run leaves behind, never
+    holds part of a video. Only the videos still coming in are remembered, whatever the archive's size."""
     started = time.monotonic()
     init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
     dataset = _build(ray_items(plan.groups.videos, plan.groups.size), resolved, plan.params, storage, options, limits)
-    if plan.params.windowed:
-        return _collect_windows(dataset, plan, resolved, storage, echo, throughput, job_started, started)
-    waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
-    buffered: dict[int, list[pa.Table]] = defaultdict(list)
-    results, done, failed, last_report, pace = [], 0, 0, 0.0, Pace()
-    total = plan.num_pending
-    first_rows = 0
-    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if not first_rows:
-            throughput.startup_seconds, first_rows = time.monotonic() - started, batch.num_rows
-            throughput.first_prediction_seconds = time.monotonic() - job_started
-        throughput.videos += batch.num_rows
-        for index in set(batch.column("shard").to_pylist()):
-            part = batch.filter(pc.equal(batch.column("shard"), index))
-            buffered[index].append(part)
-            waiting[index] -= part.num_rows
-            if waiting[index] == 0:
-                rows = pa.concat_tables(buffered.pop(index))
-                good, errors = _split_errors(rows)
-                results.append(
-                    publish_shard(storage, plan, plan.groups[index], good, errors, resolved.card.num_classes)
-                )
-                done += rows.num_rows
-                failed += len(errors)
-        if time.monotonic() - last_report >= 2.0 or done == total:
-            echo(f"  videos {done}/{total}  shards {len(results)}/{len(plan.groups)}  errors {failed}  "
-                 f"{rate(done, started, 'videos')}  {pace.eta(done, total)}")
-            last_report = time.monotonic()
-    if any(waiting.values()):
-        raise RuntimeError(f"scoring lost rows of shards {[i for i, n in waiting.items() if n]}")  # a bug
-    throughput.finish(time.monotonic() - started, first_rows)
-    return results
-
-
-def _collect_windows(
-    dataset, plan: ScorePlan, resolved: ResolvedModel, storage: Storage, echo: Callable[[str], None],
-    throughput: Throughput, job_started: float, started: float,
-) -> list[dict]:
-    """Windowed runs: rows are windows, in any order. A video is done when all its windows are in (or its error row
-    and the windows it yielded before failing, which are dropped); a group's shard is published when all its videos
-    are done, so a shard, the unit a killed run leaves behind, never holds part of a video."""
+    windowed = plan.params.windowed
     waiting = {index: len(group["videos"]) for index, group in enumerate(plan.groups)}
     received: dict[str, int] = defaultdict(int)
     expected: dict[str, int] = {}  # an error row's count overrides the windows' own
     failed_ids: set[str] = set()
     buffered: dict[int, list[pa.Table]] = defaultdict(list)
     results, done, failed, windows, last_report, pace = [], 0, 0, 0, 0.0, Pace()
-    total, first_rows = plan.num_pending, 0
+    total, done_by_first_batch = plan.num_pending, None
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if not first_rows:
-            throughput.startup_seconds, first_rows = time.monotonic() - started, 1
-            throughput.first_prediction_seconds = time.monotonic() - job_started
         batch = batch.drop_columns([name for name in ("views",) if name in batch.column_names])
-        columns = batch.select(["video_id", "shard", "windows_in_video", "error_type"]).to_pydict()
+        ids, shards, errors = (batch.column(name).to_pylist() for name in ("video_id", "shard", "error_type"))
+        counts = batch.column("windows_in_video").to_pylist() if windowed else [1] * batch.num_rows
         finished: dict[int, int] = defaultdict(int)
-        for video_id, shard, count, error in zip(*columns.values()):
+        for video_id, shard, count, error in zip(ids, shards, counts, errors):
             received[video_id] += 1
             if error:
                 expected[video_id] = count
@@ -540,30 +503,39 @@ def _collect_windows(
                 if video_id not in failed_ids:
                     expected.setdefault(video_id, count)
             if received[video_id] == expected.get(video_id):
+                del received[video_id], expected[video_id]
                 finished[shard] += 1
                 done += 1
                 failed += video_id in failed_ids
-        for index in set(columns["shard"]):
+        if done_by_first_batch is None:
+            throughput.startup_seconds = time.monotonic() - started
+            throughput.first_prediction_seconds = time.monotonic() - job_started
+            done_by_first_batch = done
+        for index in set(shards):
             buffered[index].append(batch.filter(pc.equal(batch.column("shard"), index)))
         for index, count in finished.items():
             waiting[index] -= count
             if waiting[index] == 0:
                 rows = pa.concat_tables(buffered.pop(index))
-                gone = pa.array(sorted(failed_ids & set(rows.column("video_id").to_pylist())), pa.string())
-                rows = rows.filter(pc.or_(pc.invert(pc.is_in(rows.column("video_id"), gone)),
-                                          rows.column("error_type").is_valid()))
+                gone = failed_ids.intersection(rows.column("video_id").to_pylist())
+                if gone:
+                    failed_ids -= gone
+                    rows = rows.filter(pc.or_(pc.invert(pc.is_in(rows.column("video_id"), pa.array(sorted(gone)))),
+                                              rows.column("error_type").is_valid()))
                 good, errors = _split_errors(rows)
                 dim = good.schema.field("embedding").type.list_size if "embedding" in good.column_names else None
                 results.append(publish_shard(storage, plan, plan.groups[index], good, errors,
                                              resolved.card.num_classes, dim))
-        throughput.videos = done
         if time.monotonic() - last_report >= 2.0 or done == total:
-            echo(f"  videos {done}/{total}  windows {windows}  shards {len(results)}/{len(plan.groups)}  errors "
-                 f"{failed}  {rate(windows, started, 'windows')}  {pace.eta(done, total)}")
+            counted = f"windows {windows}  " if windowed else ""
+            echo(f"  videos {done}/{total}  {counted}shards {len(results)}/{len(plan.groups)}  errors {failed}  "
+                 f"{rate(windows if windowed else done, started, 'windows' if windowed else 'videos')}  "
+                 f"{pace.eta(done, total)}")
             last_report = time.monotonic()
     if any(waiting.values()):
-        raise RuntimeError(f"scoring lost windows of shards {[i for i, n in waiting.items() if n]}")  # a bug
-    throughput.finish(time.monotonic() - started, 0)
+        raise RuntimeError(f"scoring lost rows of shards {[i for i, n in waiting.items() if n]}")  # a bug
+    throughput.videos = done
+    throughput.finish(time.monotonic() - started, done_by_first_batch or 0)
     return results
 
 

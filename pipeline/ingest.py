@@ -34,7 +34,7 @@ from pipeline.listing import ItemsOnDemand, PlannedGroups, SourceVideo, VideoLis
 from pipeline.manifest import SHARDS_DIR, Manifest, SamplingParams
 from pipeline.schema import ErrorRecord, clip_schema
 from pipeline.shards import FOOTER_KEY, ShardWriter, parquet_write_options
-from pipeline.storage import Location, Storage, is_object_error, parse_uri
+from pipeline.storage import Location, Storage, is_input_error, parse_uri
 
 DEFAULT_MAX_SHARD_BYTES = 256 * 1024 * 1024
 # Enough groups for this many CPUs to share the work while shards stay small only where the data is small.
@@ -218,9 +218,9 @@ def ingest_group(
                     decoder=decoder,
                 )
         except Exception as error:  # one bad input must not lose the others
-            if stage == "read" and not is_object_error(error):
-                raise  # the store failed, not this video: the task fails, and a re-run resumes
-            return _error(source, stage, error)
+            if not is_input_error(stage, error):
+                raise
+            return ErrorRecord.of(source["uri"], source["etag"], stage, error)
 
     try:
         for source, decoded in zip(group["videos"], one_ahead(read_and_decode, group["videos"])):
@@ -263,11 +263,6 @@ def one_ahead(function: Callable[[Any], Any], items: list) -> Iterator[Any]:
             if index + 1 < len(items):
                 upcoming = ahead.submit(function, items[index + 1])
             yield current.result()
-
-
-def _error(source: dict, stage: str, error: Exception) -> ErrorRecord:
-    message = " ".join(str(error).split()) or type(error).__name__
-    return ErrorRecord(source["uri"], source["etag"], stage, type(error).__name__, message[:2000])
 
 
 def ray_items(plan: IngestPlan) -> Sequence[dict]:

@@ -112,6 +112,12 @@ class ErrorRecord:
     error_type: str
     message: str
 
+    @classmethod
+    def of(cls, source_uri: str, source_etag: str, stage: str, error: BaseException) -> ErrorRecord:
+        """`error` as recorded: its message on one line and at most 2000 characters (a decoder's can fill pages)."""
+        message = " ".join(str(error).split()) or type(error).__name__
+        return cls(source_uri, source_etag, stage, type(error).__name__, message[:2000])
+
     def to_dict(self) -> dict:
         return asdict(self)
 

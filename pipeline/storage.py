@@ -82,6 +82,13 @@ def is_object_error(error: Exception) -> bool:
     return isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError))
 
 
+def is_input_error(stage: str, error: Exception) -> bool:
+    """Whether `error`, raised while reading (`stage` "read") or decoding one input, fails that input alone: any
+    decoding error does, a reading error only when it is the object's own (`is_object_error`). Otherwise the task
+    fails, and a re-run resumes, rather than every input being remembered as failed."""
+    return stage != "read" or is_object_error(error)
+
+
 @dataclass(frozen=True)
 class Location:
     """A parsed storage URI. For S3 `path` is the key (no leading slash); for local it is an absolute path."""
