@@ -97,7 +97,7 @@ def s3_bytes(s3_server, uri: str) -> dict[str, int]:
     return {info.path: info.size for info in infos if info.type == pafs.FileType.File}
 
 
-# 9.5 min alone on this 2-core machine (B/16 forwards at 12 views a video): room for a machine loaded by CI
+# about 7 min alone on this 2-core machine (B/16 forwards at 12 views a video): room for a machine loaded by CI
 @pytest.mark.timeout(1800)
 def test_b16_kinetics_shapes_from_an_openai_archive_through_train_resume_register_evaluate_score(
     tmp_path, s3_server, s3_bucket, mlflow_server, ray_local, monkeypatch
@@ -105,7 +105,8 @@ def test_b16_kinetics_shapes_from_an_openai_archive_through_train_resume_registe
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     bucket = f"s3://{s3_bucket}"
     train_rows = write_videos(tmp_path / "train", [(label, "a") for label in USED_CLASSES], seed=1)
-    val_rows = write_videos(tmp_path / "val", [("abseiling", "v"), ("zumba", "v")], seed=20)
+    # one validation video: evaluate, score and the gate each run its 12 B/16 views (about 45 s a video here)
+    val_rows = write_videos(tmp_path / "val", [("abseiling", "v")], seed=20)
     (tmp_path / "train" / "labels.csv").write_text("path,label\n" + "\n".join(train_rows) + "\n")
     (tmp_path / "val" / "labels.csv").write_text("path,label\n" + "\n".join(val_rows) + "\n")
     (tmp_path / "classes.txt").write_text("\n".join(kinetics_like_class_list()) + "\n")
@@ -170,7 +171,7 @@ def test_b16_kinetics_shapes_from_an_openai_archive_through_train_resume_registe
 
     evaluation = json.loads(cli("evaluate", "--data", f"{bucket}/clips/val", "--model", "models:/k400-b16/1",
                                 "--views", "4x3", "--json", endpoint=s3_server.endpoint_url))
-    assert evaluation["views"] == "4x3" and evaluation["videos"] == 2 and not evaluation["failed"]
+    assert evaluation["views"] == "4x3" and evaluation["videos"] == 1 and not evaluation["failed"]
     assert {"accuracy", "top5_accuracy", "mean_class_accuracy", "loss"} <= set(evaluation["metrics"])
 
     cli("score", f"{bucket}/videos/val", "--model", "models:/k400-b16/1", "--out", f"{bucket}/scores",
