@@ -152,11 +152,14 @@ def decode_window_batch(
     batch: dict[str, np.ndarray], storage: Storage, params: ScoreParams, limits: DecodeLimits = DecodeLimits(),
     windows_per_chunk: int = WINDOWS_PER_CHUNK,
 ):
-    """Fetch each video of a batch and yield its windows' views (pipeline.windows.iter_windows) a chunk at a time, one
-    row per window with `windows_in_video`, so that memory holds a few windows whatever the video's length. A video
-    that cannot be read or decoded yields one error row; its `windows_in_video` counts the rows it yielded with it
-    (the windows before the failure, which the driver drops, and the error row)."""
+    """Fetch each video of a batch and yield its windows' views (pipeline.windows.iter_windows, its frames read in this
+    worker's decoding child within `limits`) a chunk at a time, one row per window with `windows_in_video`, so that
+    memory holds a few windows whatever the video's length. A video that cannot be read or decoded yields one error
+    row; its `windows_in_video` counts the rows it yielded with it (the windows before the failure, which the driver
+    drops, and the error row)."""
     spec = WindowSpec(params.window_seconds, params.window_stride)
+    decoder = shared_decoder()
+    decoder.start()  # a child that cannot start fails the task, rather than every video as a decoding error
     keys = ("video_id", "source_uri", "source_etag", "source_size", "shard")
     for row, (uri, size) in enumerate(zip(batch["source_uri"], batch["source_size"])):
         video = {key: batch[key][row : row + 1] for key in keys}
@@ -165,7 +168,7 @@ def decode_window_batch(
             with storage.fetched(parse_uri(str(uri)), int(size)) as path:
                 stage = "decode"
                 for chunk in iter_windows(path, spec, params.frames, params.crop, params.spatial_views,
-                                          params.short_side, limits, windows_per_chunk):
+                                          params.short_side, limits, windows_per_chunk, decoder=decoder):
                     count = len(chunk.bounds)
                     emitted += count
                     yield {

@@ -176,7 +176,7 @@ _KNOWN_FAILURES = (
 )
 
 
-def _describe(error: Exception) -> str:
+def describe_decoder_error(error: Exception) -> str:
     """One plain line for a decord error: a known cause when recognised, else decord's message without the C++
     source positions and stack traces."""
     text = str(error)
@@ -190,7 +190,7 @@ def _describe(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _source(video: bytes | str | os.PathLike):
+def reader_source(video: bytes | str | os.PathLike):
     return io.BytesIO(video) if isinstance(video, (bytes, bytearray, memoryview)) else os.fspath(video)
 
 
@@ -202,7 +202,7 @@ def probe_video(video: bytes | str | os.PathLike) -> VideoHeader:
     try:
         # FFmpeg decodes a frame or two while it reads stream information (an H.264 frame at 720p costs ~17 ms, a
         # bomb's at full size); skipping every frame still reads the sizes from the headers (SPS included).
-        with av.open(_source(video), options={"skip_frame": "all"}) as container:
+        with av.open(reader_source(video), options={"skip_frame": "all"}) as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"cannot open as a video: {_NO_VIDEO_STREAM}")
             stream = container.streams.video[0]
@@ -215,7 +215,7 @@ def probe_video(video: bytes | str | os.PathLike) -> VideoHeader:
                 frames = round(seconds * stream.average_rate)
             return VideoHeader(stream.width, stream.height, frames, seconds)
     except av.FFmpegError as error:
-        raise VideoDecodeError(f"cannot open as a video: {_describe(error)}") from None
+        raise VideoDecodeError(f"cannot open as a video: {describe_decoder_error(error)}") from None
 
 
 def check_limits(header: VideoHeader, limits: DecodeLimits) -> None:
@@ -288,11 +288,11 @@ def read_sampled_frames(
     check_limits(header, limits)
 
     def open_reader(**size):
-        source = _source(video)
+        source = reader_source(video)
         try:
             return decord.VideoReader(source, num_threads=num_threads, **size)
         except (decord.DECORDError, RuntimeError) as error:
-            raise VideoDecodeError(f"cannot open as a video: {_describe(error)}") from None
+            raise VideoDecodeError(f"cannot open as a video: {describe_decoder_error(error)}") from None
 
     reader = open_reader(**decode_size(header, min_short_side))
     num_video_frames = len(reader)
@@ -304,7 +304,7 @@ def read_sampled_frames(
         decoded = reader.get_batch(wanted).asnumpy()
     except (decord.DECORDError, RuntimeError, IndexError) as error:
         if "DECORDArrayCopyFromTo" not in str(error):
-            raise VideoDecodeError(f"cannot decode frames {wanted}: {_describe(error)}") from None
+            raise VideoDecodeError(f"cannot decode frames {wanted}: {describe_decoder_error(error)}") from None
         decoded = None
     if decoded is None or decoded.ndim != 4 or decoded.shape[-1] != 3:
         # decord mistakes the row padding of some narrow frames (e.g. 16 or 48 pixels wide) for extra channels.
@@ -318,7 +318,7 @@ def read_sampled_frames(
         try:
             decoded = reader.get_batch(wanted).asnumpy()
         except (decord.DECORDError, RuntimeError, IndexError) as error:
-            raise VideoDecodeError(f"cannot decode frames {wanted}: {_describe(error)}") from None
+            raise VideoDecodeError(f"cannot decode frames {wanted}: {describe_decoder_error(error)}") from None
     del reader
     if decoded.ndim != 4 or decoded.shape[0] != len(wanted) or decoded.shape[-1] != 3:
         raise VideoDecodeError(f"decoder returned frames of shape {decoded.shape}, expected [{len(wanted)}, H, W, 3]")

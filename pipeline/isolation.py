@@ -32,11 +32,12 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.decode import ClipInfo, DecodeLimits, DecoderCrashed, DecodeTimeout, VideoDecodeError, VideoTooLarge
+from pipeline.windows import WindowSpec
 
 # Imported by the child before it says it is ready, so that no call's time limit pays for the imports. The child
-# only reads frames (pipeline.decode.read_sampled_frames); resizing stays in the parent, which has torch loaded
-# anyway: torch would triple the child's start time and memory.
-_PRELOAD = ("decord", "av", "pipeline.decode")
+# only reads frames (pipeline.decode.read_sampled_frames, pipeline.windows' frame walks); resizing stays in the
+# parent, which has torch loaded anyway: torch would triple the child's start time and memory.
+_PRELOAD = ("decord", "av", "pipeline.decode", "pipeline.windows")
 _CHILD_MAIN = "import sys, json; sys.path[:] = json.loads(sys.argv[2]); from pipeline.isolation import _serve; _serve()"
 # How long a child may take to import the decoders; more means the machine, not a video, is in trouble.
 _START_TIMEOUT_S = 120.0
@@ -49,7 +50,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # What crosses the socket is JSON with the arrays and byte strings beside it, raw, never a pickle: the reply names
 # its dataclasses and errors, and the parent rebuilds only the ones listed here.
-_DATACLASSES = {kind.__name__: kind for kind in (ClipInfo, DecodeLimits)}
+_DATACLASSES = {kind.__name__: kind for kind in (ClipInfo, DecodeLimits, WindowSpec)}
 _ERRORS = {kind.__name__: kind for kind in (VideoDecodeError, VideoTooLarge, DecoderCrashed, DecodeTimeout)}
 
 

@@ -17,12 +17,13 @@ from typer.testing import CliRunner
 import model
 from jobs.cli import app
 from jobs.options import ScoreConfig
-from jobs.score import run_score
+from jobs.score import decode_window_batch, run_score
 from model.package import ModelCard, save_package
 from model.transforms import eval_transform
-from pipeline import Storage, parse_uri
+from pipeline import Storage, parse_uri, windows
 from pipeline.decode import DecodeLimits, VideoTooLarge, sample_frame_indices
-from pipeline.predictions import ScoreConfigError, latest_score_manifest, read_predictions
+from pipeline.isolation import CRASH_ON_ENV, DecoderProcess
+from pipeline.predictions import ScoreConfigError, ScoreParams, latest_score_manifest, read_predictions
 from pipeline.synthetic import encode_mp4, render_motion_frames
 from pipeline.timeline import timeline, window_embeddings
 from pipeline.views import resize_short_side, spatial_crops
@@ -114,6 +115,54 @@ def test_windows_come_from_seconds_and_the_walk_only_moves_forward(tmp_path):
     assert next(iter_windows(video, WindowSpec(2, 2), 8, 32, limits=DecodeLimits(max_seconds=10))).total == 12
     with pytest.raises(VideoTooLarge, match="windows of 20 s"):
         next(iter_windows(video, WindowSpec(20, 20), 8, 32, limits=DecodeLimits(max_seconds=10)))
+
+
+def test_windows_decoded_in_the_child_are_the_same_and_a_walk_its_child_lost_goes_on_where_it_was(tmp_path):
+    video = write_archive_video(tmp_path / "a.mp4")
+    here = list(iter_windows(video, WindowSpec(2, 1), 8, 32, 2, windows_per_chunk=4))
+    decoder = DecoderProcess()
+    try:
+        there = list(iter_windows(video, WindowSpec(2, 1), 8, 32, 2, windows_per_chunk=4, decoder=decoder))
+        assert decoder.call(30, len, windows._WALKS) == 0  # the child released the finished walk's reader
+    finally:
+        decoder.close()
+    assert [c.first for c in there] == [c.first for c in here]
+    for near, far in zip(here, there):
+        np.testing.assert_array_equal(near.views, far.views)
+        np.testing.assert_array_equal(near.bounds, far.bounds)
+
+    # a fresh child (the one that held the walk died) opens the video again and fetches the same frames
+    bounds, indices = windows.open_frame_walk(str(video), "w", WindowSpec(2, 1), 8, 32, DecodeLimits(), 1)
+    first = windows.fetch_walk_frames(str(video), "w", 32, 1, np.unique(indices[:4]).tolist())
+    later = np.unique(indices[4:8])
+    later = later[later > np.unique(indices[:4]).max()].tolist()
+    uninterrupted = windows.fetch_walk_frames(str(video), "w", 32, 1, later)
+    windows._WALKS.clear()
+    reopened = windows.fetch_walk_frames(str(video), "w", 32, 1, later)
+    windows.close_frame_walk(str(video), "w")
+    assert len(first) and not windows._WALKS
+    np.testing.assert_array_equal(uninterrupted, reopened)
+
+
+def test_a_long_video_that_kills_the_decoder_is_its_own_error_row_and_the_next_video_is_scored(tmp_path, monkeypatch):
+    videos = [write_archive_video(tmp_path / f"v{index}.mp4", [("left", 4)], seed=index) for index in range(2)]
+    monkeypatch.setenv(CRASH_ON_ENV, str(videos[0]))
+    params = ScoreParams(frames=8, crop=32, short_side=32, temporal_views=1, spatial_views=1, sampling="uniform",
+                         stride=16, top_k=1, full_probs=False, window_seconds=2.0, window_stride=2.0)
+    batch = {"video_id": np.array(["v0", "v1"], object), "source_uri": np.array([str(v) for v in videos], object),
+             "source_etag": np.array(["e0", "e1"], object),
+             "source_size": np.array([v.stat().st_size for v in videos]), "shard": np.array([0, 0])}
+    rows = list(decode_window_batch(batch, Storage(), params))
+    crashed = [row for row in rows if row["video_id"][0] == "v0"]
+    assert len(crashed) == 1 and crashed[0]["error_type"][0] == "DecoderCrashed"
+    assert "again when retried" in crashed[0]["error_message"][0]
+    scored = [row for row in rows if row["video_id"][0] == "v1"]
+    assert sum(len(row["window_index"]) for row in scored) == 2 and not any(row["error_type"][0] for row in scored)
+
+    # a walk past the time limit is stopped, as one video's error too
+    one = {key: value[1:] for key, value in batch.items()}
+    [stopped] = list(decode_window_batch(one, Storage(), params, DecodeLimits(decode_timeout=0.001)))
+    assert stopped["error_type"][0] == "DecodeTimeout" and stopped["window_index"][0] == -1
 
 
 # ---- through the CLI ----------------------------------------------------------------------------------------------
