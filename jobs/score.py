@@ -288,6 +288,8 @@ def score_dataset(
     limits: DecodeLimits = DecodeLimits(),
     tracking_uri: str | None = None,
     endpoint_url: str | None = None,
+    windows: str | None = None,
+    embeddings: bool = False,
 ):
     """A `ray.data.Dataset` of one prediction row per video under `src` (a URI, or videos from
     `pipeline.list_videos`) for users composing their own pipelines; nothing is written and nothing is skipped.
@@ -295,6 +297,9 @@ def score_dataset(
     Rows have the columns of the predictions dataset; a video that could not be read or decoded has null
     predictions and its `error_stage`, `error_type`, `error_message` (null otherwise). The model is resolved now,
     once, so the rows say which version made them even if an alias moves while the dataset executes.
+    With `windows` ("SECONDS[:STRIDE]", as `score --windows`), one row per window instead, in any order, with
+    `window_index`, `window_start`, `window_end`, `windows_in_video` (and `embedding` with `embeddings`); a video
+    that failed part-way has its error row beside the windows it gave before (`score` drops those).
     """
     init_ray()
     storage = Storage(endpoint_url)
@@ -302,7 +307,7 @@ def score_dataset(
     items = ray_items(videos, max(1, len(videos)))  # one group: nothing is written
     with tempfile.TemporaryDirectory() as directory:
         resolved = resolve_model(model, directory, tracking_uri) if isinstance(model, str) else model
-        params = build_params(resolved.card, views, top_k, full_probs, short_side)
+        params = build_params(resolved.card, views, top_k, full_probs, short_side, windows, embeddings)
         dataset = _build(items, resolved, params, storage, options or ScoreOptions(), limits)  # reads the package now
     return dataset.drop_columns(["shard"])
 
@@ -492,7 +497,6 @@ def _run_groups(
     results, done, failed, windows, last_report, pace = [], 0, 0, 0, 0.0, Pace()
     total, done_by_first_batch = plan.num_pending, None
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        batch = batch.drop_columns([name for name in ("views",) if name in batch.column_names])
         ids, shards, errors = (batch.column(name).to_pylist() for name in ("video_id", "shard", "error_type"))
         counts = batch.column("windows_in_video").to_pylist() if windowed else [1] * batch.num_rows
         finished: dict[int, int] = defaultdict(int)

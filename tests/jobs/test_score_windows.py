@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import model
 from jobs.cli import app
 from jobs.options import ScoreConfig
-from jobs.score import decode_window_batch, run_score
+from jobs.score import decode_window_batch, run_score, score_dataset
 from model.package import ModelCard, save_package
 from model.transforms import eval_transform
 from pipeline import Storage, parse_uri, windows
@@ -171,6 +171,10 @@ def test_a_long_video_scored_with_windows_gives_its_timeline_through_the_cli(tra
     src, dst = tmp_path / "archive", str(tmp_path / "timelines")
     write_archive_video(src / "long.mp4")
     runner = CliRunner()
+    preview = runner.invoke(app, ["score", str(src), "--model", str(trained), "--out", dst, "--windows", "2:1",
+                                  "--views", "1x1", "--top-k", "2", "--dry-run"])
+    assert preview.exit_code == 0 and "would score" in preview.output, preview.output
+    assert not Path(dst).exists()  # a dry run writes nothing
     result = runner.invoke(app, ["score", str(src), "--model", str(trained), "--out", dst, "--windows", "2:1",
                                  "--views", "1x1", "--top-k", "2"])
     assert result.exit_code == 0, result.output
@@ -178,6 +182,12 @@ def test_a_long_video_scored_with_windows_gives_its_timeline_through_the_cli(tra
 
     rows = read_predictions(dst).to_pylist()
     assert [row["window_index"] for row in rows] == list(range(23))
+    # the same rows from Python, written nowhere: score_dataset with windows
+    composed = sorted(score_dataset(str(src), str(trained), views="1x1", top_k=2, windows="2:1").take_all(),
+                      key=lambda row: row["window_index"])
+    assert [(row["window_index"], row["top_k_ids"]) for row in composed] == [
+        (row["window_index"], row["top_k_ids"]) for row in rows]
+    assert "views" not in composed[0] and composed[0]["windows_in_video"] == 23
     assert rows[0]["window_start"] == 0.0 and rows[-1]["window_end"] == 24.0
     assert all(row["video_id"] == "long.mp4" and len(row["top_k_ids"]) == 2 for row in rows)
     manifest = latest_score_manifest(parse_uri(dst), Storage())
