@@ -30,8 +30,9 @@ class TrainConfig:
         help="Model option override KEY=VALUE, e.g. --set no_lmhra=True (merged into the file's).",
     )
     recipe: str | None = option(
-        None, help="A published recipe under the other options: k400_b16_clip, k700_b16_clip, k710_to_k400_b16 "
-        "(jobs/recipes/, each value's source beside it); its lr scales with the total batch.",
+        None, help="A published recipe under the other options: k400_b16_clip, k700_b16_clip, k710_to_k400_b16, "
+        "k710_to_k400_l14, ssv2_b16_f16 (jobs/recipes/, each value's source beside it); its lr scales with the total "
+        "batch.",
     )
     pretrained: str | None = option(
         None, local_path=True, help="Initial weights: CLIP / timm / official / MMAction2 checkpoint file."
