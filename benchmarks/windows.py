@@ -3,7 +3,7 @@
 JSON object.
 
     python benchmarks/windows.py [--minutes 10] [--windows 2:1] [--views 1x1] [--cpus 2] [--memory 10,60]
-                                 [--output FILE]
+                                 [--heights 240,360,720] [--output FILE]
 
 - score: `jobs.score.run_score` with windows on one synthetic 360p video (8 fps, a key frame every 2 s), a local Ray
   with --cpus CPUs, the tiny model (random weights: the figures are about decoding and the pipeline, not accuracy);
@@ -12,7 +12,9 @@ JSON object.
 - ratio: score / decode-only (one video is one decoding task, so a single video's windowed run is bounded by one
   CPU's walk plus the model on the same cores);
 - memory (--memory M1,M2,...): the peak RSS of a fresh process walking a video of each length (what a decoding
-  worker holds), and of the driver during a run: flat from 10 to 60 minutes when memory is bounded by a few windows.
+  worker holds), and of the driver during a run: flat from 10 to 60 minutes when memory is bounded by a few windows;
+- cost (--heights H1,H2,...): the decode-only walk of a 2-minute 16:9 video at each height, one process (one CPU,
+  decord's one thread): windows/s per CPU and the CPU hours that an hour of such video takes at --windows' stride.
 Videos are generated once and cached in --work-dir.
 """
 
@@ -36,24 +38,25 @@ from bench_output import emit  # noqa: E402
 FPS, PIECE, SIZE = 8, 16, (640, 360)
 
 
-def long_video(folder: Path, minutes: float) -> Path:
-    """A 360p video of `minutes`, motion segments of 30 s alternating left and right (pieces repeated seamlessly)."""
+def long_video(folder: Path, minutes: float, size: tuple[int, int] = SIZE) -> Path:
+    """A video of `minutes` (360p unless `size` says otherwise), motion segments of 30 s alternating left and right
+    (pieces repeated seamlessly)."""
     import numpy as np
 
     from pipeline.synthetic import render_motion_frames
 
-    path = folder / f"long-{minutes:g}min.mp4"
+    path = folder / (f"long-{minutes:g}min.mp4" if size == SIZE else f"long-{minutes:g}min-{size[1]}p.mp4")
     if path.exists():
         return path
     import av
 
     rng = np.random.default_rng(0)
-    pieces = [render_motion_frames(direction, *SIZE, PIECE, rng) for direction in ("left", "right")]
+    pieces = [render_motion_frames(direction, *size, PIECE, rng) for direction in ("left", "right")]
     total = int(minutes * 60 * FPS)
     partial = path.with_suffix(".partial.mp4")
     with av.open(str(partial), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = *SIZE, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
         stream.options = {"crf": "23", "preset": "ultrafast", "g": str(2 * FPS)}
         for index in range(total):
             frame = pieces[(index // (30 * FPS)) % 2][index % PIECE]
@@ -66,6 +69,8 @@ def long_video(folder: Path, minutes: float) -> Path:
 
 
 def decode_only(video: Path, spec: str, frames: int, crop: int, spatial: int) -> dict:
+    import torch  # noqa: F401 - resizing imports it on first use: a one-time cost, not the walk's
+
     from pipeline.windows import iter_windows, parse_windows
 
     started, windows = time.monotonic(), 0
@@ -95,6 +100,7 @@ def main() -> None:
     parser.add_argument("--views", default="1x1")
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--memory", default="", help="Video lengths in minutes for the memory check, e.g. 10,60.")
+    parser.add_argument("--heights", default="", help="Frame heights for the cost per CPU, e.g. 240,360,720.")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "uniformer-bench-windows"))
     parser.add_argument("--output")
     args = parser.parse_args()
@@ -109,6 +115,7 @@ def main() -> None:
     from jobs.score import run_score
     from model.package import ModelCard, save_package
     from pipeline.views import parse_views
+    from pipeline.windows import parse_windows
 
     work = Path(args.work_dir)
     (work / "videos").mkdir(parents=True, exist_ok=True)
@@ -147,6 +154,17 @@ def main() -> None:
                                            card.crop_size, spatial)["peak_rss_mb"]
             for minutes in args.memory.split(",")
         }
+    if args.heights:
+        windows_per_hour = 3600 / parse_windows(args.windows).stride
+        result["cost_per_cpu_by_height"] = {}
+        for height in map(int, args.heights.split(",")):
+            size = (round(height * 16 / 9 / 2) * 2, height)
+            walk = walk_in_fresh_process(long_video(work / "videos", 2.0, size), args.windows, card.frames,
+                                         card.crop_size, spatial)
+            result["cost_per_cpu_by_height"][f"{height}p"] = {
+                "windows_per_s": walk["windows_per_s"],
+                "cpu_hours_per_video_hour": round(windows_per_hour / walk["windows_per_s"] / 3600, 4),
+            }
     emit(result, args.output)
 
 
