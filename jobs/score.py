@@ -236,7 +236,13 @@ def _build(
     if params.windowed:
         # a video per task call, its windows streamed out a chunk at a time: a long video is many small blocks
         blocks = max(1, min(len(items), max(2 * cpus, len(items))))
-        decoded = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+        dataset = ray.data.from_items(items, override_num_blocks=blocks)
+        # Ray Data buffers a task's output until a block reaches the target size (128 MiB by default): an hour of
+        # windows would be decoded, and held, before its first row moved on. Blocks of two chunks (this dataset's
+        # own context, not the process's) keep a walk's memory at the few windows its reservation says, and rows
+        # flowing to the model while the walk goes on.
+        dataset.context.target_max_block_size = max(1 << 20, 2 * WINDOWS_PER_CHUNK * view_bytes)
+        decoded = dataset.map_batches(
             decode_window_batch,
             fn_kwargs={"storage": storage, "params": params, "limits": limits},
             batch_size=1,
