@@ -1,7 +1,7 @@
 """`uniformer train`: Ray Train TorchTrainer over a clip dataset version, tracked and registered in MLflow.
 
 The driver pins the dataset version, opens (or reopens) the MLflow run, and starts the trainer; the workers run
-`jobs.training.loop.train_loop_per_worker`. Re-running the same command against the same storage resumes the same
+`jobs.training.worker.train_loop_per_worker`. Re-running the same command against the same storage resumes the same
 Ray Train run (and the same MLflow run) from its last checkpoint; a finished run only redoes what is missing, such
 as a registration that failed because MLflow was unreachable.
 """
@@ -151,7 +151,8 @@ def build_trainer(cfg: TrainConfig, uri: str, run_id: str, plans: tuple, progres
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.training.loop import plan_units, train_loop_per_worker
+    from jobs.training.data import plan_units
+    from jobs.training.worker import train_loop_per_worker
 
     units = ray.put(plan_units(*plans))
 
@@ -197,7 +198,7 @@ def ensure_ray(cfg: TrainConfig) -> None:
 
 
 def run_train(cfg: TrainConfig) -> TrainResult:
-    from jobs.training.loop import epoch_plans
+    from jobs.training.data import epoch_plans
 
     absolute_paths(cfg)  # the workers see the config, not this process's working directory
     if cfg.pretrained and not cfg.pretrained.startswith("models:/") and not os.path.isfile(cfg.pretrained):
@@ -238,7 +239,7 @@ def run_train(cfg: TrainConfig) -> TrainResult:
 
 def check_class_map(cfg: TrainConfig, class_names: list[str]) -> None:
     """The class map file, read here as the workers will: an OptionError, in seconds, when it cannot be used."""
-    from jobs.training.loop import read_class_map
+    from jobs.training.network import read_class_map
 
     if not cfg.pretrained_class_map:
         return
@@ -255,7 +256,7 @@ def check_class_map(cfg: TrainConfig, class_names: list[str]) -> None:
 
 def check_flip_pairs(cfg: TrainConfig, class_names: list[str]) -> None:
     """The flip pairs file, read here as the workers will: an OptionError, in seconds, when it cannot be used."""
-    from jobs.training.loop import flip_swap, read_flip_pairs
+    from jobs.training.network import flip_swap, read_flip_pairs
 
     if not cfg.flip_pairs:
         return
@@ -359,7 +360,7 @@ def exclusive_run(cfg: TrainConfig) -> Iterator[None]:
 
 
 def model_card(cfg: TrainConfig, manifest, metrics: dict, run_id: str) -> ModelCard:
-    from jobs.training.loop import model_overrides
+    from jobs.training.network import model_overrides
 
     return ModelCard(
         model=cfg.model,

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 import logging
 import math
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 
-import model
 from jobs.credentials import adopt_mlflow_env
 from jobs.metrics import Scores, scores_from_counts
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
+from jobs.training.data import EpochStreams, StepLayout, epoch_plans
+from jobs.training.network import build_model, flip_swap, load_initial_weights, read_class_map, read_flip_pairs
 from jobs.training.optim import build_optimizer, build_scheduler
 from jobs.training.progress import RankZeroProgress
 from jobs.training.tracking import RunTracker
@@ -33,127 +30,6 @@ from pipeline import load_manifest
 from pipeline.epochs import EpochPlan
 
 log = logging.getLogger(__name__)
-
-
-def model_overrides(cfg: TrainConfig, frames: int) -> dict:
-    overrides = {"t_size": frames, "input_normalization": cfg.input_normalization, **cfg.model_overrides}
-    if cfg.activation_checkpointing:
-        overrides["use_checkpoint"] = True
-    return overrides
-
-
-def build_model(cfg: TrainConfig, num_classes: int, frames: int) -> torch.nn.Module:
-    return model.create_model(cfg.model, num_classes=num_classes, **model_overrides(cfg, frames))
-
-
-def read_class_map(path: str) -> dict[str, int | str]:
-    """A class map file: the dataset's class name -> the pretrained head's row (an index) or class name, as a JSON
-    object or a two-column CSV (`target,source`). ValueError naming the file and the line otherwise."""
-    import csv
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read the class map {path}: {error}") from None
-    if path.endswith(".json"):
-        try:
-            mapping = json.loads(text)
-        except ValueError as error:
-            raise ValueError(f"class map {path} is not valid JSON: {error}") from None
-        if not isinstance(mapping, dict):
-            raise ValueError(f"class map {path} must be a JSON object of target class -> source row or name")
-    else:
-        mapping = {}
-        for number, row in enumerate(csv.reader(text.splitlines()), start=1):
-            if not row or row[0].startswith("#"):
-                continue
-            if len(row) != 2:
-                raise ValueError(f"class map {path} line {number}: expected `target,source`, got {row!r:.80}")
-            mapping[row[0].strip()] = int(row[1]) if row[1].strip().isdigit() else row[1].strip()
-    for target, source in mapping.items():
-        if not (isinstance(source, str) or (type(source) is int and source >= 0)):
-            raise ValueError(f"class map {path}: {target!r} maps to {source!r}, not a row index or a class name")
-    return mapping
-
-
-def read_flip_pairs(path: str) -> list[tuple[str, str]]:
-    """Class names that a horizontal flip turns into each other, one `a,b` pair per line of a CSV (Something-
-    Something's "pushing left to right" and "pushing right to left"). ValueError naming the file and line."""
-    import csv
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            rows = list(csv.reader(handle.read().splitlines()))
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read the flip pairs {path}: {error}") from None
-    pairs, seen = [], set()
-    for number, row in enumerate(rows, start=1):
-        if not row or row[0].startswith("#"):
-            continue
-        if len(row) != 2 or row[0].strip() == row[1].strip():
-            raise ValueError(f"flip pairs {path} line {number}: expected two different class names, got {row!r:.80}")
-        pair = (row[0].strip(), row[1].strip())
-        if seen & set(pair):
-            raise ValueError(f"flip pairs {path} line {number}: {sorted(seen & set(pair))} already has a mirror")
-        seen |= set(pair)
-        pairs.append(pair)
-    return pairs
-
-
-def flip_swap(pairs: list[tuple[str, str]], class_names: list[str], device=None) -> torch.Tensor:
-    """Class id -> the id its clips get when flipped: the pair's other class, or itself."""
-    ids = {name: index for index, name in enumerate(class_names)}
-    unknown = sorted({name for pair in pairs for name in pair} - set(ids))
-    if unknown:
-        raise ValueError(f"the flip pairs name classes the dataset does not have: {', '.join(unknown[:10])}")
-    swap = torch.arange(len(class_names))
-    for a, b in pairs:
-        swap[ids[a]], swap[ids[b]] = ids[b], ids[a]
-    return swap.to(device) if device is not None else swap
-
-
-def head_rows(class_names: list[str], class_map: dict[str, int | str] | None,
-              source_names: list[str] | None) -> list[int | None] | None:
-    """For each of the dataset's classes, the pretrained head's row it starts from (None: a fresh row), by the class
-    map, else by name when the source's class names are known (a registered model's card); None when neither says."""
-    if class_map is None and not source_names:
-        return None
-    position = {name: row for row, name in enumerate(source_names or [])}
-    rows = []
-    for name in class_names:
-        source = class_map.get(name) if class_map is not None else name
-        if isinstance(source, str):
-            if class_map is not None and source not in position:
-                raise ValueError(f"the class map maps {name!r} to {source!r}, which the pretrained head does not name")
-            source = position.get(source)
-        rows.append(source)
-    return rows
-
-
-def load_initial_weights(net: torch.nn.Module, source: str, tracking_uri: str, class_names: list[str] | None = None,
-                         class_map: dict[str, int | str] | None = None) -> None:
-    """A checkpoint file in any supported layout, or a registered model (`models:/NAME/VERSION`). The head's rows
-    follow the dataset's classes (`class_names`) by `class_map`, or by name from a registered model's card. Rank 0
-    prints what was loaded, inflated, interpolated, mapped, kept and ignored, so that a run started from the wrong
-    file shows at once."""
-    with tempfile.TemporaryDirectory() as scratch:
-        if source.startswith("models:/"):
-            from jobs.registry import resolve_model
-
-            resolved = resolve_model(source, scratch, tracking_uri)
-            weights, source_names = resolved.weights_path, resolved.card.class_names
-        else:
-            weights, source_names = source, None
-        rows = head_rows(class_names, class_map, source_names) if class_names else None
-        report = model.load_pretrained(net, weights, rows)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        lines = report.summary()
-        if report.head_fresh:
-            fresh = [class_names[row] for row in report.head_fresh]
-            lines += f"\nhead          initialised for: {', '.join(fresh[:20])}{' ...' if len(fresh) > 20 else ''}"
-        log.info("initial weights from %s (%s layout):\n%s", source, report.layout, lines)
 
 
 @dataclass
@@ -208,122 +84,6 @@ def ddp_options(cfg: TrainConfig) -> dict:
     all-reduces with the backward pass; with accumulation, `no_sync` steps change what each backward reduces, so
     static_graph is left off there."""
     return {"gradient_as_bucket_view": True, "static_graph": cfg.grad_accum == 1}
-
-
-def epoch_plans(cfg: TrainConfig, manifest, world: int, units: dict | None = None) -> tuple[EpochPlan, EpochPlan]:
-    """The training and validation plans of a run: a held-out split of `data`, or all of `val_data`. Without `units`
-    they are cut from the shards (the driver), with them built from the driver's cut (`plan_units`)."""
-    units = units or {}
-    train = EpochPlan(cfg.data, manifest, "train", cfg.val_fraction if not cfg.val_data else 0.0, world, cfg.seed,
-                      cfg.endpoint_url, units.get("train"))
-    if cfg.val_data:
-        val_manifest = load_manifest(cfg.val_data, endpoint_url=cfg.endpoint_url)
-        val = EpochPlan(cfg.val_data, val_manifest, "all", 0.0, world, cfg.seed, cfg.endpoint_url, units.get("val"))
-    else:
-        val = EpochPlan(cfg.data, manifest, "val", cfg.val_fraction, world, cfg.seed, cfg.endpoint_url,
-                        units.get("val"))
-    return train, val
-
-
-def plan_units(train: EpochPlan, val: EpochPlan) -> dict:
-    """The plans' units as plain tuples, for the loop config."""
-    return {name: [dataclasses.astuple(unit) for unit in plan.units] for name, plan in (("train", train), ("val", val))}
-
-
-@dataclass(frozen=True)
-class StepLayout:
-    """How a run's optimizer steps fall into epochs: the same on every rank (DDP needs equal step counts)."""
-
-    steps_per_epoch: tuple[int, ...]  # what each epoch's rows allow
-    total_steps: int  # all of them, or --max-steps when smaller
-    rows_per_step: int  # per rank: batch size x accumulation
-
-    @classmethod
-    def of(cls, cfg: TrainConfig, plan: EpochPlan) -> StepLayout:
-        rows_per_step = cfg.batch_size * cfg.grad_accum
-        steps_per_epoch = tuple(plan.steps_per_epoch(e, rows_per_step) for e in range(cfg.epochs))
-        total = sum(steps_per_epoch) if cfg.max_steps is None else min(cfg.max_steps, sum(steps_per_epoch))
-        if total == 0:
-            raise ValueError(
-                f"{plan.rows} training clips are too few for {plan.world_size} workers x batch {cfg.batch_size} x "
-                f"accumulation {cfg.grad_accum}"
-            )
-        return cls(steps_per_epoch, total, rows_per_step)
-
-    def steps_before(self, epoch: int) -> int:
-        return sum(self.steps_per_epoch[:epoch])
-
-    def epoch_steps(self, epoch: int) -> int:
-        """The steps epoch `epoch` takes: its own, cut short where the run's total ends (0 past the last epoch)."""
-        if epoch >= len(self.steps_per_epoch):
-            return 0
-        return max(0, min(self.steps_per_epoch[epoch], self.total_steps - self.steps_before(epoch)))
-
-    def warmup_steps(self, warmup_epochs: float) -> int:
-        return min(self.total_steps, max(1, round(warmup_epochs * self.steps_per_epoch[0])))
-
-
-class EpochStreams:
-    """One rank's training batches, an epoch at a time, from the epoch plan: each epoch reads a whole number of
-    steps, so that no batch is left over or straddles two epochs, and a stream opened at step k of an epoch starts
-    at row k x rows per step (exact resume).
-
-    An epoch's first rows are read in this process and the rest is streamed by Ray Data. A Ray Data pipeline took
-    0.06-0.25 s to deliver its first block in a warm Ray and 2-10 s in a fresh one or on a busy machine (its
-    executor, its read tasks' workers): that wait at an epoch's start was most of the data wait of short epochs,
-    wherever the work before the epoch (building the model, validating) was shorter. The first window (the rows
-    shuffled together) is read here, in 0.1-0.3 s for 144-256 tiny clips (0.7 s at most the first time in a
-    process), while that work runs, and the pipeline starts behind it."""
-
-    def __init__(self, plan: EpochPlan, layout: StepLayout, rank: int, batch_size: int, device: torch.device):
-        self.plan, self.layout, self.rank, self.batch_size, self.device = plan, layout, rank, batch_size, device
-
-    def open(self, epoch: int, step_in_epoch: int) -> Iterator[dict]:
-        """Starts reading at once, in the background: open an epoch before the work its first batches can overlap."""
-        rows_per_step = self.layout.rows_per_step
-        start, stop = step_in_epoch * rows_per_step, self.layout.epoch_steps(epoch) * rows_per_step
-        if stop <= start:  # an epoch too short for one step on every rank
-            return iter(())
-        middle = self.head_stop(epoch, start, stop)
-        head = read_ahead(self.plan, self.plan.windows(epoch, self.rank, start, middle), self.batch_size)
-        tail = iter(())
-        if middle < stop:
-            dataset = self.plan.dataset(epoch, self.rank, start=middle, stop=stop)
-            # batches stay on the host, pinned where a GPU will take them, and DeviceBatches copies them over
-            tail = EpochStream(dataset.iter_torch_batches(
-                batch_size=self.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64},
-                device="cpu", pin_memory=self.device.type == "cuda",
-            ))
-        return DeviceBatches(itertools.chain(head, tail), self.device)
-
-    def head_stop(self, epoch: int, start: int, stop: int) -> int:
-        """Where the rows read in this process end: after the first windows that hold a batch, on a batch boundary,
-        so that the pipeline's batches start where the head's end (the pipeline reads the window it starts in
-        again, to cut its own rows out of the same shuffle)."""
-        rows = 0
-        for item in self.plan.windows(epoch, self.rank, start, stop):
-            rows += item["take"]
-            if rows >= self.batch_size:
-                break
-        return start + rows // self.batch_size * self.batch_size
-
-
-def read_ahead(plan: EpochPlan, items: list[dict], batch_size: int) -> Iterator[dict]:
-    """The batches of `items` (windows of `plan`), read in a background thread from now on."""
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-head")
-    reader = plan.reader()
-    windows = pool.submit(lambda: [reader.read(item) for item in items])
-    pool.shutdown(wait=False)
-
-    def batches() -> Iterator[dict]:
-        read = windows.result()
-        frames = read[0]["frames"] if len(read) == 1 else np.concatenate([window["frames"] for window in read])
-        labels = read[0]["label"] if len(read) == 1 else np.concatenate([window["label"] for window in read])
-        for first in range(0, len(labels), batch_size):
-            yield {"frames": torch.from_numpy(frames[first : first + batch_size]),
-                   "label": torch.from_numpy(labels[first : first + batch_size])}
-
-    return batches()
 
 
 class RayCheckpoints:
@@ -595,10 +355,6 @@ class Trainer:
         return drained
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    Trainer.setup(loop_config).fit()
-
-
 class StepMetrics:
     """Per-step loss and gradient norm kept on the device and read back every `log_every` steps in one transfer
     (an all-reduce of the losses and one copy to the host): a `.item()` per step would stall the host behind the
@@ -637,58 +393,3 @@ class StepMetrics:
         self.last = {"train_loss": drained[-1][1]["train_loss"]}
         self._steps, self._lrs, self._values, self._window_started = [], [], [], now
         return drained
-
-
-class DeviceBatches:
-    """Copies each host batch to the training device one batch ahead, on a side CUDA stream, so that the copy of
-    batch i+1 overlaps the forward and backward of batch i (a copy on the compute stream would wait for them). On
-    the CPU the batches pass through."""
-
-    def __init__(self, batches: Iterator[dict], device: torch.device):
-        self._batches = iter(batches)
-        self._device = device
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._next = None
-
-    def __iter__(self):
-        return self
-
-    def _copy(self, batch: dict) -> dict:
-        with torch.cuda.stream(self._stream):
-            return {key: value.to(self._device, non_blocking=True) for key, value in batch.items()}
-
-    def __next__(self) -> dict:
-        if self._stream is None:
-            return next(self._batches)
-        if self._next is None:
-            self._next = self._copy(next(self._batches))
-        current, self._next = self._next, None
-        compute = torch.cuda.current_stream(self._device)
-        compute.wait_stream(self._stream)
-        for tensor in current.values():
-            tensor.record_stream(compute)  # the side stream's allocator must not reuse it while compute reads it
-        try:
-            self._next = self._copy(next(self._batches))
-        except StopIteration:
-            pass
-        return current
-
-
-class EpochStream:
-    """An epoch's batch iterator whose pipeline start-up (the wait for its first batch) runs in a background thread
-    from construction, so that it overlaps whatever the trainer does before the epoch begins."""
-
-    def __init__(self, batches):
-        self._batches = iter(batches)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="epoch-start")
-        self._first = self._pool.submit(next, self._batches)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self._first is not None:
-            first, self._first = self._first, None
-            self._pool.shutdown(wait=False)
-            return first.result()
-        return next(self._batches)

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 from jobs.exitcodes import OptionError
 from jobs.train import check_flip_pairs
-from jobs.training.config import TrainConfig
 from jobs.training import checkpoint as ckpt
-from jobs.training.loop import StepLayout, Trainer, build_train_state, flip_swap, read_flip_pairs
+from jobs.training.config import TrainConfig
+from jobs.training.data import StepLayout
+from jobs.training.loop import Trainer, build_train_state
+from jobs.training.network import flip_swap, read_flip_pairs
 from model.transforms import train_transform
 
 CLASSES = ["pushing left to right", "pushing right to left", "lifting", "dropping"]

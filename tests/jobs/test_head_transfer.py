@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import model
-from jobs.training.loop import head_rows, load_initial_weights, read_class_map
+from jobs.training.network import head_rows, load_initial_weights, read_class_map
 from tests.model.test_weights import official_checkpoint, source  # noqa: F401 (a fixture)
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from jobs.training.loop import load_initial_weights
-
+from jobs.training.network import load_initial_weights
 from tests.model.test_weights import clip_visual_state, source  # noqa: F401 (source: a fixture)
 from tests.model.test_weights_formats import openai_archive, seeded_tiny
 

@@ -12,7 +12,7 @@ from jobs.config import ConfigError, build
 from jobs.exitcodes import OptionError
 from jobs.train import check_flip_pairs
 from jobs.training.config import TrainConfig
-from jobs.training.loop import StepLayout
+from jobs.training.data import StepLayout
 from jobs.training.recipes import RECIPES_DIR, list_recipes, recipe_values
 from model.configs import count_parameters, get_config
 from tests.jobs.test_train_step import clip_batches, tiny_trainer, weights

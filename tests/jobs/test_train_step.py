@@ -15,7 +15,8 @@ from jobs.metrics import per_class_report, scores_from_counts
 from jobs.options import IngestConfig
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
-from jobs.training.loop import DeviceBatches, EpochStreams, StepLayout, StepMetrics, Trainer, build_train_state
+from jobs.training.data import DeviceBatches, EpochStreams, StepLayout
+from jobs.training.loop import StepMetrics, Trainer, build_train_state
 from jobs.training.optim import build_optimizer, build_scheduler
 from jobs.training.tracking import HEATMAP_MAX_CLASSES, _confusion_image
 from model.transforms import train_transform

@@ -10,7 +10,7 @@ import torch
 
 import model
 from jobs.training.config import TrainConfig
-from jobs.training.loop import model_overrides
+from jobs.training.network import model_overrides
 from model.inference import predict_views
 from model.package import ModelCard, save_package
 from tests.model.test_weights import mmaction_checkpoint, official_checkpoint, source  # noqa: F401 (a fixture)
