@@ -1,7 +1,8 @@
 """`uniformer predict`: what is in these videos? The scoring path in one process (no Ray, nothing written): the
 model resolved once, each video decoded into the model's views as `score` decodes them (`decode_batch`, in the
 decoding child process, within the decode limits) and run through the same `ViewPredictor`, so a video gets the
-probabilities `score` would write for it."""
+probabilities `score` would write for it. `decode_video` is that per-video step, which the served pyfunc
+(jobs.serving.pyfunc_model) takes too."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from jobs.score import build_params, decode_batch
 from jobs.scoring.predict import ViewPredictor
 from jobs.scoring.results import identity_columns
 from pipeline.decode import DecodeLimits
+from pipeline.predictions import ScoreParams
 from pipeline.storage import Storage, is_object_error, parse_uri
 
 
@@ -59,26 +61,43 @@ def predict_videos(
 
     def predictions() -> Iterator[VideoPrediction]:
         for video in videos:
-            location = parse_uri(video)
-            try:
-                size = storage.size(location)
-            except Exception as error:  # noqa: BLE001 - told per video, as score does
-                if not is_object_error(error):
-                    raise  # the store failed, not this video
-                yield VideoPrediction(video, location.uri, error=f"read: {type(error).__name__}: no such video",
-                                      seconds=time.monotonic() - started)
-                continue
-            batch = {"video_id": np.array([video], object), "source_uri": np.array([location.uri], object),
-                     "source_etag": np.array([""], object), "source_size": np.array([size]),
-                     "shard": np.array([0])}
-            row = predictor(decode_batch(batch, storage, params, limits)).to_pylist()[0]
+            row = predictor(decode_video(video, storage, params, limits)).to_pylist()[0]
             seconds = time.monotonic() - started
             if row["error_type"]:
                 error = f"{row['error_stage']}: {row['error_type']}: {row['error_message']}"
-                yield VideoPrediction(video, location.uri, error=error, seconds=seconds)
+                yield VideoPrediction(video, row["source_uri"], error=error, seconds=seconds)
                 continue
             top = [{"id": int(i), "name": name, "prob": float(prob)}
                    for i, name, prob in zip(row["top_k_ids"], row["top_k_names"], row["top_k_probs"])]
-            yield VideoPrediction(video, location.uri, top, seconds=seconds)
+            yield VideoPrediction(video, row["source_uri"], top, seconds=seconds)
 
     return resolved.identity, predictions()
+
+
+def decode_video(
+    video: str, storage: Storage, params: ScoreParams, limits: DecodeLimits = DecodeLimits()
+) -> dict[str, np.ndarray]:
+    """One video (a local path or a storage URI) as `decode_batch` gives it to `ViewPredictor`: a batch of one row,
+    its views, or its error when it is not there or cannot be decoded (a store that fails raises, as in score)."""
+    location = parse_uri(video)
+    try:
+        size = storage.size(location)
+    except Exception as error:  # noqa: BLE001 - told per video, as score does
+        if not is_object_error(error):
+            raise  # the store failed, not this video
+        return failed_video(video, location.uri, params, "read", type(error).__name__, "no such video")
+    batch = {"video_id": np.array([video], object), "source_uri": np.array([location.uri], object),
+             "source_etag": np.array([""], object), "source_size": np.array([size]), "shard": np.array([0])}
+    return decode_batch(batch, storage, params, limits)
+
+
+def failed_video(video: str, uri: str, params: ScoreParams, stage: str, error_type: str,
+                 message: str) -> dict[str, np.ndarray]:
+    """The row `decode_batch` makes of a video it could not decode (blank views, its error), for one that failed
+    before it."""
+    views = np.zeros((1, params.temporal_views * params.spatial_views, params.frames, params.crop, params.crop, 3),
+                     np.uint8)
+    return {"video_id": np.array([video], object), "source_uri": np.array([uri], object),
+            "source_etag": np.array([""], object), "source_size": np.array([0]), "shard": np.array([0]),
+            "views": views, "error_stage": np.array([stage], object), "error_type": np.array([error_type], object),
+            "error_message": np.array([message], object)}

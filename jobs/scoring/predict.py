@@ -58,14 +58,14 @@ class ViewPredictor:
         torch_threads: int | None = None,
         warm_up: bool = True,
     ):
-        import ray
-
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if "weights_path" in package:
             self.net, self.card = load_package(package["weights_path"], package["config_path"], device=self.device)
         else:
+            import ray  # only here: the pyfunc MLflow serves builds this from files, in an environment without Ray
+
             weights = package["weights"]
             weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
             with tempfile.TemporaryDirectory() as directory:
