@@ -28,18 +28,24 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-
 import model
+import pipeline
 from jobs.config import absolute_location
 from jobs.credentials import redact
 from model.package import CONFIG_FILE, WEIGHTS_FILE, ModelCard
 from pipeline.lease import LeaseHeld, LeaseLost
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 PYFUNC_SOURCE = os.path.join(os.path.dirname(__file__), "serving", "pyfunc_model.py")
 MODEL_PACKAGE_DIR = os.path.dirname(model.__file__)
+# What the pyfunc imports of this project (the model, the scoring path's decoding and views, storage), shipped with
+# it so that a served model needs only its pinned requirements.
+PYFUNC_CODE_DIRS = (MODEL_PACKAGE_DIR, os.path.dirname(os.path.abspath(__file__)), os.path.dirname(pipeline.__file__))
 
 log = logging.getLogger(__name__)
 
@@ -237,18 +243,59 @@ class RegistryLease:
             pass  # removed by another holder meanwhile
 
 
+# The distributions the pyfunc imports when it serves: the model (torch, safetensors, numpy), the scoring path's
+# decoding (decord, and av for the headers it checks first), its rows (pyarrow, pandas), the s3:// store (boto3), the
+# project's option files (PyYAML), and MLflow itself.
+SERVED_DISTRIBUTIONS = (
+    "torch", "safetensors", "numpy", "mlflow", "pyarrow", "pandas", "decord", "av", "boto3", "PyYAML",
+)
+
+
 def pinned_requirements() -> list[str]:
     """What the pyfunc imports, at the versions that trained and logged it: a served model must not meet another
-    torch or safetensors than the one its weights were checked against."""
+    torch or safetensors than the one its weights were checked against, nor another decoder than score's."""
     from importlib.metadata import version
 
-    return [f"{package}=={version(package)}" for package in ("torch", "safetensors", "numpy", "mlflow")]
+    return [f"{package}=={version(package)}" for package in SERVED_DISTRIBUTIONS]
 
 
-def input_example(card: ModelCard) -> np.ndarray:
-    """One clip in the stored format the pyfunc takes (uint8 `[1, T, S, S, 3]`, S the stored square side): black
-    frames, which say the shape and type without shipping anyone's video with the model."""
-    return np.zeros((1, card.frames, card.short_side, card.short_side, 3), dtype=np.uint8)
+def input_example() -> pd.DataFrame:
+    """One short synthetic video's bytes in the `video` column the pyfunc takes (a few KB: 8 frames of 32 x 32),
+    which says the input without shipping anyone's video with the model."""
+    import pandas as pd
+
+    from pipeline.synthetic import write_motion_video
+
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "example.mp4")
+        write_motion_video(path, "right", size=(32, 32), num_frames=8)
+        return pd.DataFrame({"video": [Path(path).read_bytes()]})
+
+
+def pyfunc_signature():
+    """No input schema, so that both the video rows and clips arrays of any H x W reach the pyfunc (an input schema
+    is either columns or one tensor shape); the output's columns; the parameters a call may give."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    from jobs.options import ScoreConfig
+    from jobs.serving import DEFAULT_TOP_K
+
+    return ModelSignature(
+        inputs=None,
+        outputs=Schema([
+            ColSpec(Array("long"), "top_k_ids", required=False),
+            ColSpec(Array("string"), "top_k_names", required=False),
+            ColSpec(Array("float"), "top_k_probs", required=False),
+            ColSpec(Array("float"), "probs", required=False),
+            ColSpec("string", "error", required=False),
+        ]),
+        params=ParamSchema([
+            ParamSpec("top_k", "long", DEFAULT_TOP_K),
+            ParamSpec("full_probs", "boolean", False),
+            ParamSpec("views", "string", ScoreConfig.views),
+        ]),
+    )
 
 
 def log_model(
@@ -264,8 +311,6 @@ def log_model(
 
     Returns (model_uri, registered version number or None)."""
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(tracking_uri)
@@ -273,11 +318,6 @@ def log_model(
         done = [v for v in model_versions(client, register_as) if v.run_id == run_id]
         if done:  # a re-run after a completed registration registers nothing new
             return done[0].source, int(done[0].version)
-    signature = ModelSignature(
-        # unnamed tensors: predict() receives the clip array itself, not a {name: array} dict
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, card.frames, card.short_side, card.short_side, 3))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, card.num_classes))]),
-    )
     with tempfile.TemporaryDirectory() as directory:
         config_path = os.path.join(directory, model.package.CONFIG_FILE)
         with open(config_path, "w", encoding="utf-8") as handle:
@@ -289,9 +329,9 @@ def log_model(
                 name="model",
                 python_model=PYFUNC_SOURCE,
                 artifacts={"weights": weights_path, "config": config_path},
-                code_paths=[MODEL_PACKAGE_DIR],
-                signature=signature,
-                input_example=input_example(card),
+                code_paths=list(PYFUNC_CODE_DIRS),
+                signature=pyfunc_signature(),
+                input_example=input_example(),
                 pip_requirements=pinned_requirements(),
             )
     version = None

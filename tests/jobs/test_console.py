@@ -168,7 +168,8 @@ def test_train_console_shows_progress_not_ray_and_mlflow_shows_what_it_was_train
     mlflow.set_tracking_uri(mlflow_server.uri)
     model = mlflow.models.Model.load(version.source)
     example = model.load_input_example(mlflow.artifacts.download_artifacts(version.source))
-    assert example.shape == (1, 8, 40, 40, 3) and str(example.dtype) == "uint8"
+    # one short synthetic video's bytes (base64, as a JSON input example holds binary; MLflow predicted it when logging)
+    assert list(example.columns) == ["video"] and len(example) == 1 and len(example["video"][0]) < 16_000
 
     # -v brings Ray's own lines back: Ray Data's execution lines of a second ingest (into a dataset of its own)
     verbose = uniformer("-v", "ingest", str(tmp_path / "videos"), "--out", str(tmp_path / "clips-verbose"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -181,7 +182,8 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "plots")}
     assert "plots/curves.png" in artifacts and "plots/confusion_epoch_019.png" in artifacts
 
-    # the registered pyfunc predicts on the stored clip format, and agrees with the checkpoint's weights
+    # the registered pyfunc predicts on the stored clip format (rows of top-k and, asked for, every probability), and
+    # agrees with the checkpoint's weights
     mlflow.set_tracking_uri(mlflow_server.uri)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -189,7 +191,9 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
     assert not [w for w in caught if "type hints" in str(w.message)], [str(w.message) for w in caught]
     rows = list(iter_clips(motion_dataset, columns=["frames", "label"]))[:6]
     clips = np.stack([row["frames"] for row in rows])
-    probabilities = served.predict(clips)
+    rows = served.predict(clips, params={"full_probs": True})
+    assert rows["error"].isna().all() and [len(names) for names in rows["top_k_names"]] == [4] * 6
+    probabilities = np.stack(rows["probs"])
     assert probabilities.shape == (6, 4)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
 
@@ -204,6 +208,15 @@ def test_two_workers_learn_motion_and_register_a_loadable_model(motion_dataset, 
         direct = torch.softmax(net.eval()(normalized.permute(0, 4, 1, 2, 3)), dim=-1).numpy()
     np.testing.assert_allclose(probabilities, direct, atol=1e-5)
     assert served.unwrap_python_model().card.overrides["input_normalization"] == "slowfast"
+
+    # videos it was trained on, as a serving client sends them (bytes, or paths), decoded as score decodes them: named
+    sources = [path for folder in sorted((Path(motion_dataset).parent / "videos").iterdir())
+               for path in sorted(folder.glob("*.mp4"))[:3]]
+    as_bytes = served.predict(pd.DataFrame({"video": [path.read_bytes() for path in sources]}), params={"top_k": 2})
+    as_paths = served.predict([str(path) for path in sources], params={"top_k": 2})
+    assert as_bytes["error"].isna().all() and as_bytes["top_k_probs"].tolist() == as_paths["top_k_probs"].tolist()
+    named = [names[0] == path.parent.name for names, path in zip(as_paths["top_k_names"], sources)]
+    assert sum(named) >= len(sources) - 2, list(zip(as_paths["top_k_names"], sources))
 
 
 def test_relative_paths_reach_the_workers_as_the_driver_meant_them(motion_dataset, tmp_path, mlflow_server,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,7 +48,8 @@ def test_a_released_checkpoint_scores_uint8_pixels_as_the_official_code(source, 
 
     served = UniFormerV2Classifier()
     served.load_context(SimpleNamespace(artifacts={"weights": weights, "config": config}))
-    torch.testing.assert_close(torch.from_numpy(served.predict(None, clips.numpy())), expected, atol=1e-5, rtol=0)
+    rows = served.predict(None, clips.numpy(), params={"full_probs": True})
+    torch.testing.assert_close(torch.tensor(np.stack(rows["probs"]), dtype=torch.float32), expected, atol=1e-5, rtol=0)
 
 
 def test_a_model_that_normalises_otherwise_than_its_checkpoint_says_so(source):  # noqa: F811
