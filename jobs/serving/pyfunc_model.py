@@ -38,13 +38,11 @@ OUTPUT_COLUMNS = ("top_k_ids", "top_k_names", "top_k_probs", "error")
 class UniFormerV2Classifier(PythonModel):
     def load_context(self, context) -> None:
         from jobs.scoring.predict import ViewPredictor
-        from pipeline.storage import Storage
 
         package = {"weights_path": context.artifacts["weights"], "config_path": context.artifacts["config"]}
         # every class's probability, so that each call picks its own top-k (jobs.scoring.predict.top_k_columns)
         self.predictor = ViewPredictor(package, 1 << 30, True, {}, warm_up=False)
         self.net, self.card = self.predictor.net, self.predictor.card
-        self.storage = Storage()  # the endpoint from the environment; credentials from the AWS chain
 
     # typed so that MLflow prints no "add type hints" warning: a DataFrame hint makes MLflow pass the input as it
     # comes (no type-hint schema), and the logged signature names no input schema, so clips arrays pass too
@@ -79,9 +77,11 @@ class UniFormerV2Classifier(PythonModel):
         from jobs.options import ScoreConfig
         from jobs.predict import decode_video, failed_video
         from jobs.score import build_params
+        from pipeline.storage import Storage
 
         if not videos:
             return None
+        storage = Storage()  # the endpoint as the environment says now; credentials from the AWS chain
         # the model's test views as score takes them (its default unless the call names others)
         views = build_params(self.card, params.get("views") or ScoreConfig.views, 1, full_probs=True, short_side=None)
         rows = []
@@ -92,12 +92,12 @@ class UniFormerV2Classifier(PythonModel):
                     path = os.path.join(scratch, f"video-{index}")
                     with open(path, "wb") as handle:
                         handle.write(video)
-                    row = decode_video(path, self.storage, views)
+                    row = decode_video(path, storage, views)
                     row["video_id"] = row["source_uri"] = np.array([f"<bytes of input {index}>"], object)
                     row["error_message"] = np.array([str(row["error_message"][0]).replace(path, "the video")], object)
                 else:
                     try:
-                        row = decode_video(video, self.storage, views)
+                        row = decode_video(video, storage, views)
                     except ValueError as error:  # not a URI the storage reads: this input's error alone
                         row = failed_video(video, video, views, "read", type(error).__name__, str(error))
                 rows.append(row)

@@ -107,6 +107,18 @@ def test_clips_of_any_size_are_brought_to_the_stored_format_and_a_missing_path_i
         assert missing["error"].tolist() == ["read: FileNotFoundError: no such video"]
 
 
+def test_a_video_on_s3_is_answered_like_its_bytes_with_the_endpoint_from_the_environment(
+    served, videos, s3_server, s3_bucket, monkeypatch  # noqa: F811
+):
+    s3_server.client().upload_file(str(videos[0]), s3_bucket, "archive/clip.mp4")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    remote = served.predict(pd.DataFrame({"uri": [f"s3://{s3_bucket}/archive/clip.mp4",
+                                                  f"s3://{s3_bucket}/archive/gone.mp4"]}))
+    local = served.predict([videos[0].read_bytes()])
+    assert remote["top_k_probs"][0] == local["top_k_probs"][0] and remote["top_k_names"][0] == local["top_k_names"][0]
+    assert remote["error"].tolist() == [None, "read: FileNotFoundError: no such video"]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
