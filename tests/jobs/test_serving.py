@@ -53,6 +53,16 @@ def served(registered, mlflow_server):
     return loaded
 
 
+def test_the_logged_example_is_a_short_video_that_the_model_answers_at_one_view(registered, served):
+    local = mlflow.artifacts.download_artifacts(registered)
+    logged = mlflow.models.Model.load(local)
+    example, params = logged.load_input_example(local), logged.load_input_example_params(local)
+    # one view: MLflow predicts the example as it logs the model, and 4x3 cost a B/16 registration half a minute
+    assert params == {"views": "1x1"} and list(example.columns) == ["video"] and len(example) == 1
+    [row] = served.predict(example, params=params).to_dict("records")
+    assert row["error"] is None and len(row["top_k_names"]) == len(CLASSES)
+
+
 def predicted(package, paths) -> list:  # noqa: F811
     """What `uniformer predict` says of each video, at its default views, with every class."""
     _, predictions = predict_videos([str(path) for path in paths], str(package), top_k=len(CLASSES))
