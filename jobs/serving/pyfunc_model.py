@@ -20,6 +20,7 @@ that could not be read or decoded, its predictions null; None otherwise).
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import tempfile
 from typing import Any
@@ -73,7 +74,7 @@ class UniFormerV2Classifier(PythonModel):
                 "shard": np.zeros(count), "views": stored[:, None], "error_stage": blank, "error_type": blank,
                 "error_message": blank}
 
-    def _video_batch(self, videos: list[bytes | str], params: dict) -> dict[str, np.ndarray] | None:
+    def _video_batch(self, videos: list[bytes | str | UnreadableInput], params: dict) -> dict[str, np.ndarray] | None:
         from jobs.options import ScoreConfig
         from jobs.predict import decode_video, failed_video
         from jobs.score import build_params
@@ -87,7 +88,10 @@ class UniFormerV2Classifier(PythonModel):
         rows = []
         with tempfile.TemporaryDirectory(prefix="uniformer-pyfunc-") as scratch:
             for index, video in enumerate(videos):
-                if isinstance(video, bytes):
+                if isinstance(video, UnreadableInput):
+                    label = f"<input {index}>"
+                    row = failed_video(label, label, views, "read", type(video).__name__, str(video))
+                elif isinstance(video, bytes):
                     # the bytes as a local file: the same fetch, limits and decoding child as a video in a store
                     path = os.path.join(scratch, f"video-{index}")
                     with open(path, "wb") as handle:
@@ -126,7 +130,11 @@ def _clips(model_input) -> np.ndarray | None:
     return None
 
 
-def _videos(model_input) -> list[bytes | str]:
+class UnreadableInput(ValueError):
+    """An input row that names no video: answered as that row's error."""
+
+
+def _videos(model_input) -> list[bytes | str | UnreadableInput]:
     """Each input video as its bytes or its URI."""
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input)
@@ -139,7 +147,11 @@ def _videos(model_input) -> list[bytes | str]:
         for _, row in model_input.iterrows():
             content = row.get(VIDEO_COLUMN)
             if isinstance(content, str):  # JSON carries binary as base64 text
-                content = base64.b64decode(content)
+                try:
+                    content = base64.b64decode(content)
+                except binascii.Error as error:  # this row's fault: the other rows are still answered
+                    videos.append(UnreadableInput(f"the video column is not base64: {error}"))
+                    continue
             if isinstance(content, (bytes, bytearray, memoryview)):
                 videos.append(bytes(content))
             elif isinstance(row.get(URI_COLUMN), str):

@@ -76,6 +76,10 @@ def test_videos_as_bytes_or_paths_get_the_probabilities_predict_gives_and_a_bad_
     contents = [path.read_bytes() for path in videos]
     as_bytes = served.predict(pd.DataFrame({"video": [contents[0], b"not a video at all", contents[1]]}))
     as_paths = served.predict([str(videos[0]), str(videos[1])], params={"top_k": 2, "full_probs": True})
+    # text that is not base64 (what JSON carries for bytes) is its row's error, not the request's
+    as_text = served.predict(pd.DataFrame({"video": [base64.b64encode(contents[0]).decode(), "not base64!"]}))
+    assert as_text["error"][0] is None and as_text["top_k_names"][0] == [top["name"] for top in expected[0].top_k]
+    assert as_text["error"][1].startswith("read: UnreadableInput: the video column is not base64")
 
     assert list(as_bytes.columns) == ["top_k_ids", "top_k_names", "top_k_probs", "error"]
     assert as_bytes["error"][1].startswith("decode: VideoDecodeError: cannot open as a video")
