@@ -11,8 +11,9 @@ JSON object.
 - decode-only: `pipeline.windows.iter_windows` over the same video in this process, nothing else: windows/s;
 - ratio: score / decode-only (one video is one decoding task, so a single video's windowed run is bounded by one
   CPU's walk plus the model on the same cores);
-- memory (--memory M1,M2,...): the peak RSS of a fresh process walking a video of each length (what a decoding
-  worker holds), and of the driver during a run: flat from 10 to 60 minutes when memory is bounded by a few windows;
+- memory (--memory M1,M2,...): the peak RSS of a fresh process walking a video of each length with its frames read
+  in a decoding child, as a scoring worker does (the process's and the child's), and of the driver during a run:
+  flat from 10 to 60 minutes when memory is bounded by a few windows;
 - cost (--heights H1,H2,...): the decode-only walk of a 2-minute 16:9 video at each height, one process (one CPU,
   decord's one thread): windows/s per CPU and the CPU hours that an hour of such video takes at --windows' stride.
 Videos are generated once and cached in --work-dir.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -68,26 +68,44 @@ def long_video(folder: Path, minutes: float, size: tuple[int, int] = SIZE) -> Pa
     return path
 
 
-def decode_only(video: Path, spec: str, frames: int, crop: int, spatial: int) -> dict:
+def decode_only(video: Path, spec: str, frames: int, crop: int, spatial: int, isolated: bool = False) -> dict:
+    """The walk alone; `isolated`: its frames read in a decoding child, as a scoring worker reads them (the child's
+    peak RSS reported beside this process's)."""
     import torch  # noqa: F401 - resizing imports it on first use: a one-time cost, not the walk's
 
+    from pipeline.isolation import DecoderProcess
     from pipeline.windows import iter_windows, parse_windows
 
+    decoder = DecoderProcess() if isolated else None
     started, windows = time.monotonic(), 0
-    for chunk in iter_windows(video, parse_windows(spec), frames, crop, spatial):
+    for chunk in iter_windows(video, parse_windows(spec), frames, crop, spatial, decoder=decoder):
         windows += len(chunk.bounds)
     seconds = time.monotonic() - started
-    return {"windows": windows, "seconds": round(seconds, 3), "windows_per_s": round(windows / seconds, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    result = {"windows": windows, "seconds": round(seconds, 3), "windows_per_s": round(windows / seconds, 2),
+              "peak_rss_mb": peak_rss_mb()}
+    if decoder is not None:
+        result["child_peak_rss_mb"] = peak_rss_mb(decoder.pid)
+        decoder.close()
+    return result
 
 
-def walk_in_fresh_process(video: Path, spec: str, frames: int, crop: int, spatial: int) -> dict:
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """A process's own peak resident set (Linux VmHWM, which exec resets): ru_maxrss would also count the pages of the
+    parent it was forked from, so a walker started by this 700 MB driver would read 700 MB whatever it held."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def walk_in_fresh_process(video: Path, spec: str, frames: int, crop: int, spatial: int, isolated: bool = False) -> dict:
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.append(sys.argv[1] + '/benchmarks'); "
             "from windows import decode_only; from pathlib import Path; "
             "print(json.dumps(decode_only(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), "
-            "int(sys.argv[6]))))")
+            "int(sys.argv[6]), sys.argv[7] == '1')))")
     out = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT), str(video), spec, str(frames), str(crop),
-                          str(spatial)], check=True, capture_output=True, text=True).stdout
+                          str(spatial), "1" if isolated else "0"], check=True, capture_output=True, text=True).stdout
     import json
 
     return json.loads(out.strip().splitlines()[-1])
@@ -146,14 +164,16 @@ def main() -> None:
                   "windows_per_s": round(score_rate, 2)},
         "decode_only": decode,
         "ratio_to_decode_only": round(score_rate / decode["windows_per_s"], 3),
-        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "driver_peak_rss_mb": peak_rss_mb(),
     }
     if args.memory:
-        result["walk_peak_rss_mb_by_minutes"] = {
-            minutes: walk_in_fresh_process(long_video(work / "videos", float(minutes)), args.windows, card.frames,
-                                           card.crop_size, spatial)["peak_rss_mb"]
-            for minutes in args.memory.split(",")
-        }
+        # the walk as a scoring worker runs it: frames read in its decoding child
+        walks = {minutes: walk_in_fresh_process(long_video(work / "videos", float(minutes)), args.windows,
+                                                card.frames, card.crop_size, spatial, isolated=True)
+                 for minutes in args.memory.split(",")}
+        result["walk_peak_rss_mb_by_minutes"] = {minutes: walk["peak_rss_mb"] for minutes, walk in walks.items()}
+        result["decoding_child_peak_rss_mb_by_minutes"] = {minutes: walk["child_peak_rss_mb"]
+                                                           for minutes, walk in walks.items()}
     if args.heights:
         windows_per_hour = 3600 / parse_windows(args.windows).stride
         result["cost_per_cpu_by_height"] = {}

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -326,7 +327,10 @@ def log_model(
             handle.write(card.to_json())
         # MLflow refuses to resume a run outside the process's active experiment: make the run's own one active
         mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # MLflow's own input-example code (`df.columns == range(...)`) trips a pandas deprecation at every
+            # registration; it says nothing about this model
+            warnings.filterwarnings("ignore", "Operation with range is deprecated", module="mlflow.models.utils")
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=PYFUNC_SOURCE,

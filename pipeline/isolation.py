@@ -217,6 +217,12 @@ class DecoderProcess:
                     return value
                 raise value
 
+    @property
+    def pid(self) -> int | None:
+        """The running child's process id (None before it starts or once it has ended)."""
+        process = self._process
+        return process.pid if process is not None and process.poll() is None else None
+
     def close(self) -> None:
         with self._lock:
             self._stop()
