@@ -15,6 +15,16 @@ def emit(result: dict, output: str | os.PathLike | None) -> None:
         Path(output).write_text(text + "\n")
 
 
+def status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory figure of a process's /proc/PID/status (Linux), in MB: `VmRSS` now, `VmHWM` its own peak (which exec
+    resets; `ru_maxrss` would also count the pages of the parent a process was forked from)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(f"no {field} in /proc/{pid}/status")
+
+
 def spread(values, digits: int = 3) -> dict:
     """A figure measured over interleaved rounds: its median (what a goal is judged by), min and max, and the rounds."""
     values = list(values)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `model` is the repository's, not benchmarks/model.py
 
-from bench_output import emit  # noqa: E402
+from bench_output import emit, status_mb  # noqa: E402
 
 NEW_VIDEOS = 10_000
 SHARD_VIDEOS = 160  # an 8x256x256 clip is 1.57 MB: ingest's 256 MB shards hold about 160 clips
@@ -52,24 +52,16 @@ CLASSES = 400
 SIZE = 1000
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
 def rss_mb() -> float:
     """Resident memory now, after resetting the peak to it (Linux: clear_refs 5), so that `peak_mb` measures the
     phase that follows and not the imports before it."""
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
-    return _status_mb("VmRSS")
+    return status_mb("VmRSS")
 
 
 def peak_mb() -> float:
-    return _status_mb("VmHWM")
+    return status_mb("VmHWM")
 
 
 def video_id(i: int) -> str:

@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the repo: benchmarks/model.py is no `model`
 
-from bench_output import emit  # noqa: E402
+from bench_output import emit, status_mb  # noqa: E402
 
 FPS, PIECE, SIZE = 8, 16, (640, 360)
 
@@ -90,13 +90,8 @@ def decode_only(video: Path, spec: str, frames: int, crop: int, spatial: int, is
 
 
 def peak_rss_mb(pid: int | str = "self") -> float:
-    """A process's own peak resident set (Linux VmHWM, which exec resets): ru_maxrss would also count the pages of the
-    parent it was forked from, so a walker started by this 700 MB driver would read 700 MB whatever it held."""
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+    # VmHWM, not ru_maxrss: a walker forked from this 700 MB driver would read 700 MB whatever it held
+    return round(status_mb("VmHWM", pid), 1)
 
 
 def walk_in_fresh_process(video: Path, spec: str, frames: int, crop: int, spatial: int, isolated: bool = False) -> dict:
