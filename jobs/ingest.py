@@ -27,7 +27,14 @@ from pipeline.ingest import (
     commit_ingest,
     plan_ingest,
 )
-from pipeline.listing import attach_labels, list_videos, read_class_names, read_labels_csv
+from pipeline.listing import (
+    attach_labels,
+    labels_by_segment,
+    list_videos,
+    read_class_names,
+    read_labels_csv,
+    segment_inputs,
+)
 from pipeline.manifest import SHARDS_DIR, SamplingParams, latest_manifest, write_manifest
 from pipeline.schema import ErrorRecord
 from pipeline.storage import DEFAULT_SPILL_THRESHOLD_BYTES, Storage, parse_uri
@@ -108,7 +115,11 @@ def run_ingest(
     class_names = read_class_names(config.classes, storage) if config.classes else None
     listed = list_videos(source, storage)
     labelled, label_errors = attach_labels(listed, source, labels_csv=labels, labels_from_dirs=labels_from_dirs)
-    labels_mode = "csv" if labels_csv else "dirs" if labels_from_dirs else "none"
+    labels_mode = "dirs" if labels_from_dirs else "none"
+    if labels_csv:
+        labels_mode = "segments" if labels_by_segment(labels) else "csv"
+    if labels_mode == "segments":
+        listed = segment_inputs(listed, labelled)
     # the run record comes before any part is looked at: `uniformer gc` leaves them
     with contextlib.nullcontext() if dry_run else RunRecord(storage, root, "ingest") as run:
         previous = latest_manifest(root, storage)
@@ -121,8 +132,9 @@ def run_ingest(
             return _preview(plan, echo)
         run.claim(plan.groups.names)
         storage.remove_stale_staging(root.join(SHARDS_DIR))
+        inputs = "segments and videos without one" if labels_mode == "segments" else "videos"
         echo(
-            f"ingest {source.uri} -> {root.uri}: {len(listed)} videos listed, {len(plan.already_done)} already done, "
+            f"ingest {source.uri} -> {root.uri}: {len(listed)} {inputs} listed, {len(plan.already_done)} already done, "
             f"{len(plan.known_failures)} known failures, {plan.num_pending} to decode in {len(plan.groups)} shards"
         )
 

@@ -56,7 +56,11 @@ class IngestConfig:
 
     src: str = option(help=VIDEOS, argument=True, local_path=True)
     out: str = option(help="Clip dataset: s3://bucket/prefix or a local folder.", local_path=True)
-    labels: str | None = option(None, local_path=True, help="CSV 'path,label' with paths relative to SRC.")
+    labels: str | None = option(
+        None, local_path=True,
+        help="CSV 'path,label' with paths relative to SRC, or 'path,start,end,label': labelled segments (seconds) of "
+        "untrimmed videos, each segment's clips cut inside it.",
+    )
     labels_from_dirs: bool = option(False, help="Label = parent folder (Kinetics layout).")
     classes: str | None = option(
         None, local_path=True, help="Class names, one per line, in class id order (e.g. Kinetics-400's label map): "

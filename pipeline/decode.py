@@ -249,6 +249,37 @@ def decode_size(header: VideoHeader, min_short_side: int | None) -> dict[str, in
             "height": max(2, round(header.height * scale / 2) * 2)}
 
 
+def frame_start_times(reader) -> tuple[np.ndarray, float]:
+    """Each frame's start in seconds from the first frame's, and the video's duration, from the container's
+    timestamps (variable frame rates included); from the average frame rate where the timestamps are missing."""
+    import decord
+
+    try:
+        count = len(reader)
+        if count < 1:
+            raise VideoDecodeError("video has no frames")
+        stamps = np.asarray(reader.get_frame_timestamp(np.arange(count)), np.float64).reshape(count, 2)
+    except (decord.DECORDError, RuntimeError) as error:
+        raise VideoDecodeError(f"cannot open as a video: {describe_decoder_error(error)}") from None
+    starts = stamps[:, 0] - stamps[0, 0]
+    duration = float(stamps[-1, 1] - stamps[0, 0])
+    if not duration > 0:
+        fps = float(reader.get_avg_fps()) or 1.0
+        starts, duration = np.arange(count) / fps, count / fps
+    return starts, duration
+
+
+def segment_frames(reader, segment: tuple[float, float]) -> tuple[int, int]:
+    """The frames `[first, stop)` that start inside `segment` (seconds); an annotation running past the video's end
+    keeps the frames up to it (annotators round up), one holding no frame is a VideoDecodeError."""
+    starts, duration = frame_start_times(reader)
+    start, end = segment
+    first, stop = np.searchsorted(starts, [start, end], side="left").tolist()
+    if stop <= first:
+        raise VideoDecodeError(f"the segment {start:g}-{end:g} s holds no frame of this {duration:.2f} s video")
+    return first, stop
+
+
 def read_sampled_frames(
     video: bytes | str | os.PathLike,
     frames: int,
@@ -260,6 +291,7 @@ def read_sampled_frames(
     limits: DecodeLimits = DecodeLimits(),
     min_short_side: int | None = None,
     decoder: Decoder | None = None,
+    segment: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ClipInfo]:
     """The distinct frames that K sampled clips need, at decoded size: `(frames [U, H, W, 3] uint8, their sorted
     frame indices [U], ClipInfo)`. `np.searchsorted(indices, info.frame_indices)` maps clip positions to rows.
@@ -268,14 +300,15 @@ def read_sampled_frames(
     decoder threads; one per task is right when every CPU runs its own task. A video whose header declares more than
     `limits` is refused before decoding; with `min_short_side`, a source much larger than that is decoded scaled down
     (`decode_size`), so the frames come back smaller than the source. With `decoder`, all of it runs in that child
-    process, stopped after `limits.decode_timeout` (pipeline.isolation).
+    process, stopped after `limits.decode_timeout` (pipeline.isolation). With `segment` (start, end seconds in the
+    video's own time), the clips are sampled from the frames that start inside it, as from a video of those frames.
     Raises VideoDecodeError (VideoTooLarge, DecoderCrashed, DecodeTimeout) with a one-line reason for anything that is
     not a decodable video within the limits.
     """
     if decoder is not None:
         return decoder.call(
             limits.decode_timeout, read_sampled_frames, video, frames, sampling, stride, clips_per_video, num_threads,
-            frames_per_segment, limits, min_short_side,
+            frames_per_segment, limits, min_short_side, None, segment,
         )
     import decord
 
@@ -297,8 +330,10 @@ def read_sampled_frames(
     reader = open_reader(**decode_size(header, min_short_side))
     num_video_frames = len(reader)
     fps = float(reader.get_avg_fps())
-    indices, padded = sample_frame_indices(num_video_frames, frames, sampling, stride, clips_per_video,
+    first, stop = (0, num_video_frames) if segment is None else segment_frames(reader, segment)
+    indices, padded = sample_frame_indices(stop - first, frames, sampling, stride, clips_per_video,
                                            frames_per_segment)
+    indices += first
     wanted = np.unique(indices).tolist()
     try:
         decoded = reader.get_batch(wanted).asnumpy()
@@ -337,15 +372,16 @@ def decode_clips(
     frames_per_segment: int = 1,
     limits: DecodeLimits = DecodeLimits(),
     decoder: Decoder | None = None,
+    segment: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, ClipInfo]:
     """Decode K clips `[K, T * M, S, S, 3]` uint8 (M = `frames_per_segment`) from one video given as bytes (decoded from memory) or a local path:
     the sampled frames (`read_sampled_frames`, within `limits`, in `decoder`'s child process when given), each
-    scaled so its short side is S and centre-cropped to a square.
+    scaled so its short side is S and centre-cropped to a square; with `segment` (seconds), sampled inside it.
 
     Raises VideoDecodeError with a one-line reason for anything that is not a decodable video within the limits.
     """
     decoded, wanted, info = read_sampled_frames(video, frames, sampling, stride, clips_per_video, num_threads,
-                                                frames_per_segment, limits, short_side, decoder)
+                                                frames_per_segment, limits, short_side, decoder, segment)
     resized = resize_center_crop(decoded, short_side)
     clips = resized[np.searchsorted(wanted, info.frame_indices)]  # [K, T * M, S, S, 3]
     return clips, info

@@ -30,7 +30,15 @@ from pipeline.dataset.parts import ShardEntry, published_part
 from pipeline.dataset.sources import SourceTable, deleted_inputs, partition_inputs
 from pipeline.decode import DecodeLimits, decode_clips
 from pipeline.isolation import DecoderProcess, shared_decoder
-from pipeline.listing import ItemsOnDemand, PlannedGroups, SourceVideo, VideoListing, extend_class_map, fixed_class_map
+from pipeline.listing import (
+    ItemsOnDemand,
+    PlannedGroups,
+    SourceVideo,
+    VideoListing,
+    extend_class_map,
+    fixed_class_map,
+    split_segment,
+)
 from pipeline.manifest import SHARDS_DIR, Manifest, SamplingParams
 from pipeline.schema import ErrorRecord, clip_schema
 from pipeline.shards import FOOTER_KEY, ShardWriter, parquet_write_options
@@ -203,8 +211,9 @@ def ingest_group(
 
     def read_and_decode(source: dict) -> tuple | ErrorRecord:
         stage = "read"
+        uri, segment = split_segment(source["uri"])
         try:
-            with storage.fetched(parse_uri(source["uri"]), source["size"]) as video:
+            with storage.fetched(parse_uri(uri), source["size"]) as video:
                 stage = "decode"
                 return decode_clips(
                     video,
@@ -216,6 +225,7 @@ def ingest_group(
                     frames_per_segment=sampling.frames_per_segment,
                     limits=limits,
                     decoder=decoder,
+                    segment=segment,
                 )
         except Exception as error:  # one bad input must not lose the others
             if not is_input_error(stage, error):

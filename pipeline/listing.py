@@ -3,15 +3,20 @@
 A video's id is its key relative to the source root (forward slashes, unicode as is): stable across runs and
 readable. Label names map to integer ids through a class map that only ever grows, so ids stay stable across
 incremental runs.
+
+Untrimmed videos (ActivityNet, HACS) are labelled by segments: a CSV `path,start,end,label` makes each row an input
+of its own, named with a media-fragment suffix (`videos/a.mp4#t=12.5,20`, W3C Media Fragments' temporal form) in its
+id and URI, so that incremental runs, failures and deletions work per segment exactly as they do per video.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from array import array
+import math
 import re
 import unicodedata
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -218,25 +223,72 @@ def normalise_relative_path(raw: str, where: str) -> str:
     return "/".join(parts)
 
 
+_SEGMENT = re.compile(r"#t=(\d+(?:\.\d+)?),(\d+(?:\.\d+)?)$")
+
+
+def segment_key(path: str, start: float, end: float) -> str:
+    """A segment's id or URI: `path` with its bounds as a media fragment, in seconds to the millisecond."""
+
+    def seconds(value: float) -> str:
+        return f"{value:.3f}".rstrip("0").rstrip(".")
+
+    return f"{path}#t={seconds(start)},{seconds(end)}"
+
+
+def split_segment(key: str) -> tuple[str, tuple[float, float] | None]:
+    """A video id or URI -> (the video's, the segment's bounds in seconds or None for a whole video)."""
+    match = _SEGMENT.search(key)
+    if match is None:
+        return key, None
+    return key[: match.start()], (float(match.group(1)), float(match.group(2)))
+
+
+def _segment_bounds(row: list[str], where: str) -> tuple[float, float]:
+    try:
+        start, end = float(row[1]), float(row[2])
+    except ValueError:
+        raise LabelsError(f"{where}: start and end must be seconds, found {row[1]!r} and {row[2]!r}") from None
+    if not (math.isfinite(start) and math.isfinite(end) and 0 <= start < end):
+        raise LabelsError(f"{where}: a segment needs 0 <= start < end (seconds), found {row[1]!r} and {row[2]!r}")
+    return start, end
+
+
+_LABELS_HEADERS = {("path", "label"): "path,label", ("path", "start", "end", "label"): "path,start,end,label"}
+
+
 def parse_labels_csv(text: str, name: str = "labels CSV") -> dict[str, str]:
-    """`path,label` rows (header required) -> {relative path: label name}."""
+    """`path,label` rows -> {relative path: label name}, or `path,start,end,label` rows (labelled segments of
+    untrimmed videos, seconds) -> {segment_key(path, start, end): label name}. The header says which."""
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
-    if header is None or [column.strip().lower() for column in header[:2]] != ["path", "label"]:
-        raise LabelsError(f"{name}: the first line must be the header 'path,label', found {header!r}")
+    columns = tuple(column.strip().lower() for column in header or ())
+    layout = next((layout for layout in _LABELS_HEADERS if columns[: len(layout)] == layout), None)
+    if layout is None:
+        raise LabelsError(
+            f"{name}: the first line must be the header 'path,label' or 'path,start,end,label', found {header!r}"
+        )
     labels: dict[str, str] = {}
     for line_number, row in enumerate(reader, start=2):
         if not row or all(not cell.strip() for cell in row):
             continue
         where = f"{name} line {line_number}"
-        if len(row) < 2 or not row[1].strip():
-            raise LabelsError(f"{where}: expected 'path,label', found {row!r}")
-        path = normalise_relative_path(row[0], where)
-        label = row[1].strip()
-        if labels.get(path, label) != label:
-            raise LabelsError(f"{where}: {path!r} is labelled both {labels[path]!r} and {label!r}")
-        labels[path] = label
+        if len(row) < len(layout) or not row[len(layout) - 1].strip():
+            raise LabelsError(f"{where}: expected '{_LABELS_HEADERS[layout]}', found {row!r}")
+        key = path = normalise_relative_path(row[0], where)
+        if len(layout) == 2 and split_segment(path)[1] is not None:
+            raise LabelsError(f"{where}: {path!r} names a segment; segments need the header 'path,start,end,label'")
+        if len(layout) == 4:
+            key = segment_key(path, *_segment_bounds(row, where))
+        label = row[len(layout) - 1].strip()
+        if labels.get(key, label) != label:
+            raise LabelsError(f"{where}: {key!r} is labelled both {labels[key]!r} and {label!r}")
+        labels[key] = label
     return labels
+
+
+def labels_by_segment(labels: dict[str, str]) -> bool:
+    """Whether a parsed labels CSV labels segments (its keys carry their bounds) rather than whole videos."""
+    return any(split_segment(key)[1] is not None for key in labels)
 
 
 def read_labels_csv(uri: str, storage: Storage) -> dict[str, str]:
@@ -278,15 +330,20 @@ def attach_labels(
     labels_csv: dict[str, str] | None = None,
     labels_from_dirs: bool = False,
 ) -> tuple[VideoListing, list[ErrorRecord]]:
-    """Give each video its label name. Videos that cannot be labelled, and CSV rows naming no listed video, come
-    back as error records (stage "labels") so that every input is accounted for."""
+    """Give each video its label name; with a segments CSV, each video becomes one input per labelled segment (id and
+    URI with the segment's media fragment), sorted by id. Videos that cannot be labelled, and CSV rows naming no
+    listed video, come back as error records (stage "labels") so that every input is accounted for."""
     if labels_csv is not None and labels_from_dirs:
         raise ValueError("choose one of a labels CSV and labels from folders, not both")
     errors: list[ErrorRecord] = []
     listing = VideoListing.of(videos)
     if labels_csv is None and not labels_from_dirs:
         return listing, errors
-    labelled, label_chunks, labels = [], [], []  # labels in listing order, None where there is none
+    segments: dict[str, list[str]] = {}  # video id -> its segments' keys, for a segments CSV
+    if labels_csv is not None and labels_by_segment(labels_csv):
+        for key in labels_csv:
+            segments.setdefault(split_segment(key)[0], []).append(key)
+    positions, label_chunks, labels, keys = [], [], [], []  # labels in listing order, None where there is none
     for position, video in enumerate(listing):
         if labels_from_dirs:
             folder = video.video_id.rsplit("/", 1)[0] if "/" in video.video_id else ""
@@ -295,10 +352,11 @@ def attach_labels(
         else:
             label = labels_csv.get(video.video_id)
             reason = ("NotInLabels", "video is not named in the labels CSV")
-        if label is None:
+        video_segments = segments.get(video.video_id, [])
+        if label is None and not video_segments:
             errors.append(ErrorRecord(video.uri, video.etag, "labels", reason[0], reason[1]))
-        else:
-            labelled.append(position)
+        positions.extend([position] * (len(video_segments) or int(label is not None)))
+        keys.extend(video_segments)
         labels.append(label)
         if len(labels) == _ROWS_PER_CHUNK:
             label_chunks.append(pa.array(labels, pa.large_string()))
@@ -306,18 +364,44 @@ def attach_labels(
     label_chunks.append(pa.array(labels, pa.large_string()))
     if labels_csv is not None:
         listed = set(listing.column("video_id").to_pylist())
-        for path in sorted(set(labels_csv) - listed):
+        for key in sorted(labels_csv):
+            path = split_segment(key)[0]
+            if path in listed:
+                continue
             errors.append(
                 ErrorRecord(
-                    src.join(path).uri,
+                    src.join(path).uri + key[len(path) :],
                     "",
                     "labels",
                     "MissingVideo",
-                    f"the labels CSV names {path!r}, but no such video is listed under {src.uri}",
+                    f"the labels CSV names {key!r}, but no such video is listed under {src.uri}",
                 )
             )
+    if segments:
+        return _segment_listing(listing, positions, keys, labels_csv), errors
     labelled_table = listing.table.set_column(4, "label_name", pa.concat_arrays(label_chunks))
-    return VideoListing(labelled_table, pa.array(labelled, pa.int64())), errors
+    return VideoListing(labelled_table, pa.array(positions, pa.int64())), errors
+
+
+def _segment_listing(listing: VideoListing, positions: list[int], keys: list[str], labels: dict[str, str]):
+    """One row per segment: its video's row with the segment's id, URI (the video's plus the same fragment) and
+    label, sorted by id like any listing."""
+    table = listing.table.take(pa.array(positions, pa.int64()))
+    fragments = [key[len(split_segment(key)[0]) :] for key in keys]
+    uris = [uri + fragment for uri, fragment in zip(table.column("uri").to_pylist(), fragments)]
+    for name, values in [("uri", uris), ("video_id", keys), ("label_name", [labels[key] for key in keys])]:
+        table = table.set_column(LISTING_SCHEMA.get_field_index(name), name, pa.array(values, pa.large_string()))
+    return VideoListing(table, pc.sort_indices(table, [("video_id", "ascending")]))
+
+
+def segment_inputs(listed: VideoListing, segments: VideoListing) -> VideoListing:
+    """What a run with a segments CSV accounts for, sorted by id: each labelled segment, and each listed video that
+    has none (an unlabelled input). A video's segments replace it: a segment left out of the CSV leaves the dataset
+    like a deleted video."""
+    cut = {split_segment(video_id)[0] for video_id in segments.column("video_id").to_pylist()}
+    whole = pc.invert(pc.is_in(listed.column("video_id"), value_set=pa.array(sorted(cut), pa.large_string())))
+    table = pa.concat_tables([listed.table.filter(whole), segments.table])
+    return VideoListing(table, pc.sort_indices(table, [("video_id", "ascending")]))
 
 
 def fixed_class_map(class_names: list[str], existing: dict[str, int]) -> dict[str, int]:

@@ -92,7 +92,7 @@ class Manifest:
     version: int
     source: str
     sampling: SamplingParams
-    labels: str  # "csv", "dirs" or "none"
+    labels: str  # "csv", "segments" (pipeline.listing: a CSV of labelled segments), "dirs" or "none"
     class_map: dict[str, int]
     shards: list[ShardEntry]
     # the chain of source tables ({"path", "rows"}) whose replay is this version's sources
@@ -140,8 +140,8 @@ class Manifest:
         if not (isinstance(class_map, dict) and all(isinstance(name, str) and type(index) is int
                                                     for name, index in class_map.items())):
             raise ManifestError(f"{where}: class_map is {class_map!r:.80}, not a mapping of class names to ids")
-        if body.get("labels") not in ("csv", "dirs", "none"):
-            raise ManifestError(f"{where}: labels is {body.get('labels')!r:.80}, not csv, dirs or none")
+        if body.get("labels") not in ("csv", "segments", "dirs", "none"):
+            raise ManifestError(f"{where}: labels is {body.get('labels')!r:.80}, not csv, segments, dirs or none")
         if not isinstance(body.get("counts"), dict) or not isinstance(body.get("sampling"), dict):
             raise ManifestError(f"{where}: counts and sampling must be mappings")
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+
 import numpy as np
 
 from pipeline.decode import ClipInfo, DecodeLimits, Decoder, read_sampled_frames

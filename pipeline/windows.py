@@ -31,6 +31,7 @@ from pipeline.decode import (
     VideoTooLarge,
     decode_size,
     describe_decoder_error,
+    frame_start_times,
     probe_video,
     reader_source,
     sample_frame_indices,
@@ -189,8 +190,6 @@ def open_frame_walk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Opens `video` for walk `walk` in this process: its windows' bounds `[W, 2]` (seconds) and the frame indices of
     each window's clip `[W, T]`; the reader stays open for `fetch_walk_frames`."""
-    import decord
-
     if isinstance(video, (bytes, bytearray, memoryview)) and len(video) == 0 or (
         not isinstance(video, (bytes, bytearray, memoryview)) and os.path.getsize(video) == 0
     ):
@@ -200,18 +199,7 @@ def open_frame_walk(
         raise VideoTooLarge(f"declares {header.width}x{header.height} pixels, above the limit of "
                             f"{limits.max_frame_side} pixels a side (--max-frame-side)")
     reader = _open_reader(video, num_threads, **decode_size(header, short_side))
-    try:
-        count = len(reader)
-        if count < 1:
-            raise VideoDecodeError("video has no frames")
-        stamps = np.asarray(reader.get_frame_timestamp(np.arange(count)), np.float64).reshape(count, 2)
-    except (decord.DECORDError, RuntimeError) as error:
-        raise VideoDecodeError(f"cannot open as a video: {describe_decoder_error(error)}") from None
-    starts = stamps[:, 0] - stamps[0, 0]
-    duration = float(stamps[-1, 1] - stamps[0, 0])
-    if not duration > 0:  # timestamps missing: the average rate
-        fps = float(reader.get_avg_fps()) or 1.0
-        starts, duration = np.arange(count) / fps, count / fps
+    starts, duration = frame_start_times(reader)
     bounds = window_bounds(duration, spec)
     _WALKS[walk] = _Walk(reader)
     return bounds, window_frame_indices(starts, bounds, frames)

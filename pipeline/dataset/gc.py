@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 
 from pipeline.dataset.runs import live_runs
+from pipeline.dataset.sources import read_sources
 from pipeline.dataset.versions import (
     MANIFESTS_DIR,
     ManifestError,
@@ -20,7 +21,6 @@ from pipeline.dataset.versions import (
     manifest_location,
     manifest_references,
 )
-from pipeline.dataset.sources import read_sources
 from pipeline.storage import Location, ObjectInfo, Storage
 
 # What a dataset root may hold besides manifests and run records: the folders `collect_garbage` sweeps.

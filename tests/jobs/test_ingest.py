@@ -488,3 +488,35 @@ def test_videos_deleted_from_the_source_leave_the_next_version_unless_kept(tmp_p
     rows = _rows(dst, columns=["video_id", "clip_index"])
     assert sorted(row["video_id"] for row in rows) == sorted(_sources(dst, v2))  # the shard was rewritten without it
     assert len(_rows(f"{dst}@1", columns=["video_id"])) == 4  # version 1 still reads as it was
+
+
+def test_untrimmed_videos_are_ingested_as_labelled_segments_each_its_own_input(tmp_path, ray_local):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    write_motion_video(src / "match.mp4", "left", size=(64, 48), num_frames=80, fps=8)  # 10 s
+    write_motion_video(src / "short.mp4", "up", size=(64, 48), num_frames=16, fps=8)  # 2 s
+    segments = tmp_path / "segments.csv"
+    segments.write_text("path,start,end,label\nmatch.mp4,1,4,serve\nmatch.mp4,6,9.5,rally\nshort.mp4,5,8,serve\n")
+    config = dict(src=str(src), out=dst, labels=str(segments), **SMALL)
+    first = run_ingest(build(IngestConfig, config))
+
+    assert (first.listed, first.ingested, first.errored) == (3, 2, 1)  # the inputs are the segments
+    [late] = first.errors  # the one segment that starts after its video's end, alone: its video's other rows stay
+    assert late.source_uri.endswith("short.mp4#t=5,8") and "holds no frame of this 2.00 s video" in late.message
+    manifest = load_manifest(dst)
+    assert manifest.labels == "segments" and manifest.class_map == {"rally": 0, "serve": 1}
+    rows = {row["video_id"]: row for row in _rows(dst)}
+    assert sorted(rows) == ["match.mp4#t=1,4", "match.mp4#t=6,9.5"]
+    for video_id, (first_frame, last_frame) in {"match.mp4#t=1,4": (8, 31), "match.mp4#t=6,9.5": (48, 75)}.items():
+        frames = np.asarray(rows[video_id]["frame_indices"])
+        assert first_frame <= frames.min() and frames.max() <= last_frame, (video_id, frames)
+        assert rows[video_id]["source_uri"].endswith(video_id)
+    assert rows["match.mp4#t=6,9.5"]["label_name"] == "rally"
+
+    again = run_ingest(build(IngestConfig, config))
+    assert (again.ingested, again.already_done, again.known_failures, again.manifest_written) == (0, 2, 1, False)
+    segments.write_text("path,start,end,label\nmatch.mp4,1,4,serve\nmatch.mp4,4,6,rally\n")
+    changed = run_ingest(build(IngestConfig, config))  # one segment moved, the other video's left the CSV
+    assert (changed.listed, changed.ingested, changed.already_done, changed.errored) == (3, 1, 1, 1)
+    assert (changed.deleted, changed.manifest_version) == (1, 2)
+    assert [(Path(e.source_uri).name, e.error_type) for e in changed.errors] == [("short.mp4", "NotInLabels")]
+    assert sorted(row["video_id"] for row in _rows(dst)) == ["match.mp4#t=1,4", "match.mp4#t=4,6"]

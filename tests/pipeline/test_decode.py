@@ -142,3 +142,24 @@ def test_broken_inputs_raise_one_clear_line(tmp_path, broken_video, kind, messag
     text = str(caught.value)
     assert message in text
     assert "\n" not in text and ".cc:" not in text  # no C++ source positions or stack traces
+
+
+def test_a_segment_samples_only_frames_that_start_inside_it(tmp_path):
+    path = tmp_path / "untrimmed.mp4"
+    write_motion_video(path, "left", size=(64, 48), num_frames=80, fps=8)  # 10 s
+    clips, info = decode_clips(str(path), frames=4, short_side=32, clips_per_video=2, segment=(3.0, 6.5))
+    assert clips.shape == (2, 4, 32, 32, 3) and not info.padded
+    # frames start at i / 8 s: 3.0 s is frame 24, the last frame starting before 6.5 s is frame 51
+    assert info.frame_indices.min() >= 24 and info.frame_indices.max() <= 51
+    assert info.frame_indices.max() - info.frame_indices.min() > 20  # spread over the segment, not bunched
+    whole, _ = decode_clips(str(path), frames=4, short_side=32)
+    assert info.num_video_frames == 80 and whole.shape == (1, 4, 32, 32, 3)
+
+
+def test_a_segment_past_the_end_keeps_the_frames_up_to_it_and_one_after_it_is_refused(tmp_path):
+    path = tmp_path / "untrimmed.mp4"
+    write_motion_video(path, "left", size=(64, 48), num_frames=16, fps=8)  # 2 s
+    _, info = decode_clips(str(path), frames=6, short_side=32, segment=(1.5, 4.0))
+    assert info.frame_indices.tolist() == [[12, 13, 14, 15, 15, 15]] and info.padded
+    with pytest.raises(VideoDecodeError, match="segment 2.5-4 s holds no frame of this 2.00 s video"):
+        decode_clips(str(path), frames=4, short_side=32, segment=(2.5, 4.0))

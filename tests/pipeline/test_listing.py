@@ -13,9 +13,11 @@ from pipeline.listing import (
     attach_labels,
     extend_class_map,
     fixed_class_map,
+    labels_by_segment,
     list_videos,
     parse_class_names,
     parse_labels_csv,
+    split_segment,
 )
 from pipeline.storage import Storage, parse_uri
 
@@ -81,6 +83,48 @@ def test_labels_from_csv_account_for_unlabelled_videos_and_missing_files():
     assert by_type["NotInLabels"].source_uri == "/src/c.mp4"
     assert by_type["MissingVideo"].source_uri == "/src/gone.mp4" and "gone.mp4" in by_type["MissingVideo"].message
     assert all(error.stage == "labels" for error in errors)
+
+
+def test_a_segments_csv_names_each_segment_by_its_media_fragment():
+    labels = parse_labels_csv("path,start,end,label\na.mp4,0,4.25,jump\n./a.mp4,6.0004,10,run\nb.mp4,1.5,2,jump\n")
+    assert labels == {"a.mp4#t=0,4.25": "jump", "a.mp4#t=6,10": "run", "b.mp4#t=1.5,2": "jump"}
+    assert labels_by_segment(labels) and not labels_by_segment({"a.mp4": "jump"})
+    assert split_segment("s3://bucket/x/a.mp4#t=6,10") == ("s3://bucket/x/a.mp4", (6.0, 10.0))
+    assert split_segment("x/a#t=.mp4") == ("x/a#t=.mp4", None)
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [("a.mp4,4,2,jump", "0 <= start < end"), ("a.mp4,-1,2,jump", "0 <= start < end"), ("a.mp4,1,1,jump", "start < end"),
+     ("a.mp4,nan,2,jump", "0 <= start < end"), ("a.mp4,1,inf,jump", "0 <= start < end"),
+     ("a.mp4,1:02,2,jump", "must be seconds"), ("a.mp4,1,2", "expected 'path,start,end,label'"),
+     ("../a.mp4,1,2,jump", "'..'")],
+)
+def test_a_segments_csv_with_a_bad_row_is_refused_by_line(row, message):
+    with pytest.raises(LabelsError, match="line 2") as caught:
+        parse_labels_csv(f"path,start,end,label\n{row}\n")
+    assert message in str(caught.value)
+
+
+def test_a_segment_labelled_twice_differently_is_refused_and_a_plain_csv_cannot_name_one():
+    with pytest.raises(LabelsError, match="labelled both"):
+        parse_labels_csv("path,start,end,label\na.mp4,1,2,jump\na.mp4,1.0,2.0,run\n")
+    with pytest.raises(LabelsError, match="names a segment"):
+        parse_labels_csv("path,label\n\"a.mp4#t=1,2\",jump\n")
+
+
+def test_segments_become_inputs_of_their_own_and_every_video_and_row_is_accounted_for():
+    videos = [_video("a.mp4"), _video("b.mp4"), _video("c.mp4")]
+    labels = parse_labels_csv("path,start,end,label\nb.mp4,5,9,run\nb.mp4,0,4,jump\na.mp4,1,2,run\ngone.mp4,0,1,run\n")
+    labelled, errors = attach_labels(videos, parse_uri("/src"), labels_csv=labels)
+    assert [(v.video_id, v.uri, v.label_name, v.etag) for v in labelled] == [
+        ("a.mp4#t=1,2", "/src/a.mp4#t=1,2", "run", "10-1"),
+        ("b.mp4#t=0,4", "/src/b.mp4#t=0,4", "jump", "10-1"),
+        ("b.mp4#t=5,9", "/src/b.mp4#t=5,9", "run", "10-1"),
+    ]
+    assert sorted((e.source_uri, e.error_type) for e in errors) == [
+        ("/src/c.mp4", "NotInLabels"), ("/src/gone.mp4#t=0,1", "MissingVideo")
+    ]
 
 
 def test_labels_from_class_folders():
