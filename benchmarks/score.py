@@ -2,6 +2,10 @@
 """Scoring throughput against its two limits on the same videos; prints one JSON object.
 
     python benchmarks/score.py [--quick] [--cpus N] [--model NAME --crop PX] [--views 4x3] [--gpu] [--output FILE]
+    python benchmarks/score.py --windows LENGTH[:STRIDE] [benchmarks/windows.py's options]
+
+With --windows it measures windowed scoring instead (`score --windows`: one long video's windows against the
+decode-only rate of the same walk, memory from 10 to 60 minutes, cost per CPU by height): benchmarks/windows.py.
 
 - score: `jobs.score.run_score` (list, decode views in Ray tasks, model in an actor pool, Parquet shards, manifest)
   on a local Ray with N CPUs (--ray-cpus logical CPUs; more than N lets decoding tasks fill the cores the model actor
@@ -147,6 +151,10 @@ def warm_score(src: Path, work: Path, package: Path, views: str, options) -> Non
 
 
 def main() -> None:
+    if any(argument == "--windows" or argument.startswith("--windows=") for argument in sys.argv[1:]):
+        import windows
+
+        return windows.main()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Fewer, shorter, smaller videos.")
     parser.add_argument("--videos", type=int, default=None, help="Videos to score (default 96 quick, 400 full).")
