@@ -1,4 +1,4 @@
-"""Readers of files anyone may have written (manifests, job configs) end in the project's own error type, naming the
+"""Readers of files anyone may have written (manifests, job configs, labels CSVs) end in the project's own error type, naming the
 file, whatever the file holds: property-based, from valid files mutated at random."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from jobs.options import RetrainConfig
 from jobs.training.config import TrainConfig
 from pipeline.dataset.parts import ShardEntry
 from pipeline.dataset.versions import ManifestError
+from pipeline.listing import LabelsError, parse_labels_csv, split_segment
 from pipeline.manifest import Manifest, SamplingParams
 from pipeline.predictions import ScoreConfigError, ScoreManifest
 
@@ -93,3 +94,24 @@ def test_a_mutated_job_config_builds_or_is_refused_as_a_config_error(tmp_path, d
         build(TrainConfig, read_file(str(path)))
     except ConfigError:
         pass
+
+
+CSV_CELLS = st.sampled_from(["a.mp4", "x/../../etc/passwd", "/abs.mp4", "s3://b/k.mp4", "1", "-1", "2.5", "nan",
+                             "1e400", "", " ", "jump", '"q,uo"', "a.mp4#t=1,2"]) | st.text(max_size=6)
+
+
+@SETTINGS
+@given(header=st.sampled_from(["path,label", "path,start,end,label", "PATH, Label", "label,path", ""]),
+       rows=st.lists(st.lists(CSV_CELLS, max_size=5), max_size=5))
+def test_any_labels_csv_is_read_into_safe_keys_or_refused_as_a_labels_error(header, rows):
+    text = "\n".join([header] + [",".join(row) for row in rows])
+    try:
+        labels = parse_labels_csv(text)
+    except LabelsError as error:
+        assert str(error).startswith("labels CSV")
+        return
+    for key, label in labels.items():
+        path, segment = split_segment(key)
+        assert label.strip() == label and label
+        assert ".." not in path.split("/") and not path.startswith("/") and "://" not in path
+        assert segment is None or 0 <= segment[0] < segment[1] < float("inf")
