@@ -253,13 +253,21 @@ def _segment_bounds(row: list[str], where: str) -> tuple[float, float]:
     return start, end
 
 
+def _csv_rows(text: str, name: str) -> Iterator[list[str]]:
+    reader = csv.reader(io.StringIO(text))
+    try:
+        yield from reader
+    except csv.Error as error:  # e.g. a bare carriage return inside a field
+        raise LabelsError(f"{name} line {reader.line_num}: not readable as CSV ({error})") from None
+
+
 _LABELS_HEADERS = {("path", "label"): "path,label", ("path", "start", "end", "label"): "path,start,end,label"}
 
 
 def parse_labels_csv(text: str, name: str = "labels CSV") -> dict[str, str]:
     """`path,label` rows -> {relative path: label name}, or `path,start,end,label` rows (labelled segments of
     untrimmed videos, seconds) -> {segment_key(path, start, end): label name}. The header says which."""
-    reader = csv.reader(io.StringIO(text))
+    reader = _csv_rows(text, name)
     header = next(reader, None)
     columns = tuple(column.strip().lower() for column in header or ())
     layout = next((layout for layout in _LABELS_HEADERS if columns[: len(layout)] == layout), None)

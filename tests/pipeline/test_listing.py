@@ -232,3 +232,8 @@ def test_a_file_not_named_in_utf8_is_refused_by_name(tmp_path):
         handle.write(b"x")
     with pytest.raises(ListingError, match=r"bad\.mp4' is not named in UTF-8; rename it"):
         list_videos(str(tmp_path), Storage())
+
+
+def test_a_labels_csv_that_is_not_csv_is_refused_by_line():
+    with pytest.raises(LabelsError, match=r"labels CSV line 2: not readable as CSV \(new-line character"):
+        parse_labels_csv("path,label\n\r0\n")
