@@ -17,6 +17,7 @@ process with a time limit (`decoder=`, pipeline.isolation).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -27,6 +28,9 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 SAMPLINGS = ("uniform", "dense")
+# What ingest keeps of each frame: the centre square of the short side, or the frame at its aspect ratio up to a
+# maximum (`stored_width`).
+KEEPS = ("square", "aspect")
 
 
 class Decoder(Protocol):
@@ -93,6 +97,8 @@ class ClipInfo:
     width: int  # the source's frame size, whatever size it was decoded at
     height: int
     padded: bool
+    # keep="aspect": the width of the stored frames that holds the video's pixels, centred in the stored width
+    valid_width: int | None = None
 
 
 def sample_frame_indices(
@@ -161,6 +167,61 @@ def resize_center_crop(frames: np.ndarray, short_side: int) -> np.ndarray:
             square, size=(short_side, short_side), mode="bilinear", antialias=True, align_corners=False
         )
     return resized.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def parse_aspect(text: str) -> tuple[int, int]:
+    """"16:9" -> (16, 9): a landscape (or square) aspect ratio WIDTH:HEIGHT of positive integers."""
+    width, sep, height = str(text).partition(":")
+    try:
+        ratio = (int(width), int(height))
+    except ValueError:
+        ratio = None
+    if not sep or ratio is None or min(ratio) < 1 or ratio[0] < ratio[1]:
+        raise ValueError(f"max_aspect must be WIDTH:HEIGHT with WIDTH >= HEIGHT >= 1 (e.g. 16:9), not {text!r}")
+    return ratio
+
+
+def stored_width(short_side: int, max_aspect: str) -> int:
+    """The stored frame width of keep="aspect": `short_side` x the maximum aspect ratio, rounded to an even number as
+    `decode_size` rounds decoded sides, so that a source at exactly that ratio, decoded at the short side, needs
+    neither crop nor resize (1280x720 -> 456x256 for 16:9 at 256)."""
+    across, down = parse_aspect(max_aspect)
+    return max(short_side, round(short_side * across / down / 2) * 2)
+
+
+def resize_keep_aspect(frames: np.ndarray, short_side: int, width: int) -> tuple[np.ndarray, int]:
+    """`[T, H, W, 3]` uint8 -> (`[T, S, width, 3]`, valid width): the frame scaled so its short side is S, keeping as
+    much of its width as `width` holds.
+
+    - Landscape at least `width / S` wide: centre-cropped on the long side to `width` (nothing is padded).
+    - Narrower landscape (4:3) and square: the whole frame, `round(W * S / H)` wide (rounded to even, so that it
+      centres exactly), centred in `width` with black columns either side.
+    - Portrait: the centre square (as keep="square" stores it), centred in `width` the same way. A portrait frame
+      has no landscape region wider than its square, and its height beyond the square does not fit the fixed S.
+
+    The valid width is what training crops from and what a centre crop of the stored frame falls inside (the padding
+    is centred), so the black columns never reach the model. Crops before it scales and scales with the antialiased
+    bilinear kernel, as `resize_center_crop`.
+    """
+    import torch
+
+    _, height, source_width, _ = frames.shape
+    if height > source_width:  # portrait: its centre square
+        top = (height - source_width) // 2
+        frames, height = frames[:, top : top + source_width], source_width
+    scaled = max(short_side, min(width, round(source_width * short_side / height / 2) * 2))
+    keep = source_width if scaled < width else min(source_width, round(width * height / short_side))
+    left = (source_width - keep) // 2
+    channels_first = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # a view, no copy
+    region = channels_first[:, :, :, left : left + keep]
+    if (height, keep) != (short_side, scaled):
+        region = torch.nn.functional.interpolate(
+            region, size=(short_side, scaled), mode="bilinear", antialias=True, align_corners=False
+        )
+    out = torch.zeros((frames.shape[0], 3, short_side, width), dtype=torch.uint8)
+    pad = (width - scaled) // 2
+    out[:, :, :, pad : pad + scaled] = region
+    return out.permute(0, 2, 3, 1).contiguous().numpy(), scaled
 
 
 _DECORD_NOISE = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
@@ -373,15 +434,22 @@ def decode_clips(
     limits: DecodeLimits = DecodeLimits(),
     decoder: Decoder | None = None,
     segment: tuple[float, float] | None = None,
+    width: int | None = None,
 ) -> tuple[np.ndarray, ClipInfo]:
-    """Decode K clips `[K, T * M, S, S, 3]` uint8 (M = `frames_per_segment`) from one video given as bytes (decoded from memory) or a local path:
-    the sampled frames (`read_sampled_frames`, within `limits`, in `decoder`'s child process when given), each
-    scaled so its short side is S and centre-cropped to a square; with `segment` (seconds), sampled inside it.
+    """Decode K clips `[K, T * M, S, S, 3]` uint8 (M = `frames_per_segment`) from one video given as bytes (decoded
+    from memory) or a local path: the sampled frames (`read_sampled_frames`, within `limits`, in `decoder`'s child
+    process when given), each scaled so its short side is S and centre-cropped to a square; with `segment` (seconds),
+    sampled inside it. With `width` (keep="aspect"), `[K, T * M, S, width, 3]` from `resize_keep_aspect`, and
+    `info.valid_width` says how much of the width holds the video.
 
     Raises VideoDecodeError with a one-line reason for anything that is not a decodable video within the limits.
     """
     decoded, wanted, info = read_sampled_frames(video, frames, sampling, stride, clips_per_video, num_threads,
                                                 frames_per_segment, limits, short_side, decoder, segment)
-    resized = resize_center_crop(decoded, short_side)
-    clips = resized[np.searchsorted(wanted, info.frame_indices)]  # [K, T * M, S, S, 3]
+    if width is None:
+        resized = resize_center_crop(decoded, short_side)
+    else:
+        resized, valid_width = resize_keep_aspect(decoded, short_side, width)
+        info = dataclasses.replace(info, valid_width=valid_width)
+    clips = resized[np.searchsorted(wanted, info.frame_indices)]  # [K, T * M, S, W, 3]
     return clips, info

@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from pipeline.decode import VideoDecodeError, decode_clips, resize_center_crop, sample_frame_indices
+from pipeline.decode import (
+    VideoDecodeError,
+    decode_clips,
+    parse_aspect,
+    resize_center_crop,
+    resize_keep_aspect,
+    sample_frame_indices,
+    stored_width,
+)
 from pipeline.synthetic import render_motion_frames, write_motion_video
 
 
@@ -63,6 +71,66 @@ def test_resize_center_crop_keeps_the_centre_of_a_landscape_frame():
     out = resize_center_crop(frame, 20)
     # the filter of the outermost columns reaches one source pixel past the square, as resize-then-crop would
     assert out[:, :, 1:-1].min() == 255 and out.mean() > 245
+
+
+def _sides_marked(height: int, width: int, side: int) -> np.ndarray:
+    """A grey frame whose `side` leftmost and rightmost columns are white."""
+    frame = np.full((1, height, width, 3), 100, dtype=np.uint8)
+    frame[:, :, :side], frame[:, :, width - side :] = 255, 255
+    return frame
+
+
+def test_stored_width_is_the_short_side_times_the_maximum_aspect_made_even():
+    assert stored_width(256, "16:9") == 456  # 455.1, as decode_size rounds 1280x720 to the short side 256
+    assert stored_width(224, "16:9") == 398 and stored_width(256, "4:3") == 342 and stored_width(256, "1:1") == 256
+    assert parse_aspect("21:9") == (21, 9)
+    for bad in ("9:16", "16", "a:b", "0:1", "16:0"):
+        with pytest.raises(ValueError, match="WIDTH:HEIGHT"):
+            parse_aspect(bad)
+
+
+def test_keep_aspect_stores_a_16_9_frame_whole_with_its_sides():
+    frame = _sides_marked(720, 1280, 40)  # 40 source columns are 8 at short side 144
+    out, valid = resize_keep_aspect(frame, 144, stored_width(144, "16:9"))
+    assert out.shape == (1, 144, 256, 3) and valid == 256
+    assert out[0, :, :6].min() == 255 and out[0, :, -6:].min() == 255  # the sides the centre square loses
+    assert out[0, :, 100:156].max() == 100
+
+
+def test_keep_aspect_centre_crops_a_wider_frame_to_the_maximum():
+    frame = np.full((1, 100, 400, 3), 100, dtype=np.uint8)  # 4:1 at short side 100 is 400 wide; 16:9 keeps 178
+    frame[:, :, :100], frame[:, :, 300:] = 255, 255  # only beyond the centre 200 columns
+    out, valid = resize_keep_aspect(frame, 100, stored_width(100, "16:9"))
+    assert out.shape == (1, 100, 178, 3) and valid == 178
+    assert out.max() == 100  # the centre 178 of 400 columns: none of the white ones
+
+
+def test_keep_aspect_pads_a_4_3_frame_centred_and_says_its_valid_width():
+    frame = _sides_marked(480, 640, 30)
+    out, valid = resize_keep_aspect(frame, 120, stored_width(120, "16:9"))  # 160 of 214 columns hold the frame
+    assert out.shape == (1, 120, 214, 3) and valid == 160
+    pad = (214 - 160) // 2
+    assert out[0, :, :pad].max() == 0 and out[0, :, pad + valid :].max() == 0
+    assert out[0, :, pad : pad + 5].min() == 255 and out[0, :, pad + valid - 5 : pad + valid].min() == 255
+
+
+def test_keep_aspect_stores_the_centre_square_of_a_portrait_frame():
+    frame = np.full((1, 200, 100, 3), 255, dtype=np.uint8)
+    frame[:, 50:150] = 100  # the centre square
+    out, valid = resize_keep_aspect(frame, 50, stored_width(50, "16:9"))
+    assert out.shape == (1, 50, 88, 3) and valid == 50
+    square = out[0, :, 19:69]
+    assert square.min() >= 99 and square.max() <= 101 and out[0, :, :19].max() == 0 and out[0, :, 69:].max() == 0
+    assert np.array_equal(square, resize_center_crop(frame, 50)[0])
+
+
+def test_decode_clips_keeps_the_aspect_at_the_decoded_short_side(tmp_path):
+    path = tmp_path / "v.mp4"
+    write_motion_video(path, "right", size=(128, 72), num_frames=16, fps=8)
+    clips, info = decode_clips(path, frames=4, short_side=36, width=stored_width(36, "16:9"))
+    assert clips.shape == (1, 4, 36, 64, 3) and info.valid_width == 64
+    square, info = decode_clips(path, frames=4, short_side=36)
+    assert square.shape == (1, 4, 36, 36, 3) and info.valid_width is None
 
 
 def test_decode_clips_from_bytes_and_path_agree(tmp_path):
