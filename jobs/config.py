@@ -35,13 +35,17 @@ _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 
 
 def option(default=dataclasses.MISSING, *, help: str, flag: str | None = None, local_path: bool = False,
-           argument: bool = False, default_factory=dataclasses.MISSING):
+           argument: bool = False, default_factory=dataclasses.MISSING, printed_when_set: bool = False):
     """A field of a config class: the option's one declaration, its help included; the CLI (jobs.flags) makes its
     flag from it. `flag`: the flag's names when not `--field-name` (`--gpu`, `--hflip/--no-hflip`); `argument`: a
     positional argument instead. `local_path`: the value may name a place on the caller's machine (a folder, a file, a
     dataset `DST@V`, a `sqlite:///` database), which `absolute_paths` resolves against the working directory of the
-    command that parsed it, before anything reaches Ray, whose workers and actors run in folders of their own."""
-    metadata = {"help": help, "flag": flag, "local_path": local_path, "argument": argument}
+    command that parsed it, before anything reaches Ray, whose workers and actors run in folders of their own.
+    `printed_when_set`: `to_dict` leaves the field out while it holds its default, so that an option added after
+    configurations were written out changes nothing in what `--print-config` prints for commands that do not use it
+    (read back, the missing key is the same default)."""
+    metadata = {"help": help, "flag": flag, "local_path": local_path, "argument": argument,
+                "printed_when_set": printed_when_set}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -204,6 +208,8 @@ def to_dict(config) -> dict:
     values = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
+        if field.metadata.get("printed_when_set") and value == _default(field):
+            continue
         if field.metadata.get(INLINE):
             values.update(to_dict(value))
             continue

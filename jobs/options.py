@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from jobs.config import option, section
 from jobs.training.config import TrainConfig
-from pipeline.decode import DecodeLimits
+from pipeline.decode import KEEPS, DecodeLimits, parse_aspect
 from pipeline.views import parse_views
 from pipeline.windows import parse_windows
 
@@ -29,7 +29,8 @@ class ClipSampling:
 
     frames: int | None = option(None, help="Frames per clip.")
     size: int | None = option(None, help="Model input (crop) size recorded in the manifest; <= --short-side.")
-    short_side: int | None = option(None, help="Stored square side: short side resized to it, then centre-cropped.")
+    short_side: int | None = option(None, help="Stored frame height: short side resized to it, then centre-cropped to "
+                                    "a square (or to --max-aspect with --keep aspect).")
     clips_per_video: int | None = option(None, help="Clips per video, at spread temporal offsets.")
     sampling: str | None = option(None, help="uniform (TSN segments) | dense (frames --stride apart).")
     stride: int | None = option(None, help="Frame stride for dense sampling.")
@@ -37,17 +38,33 @@ class ClipSampling:
         None, help="Candidate frames stored per segment (uniform): training picks one per segment each epoch "
         "(temporal jitter); storage grows by this factor."
     )
+    keep: str | None = option(
+        None, printed_when_set=True, help="square: the centre square of the short side | aspect: the frame at its "
+        "aspect ratio up to --max-aspect (centre-cropped beyond it; 4:3 and portrait frames padded), so training's "
+        "crops reach the sides of a wide frame; storage grows by the width (16:9: x1.78)."
+    )
+    max_aspect: str | None = option(
+        None, printed_when_set=True, help="With --keep aspect: the widest stored aspect ratio WIDTH:HEIGHT (default "
+        "16:9); the stored width is --short-side times it, made even."
+    )
 
     def __post_init__(self) -> None:
         for name, value in self.given().items():
-            if name != "sampling" and value < 1:
+            if name not in ("sampling", "keep", "max_aspect") and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.sampling not in (None, "uniform", "dense"):
             raise ValueError(f"sampling must be 'uniform' or 'dense', not {self.sampling!r}")
+        if self.keep not in (None, *KEEPS):
+            raise ValueError(f"keep must be one of {', '.join(KEEPS)}, not {self.keep!r}")
+        if self.max_aspect is not None:
+            parse_aspect(self.max_aspect)
 
     def given(self) -> dict:
         """The fields that were set, to lay over the recorded sampling."""
-        return {name: value for name, value in vars(self).items() if value is not None}
+        given = {name: value for name, value in vars(self).items() if value is not None}
+        if self.keep == "square":  # square clips have no aspect ratio: a recorded one does not carry over to them
+            given["max_aspect"] = None
+        return given
 
 
 @dataclass

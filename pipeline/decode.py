@@ -17,12 +17,11 @@ process with a time limit (`decoder=`, pipeline.isolation).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -450,6 +449,6 @@ def decode_clips(
         resized = resize_center_crop(decoded, short_side)
     else:
         resized, valid_width = resize_keep_aspect(decoded, short_side, width)
-        info = dataclasses.replace(info, valid_width=valid_width)
+        info = replace(info, valid_width=valid_width)
     clips = resized[np.searchsorted(wanted, info.frame_indices)]  # [K, T * M, S, W, 3]
     return clips, info

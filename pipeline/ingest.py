@@ -40,7 +40,7 @@ from pipeline.listing import (
     split_segment,
 )
 from pipeline.manifest import SHARDS_DIR, Manifest, SamplingParams
-from pipeline.schema import ErrorRecord, clip_schema
+from pipeline.schema import ErrorRecord
 from pipeline.shards import FOOTER_KEY, ShardWriter, parquet_write_options
 from pipeline.storage import Location, Storage, is_input_error, parse_uri
 
@@ -206,7 +206,7 @@ def ingest_group(
         if adopted is not None:
             return adopted
 
-    writer = ShardWriter(storage, final, sampling.stored_frames, sampling.short_side)
+    writer = ShardWriter(storage, final, sampling.stored_frames, sampling.short_side, sampling.aspect_width)
     videos, errors = [], []
 
     def read_and_decode(source: dict) -> tuple | ErrorRecord:
@@ -226,6 +226,7 @@ def ingest_group(
                     limits=limits,
                     decoder=decoder,
                     segment=segment,
+                    width=sampling.aspect_width,
                 )
         except Exception as error:  # one bad input must not lose the others
             if not is_input_error(stage, error):
@@ -248,6 +249,7 @@ def ingest_group(
                 label_name=source["label_name"],
                 fps=info.fps,
                 padded=info.padded,
+                valid_width=info.valid_width,
             )
             videos.append({**source, "clips": int(clips.shape[0]), "padded": info.padded})
         result = {"videos": videos, "errors": [error.to_dict() for error in errors], "adopted": False}
@@ -387,7 +389,7 @@ def commit_ingest(plan: IngestPlan, results: list[dict], storage: Storage) -> In
         errors=errors,
         previous_failures=plan.previous_failures,
         folder=SHARDS_DIR,
-        write_options=parquet_write_options(clip_schema(plan.sampling.stored_frames, plan.sampling.short_side)),
+        write_options=parquet_write_options(plan.sampling.schema()),
         job="ingest",
         manifest=lambda **version: Manifest(
             source=plan.source.uri,

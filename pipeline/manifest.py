@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.dataset.parts import ShardEntry
 from pipeline.dataset.versions import (
@@ -32,22 +33,33 @@ from pipeline.dataset.versions import (
     parse_dataset_ref,
     publish_manifest,
 )
-from pipeline.schema import SCHEMA_VERSION
+from pipeline.decode import KEEPS, stored_width
+from pipeline.schema import SCHEMA_VERSION, clip_schema
 from pipeline.storage import Location, Storage, parse_uri
 
 SHARDS_DIR = "shards"
+
+
+# Sampling fields added after datasets were first written: a manifest records them only when they differ from these,
+# so that a square dataset's manifest, shard names and content fingerprint stay what they were, and an older
+# manifest, which lacks them, reads as square.
+_RECORDED_WHEN_SET = {"keep": "square", "max_aspect": None}
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     frames: int = 8
     short_side: int = 256
-    size: int = 224  # model input (crop) size; training random-crops it from the stored short_side square
+    size: int = 224  # model input (crop) size; training random-crops it from the stored frame's valid region
     sampling: str = "uniform"
     stride: int = 16
     clips_per_video: int = 1
     # candidate frames stored per segment (uniform sampling): training picks one per segment each epoch
     frames_per_segment: int = 1
+    # "square": the centre square of the short side; "aspect": the frame at short side S up to `max_aspect` wide
+    # (pipeline.decode.resize_keep_aspect), one stored width for the whole dataset
+    keep: str = "square"
+    max_aspect: str | None = None  # WIDTH:HEIGHT, keep="aspect" only; 16:9 when not given
 
     def __post_init__(self):
         if self.size > self.short_side:
@@ -58,22 +70,44 @@ class SamplingParams:
             raise ValueError(f"sampling must be 'uniform' or 'dense', not {self.sampling!r}")
         if self.sampling == "dense" and self.frames_per_segment != 1:
             raise ValueError("frames_per_segment applies to uniform sampling only")
+        if self.keep not in KEEPS:
+            raise ValueError(f"keep must be one of {', '.join(KEEPS)}, not {self.keep!r}")
+        if self.keep == "square" and self.max_aspect is not None:
+            raise ValueError("max_aspect applies to keep=aspect only")
+        if self.keep == "aspect":
+            object.__setattr__(self, "max_aspect", self.max_aspect or "16:9")
+            stored_width(self.short_side, self.max_aspect)  # refuses a malformed ratio by name
 
     @property
     def stored_frames(self) -> int:
         return self.frames * self.frames_per_segment
 
     @property
+    def width(self) -> int:
+        """The stored frame width: S for square clips, `pipeline.decode.stored_width` for keep="aspect"."""
+        return self.short_side if self.keep == "square" else stored_width(self.short_side, self.max_aspect)
+
+    @property
+    def aspect_width(self) -> int | None:
+        """The stored width of keep="aspect" clips, None for square ones: the `width` that decode_clips, ShardWriter
+        and clip_schema take."""
+        return None if self.keep == "square" else self.width
+
+    @property
     def clip_shape(self) -> tuple[int, int, int, int]:
-        """The shape of one stored clip: `[T * M, S, S, 3]`."""
-        return (self.stored_frames, self.short_side, self.short_side, 3)
+        """The shape of one stored clip: `[T * M, S, W, 3]` (W = S for square clips)."""
+        return (self.stored_frames, self.short_side, self.width, 3)
 
     @property
     def clip_bytes(self) -> int:
-        return self.stored_frames * self.short_side * self.short_side * 3
+        return self.stored_frames * self.short_side * self.width * 3
+
+    def schema(self) -> pa.Schema:
+        """The stored schema of this sampling's clips (pipeline.schema.clip_schema)."""
+        return clip_schema(self.stored_frames, self.short_side, self.aspect_width)
 
     def pick_frames(self, clips: np.ndarray, picks: np.ndarray | None = None) -> np.ndarray:
-        """Stored clips `[N, T * M, S, S, 3]` -> model clips `[N, T, S, S, 3]`: candidate `picks[n, t]` of each
+        """Stored clips `[N, T * M, S, W, 3]` -> model clips `[N, T, S, W, 3]`: candidate `picks[n, t]` of each
         segment (training's temporal jitter), or the middle candidate when `picks` is None (evaluation)."""
         m = self.frames_per_segment
         if m == 1:
@@ -84,7 +118,8 @@ class SamplingParams:
         return clips[np.arange(len(clips))[:, None], positions]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items()
+                if key not in _RECORDED_WHEN_SET or value != _RECORDED_WHEN_SET[key]}
 
 
 @dataclass

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from pipeline.dataset.parts import stream_sha256
 from pipeline.dataset.versions import ManifestError, parse_dataset_ref
 from pipeline.manifest import Manifest, load_manifest
-from pipeline.schema import clip_schema, frames_to_numpy, frames_type, with_frames_as_tensor
+from pipeline.schema import frames_to_numpy, frames_type, with_frames_as_tensor
 from pipeline.storage import Storage, parse_uri
 
 # (endpoint, path, sha256) of the shards this process has hashed and found as their manifest records them
@@ -92,7 +92,8 @@ def read_clips(
     """A `ray.data.Dataset` of one dataset version (`dst` may be `DST@version`), one row per clip.
 
     `frames` is a fixed-shape tensor column: it comes out of `iter_batches`/`iter_torch_batches` as uint8
-    `[B, T * M, S, S, 3]` (M = `frames_per_segment`; `SamplingParams.pick_frames` selects T of them).
+    `[B, T * M, S, W, 3]` (M = `frames_per_segment`, `SamplingParams.pick_frames` selects T of them; W = S unless
+    the dataset keeps the aspect, whose `valid_width` column says which columns hold the video).
     """
     import ray.data
 
@@ -114,9 +115,9 @@ def read_clips(
 
 def read_schema(manifest: Manifest) -> pa.Schema:
     """The schema readers see: the stored one with `frames` as its fixed-shape tensor type."""
-    shape = manifest.sampling.clip_shape
-    stored = clip_schema(shape[0], shape[1])
-    return stored.set(stored.get_field_index("frames"), pa.field("frames", frames_type(shape[0], shape[1]), False))
+    stored = manifest.sampling.schema()
+    return stored.set(stored.get_field_index("frames"),
+                      pa.field("frames", frames_type(*manifest.sampling.clip_shape[:3]), False))
 
 
 def iter_clip_batches(
@@ -128,7 +129,7 @@ def iter_clip_batches(
     verify: bool = True,
 ) -> Iterator[pa.RecordBatch]:
     """Record batches of one dataset version with plain pyarrow, shard by shard, in manifest order; `frames` as the
-    fixed-shape tensor `[T * M, S, S, 3]`."""
+    fixed-shape tensor `[T * M, S, W, 3]`."""
     dst, manifest, storage, paths = _open(dst, version, endpoint_url, verify)
     filesystem = storage.arrow_filesystem(parse_uri(dst))
     for path in paths:
@@ -144,7 +145,7 @@ def iter_clips(
     endpoint_url: str | None = None,
     verify: bool = True,
 ) -> Iterator[dict]:
-    """Rows of one dataset version as dicts; `frames` as a uint8 numpy array `[T, S, S, 3]`."""
+    """Rows of one dataset version as dicts; `frames` as a uint8 numpy array `[T, S, W, 3]`."""
     for batch in iter_clip_batches(dst, version, columns, endpoint_url=endpoint_url, verify=verify):
         names = batch.schema.names
         frames = frames_to_numpy(batch.column("frames")) if "frames" in names else None

@@ -16,45 +16,50 @@ SCHEMA_VERSION = 2
 MAX_ROW_GROUP_CLIPS = 16
 
 
-def frames_type(frames: int, short_side: int) -> pa.DataType:
-    """What readers get: the Arrow-native fixed-shape tensor `[T, S, S, 3]` uint8 (no Ray extension types)."""
-    return pa.fixed_shape_tensor(pa.uint8(), [frames, short_side, short_side, 3])
+def frames_type(frames: int, short_side: int, width: int | None = None) -> pa.DataType:
+    """What readers get: the Arrow-native fixed-shape tensor `[T, S, W, 3]` uint8 (no Ray extension types); W = S
+    unless the dataset keeps the aspect (`width`)."""
+    return pa.fixed_shape_tensor(pa.uint8(), [frames, short_side, width or short_side, 3])
 
 
-def stored_frames_type(frames: int, short_side: int) -> pa.DataType:
-    """How a clip is stored: its `T*S*S*3` pixels as one fixed-size binary value. Parquet stores a fixed-shape
+def stored_frames_type(frames: int, short_side: int, width: int | None = None) -> pa.DataType:
+    """How a clip is stored: its `T*S*W*3` pixels as one fixed-size binary value. Parquet stores a fixed-shape
     tensor as a list of uint8 with a repetition level per pixel (about 19 ms of CPU to read one 8x256x256 clip);
     a fixed-length byte array reads as one copy."""
-    return pa.binary(frames * short_side * short_side * 3)
+    return pa.binary(frames * short_side * (width or short_side) * 3)
 
 
-def clip_schema(frames: int, short_side: int) -> pa.Schema:
-    """The stored schema; `frames` is the number of frames stored per clip (SamplingParams.stored_frames)."""
-    return pa.schema(
-        [
-            pa.field("video_id", pa.string(), nullable=False),
-            pa.field("source_uri", pa.string(), nullable=False),
-            pa.field("source_etag", pa.string(), nullable=False),
-            pa.field("clip_index", pa.int32(), nullable=False),
-            pa.field("label", pa.int32()),
-            pa.field("label_name", pa.string()),
-            pa.field(
-                "frames",
-                stored_frames_type(frames, short_side),
-                nullable=False,
-                metadata={"uniformer.shape": json.dumps([frames, short_side, short_side, 3])},
-            ),
-            pa.field("frame_indices", pa.list_(pa.int32()), nullable=False),
-            pa.field("fps", pa.float32(), nullable=False),
-            pa.field("padded", pa.bool_(), nullable=False),
-        ]
-    )
+def clip_schema(frames: int, short_side: int, width: int | None = None) -> pa.Schema:
+    """The stored schema; `frames` is the number of frames stored per clip (SamplingParams.stored_frames). With
+    `width` (keep="aspect"), frames are `width` wide and a `valid_width` column says how many of the columns, centred,
+    hold each clip's video (pipeline.decode.resize_keep_aspect); a square dataset's schema has no such column."""
+    stored_width = short_side if width is None else width
+    fields = [
+        pa.field("video_id", pa.string(), nullable=False),
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("source_etag", pa.string(), nullable=False),
+        pa.field("clip_index", pa.int32(), nullable=False),
+        pa.field("label", pa.int32()),
+        pa.field("label_name", pa.string()),
+        pa.field(
+            "frames",
+            stored_frames_type(frames, short_side, stored_width),
+            nullable=False,
+            metadata={"uniformer.shape": json.dumps([frames, short_side, stored_width, 3])},
+        ),
+        pa.field("frame_indices", pa.list_(pa.int32()), nullable=False),
+        pa.field("fps", pa.float32(), nullable=False),
+        pa.field("padded", pa.bool_(), nullable=False),
+    ]
+    if width is not None:
+        fields.append(pa.field("valid_width", pa.int32(), nullable=False))
+    return pa.schema(fields)
 
 
 def frames_array(clips: np.ndarray) -> pa.FixedSizeBinaryArray:
-    """`[N, T, S, S, 3]` uint8 -> the stored fixed-size binary array of N clips, without copying the pixels."""
+    """`[N, T, S, W, 3]` uint8 -> the stored fixed-size binary array of N clips, without copying the pixels."""
     clips = np.ascontiguousarray(clips, dtype=np.uint8)
-    typ = stored_frames_type(clips.shape[1], clips.shape[2])
+    typ = stored_frames_type(*clips.shape[1:4])
     return pa.Array.from_buffers(typ, clips.shape[0], [None, pa.py_buffer(clips)])
 
 
@@ -90,7 +95,7 @@ def frames_as_tensor(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...])
     data = column.buffers()[1].slice(column.offset * width, len(column) * width)
     pixels = pa.Array.from_buffers(pa.uint8(), len(column) * width, [None, data])
     storage = pa.FixedSizeListArray.from_arrays(pixels, width)
-    return pa.ExtensionArray.from_storage(frames_type(shape[0], shape[1]), storage)
+    return pa.ExtensionArray.from_storage(frames_type(*shape[:3]), storage)
 
 
 def with_frames_as_tensor(table: pa.Table | pa.RecordBatch, shape: tuple[int, ...]) -> pa.Table | pa.RecordBatch:
@@ -98,7 +103,7 @@ def with_frames_as_tensor(table: pa.Table | pa.RecordBatch, shape: tuple[int, ..
     if "frames" not in table.schema.names:
         return table
     index = table.schema.get_field_index("frames")
-    return table.set_column(index, pa.field("frames", frames_type(shape[0], shape[1]), nullable=False),
+    return table.set_column(index, pa.field("frames", frames_type(*shape[:3]), nullable=False),
                             frames_as_tensor(table.column("frames"), shape))
 
 

@@ -40,10 +40,11 @@ def parquet_write_options(schema: pa.Schema) -> dict:
 class ShardWriter:
     """Appends clips of one video at a time to a staged Parquet file; `commit` publishes it under its final name."""
 
-    def __init__(self, storage: Storage, final: Location, frames: int, short_side: int):
+    def __init__(self, storage: Storage, final: Location, frames: int, short_side: int, width: int | None = None):
+        """`width`: the stored frame width of a keep="aspect" dataset (pipeline.schema.clip_schema); None: square."""
         self.storage = storage
         self.final = final
-        self.schema = clip_schema(frames, short_side)
+        self.schema = clip_schema(frames, short_side, width)
         self.staging = storage.staging_path(final)
         options = parquet_write_options(self.schema)
         del options["row_group_size"]
@@ -63,8 +64,11 @@ class ShardWriter:
         label_name: str | None,
         fps: float,
         padded: bool,
+        valid_width: int | None = None,
     ) -> None:
+        """`valid_width`: how much of a keep="aspect" clip's width holds the video (pipeline.decode.ClipInfo)."""
         count = clips.shape[0]
+        aspect = [pa.array([valid_width] * count, pa.int32())] if "valid_width" in self.schema.names else []
         batch = pa.RecordBatch.from_arrays(
             [
                 pa.array([video_id] * count, pa.string()),
@@ -77,6 +81,7 @@ class ShardWriter:
                 pa.array([row.tolist() for row in frame_indices], pa.list_(pa.int32())),
                 pa.array([fps] * count, pa.float32()),
                 pa.array([padded] * count, pa.bool_()),
+                *aspect,
             ],
             schema=self.schema,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -47,6 +48,32 @@ def _sources(dst: str, manifest) -> dict[str, dict]:
 def _assert_each_clip_once(rows: list[dict]) -> None:
     keys = Counter((row["video_id"], row["clip_index"]) for row in rows)
     assert all(count == 1 for count in keys.values()), [key for key, count in keys.items() if count > 1]
+
+
+def test_keep_aspect_ingest_stores_the_frame_up_to_16_9_and_records_its_shape(tmp_path, ray_local):
+    src, dst = tmp_path / "videos", str(tmp_path / "clips")
+    for name, size in {"wide": (128, 72), "four_three": (64, 48), "portrait": (48, 64)}.items():
+        write_motion_video(src / "right" / f"{name}.mp4", "right", size=size, num_frames=16)
+    summary = run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, keep="aspect",
+                                                  **SMALL)))
+
+    assert summary.ingested == 3 and summary.errored == 0
+    manifest = load_manifest(dst)
+    recorded = json.loads((Path(dst) / "manifests" / "v000001.json").read_text())["sampling"]
+    assert (recorded["keep"], recorded["max_aspect"]) == ("aspect", "16:9")
+    assert manifest.sampling.clip_shape == (4, 32, 56, 3)  # 32 x 16/9, made even
+    shard = pq.read_table(os.path.join(dst, manifest.shards[0].path))
+    assert shard.schema.field("frames").type == pa.binary(4 * 32 * 56 * 3)
+    rows = {Path(row["source_uri"]).stem: row for row in _rows(dst)}
+    # 16:9 fills the width; 4:3 is 42 wide at short side 32; portrait keeps its centre square
+    assert {name: row["valid_width"] for name, row in rows.items()} == {"wide": 56, "four_three": 42, "portrait": 32}
+    for row in rows.values():
+        pad = (56 - row["valid_width"]) // 2
+        assert row["frames"].shape == (4, 32, 56, 3)
+        assert row["frames"][:, :, :pad].max(initial=0) == 0 and row["frames"][:, :, 56 - pad :].max(initial=0) == 0
+
+    with pytest.raises(IngestConfigError, match="new --out"):  # a dataset keeps one frame shape
+        run_ingest(build(IngestConfig, dict(src=str(src), out=dst, labels_from_dirs=True, keep="square")))
 
 
 def test_local_folder_becomes_a_readable_clip_dataset(tmp_path, make_videos, ray_local):

@@ -50,6 +50,29 @@ def test_manifest_round_trips_through_json():
     assert again.class_names == ["left", "ünïcode"] and again.num_clips == 3
 
 
+def test_a_square_manifest_records_no_keep_and_one_without_it_reads_as_square():
+    body = json.loads(_manifest(1).to_json())
+    assert sorted(body["sampling"]) == ["clips_per_video", "frames", "frames_per_segment", "sampling", "short_side",
+                                        "size", "stride"]  # as written before keep=aspect existed
+    again = Manifest.from_json(json.dumps(body))
+    assert again.sampling.keep == "square" and again.sampling.clip_shape == (4, 32, 32, 3)
+    assert "valid_width" not in again.sampling.schema().names
+
+
+def test_an_aspect_manifest_records_the_mode_and_its_stored_shape():
+    manifest = _manifest(1)
+    manifest.sampling = SamplingParams(frames=4, short_side=32, size=28, keep="aspect")
+    recorded = json.loads(manifest.to_json())["sampling"]
+    assert (recorded["keep"], recorded["max_aspect"]) == ("aspect", "16:9")
+    sampling = Manifest.from_json(manifest.to_json()).sampling
+    assert sampling == manifest.sampling and sampling.clip_shape == (4, 32, 56, 3)
+    assert sampling.clip_bytes == 4 * 32 * 56 * 3 and sampling.schema().field("valid_width").type == "int32"
+    with pytest.raises(ValueError, match="keep=aspect only"):
+        SamplingParams(max_aspect="16:9")
+    with pytest.raises(ValueError, match="WIDTH:HEIGHT"):
+        SamplingParams(keep="aspect", max_aspect="9:16")
+
+
 def test_versions_are_listed_and_never_overwritten(tmp_path):
     root, storage = parse_uri(str(tmp_path)), Storage()
     write_manifest(root, _manifest(1), storage)
