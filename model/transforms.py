@@ -1,5 +1,9 @@
-"""Clip tensors from the dataset's uint8 `[B, T, S, S, 3]` to the model's normalised `[B, 3, T, H, W]`, batched on
+"""Clip tensors from the dataset's uint8 `[B, T, S, W, 3]` to the model's normalised `[B, 3, T, H, W]`, batched on
 whatever device the clips are on (augmentation runs on the training device, not in the data loader).
+
+A keep="aspect" dataset's frames are wider than the square (W > S): training's windows range over the whole width;
+its narrower videos fill only a centred `valid_width` of it, which training's windows stay inside and which the
+centre crop of evaluation (`center_crop`, the model's size <= S <= valid width) falls inside by construction.
 
 Training augmentations: "recipe" is the official UniFormerV2 / MMAction2 Kinetics recipe (RandAugment with magnitude
 7 and 4 ops, then RandomResizedCrop to the model's size, then horizontal flip), "crop" a random crop and flip. Every
@@ -36,20 +40,42 @@ def center_crop(clips: torch.Tensor, size: int) -> torch.Tensor:
     return clips[:, :, top : top + size, left : left + size]
 
 
+def valid_columns(width: int, valid_width: int) -> tuple[int, int]:
+    """(first, past-last) column of the valid region of a stored frame `width` wide whose `valid_width` columns of
+    video are centred in it (a keep="aspect" dataset's narrower frames, pipeline.decode.resize_keep_aspect)."""
+    first = (width - valid_width) // 2
+    return first, first + valid_width
+
+
+def _checked_valid_widths(valid_widths: torch.Tensor, size: int, width: int) -> torch.Tensor:
+    valid_widths = valid_widths.to("cpu", torch.int64)
+    if bool(((valid_widths < size) | (valid_widths > width)).any()):
+        raise ValueError(f"valid widths {valid_widths.tolist()} must lie between the crop size {size} and the stored "
+                         f"width {width}")
+    return valid_widths
+
+
 def random_crop_flip(
     clips: torch.Tensor, size: int, generator: torch.Generator | None = None, flip: bool = True,
-    return_flips: bool = False,
+    return_flips: bool = False, valid_widths: torch.Tensor | None = None,
 ):
     """An independent random `size` window and (with `flip`) horizontal flip per clip of `[B, T, H, W, 3]`, the
     same for all frames of a clip, gathered in one indexing op (no loop over clips). Turn flipping off for classes
     that depend on left/right (Something-Something's "pushing left to right", motion direction), or swap their labels
-    for the flipped clips (`return_flips`: also the `[B]` bool mask of the clips flipped)."""
+    for the flipped clips (`return_flips`: also the `[B]` bool mask of the clips flipped). With `valid_widths` (`[B]`,
+    a keep="aspect" dataset's), each window lies inside its clip's centred valid columns (`valid_columns`)."""
     batch, _, height, width, _ = clips.shape
     if size > min(height, width):
         raise ValueError(f"crop size {size} exceeds the stored {height}x{width} frames")
     device = clips.device
     tops = torch.randint(0, height - size + 1, (batch,), generator=generator, device="cpu").to(device)
-    lefts = torch.randint(0, width - size + 1, (batch,), generator=generator, device="cpu").to(device)
+    if valid_widths is None:
+        lefts = torch.randint(0, width - size + 1, (batch,), generator=generator, device="cpu").to(device)
+    else:  # a uniform left edge per clip over its own range: randint takes one range for the whole batch
+        valid_widths = _checked_valid_widths(valid_widths, size, width)
+        spans = valid_widths - size + 1
+        offsets = torch.minimum((torch.rand(batch, generator=generator, device="cpu") * spans).long(), spans - 1)
+        lefts = ((width - valid_widths) // 2 + offsets).to(device)
     flips = (torch.rand(batch, generator=generator, device="cpu") < 0.5).to(device) & flip
     offsets = torch.arange(size, device=device)
     rows = tops[:, None] + offsets  # [B, size]
@@ -96,18 +122,24 @@ def resized_crop_box(
 
 def recipe_augment(
     clips: torch.Tensor, size: int, generator: torch.Generator | None = None, flip: bool = True,
-    return_flips: bool = False,
+    return_flips: bool = False, valid_widths: torch.Tensor | None = None,
 ):
     """uint8 `[B, T, H, W, 3]` -> float `[B, T, size, size, 3]` in 0..255: per clip, RandAugment (the same ops for every
     frame of a clip, torchvision's tensor implementation, which draws from torch's global RNG), a RandomResizedCrop
     window resized to `size` (bilinear, antialiased) and a horizontal flip with probability 0.5 when `flip`. A loop
-    over the clips of a batch: each clip gets its own ops and window."""
+    over the clips of a batch: each clip gets its own ops and window. With `valid_widths` (`[B]`, a keep="aspect"
+    dataset's), both see only the clip's valid columns, so that neither a window nor a rotation brings in padding."""
     from torchvision.transforms import v2
 
     rand_augment = v2.RandAugment(num_ops=RAND_AUGMENT_OPS, magnitude=RAND_AUGMENT_MAGNITUDE)
     out = torch.empty((clips.shape[0], clips.shape[1], size, size, 3), device=clips.device)
     flips = torch.zeros(clips.shape[0], dtype=torch.bool, device=clips.device)
+    if valid_widths is not None:
+        valid_widths = _checked_valid_widths(valid_widths, size, clips.shape[3])
     for index, clip in enumerate(clips):
+        if valid_widths is not None:
+            first, last = valid_columns(clip.shape[2], int(valid_widths[index]))
+            clip = clip[:, :, first:last]
         frames = rand_augment(clip.permute(0, 3, 1, 2))  # [T, 3, H, W] uint8, one op sequence for the clip
         top, left, h, w = resized_crop_box(frames.shape[-2], frames.shape[-1], generator)
         window = frames[:, :, top : top + h, left : left + w].float()
@@ -127,13 +159,15 @@ def train_transform(
     augment: str = "crop",
     normalization: str = "clip",
     return_flips: bool = False,
+    valid_widths: torch.Tensor | None = None,
 ):
     """uint8 `[B, T, H, W, 3]` -> the model's normalised `[B, 3, T, size, size]`, augmented as `augment` says (with
-    `return_flips`, also the `[B]` bool mask of the clips flipped)."""
+    `return_flips`, also the `[B]` bool mask of the clips flipped). Windows are drawn from the whole stored frame,
+    the sides of a keep="aspect" dataset's wide frames included, within each clip's `valid_widths` when given."""
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, not {augment!r}")
     augmented = recipe_augment if augment == "recipe" else random_crop_flip
-    windows, flips = augmented(clips, size, generator, flip, return_flips=True)
+    windows, flips = augmented(clips, size, generator, flip, return_flips=True, valid_widths=valid_widths)
     inputs = normalize(windows, normalization)
     return (inputs, flips) if return_flips else inputs
 

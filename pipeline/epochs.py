@@ -197,8 +197,8 @@ class EpochPlan:
         return WindowReader(self.dst, self.split, self.val_fraction, self.manifest.sampling, self.endpoint_url)
 
     def dataset(self, epoch: int, rank: int, start: int = 0, stop: int | None = None, read_cpus: float = 0.5):
-        """A Ray Dataset of rows [start, stop) of one rank's shuffled epoch, columns `frames` uint8 [T, S, S, 3] and
-        `label`."""
+        """A Ray Dataset of rows [start, stop) of one rank's shuffled epoch, columns `frames` uint8 [T, S, W, 3] and
+        `label`, and `valid_width` for a keep="aspect" dataset."""
         import ray.data
 
         context = ray.data.DataContext.get_current()
@@ -232,6 +232,9 @@ class WindowReader:
     def __init__(self, dst: str, split: str, val_fraction: float, sampling: SamplingParams, endpoint_url: str | None):
         self.dst, self.split, self.val_fraction, self.endpoint_url = dst, split, val_fraction, endpoint_url
         self.sampling = sampling
+        self.columns = ["video_id", "clip_index", "label", "frames"]
+        if sampling.keep == "aspect":  # training's crops stay inside each clip's video (model.transforms)
+            self.columns.append("valid_width")
 
     def __call__(self, batch: pa.Table) -> dict:
         (item,) = batch.to_pylist()
@@ -249,7 +252,7 @@ class WindowReader:
             with filesystem.open_input_file(path) as handle:
                 parquet = pq.ParquetFile(handle)
                 for group in sorted({unit[0] for unit in units}):
-                    table = parquet.read_row_group(group, columns=["video_id", "clip_index", "label", "frames"])
+                    table = parquet.read_row_group(group, columns=self.columns)
                     tables.extend(table.slice(start, stop - start) for g, start, stop in units if g == group)
         table = pa.concat_tables(tables)
         keep = split_mask(table.column("video_id").to_pylist(), self.split, self.val_fraction)
@@ -267,4 +270,7 @@ class WindowReader:
                                  self.sampling.frames_per_segment)
         # unlabeled clips carry -1; training refuses unlabeled datasets before it gets here
         labels = pc.fill_null(table.column("label"), -1).to_numpy().astype(np.int64)
-        return {"frames": np.ascontiguousarray(self.sampling.pick_frames(clips, picks)), "label": labels}
+        window = {"frames": np.ascontiguousarray(self.sampling.pick_frames(clips, picks)), "label": labels}
+        if "valid_width" in self.columns:
+            window["valid_width"] = table.column("valid_width").to_numpy().astype(np.int64)
+        return window

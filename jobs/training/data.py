@@ -97,9 +97,12 @@ class EpochStreams:
         if middle < stop:
             dataset = self.plan.dataset(epoch, self.rank, start=middle, stop=stop)
             # batches stay on the host, pinned where a GPU will take them, and DeviceBatches copies them over
+            dtypes = {"frames": torch.uint8, "label": torch.int64}
+            if self.plan.manifest.sampling.keep == "aspect":
+                dtypes["valid_width"] = torch.int64
             tail = EpochStream(dataset.iter_torch_batches(
-                batch_size=self.batch_size, prefetch_batches=4, dtypes={"frames": torch.uint8, "label": torch.int64},
-                device="cpu", pin_memory=self.device.type == "cuda",
+                batch_size=self.batch_size, prefetch_batches=4, dtypes=dtypes, device="cpu",
+                pin_memory=self.device.type == "cuda",
             ))
         return DeviceBatches(itertools.chain(head, tail), self.device)
 
@@ -124,11 +127,11 @@ def read_ahead(plan: EpochPlan, items: list[dict], batch_size: int) -> Iterator[
 
     def batches() -> Iterator[dict]:
         read = windows.result()
-        frames = read[0]["frames"] if len(read) == 1 else np.concatenate([window["frames"] for window in read])
-        labels = read[0]["label"] if len(read) == 1 else np.concatenate([window["label"] for window in read])
-        for first in range(0, len(labels), batch_size):
-            yield {"frames": torch.from_numpy(frames[first : first + batch_size]),
-                   "label": torch.from_numpy(labels[first : first + batch_size])}
+        # frames and label, and valid_width for a keep="aspect" dataset
+        columns = {key: read[0][key] if len(read) == 1 else np.concatenate([window[key] for window in read])
+                   for key in read[0]}
+        for first in range(0, len(columns["label"]), batch_size):
+            yield {key: torch.from_numpy(values[first : first + batch_size]) for key, values in columns.items()}
 
     return batches()
 

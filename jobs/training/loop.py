@@ -275,7 +275,7 @@ class Trainer:
         cfg = self.cfg
         inputs, flipped = train_transform(batch["frames"], self.crop_size, generator, flip=cfg.hflip,
                                           augment=cfg.augment, normalization=input_normalization(self.model),
-                                          return_flips=True)
+                                          return_flips=True, valid_widths=batch.get("valid_width"))
         labels = batch["label"]
         if self.flip_swap is not None:  # a flipped "pushing left to right" is "pushing right to left"
             labels = torch.where(flipped, self.flip_swap[labels], labels)
@@ -328,6 +328,7 @@ class Trainer:
             for start in range(0, len(window["label"]), cfg.batch_size):
                 clips = torch.from_numpy(window["frames"][start : start + cfg.batch_size]).to(device, non_blocking=True)
                 labels = torch.from_numpy(window["label"][start : start + cfg.batch_size]).to(device, non_blocking=True)
+                # a keep="aspect" dataset's padding is centred: the centre crop lies inside every clip's video
                 probs = predict_views(net, clips[:, None], plan.manifest.sampling.size, precision)
                 sums[0] += -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().sum().double()
                 sums[1] += (probs.topk(top, dim=1).indices == labels[:, None]).any(dim=1).sum()

@@ -15,13 +15,14 @@ from jobs.metrics import per_class_report, scores_from_counts
 from jobs.options import IngestConfig
 from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
-from jobs.training.data import DeviceBatches, EpochStreams, StepLayout
+from jobs.training.data import DeviceBatches, EpochStreams, StepLayout, read_ahead
 from jobs.training.loop import StepMetrics, Trainer, build_train_state
 from jobs.training.optim import build_optimizer, build_scheduler
 from jobs.training.tracking import HEATMAP_MAX_CLASSES, _confusion_image
 from model.transforms import train_transform
 from pipeline import epochs as epoch_plans
 from pipeline import generate_motion_dataset, load_manifest
+from tests.pipeline.test_epochs import write_aspect_dataset
 
 FRAMES, CLASSES = 4, 4
 
@@ -115,6 +116,23 @@ def test_steps_reseed_per_seed_step_and_rank_so_a_resumed_trainer_matches_an_uni
     for batch in (first, second):
         other_rank.train_step(iter([batch]))
     assert any(not torch.equal(weights(straight)[k], v) for k, v in weights(other_rank).items())
+
+
+def test_a_step_on_keep_aspect_clips_crops_inside_each_clips_valid_width():
+    trainer = tiny_trainer(tiny_config(batch_size=2), StepLayout((5,), 5, 2))
+    (batch,) = clip_batches(1)
+    wide = {**batch, "frames": torch.zeros((2, FRAMES, 40, 72, 3), dtype=torch.uint8),
+            "valid_width": torch.tensor([72, 54])}
+    trainer.train_step(iter([wide]))
+    assert trainer.progress.global_step == 1
+    with pytest.raises(ValueError, match="valid widths"):  # narrower than the crop: the step read them
+        trainer.train_step(iter([{**wide, "valid_width": torch.tensor([72, 30])}]))
+
+
+def test_the_epoch_head_read_here_carries_the_valid_widths(tmp_path):
+    plan = epoch_plans.EpochPlan(str(tmp_path), write_aspect_dataset(str(tmp_path)), "all", 0.0, 1, seed=0)
+    batches = list(read_ahead(plan, plan.windows(0, 0, shuffle=False), batch_size=4))
+    assert [batch["valid_width"].tolist() for batch in batches] == [[4, 4, 2, 2], [4, 4]]
 
 
 def test_step_layout_cuts_the_last_epochs_where_max_steps_ends():

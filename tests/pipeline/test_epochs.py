@@ -207,3 +207,26 @@ def test_a_plan_from_the_drivers_units_reads_no_shard_and_deals_the_same(dataset
                        units=[tuple(vars(unit).values()) for unit in driver.units])
     assert worker.units == driver.units and worker.rows == driver.rows and worker.paths == driver.paths
     assert worker.windows(1, 1) == driver.windows(1, 1)
+
+
+def write_aspect_dataset(root: str) -> Manifest:
+    """Three videos x 2 clips of keep="aspect" 2x4 frames, valid widths 4, 2 and 4; the rows of the last video are
+    read last in plan order."""
+    sampling = SamplingParams(frames=1, short_side=2, size=2, keep="aspect", max_aspect="2:1")
+    relative = "shards/part-0.parquet"
+    writer = ShardWriter(Storage(), parse_uri(root).join(relative), frames=1, short_side=2, width=sampling.width)
+    for video, valid_width in enumerate((4, 2, 4)):
+        writer.add_video(np.zeros((2, *sampling.clip_shape), np.uint8), np.zeros((2, 1), np.int32), f"v{video}",
+                         f"/v{video}.mp4", "e", label=0, label_name="c0", fps=8.0, padded=False,
+                         valid_width=valid_width)
+    size, digest = writer.commit({})
+    return Manifest(version=1, source="/videos", sampling=sampling, labels="dirs", class_map={"c0": 0},
+                    shards=[ShardEntry(relative, writer.rows, digest, size)], source_tables=[], num_sources=0,
+                    counts={})
+
+
+def test_an_aspect_datasets_windows_carry_each_clips_valid_width(tmp_path):
+    plan = EpochPlan(str(tmp_path), write_aspect_dataset(str(tmp_path)), "all", 0.0, world_size=1, seed=0)
+    (window,) = plan.read_windows(0, 0)
+    assert window["frames"].shape == (6, 1, 2, 4, 3)
+    assert window["valid_width"].tolist() == [4, 4, 2, 2, 4, 4]
