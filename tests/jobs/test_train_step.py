@@ -173,9 +173,12 @@ def test_train_epoch_steps_to_the_epochs_end_and_measures_the_share_spent_waitin
 
 
 @pytest.mark.integration
-def test_epoch_streams_read_the_head_here_and_stream_the_rest_as_one_pipeline_would(ray_local, tmp_path, monkeypatch):
+@pytest.mark.parametrize("keep", ["square", "aspect"])
+def test_epoch_streams_read_the_head_here_and_stream_the_rest_as_one_pipeline_would(ray_local, tmp_path, monkeypatch,
+                                                                                   keep):
     """The head read in this process and the Ray Data tail together give exactly the batches one Ray Data pipeline
-    gives for the same rows, from an epoch's start and from a resumed step, with the head ending inside a window."""
+    gives for the same rows, from an epoch's start and from a resumed step, with the head ending inside a window;
+    a keep="aspect" dataset's batches carry each clip's valid width both ways."""
     generate_motion_dataset(tmp_path / "videos", num_per_class=6, size=(40, 40), num_frames=16, seed=2)
     run_ingest(
         build(
@@ -187,6 +190,7 @@ def test_epoch_streams_read_the_head_here_and_stream_the_rest_as_one_pipeline_wo
                 frames=FRAMES,
                 size=32,
                 short_side=40,
+                keep=keep,
             ),
         ),
         echo=lambda _: None,
@@ -204,11 +208,14 @@ def test_epoch_streams_read_the_head_here_and_stream_the_rest_as_one_pipeline_wo
         first_window = plan.windows(epoch, 0, start, stop)[0]["take"]
         assert start < head_stop < stop and (head_stop - start) % 4 == 0 and head_stop - start != first_window
         streamed = list(streams.open(epoch, step))
-        expected = list(plan.dataset(epoch, 0, start, stop).iter_torch_batches(
-            batch_size=4, dtypes={"frames": torch.uint8, "label": torch.int64}))
+        dtypes = {"frames": torch.uint8, "label": torch.int64, **({"valid_width": torch.int64} if keep == "aspect"
+                                                                  else {})}
+        expected = list(plan.dataset(epoch, 0, start, stop).iter_torch_batches(batch_size=4, dtypes=dtypes))
         assert len(streamed) == len(expected) == layout.epoch_steps(epoch) - step
         for got, want in zip(streamed, expected):
-            assert torch.equal(got["label"], want["label"]) and torch.equal(got["frames"], want["frames"])
+            assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in got)
+        if keep == "aspect":  # the 40x40 videos fill 40 of the 72 stored columns
+            assert streamed[0]["frames"].shape[3] == 72 and set(streamed[0]["valid_width"].tolist()) == {40}
 
 
 def test_resume_places_optimizer_state_on_each_parameters_device(tmp_path):
