@@ -57,6 +57,18 @@ def test_printed_configuration_reads_back_to_the_same_one(job, tmp_path):
     assert build(config_class, read_file(str(tmp_path / "job.yaml"))) == build(config_class, yaml.safe_load(printed))
 
 
+def test_keep_aspect_is_printed_only_when_given_and_reads_back():
+    assert "keep" not in yaml.safe_load(print_config("ingest", ["videos", "--out", "clips"]))  # as before it existed
+    printed = yaml.safe_load(print_config("ingest", ["videos", "--out", "clips", "--keep", "aspect",
+                                                     "--max-aspect", "21:9"]))
+    assert (printed["keep"], printed["max_aspect"]) == ("aspect", "21:9")
+    clip = build(IngestConfig, printed).clip
+    assert clip.given() == {"keep": "aspect", "max_aspect": "21:9"}
+    # a square run does not inherit the ratio a dataset recorded: it differs from an aspect dataset by `keep`
+    assert build(IngestConfig, {"src": "a", "out": "b", "keep": "square"}).clip.given() == {
+        "keep": "square", "max_aspect": None}
+
+
 def test_flags_are_turned_into_the_config_class_fields():
     train = build(TrainConfig, yaml.safe_load(print_config("train", COMMANDS["train"][1])))
     assert (train.model_overrides, train.use_gpu, train.hflip, train.compile, train.lr, train.val_data,
@@ -111,6 +123,8 @@ def test_flags_given_override_the_file_and_flags_left_out_do_not(tmp_path):
         ("train", "data: c\ntracking_uri: http://user:***@mlflow:5000\n", "tracking_uri holds a masked credential"),
         ("ingest", "src: a\nout: b\nsampling: random\n", "sampling must be 'uniform' or 'dense'"),
         ("ingest", "src: a\nout: b\nmax_seconds: 0\n", "max_seconds must be > 0"),
+        ("ingest", "src: a\nout: b\nkeep: wide\n", "keep must be one of square, aspect"),
+        ("ingest", "src: a\nout: b\nkeep: aspect\nmax_aspect: '9:16'\n", "max_aspect must be WIDTH:HEIGHT"),
         ("score", "src: a\nout: b\nmodel: m\nviews: '4'\n", "views must be TEMPORALxSPATIAL"),
         ("evaluate", "data: a\nmodel: m\nprecision: fp8\n", "precision must be one of"),
         ("demo", "size: huge\n", "unknown demo size 'huge'"),
