@@ -15,8 +15,8 @@ import importlib
 _EXPORTS = {
     "pipeline.dataset.parts": ["ShardEntry"],
     "pipeline.dataset.versions": ["ManifestError", "parse_dataset_ref"],
-    "pipeline.decode": ["SAMPLINGS", "ClipInfo", "VideoDecodeError", "decode_clips", "read_sampled_frames",
-                        "resize_center_crop", "sample_frame_indices"],
+    "pipeline.decode": ["KEEPS", "SAMPLINGS", "ClipInfo", "VideoDecodeError", "decode_clips", "read_sampled_frames",
+                        "resize_center_crop", "resize_keep_aspect", "sample_frame_indices", "stored_width"],
     "pipeline.listing": ["VIDEO_EXTENSIONS", "LabelsError", "ListingError", "SourceVideo", "VideoListing",
                          "attach_labels", "extend_class_map", "list_videos", "parse_labels_csv", "read_labels_csv"],
     "pipeline.manifest": ["Manifest", "SamplingParams", "load_manifest"],
