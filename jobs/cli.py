@@ -30,6 +30,7 @@ from jobs.options import (  # noqa: E402
     RegisterConfig,
     RetrainConfig,
     ScoreConfig,
+    ServeConfig,
 )
 from jobs.training.config import TrainConfig  # noqa: E402
 
@@ -309,6 +310,20 @@ def evaluate_command(config: EvaluateConfig, json_output: bool, dry_run: bool) -
         for line in summary_lines(evaluation):
             echo(line)
     _finish(json_output, evaluation.to_dict())
+
+
+@_job_command("serve", ServeConfig)
+def serve_command(config: ServeConfig, json_output: bool, dry_run: bool) -> None:
+    """Serve the model over HTTP with Ray Serve until interrupted: POST {"videos": [{"video": BASE64} or {"uri": URI}]}
+    to http://HOST:PORT/ for each video's top-k (as `predict` gives it) and the version that answered. Videos of
+    concurrent requests are batched; with models:/NAME@ALIAS the replicas follow the alias to each new version
+    without dropping a request. Needs the `serve` extra."""
+    from jobs.registry import ModelReferenceError
+    from jobs.serve import run_serve
+
+    with _job("serve", json_output, ModelReferenceError, ValueError, RuntimeError) as echo:
+        summary = run_serve(config, echo=echo)
+    _finish(json_output, summary)
 
 
 @app.command("predict")

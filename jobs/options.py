@@ -159,6 +159,59 @@ class ScoreConfig:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 
 
+@dataclass
+class ServeOptions:
+    """How the served model runs: batching, replicas and their resources; none of these changes an answer."""
+
+    max_batch_size: int = option(4, help="Most videos per model call: a replica gathers them from concurrent requests.")
+    batch_wait_s: float = option(0.05, help="Longest a video waits for others to fill its batch, in seconds.")
+    min_replicas: int = option(1, help="Fewest replicas the autoscaler keeps (0: none while idle).")
+    max_replicas: int = option(1, help="Most replicas the autoscaler starts.")
+    target_ongoing_requests: float = option(2.0, help="Requests per replica the autoscaler aims at.")
+    cpus_per_replica: float = option(1.0, help="CPUs per replica (its torch threads on CPU).")
+    gpus_per_replica: float | None = option(
+        None, help="GPUs per replica; default: 1 when the Ray cluster has GPUs, else 0 (the replicas run on CPU)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_s < 0:
+            raise ValueError(f"batch_wait_s must be >= 0, got {self.batch_wait_s}")
+        if self.min_replicas < 0 or self.max_replicas < max(1, self.min_replicas):
+            raise ValueError(f"replicas: need 0 <= min_replicas <= max_replicas and max_replicas >= 1, got "
+                             f"{self.min_replicas} and {self.max_replicas}")
+        if self.target_ongoing_requests <= 0 or self.cpus_per_replica < 0:
+            raise ValueError("target_ongoing_requests must be > 0 and cpus_per_replica >= 0")
+        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
+            raise ValueError(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+
+
+@dataclass
+class ServeConfig:
+    """The options of `uniformer serve`."""
+
+    model: str = option(help=MODEL_REFERENCE + " An alias is followed: when it moves, the replicas load the version "
+                        "it points to and answer with it.", local_path=True)
+    host: str = option("127.0.0.1", help="Address the HTTP proxy listens on; 0.0.0.0 to be reached from other hosts.")
+    port: int = option(8000, help="HTTP port.")
+    poll_s: float = option(30.0, help="Seconds between looks at the alias in the registry.")
+    views: str = option(ScoreConfig.views, help="Test views TEMPORALxSPATIAL unless a request names others.")
+    top_k: int = option(5, help="Classes per video unless a request asks for another count.")
+    options: ServeOptions = section(ServeOptions, inline=True)
+    tracking_uri: str | None = option(None, local_path=True, help=TRACKING_URI)
+    endpoint_url: str | None = option(None, help=ENDPOINT_URL)
+
+    def __post_init__(self) -> None:
+        parse_views(self.views)
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.poll_s <= 0:
+            raise ValueError(f"poll_s must be > 0, got {self.poll_s}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1..65535, got {self.port}")
+
+
 EVALUATE_EXPERIMENT = "uniformerv2-evaluations"
 
 

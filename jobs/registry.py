@@ -527,10 +527,8 @@ def champion_version(client, model_name: str) -> int | None:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-    # The registered model's alias map rather than get_model_version_by_alias, which reports a missing alias as
-    # INVALID_PARAMETER_VALUE, a code it shares with requests that are wrong in other ways.
     try:
-        registered = client.get_registered_model(model_name)
+        return alias_version(client, model_name, CHAMPION)
     except MlflowException as error:
         if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             return None
@@ -539,8 +537,20 @@ def champion_version(client, model_name: str) -> int | None:
             f"cannot read the {CHAMPION} alias of {model_name} ({error.error_code}): nothing promoted; "
             f"{redact(error.message)}"
         ) from None
-    version = registered.aliases.get(CHAMPION)
+
+
+def alias_version(client, model_name: str, alias: str) -> int | None:
+    """The version `alias` of `model_name` points to now; None when the alias is not set. MLflow's errors pass."""
+    # The registered model's alias map rather than get_model_version_by_alias, which reports a missing alias as
+    # INVALID_PARAMETER_VALUE, a code it shares with requests that are wrong in other ways.
+    version = client.get_registered_model(model_name).aliases.get(alias)
     return int(version) if version is not None else None
+
+
+def alias_of(reference: str) -> tuple[str, str] | None:
+    """(name, alias) of a `models:/NAME@ALIAS` reference; None for any other."""
+    match = _ALIAS.match(reference)
+    return (match.group("name"), match.group("alias")) if match else None
 
 
 def version_trained_on(client, model_name: str, fingerprint: str):

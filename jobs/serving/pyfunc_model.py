@@ -38,12 +38,18 @@ OUTPUT_COLUMNS = ("top_k_ids", "top_k_names", "top_k_probs", "error")
 
 class UniFormerV2Classifier(PythonModel):
     def load_context(self, context) -> None:
+        self.load(context.artifacts["weights"], context.artifacts["config"])
+
+    def load(self, weights_path: str, config_path: str, use_gpu: bool = False) -> UniFormerV2Classifier:
+        """Builds the network from the package's files (what MLflow's loading does; `uniformer serve` calls it with
+        the files `jobs.registry.resolve_model` fetched, and on a GPU replica with `use_gpu`)."""
         from jobs.scoring.predict import ViewPredictor
 
-        package = {"weights_path": context.artifacts["weights"], "config_path": context.artifacts["config"]}
+        package = {"weights_path": weights_path, "config_path": config_path}
         # every class's probability, so that each call picks its own top-k (jobs.scoring.predict.top_k_columns)
-        self.predictor = ViewPredictor(package, 1 << 30, True, {}, warm_up=False)
+        self.predictor = ViewPredictor(package, 1 << 30, True, {}, use_gpu=use_gpu, warm_up=False)
         self.net, self.card = self.predictor.net, self.predictor.card
+        return self
 
     # typed so that MLflow prints no "add type hints" warning: a DataFrame hint makes MLflow pass the input as it
     # comes (no type-hint schema), and the logged signature names no input schema, so clips arrays pass too
