@@ -4,7 +4,9 @@ and service addresses name things that exist, with credentials only ever referen
 MLflow server takes authenticated requests only and its clients have their password from a Secret, NetworkPolicies
 admit only the pods that need MLflow and the Ray head, every image is pinned by digest and every Python package comes
 from a lock with hashes. The Ray cluster's shape fits the jobs: whole 8-GPU pods for NCCL over NVLink, object stores
-inside a memory-backed /dev/shm, and a CPU-only group for decoding."""
+inside a memory-backed /dev/shm, and a CPU-only group for decoding. Serving (a RayService) runs `uniformer serve`'s
+application with options the CLI resolves, on a cluster of its own that reaches MLflow and is reached on its HTTP port
+by labelled clients only."""
 
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ MLFLOW_PORT, RAY_GCS_PORT, RAY_JOBS_API_PORT = 5000, 6379, 8265
 # Ports a Ray head may listen on: the GCS, the Jobs API, and those nothing here uses (Ray Client, Serve, metrics
 # export, dashboard agent), which must stay closed to every pod but the Ray nodes themselves.
 RAY_HEAD_PORTS = (RAY_GCS_PORT, RAY_JOBS_API_PORT, 10001, 8000, 8080, 52365)
+SERVE_PORT = 8000
+SERVE_CLIENT = {"uniformer.io/serve-client": "true"}  # the label of the pods that may call the endpoint
 
 
 def load_documents() -> list[tuple[str, dict]]:
@@ -91,6 +95,10 @@ def pod_templates() -> dict[str, dict]:
         if kind == "RayCluster":
             templates[f"{label} head"] = spec["headGroupSpec"]["template"]
             templates.update({f"{label} {g['groupName']}": g["template"] for g in spec["workerGroupSpecs"]})
+        elif kind == "RayService":  # serving's own Ray cluster
+            cluster = spec["rayClusterConfig"]
+            templates[f"{label} head"] = cluster["headGroupSpec"]["template"]
+            templates.update({f"{label} {g['groupName']}": g["template"] for g in cluster["workerGroupSpecs"]})
         elif kind == "RayJob":
             templates[f"{label} submitter"] = spec["submitterPodTemplate"]
         elif kind in ("Deployment", "Job", "StatefulSet"):
@@ -132,6 +140,10 @@ def containers_with_pods() -> list[tuple[str, dict, dict]]:
     for cluster in of_kind("RayCluster"):
         found.append((f"RayCluster/{_name(cluster)} autoscaler", cluster["spec"]["autoscalerOptions"],
                       cluster["spec"]["headGroupSpec"]["template"]["spec"]))
+    for service in of_kind("RayService"):
+        cluster = service["spec"]["rayClusterConfig"]
+        found.append((f"RayService/{_name(service)} autoscaler", cluster["autoscalerOptions"],
+                      cluster["headGroupSpec"]["template"]["spec"]))
     return found
 
 
@@ -213,12 +225,27 @@ def admitted(target: str, port: int) -> set[str]:
 
 
 def ray_nodes() -> set[str]:
+    """The pods of every Ray cluster: the batch RayCluster's and serving's."""
+    return batch_nodes() | serve_nodes()
+
+
+def batch_nodes() -> set[str]:
     return {where for where in pod_templates() if where.startswith("RayCluster/")}
 
 
+def serve_nodes() -> set[str]:
+    return {where for where in pod_templates() if where.startswith("RayService/")}
+
+
 def ray_head() -> str:
-    (head,) = [where for where in ray_nodes() if where.endswith(" head")]
+    (head,) = [where for where in batch_nodes() if where.endswith(" head")]
     return head
+
+
+def serve_config() -> dict:
+    """The RayService's serveConfigV2, read as Serve reads it."""
+    (service,) = of_kind("RayService")
+    return yaml.safe_load(service["spec"]["serveConfigV2"])
 
 
 def mlflow_server() -> str:
@@ -339,6 +366,13 @@ def ray_groups() -> list[tuple[str, dict]]:
     return [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
 
 
+def serve_groups() -> list[tuple[str, dict]]:
+    """(name, group spec) of serving's head and worker groups."""
+    (service,) = of_kind("RayService")
+    spec = service["spec"]["rayClusterConfig"]
+    return [("serve head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+
+
 def ray_container(group: dict) -> dict:
     return group["template"]["spec"]["containers"][0]  # KubeRay runs Ray in a pod's first container
 
@@ -361,7 +395,7 @@ def image_built_by_dockerfile() -> str:
 
 # ---- the manifests -------------------------------------------------------------------------------------------------
 def test_every_manifest_parses_and_the_kustomization_lists_the_long_lived_ones():
-    assert {doc["kind"] for _, doc in DOCUMENTS} >= {"RayCluster", "RayJob", "CronJob", "Deployment", "Service",
+    assert {doc["kind"] for _, doc in DOCUMENTS} >= {"RayCluster", "RayService", "RayJob", "CronJob", "Deployment", "Service",
                                                       "Secret", "ServiceAccount", "ConfigMap", "Kustomization"}
     for name, doc in DOCUMENTS:
         assert doc.get("apiVersion") and doc.get("kind"), name
@@ -655,6 +689,8 @@ def test_ray_and_torch_versions_agree_between_base_image_lock_dev_script_and_ray
     assert pins["ray"][0] == ray_version
     for cluster in of_kind("RayCluster"):
         assert cluster["spec"]["rayVersion"] == ray_version
+    for service in of_kind("RayService"):
+        assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray_version
     assert f"--python-version {base.group(2)}.{base.group(3)}" in (INFRA / "lock.sh").read_text(), (
         "the lock is resolved for another Python than the base image's")
     dev_pins = lock_pins(DEV_LOCK)
@@ -709,6 +745,7 @@ def test_the_placeholder_check_tells_a_value_from_a_placeholder():
 
 def test_no_credential_in_a_command_an_argument_or_a_config_map():
     texts = [(f"RayJob/{_name(doc)}", doc["spec"]["entrypoint"]) for doc in of_kind("RayJob")]
+    texts += [(f"RayService/{_name(doc)}", doc["spec"]["serveConfigV2"]) for doc in of_kind("RayService")]
     for where, container in containers():
         secret_env = {name for name, entry in env_of(container).items() if "valueFrom" in entry
                       and "secretKeyRef" in entry["valueFrom"]}
@@ -738,8 +775,10 @@ def test_everything_that_talks_to_ray_presents_the_clusters_token():
 
     talking = {where: (container, spec) for where, container, spec in containers_with_pods()}
     assert authenticates(*talking[f"RayCluster/{_name(cluster)} autoscaler"]), "autoscaler"
+    for service in of_kind("RayService"):
+        assert authenticates(*talking[f"RayService/{_name(service)} autoscaler"]), "serving's autoscaler"
     for where, (container, spec) in talking.items():
-        if where.startswith(("RayCluster/", "RayJob/")):  # Ray nodes and `ray job submit` need RAY_AUTH_MODE too
+        if where.startswith(("RayCluster/", "RayService/", "RayJob/")):  # Ray nodes and `ray job submit` need RAY_AUTH_MODE too
             assert authenticates(container, spec), where
     for doc in of_kind("RayJob"):
         assert doc["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
@@ -800,16 +839,47 @@ def test_only_the_ray_nodes_reach_mlflow():
 def test_the_ray_head_admits_job_submitters_to_the_jobs_api_and_only_ray_nodes_elsewhere():
     head, submitters = ray_head(), job_submitters()
     assert {"CronJob/uniformer-retrain"} < submitters and not submitters & ray_nodes()
-    assert admitted(head, RAY_JOBS_API_PORT) == ray_nodes() | submitters
+    assert admitted(head, RAY_JOBS_API_PORT) == batch_nodes() | submitters
     for port in set(RAY_HEAD_PORTS) - {RAY_JOBS_API_PORT}:
-        assert admitted(head, port) == ray_nodes(), f"the Ray head's port {port}"
+        assert admitted(head, port) == batch_nodes(), f"the Ray head's port {port}"
     assert mlflow_server() not in admitted(head, RAY_JOBS_API_PORT)
     (container,) = pod_templates()[head]["spec"]["containers"]
     assert {p["containerPort"] for p in container["ports"]} == {RAY_GCS_PORT, RAY_JOBS_API_PORT}, (
         "the head exposes the GCS and the dashboard only; nothing uses the Ray Client or Serve ports")
-    for worker in ray_nodes() - {head}:
+    for worker in batch_nodes() - {head}:
         for port in (*RAY_HEAD_PORTS, MLFLOW_PORT):
-            assert admitted(worker, port) == ray_nodes(), f"{worker}: port {port}"
+            assert admitted(worker, port) == batch_nodes(), f"{worker}: port {port}"
+
+
+def test_serving_nodes_admit_each_other_and_labelled_clients_on_the_http_port_only():
+    nodes = serve_nodes()
+    assert nodes and not nodes & batch_nodes()
+    clients = {where for where in pod_templates() if selects({"matchLabels": SERVE_CLIENT}, pod_labels(where))}
+    for node in nodes:
+        assert admitted(node, SERVE_PORT) == nodes | clients, f"{node}: the HTTP port"
+        for port in (*set(RAY_HEAD_PORTS) - {SERVE_PORT}, MLFLOW_PORT):
+            assert admitted(node, port) == nodes, f"{node}: port {port}"
+    (head,) = [where for where in nodes if where.endswith(" head")]
+    (container,) = pod_templates()[head]["spec"]["containers"]
+    assert {p["containerPort"] for p in container["ports"]} == {RAY_GCS_PORT, RAY_JOBS_API_PORT, SERVE_PORT}
+    assert serve_config()["http_options"] == {"host": "0.0.0.0", "port": SERVE_PORT}
+
+
+def test_the_serve_application_is_uniformer_serve_with_options_the_cli_resolves(tmp_path):
+    (application,) = serve_config()["applications"]
+    assert application["import_path"] == "jobs.serve:app_builder" and application["route_prefix"] == "/"
+    file = tmp_path / "serve.yaml"
+    file.write_text(yaml.safe_dump(application["args"]))
+    config = resolved_config("serve", file)  # an unknown key or a bad value fails as the app builder would
+    assert config["model"].endswith("@champion"), "serving follows the alias retraining promotes"
+    assert config["tracking_uri"] is None, "the replicas read the tracking URI from the uniformer-settings ConfigMap"
+    # one replica per 1-GPU pod, and the autoscaler's replicas fit the pods the worker group scales to
+    (service,) = of_kind("RayService")
+    (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert config["gpus_per_replica"] == 1 and gpus_per_pod(group) == (1, 1)
+    assert 1 <= config["min_replicas"] <= group["minReplicas"] <= group["maxReplicas"] == config["max_replicas"]
+    assert config["cpus_per_replica"] <= quantity(ray_container(group)["resources"]["limits"]["cpu"])
+    assert service["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 def test_the_only_peer_from_outside_the_deployment_is_kuberays_operator_on_the_jobs_api():
@@ -824,7 +894,11 @@ def test_the_only_peer_from_outside_the_deployment_is_kuberays_operator_on_the_j
                     assert list(peer["namespaceSelector"].get("matchLabels", {})) == ["kubernetes.io/metadata.name"], (
                         policy["metadata"]["name"], peer)
                     assert rule["ports"] == [{"protocol": "TCP", "port": RAY_JOBS_API_PORT}], policy["metadata"]["name"]
-                    assert selects(policy["spec"]["podSelector"], pod_labels(ray_head()))
+                    # a Ray head's: the batch cluster's Jobs API, or where it deploys serving's serveConfigV2
+                    heads = [where for where in ray_nodes() if where.endswith(" head")]
+                    assert [head for head in heads if selects(policy["spec"]["podSelector"], pod_labels(head))]
+                    assert all(where in heads for where in pod_templates()
+                               if selects(policy["spec"]["podSelector"], pod_labels(where)))
 
 
 @pytest.mark.parametrize("selector, labels, expected", [
@@ -920,7 +994,7 @@ def test_gpu_pods_take_a_whole_8_gpu_node_and_gpu_jobs_fill_whole_pods():
 
 
 def test_every_ray_pod_keeps_its_object_store_in_a_memory_backed_dev_shm_that_holds_it():
-    for name, group in ray_groups():
+    for name, group in ray_groups() + serve_groups():
         params = group.get("rayStartParams") or {}
         # Ray's default (30% of the pod's memory, capped by /dev/shm) hides how large /dev/shm must be
         assert "object-store-memory" in params, f"{name}: set object-store-memory in rayStartParams"
@@ -943,7 +1017,7 @@ def test_ray_start_params_are_options_of_ray_start():
     import click
     from ray.scripts.scripts import start
 
-    for name, group in ray_groups():
+    for name, group in ray_groups() + serve_groups():
         args = [f"--{key}={value}" for key, value in (group.get("rayStartParams") or {}).items()]
         try:  # KubeRay passes each as --KEY=VALUE to `ray start`; parse them as it would, without starting Ray
             with start.make_context("ray start", list(args)):  # click consumes the list it parses
