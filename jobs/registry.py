@@ -4,7 +4,8 @@ reference to a package, and the champion alias.
 
 Which model scores is a `models:/` reference resolved once through the registry, or a local package folder:
 
-    models:/NAME@ALIAS     the version the alias points to when the run starts (a later alias move changes nothing)
+    models:/NAME@ALIAS     the version the alias points to when the run starts (a later alias move changes nothing;
+                           `uniformer serve` alone follows it, through `alias_version`)
     models:/NAME/VERSION   a registered version
     models:/m-ID           a logged model (MLflow 3), registered or not
     PATH                   a folder holding model.safetensors + model_config.json (what `model.save_package` writes)
