@@ -20,6 +20,7 @@ reads MLFLOW_TRACKING_URI from its own environment.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import tempfile
@@ -231,7 +232,9 @@ def build_app(config: ServeConfig) -> serve.Application:
         # a request brings up to MAX_VIDEOS_PER_REQUEST videos, each one item of a batch
         max_ongoing_requests=max(2 * options.max_batch_size, 8),
     )
-    return deployment.bind(config, mlflow_env_for_workers(), gpus > 0)
+    # the tracking URI stays out of what travels: a replica reads it from its environment, and mlflow_env_for_workers
+    # passes it on by value only when it holds no password
+    return deployment.bind(dataclasses.replace(config, tracking_uri=None), mlflow_env_for_workers(), gpus > 0)
 
 
 def app_builder(args: dict) -> serve.Application:

@@ -1,0 +1,57 @@
+"""`uniformer serve` without starting anything: what travels to the replicas holds no credential, the options reach
+the deployment (replicas, batching, GPUs), and malformed request bodies are refused with a message."""
+
+from __future__ import annotations
+
+import pickle
+import re
+
+import pytest
+
+from jobs.options import ServeConfig, ServeOptions
+from jobs.serve import RequestError, build_app, parse_request
+
+
+def test_a_tracking_uri_with_a_password_never_travels_to_the_replicas(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://jobs:hunter2@mlflow:5000")
+    config = ServeConfig(model="models:/actions@champion", tracking_uri="http://jobs:hunter2@mlflow:5000",
+                         options=ServeOptions(gpus_per_replica=0, min_replicas=2, max_replicas=5, max_batch_size=6))
+    deployment = build_app(config)._bound_deployment
+    travelling = pickle.dumps((deployment.init_args, deployment.init_kwargs))
+    assert b"hunter2" not in travelling
+    # the replica is told to read it from its own environment, by name
+    assert deployment.init_args[1] == {"values": {}, "names": ["MLFLOW_TRACKING_URI"]}
+    assert deployment.ray_actor_options["num_gpus"] == 0 and deployment.init_args[2] is False
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (2, 5)
+    assert deployment._deployment_config.max_ongoing_requests >= 6
+
+
+def test_an_address_without_credentials_travels_by_value(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    deployment = build_app(ServeConfig(model="./package", options=ServeOptions(gpus_per_replica=1)))._bound_deployment
+    assert deployment.init_args[1]["values"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert deployment.ray_actor_options["num_gpus"] == 1 and deployment.init_args[2] is True
+
+
+def test_a_request_names_its_videos_as_bytes_or_uris_and_anything_else_is_refused_by_name():
+    rows, views, top_k = parse_request({"videos": [{"video": "AAAA"}, {"uri": "s3://b/k.mp4"}], "top_k": 2}, "4x3", 5)
+    assert rows == [{"video": "AAAA", "uri": None}, {"video": None, "uri": "s3://b/k.mp4"}]
+    assert (views, top_k) == ("4x3", 2)
+    for body, message in (
+        ([], "expected a JSON object"), ({"videos": []}, "1 to 64 videos"), ({"videos": [{"path": "x"}]}, "videos[0]"),
+        ({"videos": [{"video": "AAAA", "uri": "x"}]}, "videos[0]"), ({"videos": [{"video": 3}]}, "videos[0]"),
+        ({"videos": [{"uri": "x"}], "top_k": 0}, "top_k"), ({"videos": [{"uri": "x"}], "top_k": True}, "top_k"),
+        ({"videos": [{"uri": "x"}], "views": "4by3"}, "views"), ({"videos": [{"uri": "x"}], "k": 1}, "unknown keys"),
+    ):
+        with pytest.raises(RequestError, match=re.escape(message)):
+            parse_request(body, "4x3", 5)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"min_replicas": 3, "max_replicas": 2}, "replicas"), ({"max_replicas": 0}, "replicas"),
+    ({"max_batch_size": 0}, "max_batch_size"), ({"gpus_per_replica": -1.0}, "gpus_per_replica"),
+])
+def test_replica_and_batch_bounds_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        ServeOptions(**options)
