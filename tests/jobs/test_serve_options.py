@@ -3,13 +3,21 @@ the deployment (replicas, batching, GPUs), and malformed request bodies are refu
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from jobs.cli import app
 from jobs.options import ServeConfig, ServeOptions
 from jobs.serve import RequestError, build_app, parse_request
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_tracking_uri_with_a_password_never_travels_to_the_replicas(monkeypatch):
@@ -55,3 +63,20 @@ def test_a_request_names_its_videos_as_bytes_or_uris_and_anything_else_is_refuse
 def test_replica_and_batch_bounds_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         ServeOptions(**options)
+
+
+def test_the_cli_loads_no_ray_serve_until_the_serve_command_runs():
+    # `uniformer --help` answers at once: Ray Serve (and Ray) are imported by the serve command's module only
+    probe = "import sys, jobs.cli; print(sorted(m for m in ('ray', 'ray.serve', 'jobs.serve') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_bad_option_is_a_usage_error_before_ray_starts():
+    result = CliRunner().invoke(app, ["serve", "--model", "models:/actions@champion", "--max-replicas", "0"])
+    assert result.exit_code == 2 and "replicas" in result.output
+    result = CliRunner().invoke(app, ["serve", "--model", "models:/a@b", "--tracking-uri", "http://u:hunter2@h:5000",
+                                      "--print-config"])
+    assert result.exit_code == 0 and "hunter2" not in result.output and "tracking_uri: http://u:***@h:5000" in (
+        result.output)
