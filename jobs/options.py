@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from jobs.config import option, section
 from jobs.training.config import TrainConfig
 from pipeline.decode import KEEPS, DecodeLimits, parse_aspect
+from pipeline.storage import parse_uri
 from pipeline.views import parse_views
 from pipeline.windows import parse_windows
 
@@ -198,6 +199,10 @@ class ServeConfig:
     poll_s: float = option(30.0, help="Seconds between looks at the alias in the registry.")
     views: str = option(ScoreConfig.views, help="Test views TEMPORALxSPATIAL unless a request names others.")
     top_k: int = option(5, help="Classes per video unless a request asks for another count.")
+    allow_uris: str | None = option(
+        None, help="Comma-separated prefixes (s3://bucket/prefix/, /data/videos) under which a request may name a "
+        "video by URI; a replica reads it with its own file and S3 access. Default: none, requests send video bytes.",
+    )
     options: ServeOptions = section(ServeOptions, inline=True)
     tracking_uri: str | None = option(None, local_path=True, help=TRACKING_URI)
     endpoint_url: str | None = option(None, help=ENDPOINT_URL)
@@ -210,6 +215,12 @@ class ServeConfig:
             raise ValueError(f"poll_s must be > 0, got {self.poll_s}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
+        for prefix in self.uri_prefixes:
+            parse_uri(prefix)
+
+    @property
+    def uri_prefixes(self) -> tuple[str, ...]:
+        return tuple(prefix.strip() for prefix in (self.allow_uris or "").split(",") if prefix.strip())
 
 
 EVALUATE_EXPERIMENT = "uniformerv2-evaluations"

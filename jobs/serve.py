@@ -7,7 +7,7 @@ reference each replica looks at the alias every `poll_s` seconds and, when it po
 version beside the one answering and then swaps: a request is answered whole by the version that held the replica
 when it arrived, and the response names it.
 
-    POST /  {"videos": [{"video": BASE64} | {"uri": "s3://... or a path on the replica"}, ...],
+    POST /  {"videos": [{"video": BASE64} | {"uri": "s3://... or a path on the replica, under --allow-uris"}, ...],
              "top_k": 5, "views": "4x3"}                       (top_k and views optional)
          -> {"model": {name, version, alias, ...}, "predictions": [{"top_k": [{id, name, prob}], "error": null}, ...]}
     GET  /  -> {"model": {...}}
@@ -40,6 +40,7 @@ from jobs.credentials import adopt_mlflow_env, mlflow_env_for_workers, redact
 from jobs.options import ServeConfig
 from jobs.registry import alias_of, alias_version, resolve_model
 from jobs.registry import tracking_uri as resolve_tracking_uri
+from pipeline.storage import parse_uri
 from pipeline.views import parse_views
 
 APP_NAME = "uniformer"
@@ -75,8 +76,34 @@ class Video:
     top_k: int
 
 
-def parse_request(body, default_views: str, default_top_k: int) -> tuple[list[dict], str, int]:
-    """The videos of a request body as pyfunc rows, with its views and top-k."""
+def uri_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `uri` names an object under one of `prefixes`: local paths compared after resolving symbolic links and
+    `..`, S3 keys refused when they hold a `..` segment (stores that normalise keys would leave the prefix)."""
+    try:
+        location = parse_uri(uri)
+    except ValueError:
+        return False
+    if location.scheme == "s3" and ".." in location.path.split("/"):
+        return False
+    for prefix in prefixes:
+        root = parse_uri(prefix)
+        if location.scheme == root.scheme == "file":
+            path, base = os.path.realpath(location.path), os.path.realpath(root.path)
+            if os.path.commonpath([path, base]) == base:
+                return True
+        elif (location.scheme, location.bucket) == (root.scheme, root.bucket):
+            base = root.path.rstrip("/")
+            if not base or location.path.startswith(base + "/"):
+                return True
+    return False
+
+
+def parse_request(
+    body, default_views: str, default_top_k: int, uri_prefixes: tuple[str, ...] = ()
+) -> tuple[list[dict], str, int]:
+    """The videos of a request body as pyfunc rows, with its views and top-k. A video named by URI must lie under
+    one of `uri_prefixes` (none by default: a client could otherwise make the replica read any file or object it can
+    reach)."""
     if not isinstance(body, dict) or not isinstance(body.get("videos"), list):
         raise RequestError('expected a JSON object {"videos": [{"video": BASE64} or {"uri": URI}, ...]}')
     unknown = sorted(set(body) - {"videos", "views", "top_k"})
@@ -90,6 +117,9 @@ def parse_request(body, default_views: str, default_top_k: int) -> tuple[list[di
         given = [key for key in ("video", "uri") if isinstance(video, dict) and isinstance(video.get(key), str)]
         if len(given) != 1 or len(video) != 1:
             raise RequestError(f"videos[{index}]: expected {{\"video\": BASE64}} or {{\"uri\": URI}}")
+        if given == ["uri"] and not uri_allowed(video["uri"], uri_prefixes):
+            raise RequestError(f"videos[{index}]: {video['uri']!r} is not under a prefix this endpoint reads "
+                               "(--allow-uris); send the video's bytes instead")
         rows.append({"video": video.get("video"), "uri": video.get("uri")})
     views = body.get("views", default_views)
     top_k = body.get("top_k", default_top_k)
@@ -184,7 +214,7 @@ class VideoClassifier:
                 body = await request.json()
             except ValueError as error:
                 raise RequestError(f"the body is not JSON: {error}") from None
-            rows, views, top_k = parse_request(body, self.config.views, self.config.top_k)
+            rows, views, top_k = parse_request(body, self.config.views, self.config.top_k, self.config.uri_prefixes)
         except RequestError as error:
             return JSONResponse({"error": str(error)}, status_code=400)
         predictions = await asyncio.gather(*(self.predict_batch(Video(served, row, views, top_k)) for row in rows))

@@ -57,7 +57,7 @@ def two_versions(package, other_package, mlflow_server):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def endpoint(two_versions, mlflow_server, _ray_session_teardown):
+def endpoint(two_versions, mlflow_server, videos, _ray_session_teardown):  # noqa: F811
     from ray import serve
 
     from jobs.serve import start
@@ -65,7 +65,7 @@ def endpoint(two_versions, mlflow_server, _ray_session_teardown):
     start_local_ray()
     port = free_port()
     config = ServeConfig(model=f"models:/{two_versions}@{ALIAS}", port=port, poll_s=POLL_S, views="1x1",
-                         tracking_uri=mlflow_server.uri)
+                         tracking_uri=mlflow_server.uri, allow_uris=str(videos[0].parents[1]))
     lines, environ = [], os.environ.get("MLFLOW_TRACKING_URI")
     try:
         summary = start(config, echo=lines.append)
@@ -116,6 +116,8 @@ def test_a_posted_video_gets_the_top_k_predict_gives_and_a_garbage_one_its_own_e
 
     status, answer = post(endpoint, {"videos": [{"video": encoded(videos[0]), "uri": "both"}]})
     assert status == 400 and "videos[0]" in answer["error"]
+    status, answer = post(endpoint, {"videos": [{"uri": str(videos[1])}, {"uri": str(package / "model.safetensors")}]})
+    assert status == 400 and "videos[1]" in answer["error"] and "--allow-uris" in answer["error"]
     status, answer = post(endpoint, b"{not json")
     assert status == 400 and "not JSON" in answer["error"]
     with urllib.request.urlopen(endpoint, timeout=30) as response:  # GET: the model that answers, no credentials

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.options import ServeConfig, ServeOptions
-from jobs.serve import RequestError, build_app, parse_request
+from jobs.serve import RequestError, build_app, parse_request, uri_allowed
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,14 +43,15 @@ def test_an_address_without_credentials_travels_by_value(monkeypatch):
 
 
 def test_a_request_names_its_videos_as_bytes_or_uris_and_anything_else_is_refused_by_name():
-    rows, views, top_k = parse_request({"videos": [{"video": "AAAA"}, {"uri": "s3://b/k.mp4"}], "top_k": 2}, "4x3", 5)
+    rows, views, top_k = parse_request({"videos": [{"video": "AAAA"}, {"uri": "s3://b/k.mp4"}], "top_k": 2}, "4x3", 5,
+                                       ("s3://b",))
     assert rows == [{"video": "AAAA", "uri": None}, {"video": None, "uri": "s3://b/k.mp4"}]
     assert (views, top_k) == ("4x3", 2)
     for body, message in (
         ([], "expected a JSON object"), ({"videos": []}, "1 to 64 videos"), ({"videos": [{"path": "x"}]}, "videos[0]"),
         ({"videos": [{"video": "AAAA", "uri": "x"}]}, "videos[0]"), ({"videos": [{"video": 3}]}, "videos[0]"),
-        ({"videos": [{"uri": "x"}], "top_k": 0}, "top_k"), ({"videos": [{"uri": "x"}], "top_k": True}, "top_k"),
-        ({"videos": [{"uri": "x"}], "views": "4by3"}, "views"), ({"videos": [{"uri": "x"}], "k": 1}, "unknown keys"),
+        ({"videos": [{"video": "A"}], "top_k": 0}, "top_k"), ({"videos": [{"video": "A"}], "top_k": True}, "top_k"),
+        ({"videos": [{"video": "A"}], "views": "4by3"}, "views"), ({"videos": [{"uri": "x"}], "k": 1}, "unknown keys"),
     ):
         with pytest.raises(RequestError, match=re.escape(message)):
             parse_request(body, "4x3", 5)
@@ -80,3 +81,19 @@ def test_a_bad_option_is_a_usage_error_before_ray_starts():
                                       "--print-config"])
     assert result.exit_code == 0 and "hunter2" not in result.output and "tracking_uri: http://u:***@h:5000" in (
         result.output)
+
+
+def test_a_request_may_name_by_uri_only_what_lies_under_an_allowed_prefix(tmp_path):
+    allowed, outside = tmp_path / "videos", tmp_path / "secrets"
+    allowed.mkdir(), outside.mkdir()
+    (allowed / "escape").symlink_to(outside)
+    prefixes = (str(allowed), "s3://archive/videos/")
+    assert uri_allowed(str(allowed / "a.mp4"), prefixes) and uri_allowed(f"file://{allowed}/x/b.mp4", prefixes)
+    assert uri_allowed("s3://archive/videos/2026/a.mp4", prefixes)
+    for refused in (str(outside / "a.mp4"), f"{allowed}/../secrets/a.mp4", str(allowed / "escape" / "a.mp4"),
+                    f"{allowed}-other/a.mp4", "s3://archive/videos-other/a.mp4", "s3://archive/videos/../keys.mp4",
+                    "s3://other/videos/a.mp4", "http://169.254.169.254/latest/meta-data", "/etc/passwd"):
+        assert not uri_allowed(refused, prefixes), refused
+    assert not uri_allowed(str(allowed / "a.mp4"), ())  # no prefix: bytes only
+    with pytest.raises(RequestError, match=r"videos\[0\]: '/etc/passwd' is not under a prefix"):
+        parse_request({"videos": [{"uri": "/etc/passwd"}]}, "4x3", 5, prefixes)
