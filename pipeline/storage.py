@@ -33,7 +33,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import ContextManager, Iterator, Protocol
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -179,21 +179,144 @@ _clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
-class Storage:
-    """Reads, lists and writes objects under s3:// or local URIs. Pickles small: clients live per process."""
+class Backend(Protocol):
+    """What one kind of store does for `Storage`; the methods' contracts are `Storage`'s."""
 
-    def __init__(self, endpoint_url: str | None = None, spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES):
-        self.endpoint_url = resolve_endpoint_url(endpoint_url)
+    name: str  # how messages name the store
+    checks_versions_itself: bool  # whether the If-Match check is this module's own, so the store cannot ignore it
+
+    def arrow_filesystem(self, location: Location) -> pafs.FileSystem: ...
+    def arrow_path(self, location: Location) -> str: ...
+    def check_access(self, location: Location, must_exist: bool) -> None: ...
+    def list_objects(self, root: Location) -> Iterator[ObjectInfo]: ...
+    def exists(self, location: Location) -> bool: ...
+    def size(self, location: Location) -> int: ...
+    def read_bytes(self, location: Location) -> bytes: ...
+    def read_versioned(self, location: Location) -> tuple[bytes, str]: ...
+    def fetched(self, location: Location, size: int) -> ContextManager[bytes | str]: ...
+    def put_bytes(self, location: Location, data: bytes, if_absent: bool, if_match: str | None) -> str: ...
+    def delete(self, location: Location) -> None: ...
+    def incomplete_uploads(self, root: Location) -> Iterator[tuple[ObjectInfo, str]]: ...
+    def staging_path(self, final: Location) -> str: ...
+    def publish(self, staging: str, final: Location) -> None: ...
+    def remove_stale_staging(self, folder: Location, older_than_s: float) -> int: ...
+
+
+class LocalBackend:
+    """A local folder. Staging files sit beside their final names, so publishing is a rename."""
+
+    name = "the local filesystem"
+    checks_versions_itself = True
+
+    def arrow_filesystem(self, location: Location) -> pafs.FileSystem:
+        return pafs.LocalFileSystem()
+
+    def arrow_path(self, location: Location) -> str:
+        return location.path
+
+    def check_access(self, location: Location, must_exist: bool) -> None:
+        if must_exist and not os.path.isdir(location.path):
+            raise StorageError(f"local folder {location.path} does not exist")
+        if not must_exist:  # a destination: a folder that is there or can be made, and written
+            _check_writable_folder(location.path)
+
+    def list_objects(self, root: Location) -> Iterator[ObjectInfo]:
+        for dirpath, dirnames, filenames in os.walk(root.path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                full = os.path.join(dirpath, name)
+                try:
+                    stat = os.stat(full)
+                except FileNotFoundError:
+                    continue  # renamed or removed by a writer since the folder was read
+                yield ObjectInfo(
+                    Location("file", "", full), stat.st_size, f"{stat.st_size}-{stat.st_mtime_ns}", stat.st_mtime
+                )
+
+    def exists(self, location: Location) -> bool:
+        return os.path.exists(location.path)
+
+    def size(self, location: Location) -> int:
+        if not os.path.isfile(location.path):
+            raise FileNotFoundError(location.uri)
+        return os.path.getsize(location.path)
+
+    def read_bytes(self, location: Location) -> bytes:
+        return Path(location.path).read_bytes()
+
+    def read_versioned(self, location: Location) -> tuple[bytes, str]:
+        data = Path(location.path).read_bytes()
+        return data, _md5(data)
+
+    @contextmanager
+    def fetched(self, location: Location, size: int) -> Iterator[bytes | str]:
+        yield location.path
+
+    def put_bytes(self, location: Location, data: bytes, if_absent: bool, if_match: str | None) -> str:
+        staging = self.staging_path(location)
+        with open(staging, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            if if_absent:
+                try:
+                    os.link(staging, location.path)  # fails when the final name exists, unlike rename
+                except FileExistsError:
+                    raise FileExistsError(location.uri) from None
+            elif if_match is not None:
+                with _conditional_writes_of(location):
+                    if _md5(Path(location.path).read_bytes()) != if_match:
+                        raise VersionMismatch(location.uri)
+                    os.replace(staging, location.path)
+            else:
+                os.replace(staging, location.path)
+        finally:
+            if os.path.exists(staging):
+                os.unlink(staging)
+        return _md5(data)
+
+    def delete(self, location: Location) -> None:
+        try:
+            os.unlink(location.path)
+        except FileNotFoundError:
+            pass
+
+    def incomplete_uploads(self, root: Location) -> Iterator[tuple[ObjectInfo, str]]:
+        return iter(())
+
+    def staging_path(self, final: Location) -> str:
+        os.makedirs(os.path.dirname(final.path), exist_ok=True)
+        return os.path.join(os.path.dirname(final.path), _staging_name(final))
+
+    def publish(self, staging: str, final: Location) -> None:
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, final.path)
+
+    def remove_stale_staging(self, folder: Location, older_than_s: float) -> int:
+        if not os.path.isdir(folder.path):
+            return 0
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for entry in os.scandir(folder.path):
+            if entry.name.startswith(STAGING_PREFIX) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        return removed
+
+
+class S3Backend:
+    """S3 or an S3-compatible store: boto3 for objects, pyarrow's S3FileSystem for Parquet. Staging files sit in the
+    local temporary folder and are uploaded whole."""
+
+    checks_versions_itself = False
+
+    def __init__(self, endpoint_url: str | None, spill_threshold_bytes: int):
+        self.endpoint_url = endpoint_url
         self.spill_threshold_bytes = spill_threshold_bytes
+        self.name = f"S3 endpoint {redact(endpoint_url) if endpoint_url else 'the default AWS S3 endpoint'}"
 
-    def __repr__(self) -> str:
-        return f"Storage(endpoint_url={redact(self.endpoint_url or '')!r})"
-
-    @property
-    def endpoint_name(self) -> str:
-        return redact(self.endpoint_url) if self.endpoint_url else "the default AWS S3 endpoint"
-
-    # ---- clients -------------------------------------------------------------------------------------------------
     def _client(self, quick: bool = False):
         key = (self.endpoint_url, quick, os.getpid())
         with _clients_lock:
@@ -216,8 +339,6 @@ class Storage:
             return client
 
     def arrow_filesystem(self, location: Location) -> pafs.FileSystem:
-        if location.scheme == "file":
-            return pafs.LocalFileSystem()
         import boto3
 
         kwargs: dict = {
@@ -232,22 +353,13 @@ class Storage:
             kwargs["scheme"] = parsed.scheme or "https"
         return pafs.S3FileSystem(**kwargs)
 
-    @staticmethod
-    def arrow_path(location: Location) -> str:
-        return f"{location.bucket}/{location.path}" if location.scheme == "s3" else location.path
+    def arrow_path(self, location: Location) -> str:
+        return f"{location.bucket}/{location.path}"
 
-    # ---- fail fast -----------------------------------------------------------------------------------------------
-    def check_access(self, location: Location, must_exist: bool = True) -> None:
-        """Raise StorageError within seconds when `location` cannot be used; the message names the endpoint only."""
-        if location.scheme == "file":
-            if must_exist and not os.path.isdir(location.path):
-                raise StorageError(f"local folder {location.path} does not exist")
-            if not must_exist:  # a destination: a folder that is there or can be made, and written
-                _check_writable_folder(location.path)
-            return
+    def check_access(self, location: Location, must_exist: bool) -> None:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-        where = f"S3 endpoint {self.endpoint_name} (bucket {location.bucket!r})"
+        where = f"{self.name} (bucket {location.bucket!r})"
         try:
             self._client(quick=True).head_bucket(Bucket=location.bucket)
         except NoCredentialsError:
@@ -256,7 +368,7 @@ class Storage:
                 "or an instance role"
             ) from None
         except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code", ""))
+            code = _error_code(error)
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code in ("404", "NoSuchBucket"):
                 raise StorageError(f"bucket {location.bucket!r} does not exist at {where}") from None
@@ -270,25 +382,9 @@ class Storage:
             # Connection errors carry the URL (endpoint) but never the credentials.
             raise StorageError(f"cannot reach {where}: {type(error).__name__}") from None
 
-    # ---- listing and reading -------------------------------------------------------------------------------------
     def list_objects(self, root: Location) -> Iterator[ObjectInfo]:
-        """Every object (file) below `root`, recursively, in key order, with its fingerprint."""
-        if root.scheme == "file":
-            for dirpath, dirnames, filenames in os.walk(root.path):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    full = os.path.join(dirpath, name)
-                    try:
-                        stat = os.stat(full)
-                    except FileNotFoundError:
-                        continue  # renamed or removed by a writer since the folder was read
-                    yield ObjectInfo(
-                        Location("file", "", full), stat.st_size, f"{stat.st_size}-{stat.st_mtime_ns}", stat.st_mtime
-                    )
-            return
-        prefix = root.path.rstrip("/") + "/" if root.path.rstrip("/") else ""
         paginator = self._client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=root.bucket, Prefix=prefix):
+        for page in paginator.paginate(Bucket=root.bucket, Prefix=_key_prefix(root)):
             for item in page.get("Contents", []):
                 if item["Key"].endswith("/"):
                     continue  # folder placeholder objects made by consoles
@@ -298,114 +394,40 @@ class Storage:
                 )
 
     def exists(self, location: Location) -> bool:
-        if location.scheme == "file":
-            return os.path.exists(location.path)
-        from botocore.exceptions import ClientError
-
         try:
-            self._client().head_object(Bucket=location.bucket, Key=location.path)
-            return True
-        except ClientError as error:
-            if _error_code(error) in _NOT_FOUND_CODES:
-                return False
-            raise
+            with _missing_as_not_found(location):
+                self._client().head_object(Bucket=location.bucket, Key=location.path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def size(self, location: Location) -> int:
-        """The object's size in bytes; FileNotFoundError when there is none, on S3 as locally."""
-        if location.scheme == "file":
-            if not os.path.isfile(location.path):
-                raise FileNotFoundError(location.uri)
-            return os.path.getsize(location.path)
-        from botocore.exceptions import ClientError
-
-        try:
+        with _missing_as_not_found(location):
             return int(self._client().head_object(Bucket=location.bucket, Key=location.path)["ContentLength"])
-        except ClientError as error:
-            if _error_code(error) in _NOT_FOUND_CODES:
-                raise FileNotFoundError(location.uri) from None
-            raise
 
     def read_bytes(self, location: Location) -> bytes:
-        """The object's content; FileNotFoundError when there is none, on S3 as locally."""
-        if location.scheme == "file":
-            return Path(location.path).read_bytes()
         return self.read_versioned(location)[0]
 
     def read_versioned(self, location: Location) -> tuple[bytes, str]:
-        """The object's content and the version to condition a replacement on (`put_bytes(if_match=...)`): the S3
-        ETag, or locally the content's MD5 (what S3 gives a single PUT). FileNotFoundError when there is none."""
-        if location.scheme == "file":
-            data = Path(location.path).read_bytes()
-            return data, _md5(data)
-        from botocore.exceptions import ClientError
-
-        try:
+        with _missing_as_not_found(location):
             response = self._client().get_object(Bucket=location.bucket, Key=location.path)
-        except ClientError as error:
-            if _error_code(error) in _NOT_FOUND_CODES:
-                raise FileNotFoundError(location.uri) from None
-            raise
         return response["Body"].read(), response["ETag"].strip('"')
-
-    def download(self, location: Location, local_path: str) -> None:
-        """Stream an object to a local file without holding it in memory; FileNotFoundError when there is none."""
-        from botocore.exceptions import ClientError
-
-        try:
-            self._client().download_file(location.bucket, location.path, local_path)
-        except ClientError as error:
-            if _error_code(error) in _NOT_FOUND_CODES:
-                raise FileNotFoundError(location.uri) from None
-            raise
 
     @contextmanager
     def fetched(self, location: Location, size: int) -> Iterator[bytes | str]:
-        """The object as something a decoder takes: a local file's path as is, a small S3 object as bytes, a large
-        one spilled to a local temporary file (decord copies a file-like input whole, a path it streams)."""
-        if location.scheme == "file":
-            yield location.path
-            return
         if size <= self.spill_threshold_bytes:
             yield self.read_bytes(location)
             return
         handle, spill_path = tempfile.mkstemp(suffix=".video")
         os.close(handle)
         try:
-            self.download(location, spill_path)
+            with _missing_as_not_found(location):  # streamed to the file, never held in memory
+                self._client().download_file(location.bucket, location.path, spill_path)
             yield spill_path
         finally:
             os.unlink(spill_path)
 
-    def put_bytes(self, location: Location, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str:
-        """Write a small object atomically and return its version (see `read_versioned`). With `if_absent`, raise
-        FileExistsError instead of replacing one; with `if_match`, replace only that version of the object, raising
-        VersionMismatch when another is there and FileNotFoundError when none is; PermissionError when the
-        credentials may not write it."""
-        if if_absent and if_match is not None:
-            raise ValueError("if_absent and if_match exclude each other")
-        if location.scheme == "file":
-            staging = self.staging_path(location)
-            with open(staging, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            try:
-                if if_absent:
-                    try:
-                        os.link(staging, location.path)  # fails when the final name exists, unlike rename
-                    except FileExistsError:
-                        raise FileExistsError(location.uri) from None
-                elif if_match is not None:
-                    with _conditional_writes_of(location):
-                        if _md5(Path(location.path).read_bytes()) != if_match:
-                            raise VersionMismatch(location.uri)
-                        os.replace(staging, location.path)
-                else:
-                    os.replace(staging, location.path)
-            finally:
-                if os.path.exists(staging):
-                    os.unlink(staging)
-            return _md5(data)
+    def put_bytes(self, location: Location, data: bytes, if_absent: bool, if_match: str | None) -> str:
         from botocore.exceptions import ClientError
 
         extra = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": f'"{if_match}"'} if if_match is not None else {}
@@ -424,53 +446,13 @@ class Storage:
             raise
         return response["ETag"].strip('"')
 
-    def check_conditional_writes(self, folder: Location) -> None:
-        """Raise StorageError unless the store honours the conditional writes that manifests and the promotion lease
-        rely on: a store that ignores them would let two writers both "win". Run once per job; it writes and removes
-        one probe object in `folder`."""
-        probe = folder.join(f".conditional-write-probe-{uuid.uuid4().hex}")
-        where = f"S3 endpoint {self.endpoint_name}" if probe.scheme == "s3" else "the local filesystem"
-        self.put_bytes(probe, b"first", if_absent=True)
-        try:
-            try:
-                self.put_bytes(probe, b"second", if_absent=True)
-                ignored = "If-None-Match (a second if-absent write replaced the first)"
-            except FileExistsError:
-                ignored = None
-            # Locally the version check is this module's own, under a file lock: only a remote store can ignore it.
-            if ignored is None and probe.scheme == "s3":
-                try:
-                    self.put_bytes(probe, b"second", if_match=_md5(b"a version that is not there"))
-                    ignored = "If-Match (a write conditioned on another version replaced the object)"
-                except VersionMismatch:
-                    pass
-            if ignored:
-                raise StorageError(
-                    f"{where} ignores {ignored} at {probe.uri}: manifests and the promotion lease need a store "
-                    "that honours conditional writes"
-                )
-        finally:
-            self.delete(probe)
-
     def delete(self, location: Location) -> None:
-        """Remove one object; a missing one is not an error."""
-        if location.scheme == "file":
-            try:
-                os.unlink(location.path)
-            except FileNotFoundError:
-                pass
-            return
         self._client().delete_object(Bucket=location.bucket, Key=location.path)
 
     def incomplete_uploads(self, root: Location) -> Iterator[tuple[ObjectInfo, str]]:
-        """S3 multipart uploads below `root` that were neither completed nor aborted (a killed writer's staging: never
-        visible, but stored and billed), as (object with the parts' total size and the upload's start time, upload
-        id). None on a local destination, whose staging files are listed like any file."""
-        if root.scheme == "file":
-            return
         client = self._client()
-        prefix = root.path.rstrip("/") + "/" if root.path.rstrip("/") else ""
-        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=root.bucket, Prefix=prefix):
+        uploads = client.get_paginator("list_multipart_uploads").paginate(Bucket=root.bucket, Prefix=_key_prefix(root))
+        for page in uploads:
             for upload in page.get("Uploads", []):
                 parts = client.get_paginator("list_parts").paginate(
                     Bucket=root.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
@@ -482,39 +464,161 @@ class Storage:
     def abort_upload(self, location: Location, upload_id: str) -> None:
         self._client().abort_multipart_upload(Bucket=location.bucket, Key=location.path, UploadId=upload_id)
 
+    def staging_path(self, final: Location) -> str:
+        return os.path.join(tempfile.gettempdir(), _staging_name(final))
+
+    def publish(self, staging: str, final: Location) -> None:
+        self._client().upload_file(staging, final.bucket, final.path)
+
+    def remove_stale_staging(self, folder: Location, older_than_s: float) -> int:
+        return 0  # staging files of S3 destinations are local temporary files, not in the folder
+
+
+class Storage:
+    """Reads, lists and writes objects under s3:// or local URIs, each through the backend of its scheme. Pickles
+    small: clients live per process."""
+
+    def __init__(self, endpoint_url: str | None = None, spill_threshold_bytes: int = DEFAULT_SPILL_THRESHOLD_BYTES):
+        self._local = LocalBackend()
+        self._s3 = S3Backend(resolve_endpoint_url(endpoint_url), spill_threshold_bytes)
+
+    @property
+    def endpoint_url(self) -> str | None:
+        return self._s3.endpoint_url
+
+    def __repr__(self) -> str:
+        return f"Storage(endpoint_url={redact(self.endpoint_url or '')!r})"
+
+    def _backend(self, location: Location) -> Backend:
+        return self._s3 if location.scheme == "s3" else self._local
+
+    def arrow_filesystem(self, location: Location) -> pafs.FileSystem:
+        return self._backend(location).arrow_filesystem(location)
+
+    def arrow_path(self, location: Location) -> str:
+        return self._backend(location).arrow_path(location)
+
+    # ---- fail fast -----------------------------------------------------------------------------------------------
+    def check_access(self, location: Location, must_exist: bool = True) -> None:
+        """Raise StorageError within seconds when `location` cannot be used; the message names the endpoint only.
+        With `must_exist` false, `location` is a destination: a local folder that can be made, and written."""
+        self._backend(location).check_access(location, must_exist)
+
+    def check_conditional_writes(self, folder: Location) -> None:
+        """Raise StorageError unless the store honours the conditional writes that manifests and the promotion lease
+        rely on: a store that ignores them would let two writers both "win". Run once per job; it writes and removes
+        one probe object in `folder`."""
+        probe = folder.join(f".conditional-write-probe-{uuid.uuid4().hex}")
+        backend = self._backend(probe)
+        self.put_bytes(probe, b"first", if_absent=True)
+        try:
+            try:
+                self.put_bytes(probe, b"second", if_absent=True)
+                ignored = "If-None-Match (a second if-absent write replaced the first)"
+            except FileExistsError:
+                ignored = None
+            if ignored is None and not backend.checks_versions_itself:
+                try:
+                    self.put_bytes(probe, b"second", if_match=_md5(b"a version that is not there"))
+                    ignored = "If-Match (a write conditioned on another version replaced the object)"
+                except VersionMismatch:
+                    pass
+            if ignored:
+                raise StorageError(
+                    f"{backend.name} ignores {ignored} at {probe.uri}: manifests and the promotion lease need a store "
+                    "that honours conditional writes"
+                )
+        finally:
+            self.delete(probe)
+
+    # ---- listing and reading -------------------------------------------------------------------------------------
+    def list_objects(self, root: Location) -> Iterator[ObjectInfo]:
+        """Every object (file) below `root`, recursively, in key order, with its fingerprint."""
+        return self._backend(root).list_objects(root)
+
+    def exists(self, location: Location) -> bool:
+        return self._backend(location).exists(location)
+
+    def size(self, location: Location) -> int:
+        """The object's size in bytes; FileNotFoundError when there is none, on S3 as locally."""
+        return self._backend(location).size(location)
+
+    def read_bytes(self, location: Location) -> bytes:
+        """The object's content; FileNotFoundError when there is none, on S3 as locally."""
+        return self._backend(location).read_bytes(location)
+
+    def read_versioned(self, location: Location) -> tuple[bytes, str]:
+        """The object's content and the version to condition a replacement on (`put_bytes(if_match=...)`): the S3
+        ETag, or locally the content's MD5 (what S3 gives a single PUT). FileNotFoundError when there is none."""
+        return self._backend(location).read_versioned(location)
+
+    def fetched(self, location: Location, size: int) -> ContextManager[bytes | str]:
+        """The object as something a decoder takes: a local file's path as is, a small S3 object as bytes, a large
+        one spilled to a local temporary file (decord copies a file-like input whole, a path it streams)."""
+        return self._backend(location).fetched(location, size)
+
+    # ---- writing -------------------------------------------------------------------------------------------------
+    def put_bytes(self, location: Location, data: bytes, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Write a small object atomically and return its version (see `read_versioned`). With `if_absent`, raise
+        FileExistsError instead of replacing one; with `if_match`, replace only that version of the object, raising
+        VersionMismatch when another is there and FileNotFoundError when none is; PermissionError when the
+        credentials may not write it."""
+        if if_absent and if_match is not None:
+            raise ValueError("if_absent and if_match exclude each other")
+        return self._backend(location).put_bytes(location, data, if_absent, if_match)
+
+    def delete(self, location: Location) -> None:
+        """Remove one object; a missing one is not an error."""
+        self._backend(location).delete(location)
+
+    def incomplete_uploads(self, root: Location) -> Iterator[tuple[ObjectInfo, str]]:
+        """S3 multipart uploads below `root` that were neither completed nor aborted (a killed writer's staging: never
+        visible, but stored and billed), as (object with the parts' total size and the upload's start time, upload
+        id). None on a local destination, whose staging files are listed like any file."""
+        return self._backend(root).incomplete_uploads(root)
+
+    def abort_upload(self, location: Location, upload_id: str) -> None:
+        """Abort one of `incomplete_uploads`, all of which are S3's."""
+        self._s3.abort_upload(location, upload_id)
+
     # ---- atomic file publishing ----------------------------------------------------------------------------------
     def staging_path(self, final: Location) -> str:
         """A local path to write `final`'s content to before `commit_staged`."""
-        name = f"{STAGING_PREFIX}{os.path.basename(final.path)}-{uuid.uuid4().hex[:12]}"
-        if final.scheme == "file":
-            os.makedirs(os.path.dirname(final.path), exist_ok=True)
-            return os.path.join(os.path.dirname(final.path), name)
-        return os.path.join(tempfile.gettempdir(), name)
+        return self._backend(final).staging_path(final)
 
     def commit_staged(self, staging: str, final: Location) -> None:
         """Publish a complete staged file under its final name and remove the staging copy."""
         try:
-            if final.scheme == "file":
-                with open(staging, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(staging, final.path)
-            else:
-                self._client().upload_file(staging, final.bucket, final.path)
+            self._backend(final).publish(staging, final)
         finally:
             if os.path.exists(staging):
                 os.unlink(staging)
 
     def remove_stale_staging(self, folder: Location, older_than_s: float = 3600.0) -> int:
         """Delete staging files a killed local run left behind; young ones may belong to a run still going."""
-        if folder.scheme != "file" or not os.path.isdir(folder.path):
-            return 0
-        removed = 0
-        cutoff = time.time() - older_than_s
-        for entry in os.scandir(folder.path):
-            if entry.name.startswith(STAGING_PREFIX) and entry.stat().st_mtime < cutoff:
-                os.unlink(entry.path)
-                removed += 1
-        return removed
+        return self._backend(folder).remove_stale_staging(folder, older_than_s)
+
+
+def _key_prefix(root: Location) -> str:
+    """The S3 key prefix of everything below `root`: its path as a folder, or the whole bucket."""
+    return root.path.rstrip("/") + "/" if root.path.rstrip("/") else ""
+
+
+def _staging_name(final: Location) -> str:
+    return f"{STAGING_PREFIX}{os.path.basename(final.path)}-{uuid.uuid4().hex[:12]}"
+
+
+@contextmanager
+def _missing_as_not_found(location: Location) -> Iterator[None]:
+    """An S3 object that is not there raises FileNotFoundError, as a local file does."""
+    from botocore.exceptions import ClientError
+
+    try:
+        yield
+    except ClientError as error:
+        if _error_code(error) in _NOT_FOUND_CODES:
+            raise FileNotFoundError(location.uri) from None
+        raise
 
 
 def _md5(data: bytes) -> str:
