@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from model.configs import create_model
 from model.uniformerv2 import UniFormerV2
@@ -53,6 +53,20 @@ def load_package(
 ) -> tuple[UniFormerV2, ModelCard]:
     with open(config, encoding="utf-8") as handle:
         card = ModelCard.from_json(handle.read())
+    return _build(card, load_file(os.fspath(weights), device="cpu"), device)
+
+
+def load_package_bytes(
+    weights: bytes, config: str, device: str | torch.device = "cpu"
+) -> tuple[UniFormerV2, ModelCard]:
+    """`load_package` for a package held in memory, as a Ray actor receives it: the weights file's content and the
+    config's JSON."""
+    return _build(ModelCard.from_json(config), load(weights), device)
+
+
+def _build(
+    card: ModelCard, state: dict[str, torch.Tensor], device: str | torch.device
+) -> tuple[UniFormerV2, ModelCard]:
     net = create_model(card.model, card.num_classes, **card.overrides)
-    net.load_state_dict(load_file(os.fspath(weights), device="cpu"))
+    net.load_state_dict(state)
     return net.to(device).eval(), card

@@ -3,8 +3,6 @@ the prediction columns it writes (their schema is pipeline.predictions.predictio
 
 from __future__ import annotations
 
-import os
-import tempfile
 from datetime import datetime, timezone
 
 import numpy as np
@@ -12,7 +10,7 @@ import pyarrow as pa
 import torch
 
 from model.inference import predict_views
-from model.package import CONFIG_FILE, WEIGHTS_FILE, load_package
+from model.package import load_package, load_package_bytes
 
 
 def top_k_columns(
@@ -68,14 +66,7 @@ class ViewPredictor:
 
             weights = package["weights"]
             weights = ray.get(weights) if isinstance(weights, ray.ObjectRef) else weights
-            with tempfile.TemporaryDirectory() as directory:
-                weights_path = os.path.join(directory, WEIGHTS_FILE)
-                config_path = os.path.join(directory, CONFIG_FILE)
-                with open(weights_path, "wb") as handle:
-                    handle.write(weights)
-                with open(config_path, "w", encoding="utf-8") as handle:
-                    handle.write(package["config"])
-                self.net, self.card = load_package(weights_path, config_path, device=self.device)
+            self.net, self.card = load_package_bytes(weights, package["config"], device=self.device)
         self.top_k = min(top_k, self.card.num_classes)
         self.full_probs = full_probs
         self.identity = identity_columns
