@@ -54,7 +54,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(REPO))
 
 import model as M  # noqa: E402
-from benchmarks.bench_output import emit  # noqa: E402
+from benchmarks.bench_output import emit, status_mb  # noqa: E402
 
 H100_SXM_BF16_DENSE_TFLOPS = 989.0
 TRAIN_SPEEDUP_GOAL = 1.3
@@ -239,11 +239,11 @@ class PeakMemory:
 
 
 def _rss_bytes(field: str) -> int:
+    """0 where there is no /proc (not Linux), so that the caller falls back to getrusage."""
     try:
-        match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    except OSError:
-        match = None
-    return int(match.group(1)) * 1024 if match else 0
+        return int(status_mb(field) * 1024 * 1024)
+    except (OSError, KeyError):
+        return 0
 
 
 def _malloc_trim() -> None:
