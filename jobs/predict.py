@@ -16,7 +16,7 @@ import numpy as np
 
 from jobs.options import ScoreConfig
 from jobs.registry import ModelIdentity, resolve_model
-from jobs.score import build_params, decode_batch
+from jobs.score import blank_views, build_params, decode_batch, decoded
 from jobs.scoring.predict import ViewPredictor
 from jobs.scoring.results import identity_columns
 from pipeline.decode import DecodeLimits
@@ -86,18 +86,16 @@ def decode_video(
         if not is_object_error(error):
             raise  # the store failed, not this video
         return failed_video(video, location.uri, params, "read", type(error).__name__, "no such video")
-    batch = {"video_id": np.array([video], object), "source_uri": np.array([location.uri], object),
-             "source_etag": np.array([""], object), "source_size": np.array([size]), "shard": np.array([0])}
-    return decode_batch(batch, storage, params, limits)
+    return decode_batch(_one_video(video, location.uri, size), storage, params, limits)
 
 
 def failed_video(video: str, uri: str, params: ScoreParams, stage: str, error_type: str,
                  message: str) -> dict[str, np.ndarray]:
     """The row `decode_batch` makes of a video it could not decode (blank views, its error), for one that failed
     before it."""
-    views = np.zeros((1, params.temporal_views * params.spatial_views, params.frames, params.crop, params.crop, 3),
-                     np.uint8)
+    return decoded(_one_video(video, uri, 0), blank_views(1, params), [stage], [error_type], [message])
+
+
+def _one_video(video: str, uri: str, size: int) -> dict[str, np.ndarray]:
     return {"video_id": np.array([video], object), "source_uri": np.array([uri], object),
-            "source_etag": np.array([""], object), "source_size": np.array([0]), "shard": np.array([0]),
-            "views": views, "error_stage": np.array([stage], object), "error_type": np.array([error_type], object),
-            "error_message": np.array([message], object)}
+            "source_etag": np.array([""], object), "source_size": np.array([size]), "shard": np.array([0])}

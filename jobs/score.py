@@ -113,9 +113,7 @@ def decode_batch(
     decoder = shared_decoder()
     decoder.start()  # a child that cannot start fails the task, rather than every video as a decoding error
     count = len(batch["source_uri"])
-    views = np.zeros(
-        (count, params.temporal_views * params.spatial_views, params.frames, params.crop, params.crop, 3), np.uint8
-    )
+    views = blank_views(count, params)
     stages, types, messages = [""] * count, [""] * count, [""] * count
     for row, (uri, size) in enumerate(zip(batch["source_uri"], batch["source_size"])):
         stage = "read"
@@ -139,6 +137,20 @@ def decode_batch(
                 raise
             record = ErrorRecord.of(str(uri), "", stage, error)
             stages[row], types[row], messages[row] = record.stage, record.error_type, record.message
+    return decoded(batch, views, stages, types, messages)
+
+
+def blank_views(count: int, params: ScoreParams) -> np.ndarray:
+    """Room for the views of `count` videos; a video that cannot be decoded keeps its zeros."""
+    return np.zeros(
+        (count, params.temporal_views * params.spatial_views, params.frames, params.crop, params.crop, 3), np.uint8
+    )
+
+
+def decoded(
+    batch: dict[str, np.ndarray], views: np.ndarray, stages: list[str], types: list[str], messages: list[str]
+) -> dict[str, np.ndarray]:
+    """`batch`'s videos as `ViewPredictor` takes them: their views, and the error of each that has one ("" if not)."""
     return {
         **{key: batch[key] for key in ("video_id", "source_uri", "source_etag", "source_size", "shard")},
         "views": views,
