@@ -22,12 +22,17 @@ CLASSES = ["down", "left", "right", "up"]
 CARD = ModelCard("uniformerv2_tiny", 4, {"t_size": 8, "input_normalization": "slowfast"}, CLASSES, 8, 32, 40)
 
 
-@pytest.fixture(scope="module")
-def package(tmp_path_factory):
-    torch.manual_seed(3)
-    folder = tmp_path_factory.mktemp("package") / "motion"
+def random_package(tmp_path_factory, name: str, seed: int):
+    """A package of CARD with random weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    folder = tmp_path_factory.mktemp("package") / name
     save_package(model.create_model(CARD.model, CARD.num_classes, **CARD.overrides), CARD, folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    return random_package(tmp_path_factory, "motion", 3)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,12 @@ import uuid
 import mlflow
 import numpy as np
 import pytest
-import torch
 
-import model
 from jobs.options import ServeConfig
 from jobs.predict import predict_videos
 from jobs.registry import log_model
-from model.package import save_package
 from tests.conftest import start_local_ray
-from tests.jobs.test_predict import CARD, CLASSES, package, videos  # noqa: F401 (fixtures)
+from tests.jobs.test_predict import CARD, CLASSES, package, random_package, videos  # noqa: F401 (fixtures)
 from tests.jobs.test_serving import free_port
 
 pytestmark = pytest.mark.integration
@@ -37,10 +34,7 @@ POLL_S = 1.0
 @pytest.fixture(scope="module")
 def other_package(tmp_path_factory):
     """A second tiny package of other weights: its answers differ from the first's."""
-    torch.manual_seed(11)
-    folder = tmp_path_factory.mktemp("package") / "other"
-    save_package(model.create_model(CARD.model, CARD.num_classes, **CARD.overrides), CARD, folder)
-    return folder
+    return random_package(tmp_path_factory, "other", 11)
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,10 @@ def test_a_tracking_uri_with_a_password_never_travels_to_the_replicas(monkeypatc
     deployment = build_app(config)._bound_deployment
     travelling = pickle.dumps((deployment.init_args, deployment.init_kwargs))
     assert b"hunter2" not in travelling
-    # the replica is told to read it from its own environment, by name
-    assert deployment.init_args[1] == {"values": {}, "names": ["MLFLOW_TRACKING_URI"]}
+    # the replica is told to read it from its own environment, by name (other MLflow settings the process holds, which
+    # earlier tests of a session leave, travel by value)
+    assert deployment.init_args[1]["names"] == ["MLFLOW_TRACKING_URI"]
+    assert "MLFLOW_TRACKING_URI" not in deployment.init_args[1]["values"]
     assert deployment.ray_actor_options["num_gpus"] == 0 and deployment.init_args[2] is False
     scaling = deployment._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (2, 5)
