@@ -40,7 +40,7 @@ from jobs.credentials import adopt_mlflow_env, mlflow_env_for_workers, redact
 from jobs.options import ServeConfig
 from jobs.registry import alias_of, alias_version, resolve_model
 from jobs.registry import tracking_uri as resolve_tracking_uri
-from pipeline.storage import parse_uri
+from pipeline.storage import uri_within
 from pipeline.views import parse_views
 
 APP_NAME = "uniformer"
@@ -76,28 +76,6 @@ class Video:
     top_k: int
 
 
-def uri_allowed(uri: str, prefixes: tuple[str, ...]) -> bool:
-    """Whether `uri` names an object under one of `prefixes`: local paths compared after resolving symbolic links and
-    `..`, S3 keys refused when they hold a `..` segment (stores that normalise keys would leave the prefix)."""
-    try:
-        location = parse_uri(uri)
-    except ValueError:
-        return False
-    if location.scheme == "s3" and ".." in location.path.split("/"):
-        return False
-    for prefix in prefixes:
-        root = parse_uri(prefix)
-        if location.scheme == root.scheme == "file":
-            path, base = os.path.realpath(location.path), os.path.realpath(root.path)
-            if os.path.commonpath([path, base]) == base:
-                return True
-        elif (location.scheme, location.bucket) == (root.scheme, root.bucket):
-            base = root.path.rstrip("/")
-            if not base or location.path.startswith(base + "/"):
-                return True
-    return False
-
-
 def parse_request(
     body, default_views: str, default_top_k: int, uri_prefixes: tuple[str, ...] = ()
 ) -> tuple[list[dict], str, int]:
@@ -117,7 +95,7 @@ def parse_request(
         given = [key for key in ("video", "uri") if isinstance(video, dict) and isinstance(video.get(key), str)]
         if len(given) != 1 or len(video) != 1:
             raise RequestError(f"videos[{index}]: expected {{\"video\": BASE64}} or {{\"uri\": URI}}")
-        if given == ["uri"] and not uri_allowed(video["uri"], uri_prefixes):
+        if given == ["uri"] and not uri_within(video["uri"], uri_prefixes):
             raise RequestError(f"videos[{index}]: {video['uri']!r} is not under a prefix this endpoint reads "
                                "(--allow-uris); send the video's bytes instead")
         rows.append({"video": video.get("video"), "uri": video.get("uri")})

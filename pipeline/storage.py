@@ -139,6 +139,28 @@ def parse_uri(uri: str) -> Location:
     return Location("file", "", os.path.abspath(os.path.expanduser(uri)))
 
 
+def uri_within(uri: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `uri` names an object under one of `prefixes`: local paths compared after resolving symbolic links and
+    `..`, S3 keys refused when they hold a `..` segment (stores that normalise keys would leave the prefix)."""
+    try:
+        location = parse_uri(uri)
+    except ValueError:
+        return False
+    if location.scheme == "s3" and ".." in location.path.split("/"):
+        return False
+    for prefix in prefixes:
+        root = parse_uri(prefix)
+        if location.scheme == root.scheme == "file":
+            path, base = os.path.realpath(location.path), os.path.realpath(root.path)
+            if os.path.commonpath([path, base]) == base:
+                return True
+        elif (location.scheme, location.bucket) == (root.scheme, root.bucket):
+            base = root.path.rstrip("/")
+            if not base or location.path.startswith(base + "/"):
+                return True
+    return False
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     location: Location

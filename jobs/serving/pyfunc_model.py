@@ -6,7 +6,8 @@ and `model.safetensors` (the artifacts logged beside it), with the project's own
 Input, one row per video or clip:
 - videos: a DataFrame with a `video` column (the file's bytes; over JSON the base64 text MLflow gives binary
   columns) and/or a `uri` column (a local path or `s3://`, the store's endpoint from `AWS_ENDPOINT_URL_S3` /
-  `AWS_ENDPOINT_URL`), one of them per row; or a list of bytes and URI strings. Each video is decoded and predicted
+  `AWS_ENDPOINT_URL`; only under the prefixes `UNIFORMER_ALLOW_URIS` names, when it is set), one of them per row; or
+  a list of bytes and URI strings. Each video is decoded and predicted
   as `uniformer score` does it (`jobs.predict.decode_video`: the decode limits, decoding in a child process, the
   model's test views, `params["views"]`, default `ScoreConfig.views`), so it gets the probabilities score writes.
 - clips: uint8 `[N, T, H, W, 3]` of any H x W: each brought to the stored clip format as ingest makes it (short side
@@ -33,6 +34,9 @@ from mlflow.pyfunc import PythonModel
 from jobs.serving import DEFAULT_TOP_K
 
 VIDEO_COLUMN, URI_COLUMN = "video", "uri"
+# Comma-separated prefixes: when set, a `uri` outside them is that row's error, not read (`mlflow models serve` reads
+# a URI with the server's own file and S3 access, on behalf of whoever can reach the port).
+ALLOW_URIS_ENV = "UNIFORMER_ALLOW_URIS"
 OUTPUT_COLUMNS = ("top_k_ids", "top_k_names", "top_k_probs", "error")
 
 
@@ -105,6 +109,9 @@ class UniFormerV2Classifier(PythonModel):
                     row = decode_video(path, storage, views)
                     row["video_id"] = row["source_uri"] = np.array([f"<bytes of input {index}>"], object)
                     row["error_message"] = np.array([str(row["error_message"][0]).replace(path, "the video")], object)
+                elif not _uri_allowed(video):
+                    row = failed_video(video, video, views, "read", "UriNotAllowed",
+                                       f"not under a prefix that {ALLOW_URIS_ENV} names; send the video's bytes")
                 else:
                     try:
                         row = decode_video(video, storage, views)
@@ -127,6 +134,15 @@ class UniFormerV2Classifier(PythonModel):
         frame = pd.DataFrame({name: column.to_pylist() for name, column in columns.items()})
         frame["error"] = pd.Series(errors, dtype=object)
         return frame
+
+
+def _uri_allowed(uri: str) -> bool:
+    from pipeline.storage import uri_within
+
+    allowed = os.environ.get(ALLOW_URIS_ENV)
+    if allowed is None:
+        return True
+    return uri_within(uri, tuple(prefix.strip() for prefix in allowed.split(",") if prefix.strip()))
 
 
 def _clips(model_input) -> np.ndarray | None:

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from jobs.cli import app
 from jobs.options import ServeConfig, ServeOptions
-from jobs.serve import RequestError, build_app, parse_request, uri_allowed
+from jobs.serve import RequestError, build_app, parse_request
+from pipeline.storage import uri_within
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,12 +91,12 @@ def test_a_request_may_name_by_uri_only_what_lies_under_an_allowed_prefix(tmp_pa
     allowed.mkdir(), outside.mkdir()
     (allowed / "escape").symlink_to(outside)
     prefixes = (str(allowed), "s3://archive/videos/")
-    assert uri_allowed(str(allowed / "a.mp4"), prefixes) and uri_allowed(f"file://{allowed}/x/b.mp4", prefixes)
-    assert uri_allowed("s3://archive/videos/2026/a.mp4", prefixes)
+    assert uri_within(str(allowed / "a.mp4"), prefixes) and uri_within(f"file://{allowed}/x/b.mp4", prefixes)
+    assert uri_within("s3://archive/videos/2026/a.mp4", prefixes)
     for refused in (str(outside / "a.mp4"), f"{allowed}/../secrets/a.mp4", str(allowed / "escape" / "a.mp4"),
                     f"{allowed}-other/a.mp4", "s3://archive/videos-other/a.mp4", "s3://archive/videos/../keys.mp4",
                     "s3://other/videos/a.mp4", "http://169.254.169.254/latest/meta-data", "/etc/passwd"):
-        assert not uri_allowed(refused, prefixes), refused
-    assert not uri_allowed(str(allowed / "a.mp4"), ())  # no prefix: bytes only
+        assert not uri_within(refused, prefixes), refused
+    assert not uri_within(str(allowed / "a.mp4"), ())  # no prefix: bytes only
     with pytest.raises(RequestError, match=r"videos\[0\]: '/etc/passwd' is not under a prefix"):
         parse_request({"videos": [{"uri": "/etc/passwd"}]}, "4x3", 5, prefixes)

@@ -102,7 +102,7 @@ def test_videos_as_bytes_or_paths_get_the_probabilities_predict_gives_and_a_bad_
 
 
 def test_clips_of_any_size_are_brought_to_the_stored_format_and_a_missing_path_is_its_rows_error(
-    served, package, tmp_path  # noqa: F811
+    served, package, videos, tmp_path, monkeypatch  # noqa: F811
 ):
     net, card = model.load_package(package / "model.safetensors", package / "model_config.json")
     rng = np.random.default_rng(5)
@@ -122,6 +122,11 @@ def test_clips_of_any_size_are_brought_to_the_stored_format_and_a_missing_path_i
     # a `uri` column, or an array of strings (what MLflow makes of JSON `{"inputs": [...]}`)
     for missing in (served.predict(pd.DataFrame({"uri": [gone]})), served.predict(np.array([gone]))):
         assert missing["error"].tolist() == ["read: FileNotFoundError: no such video"]
+
+    # a server that reads URIs only under a prefix: another path is its row's error, read or not
+    monkeypatch.setenv("UNIFORMER_ALLOW_URIS", str(videos[0].parents[1]))
+    rows = served.predict(pd.DataFrame({"uri": [str(videos[0]), str(package / "model.safetensors")]}))
+    assert rows["error"][0] is None and rows["error"][1].startswith("read: UriNotAllowed: not under a prefix")
 
 
 def test_a_video_on_s3_is_answered_like_its_bytes_with_the_endpoint_from_the_environment(
