@@ -10,6 +10,7 @@ load report, a resume, an MLflow outage) to a small actor, and a thread of the d
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
@@ -92,7 +93,9 @@ def progress_line(post: dict) -> str:
     eta = "-" if post["eta_s"] is None else duration(post["eta_s"])
     parts += [f"data wait {post['data_wait_share']:.0%}", f"ETA {eta}"]
     validation = post.get("validation")
-    if validation:
+    if validation and math.isnan(validation["accuracy"]):  # no validation split (--val-fraction 0): nothing to show
+        parts.append("no validation split")
+    elif validation:
         parts.append(f"val top-1 {validation['accuracy']:.3f} top-5 {validation['top5_accuracy']:.3f} "
                      f"loss {validation['loss']:.3f}")
     return "  ".join(parts)

@@ -53,6 +53,8 @@ def test_a_progress_line_carries_the_figures_of_its_window_and_the_last_validati
     assert progress_line(post) == ("epoch 2/10  step 140/480  loss 0.8123  lr 9.10e-04  88.0 clips/s  data wait 2%  "
                                    "ETA 3m05s  val top-1 0.712 top-5 0.990 loss 0.642")
     assert progress_line({**post, "eta_s": None, "validation": None}).endswith("ETA -")
+    nothing = {"accuracy": float("nan"), "top5_accuracy": float("nan"), "loss": float("nan")}
+    assert progress_line({**post, "validation": nothing}).endswith("ETA 3m05s  no validation split")
 
 
 @pytest.fixture
