@@ -215,8 +215,8 @@ class ServeConfig:
             raise ValueError(f"poll_s must be > 0, got {self.poll_s}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be 1..65535, got {self.port}")
-        for prefix in self.uri_prefixes:
-            parse_uri(prefix)
+        # a relative prefix means the folder where the command runs, not a replica's working directory
+        self.allow_uris = ",".join(parse_uri(prefix).uri for prefix in self.uri_prefixes) or None
 
     @property
     def uri_prefixes(self) -> tuple[str, ...]:

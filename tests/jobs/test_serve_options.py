@@ -100,3 +100,9 @@ def test_a_request_may_name_by_uri_only_what_lies_under_an_allowed_prefix(tmp_pa
     assert not uri_within(str(allowed / "a.mp4"), ())  # no prefix: bytes only
     with pytest.raises(RequestError, match=r"videos\[0\]: '/etc/passwd' is not under a prefix"):
         parse_request({"videos": [{"uri": "/etc/passwd"}]}, "4x3", 5, prefixes)
+
+
+def test_relative_uri_prefixes_are_the_commands_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = ServeConfig(model="models:/a@b", allow_uris="./videos, s3://archive/clips/")
+    assert config.uri_prefixes == (str(tmp_path / "videos"), "s3://archive/clips/")
