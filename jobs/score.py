@@ -349,6 +349,13 @@ class Throughput:
         self.steady_videos_per_s = (self.videos - first_rows) / after if self.videos > first_rows and after > 0 else 0.0
 
 
+def throughput_line(speed: Throughput) -> str:
+    # a run whose predictions all came in its first batch has no rate after them
+    steady = (f"{speed.steady_videos_per_s:.2f} after the first predictions, " if speed.steady_videos_per_s
+              else "all in the first predictions, ")
+    return f"  {speed.videos_per_s:.2f} videos/s ({steady}which took {speed.startup_seconds:.1f} s)"
+
+
 @dataclass
 class ScorePreview:
     """What a run would do (`dry_run`): the model resolved, the listing and the predictions read, nothing written."""
@@ -592,12 +599,8 @@ def format_summary(summary: ScoreSummary, max_errors: int = 10) -> str:
         f"  model {summary.model.describe()}  views {summary.views}",
     ]
     lines += table_lines(rows)
-    speed = summary.throughput
-    if speed.videos:
-        lines.append(
-            f"  {speed.videos_per_s:.2f} videos/s ({speed.steady_videos_per_s:.2f} after the first predictions, "
-            f"which took {speed.startup_seconds:.1f} s)"
-        )
+    if summary.throughput.videos:
+        lines.append(throughput_line(summary.throughput))
     lines += error_lines(summary.errors, summary.errors_uri, max_errors)
     return "\n".join(lines)
 

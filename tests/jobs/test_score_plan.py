@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobs.registry import ModelIdentity
-from jobs.score import ray_items
+from jobs.score import Throughput, ray_items, throughput_line
 from jobs.scoring.results import plan_score, shard_name, source_record
 from pipeline.listing import SourceVideo, VideoListing
 from pipeline.predictions import ScoreParams
@@ -42,3 +42,11 @@ def test_videos_out_of_id_order_are_scored_once_per_id_in_first_listed_order(tmp
     plan = plan_score(parse_uri(str(tmp_path / "dst")), parse_uri("/src"), VideoListing.of([z, first, a, second]),
                       IDENTITY, PARAMS, None, Storage())
     assert list(plan.groups.videos) == [z, second, a]
+
+
+def test_the_summary_says_the_rate_after_the_first_predictions_or_that_there_was_none():
+    speed = Throughput(videos=40, startup_seconds=3.0)
+    speed.finish(seconds=5.0, first_rows=8)
+    assert throughput_line(speed) == "  8.00 videos/s (16.00 after the first predictions, which took 3.0 s)"
+    speed.finish(seconds=5.0, first_rows=40)  # every prediction in the first batch
+    assert throughput_line(speed) == "  8.00 videos/s (all in the first predictions, which took 3.0 s)"
