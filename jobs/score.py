@@ -44,7 +44,7 @@ from pipeline.dataset.failures import read_failures
 from pipeline.dataset.runs import RunRecord
 from pipeline.decode import DecodeLimits
 from pipeline.isolation import shared_decoder
-from pipeline.listing import ItemsOnDemand, SourceVideo, VideoListing, list_videos
+from pipeline.listing import ItemsOnDemand, SourceVideo, VideoListing, list_videos, split_segment
 from pipeline.predictions import PREDICTIONS_DIR, ScoreParams, latest_score_manifest, write_score_manifest
 from pipeline.schema import ErrorRecord
 from pipeline.storage import Storage, is_input_error, parse_uri
@@ -109,7 +109,8 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """Fetch and decode the views of each video of a batch, decoding in this worker's child process
     (pipeline.isolation) within `limits`. A video that cannot be read or decoded keeps its row, with zero views and
-    its error, so that every input reaches the end of the pipeline."""
+    its error, so that every input reaches the end of the pipeline. A segment's URI (`video.mp4#t=1,4`, a segments
+    dataset's inputs, which evaluation and the gate score) is decoded inside the segment."""
     decoder = shared_decoder()
     decoder.start()  # a child that cannot start fails the task, rather than every video as a decoding error
     count = len(batch["source_uri"])
@@ -117,8 +118,9 @@ def decode_batch(
     stages, types, messages = [""] * count, [""] * count, [""] * count
     for row, (uri, size) in enumerate(zip(batch["source_uri"], batch["source_size"])):
         stage = "read"
+        video_uri, segment = split_segment(str(uri))
         try:
-            with storage.fetched(parse_uri(str(uri)), int(size)) as video:
+            with storage.fetched(parse_uri(video_uri), int(size)) as video:
                 stage = "decode"
                 views[row], _ = decode_views(
                     video,
@@ -131,6 +133,7 @@ def decode_batch(
                     stride=params.stride,
                     limits=limits,
                     decoder=decoder,
+                    segment=segment,
                 )
         except Exception as error:  # one bad input must not lose the others
             if not is_input_error(stage, error):

@@ -128,10 +128,11 @@ class Location:
 def parse_uri(uri: str) -> Location:
     """`s3://bucket/key`, `file:///abs/path` or a plain local path (made absolute)."""
     if uri.startswith("s3://"):
-        parsed = urlparse(uri)
-        if not parsed.netloc:
+        # not urlparse: a key may hold '#' or '?' (`clip#2.mp4`), which it would cut off as a fragment or a query
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        if not bucket:
             raise ValueError(f"S3 URI without a bucket: {uri!r}")
-        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+        return Location("s3", bucket, key.lstrip("/"))
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif "://" in uri:

@@ -90,8 +90,10 @@ def decode_views(
     num_threads: int = 1,
     limits: DecodeLimits = DecodeLimits(),
     decoder: Decoder | None = None,
+    segment: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, ClipInfo]:
-    """`[temporal_views * spatial_views, T, crop, crop, 3]` uint8 views of one video (bytes or a local path).
+    """`[temporal_views * spatial_views, T, crop, crop, 3]` uint8 views of one video (bytes or a local path), or of
+    its `segment` (start, end seconds) only.
 
     `short_side` defaults to `crop` (the official test scale). Only the distinct frames the clips need are decoded
     (within `limits`, in `decoder`'s child process when given: see `read_sampled_frames`) and scaled once each.
@@ -102,7 +104,7 @@ def decode_views(
         raise ValueError(f"short_side ({short_side}) must be >= crop ({crop})")
     decoded, wanted, info = read_sampled_frames(
         video, frames, sampling, stride, temporal_views, num_threads, limits=limits, min_short_side=short_side,
-        decoder=decoder,
+        decoder=decoder, segment=segment,
     )
     crops = spatial_crops(resize_short_side(decoded, short_side), crop, spatial_views)  # [S, U, c, c, 3]
     rows = np.searchsorted(wanted, info.frame_indices)  # [K, T] rows of the decoded frames

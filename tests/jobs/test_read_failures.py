@@ -85,3 +85,24 @@ def test_a_store_refusing_reads_fails_the_scoring_task_instead_of_recording_ever
 ):
     with pytest.raises(ClientError):
         score(videos_on_s3[1], Storage(s3_server.endpoint_url))
+
+
+def test_a_segments_uri_is_scored_inside_its_segment(s3_server, tmp_path):
+    """A segments dataset's inputs name their video with a media fragment: evaluation and the gate score the segment,
+    not the whole video, and a segment that holds no frame is its own row's error."""
+    from pipeline.synthetic import write_motion_video
+    from pipeline.views import decode_views
+
+    bucket = s3_server.create_bucket("segments")
+    write_motion_video(tmp_path / "up" / "match.mp4", "left", size=(64, 48), num_frames=80, fps=8)  # 10 s
+    s3_server.upload_folder(tmp_path / "up", bucket)
+    storage = Storage(s3_server.endpoint_url)
+    [info] = list(storage.list_objects(parse_uri(f"s3://{bucket}")))
+    uris = [info.location.uri + "#t=6,9.5", info.location.uri, info.location.uri + "#t=20,30"]
+    listing = [type(info)(parse_uri(uri), info.size, info.etag) for uri in uris]  # the fragment kept in the key
+    scored = score(listing, storage)
+    inside, _ = decode_views(str(tmp_path / "up" / "match.mp4"), 4, 28, 1, 1, short_side=32, segment=(6.0, 9.5))
+    np.testing.assert_array_equal(scored["views"][0], inside)
+    assert not np.array_equal(scored["views"][0], scored["views"][1])  # the whole video's views differ
+    assert list(scored["error_type"]) == ["", "", "VideoDecodeError"]
+    assert "holds no frame" in scored["error_message"][2]

@@ -16,6 +16,9 @@ pytestmark = pytest.mark.integration
 def test_parse_uri_forms(tmp_path):
     assert parse_uri("s3://bucket/a/b").path == "a/b"
     assert parse_uri("s3://bucket").path == ""
+    assert parse_uri("s3://bucket/take #2?.mp4").path == "take #2?.mp4"
+    with pytest.raises(ValueError, match="without a bucket"):
+        parse_uri("s3:///key")
     assert parse_uri(f"file://{tmp_path}").path == str(tmp_path)
     assert parse_uri("relative/dir").path.endswith("relative/dir")
     with pytest.raises(ValueError, match="unsupported"):
@@ -27,13 +30,16 @@ def test_listing_gives_keys_sizes_and_etags(s3_server, s3_bucket):
     client = s3_server.client()
     client.put_object(Bucket=s3_bucket, Key="raw/left/clip one.mp4", Body=b"12345")
     client.put_object(Bucket=s3_bucket, Key="raw/日本/ビデオ.mp4", Body=b"abc")
+    client.put_object(Bucket=s3_bucket, Key="raw/take #2?.mp4", Body=b"hash")
     client.put_object(Bucket=s3_bucket, Key="rawer/not-below.mp4", Body=b"x")
     storage = Storage(s3_server.endpoint_url)
     objects = list(storage.list_objects(parse_uri(f"s3://{s3_bucket}/raw")))
-    assert [o.location.path for o in objects] == ["raw/left/clip one.mp4", "raw/日本/ビデオ.mp4"]
+    assert [o.location.path for o in objects] == ["raw/left/clip one.mp4", "raw/take #2?.mp4", "raw/日本/ビデオ.mp4"]
     head = client.head_object(Bucket=s3_bucket, Key="raw/left/clip one.mp4")
     assert objects[0].size == 5 and objects[0].etag == head["ETag"].strip('"')
-    assert storage.read_bytes(objects[1].location) == b"abc"
+    assert storage.read_bytes(objects[2].location) == b"abc"
+    # jobs carry URIs as text: a key with '#' or '?' reads back whole from its URI, not cut at them
+    assert storage.read_bytes(parse_uri(objects[1].location.uri)) == b"hash"
 
 
 def test_endpoint_comes_from_the_environment(s3_server, s3_bucket, monkeypatch):
