@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from jobs.config import option, section
 from jobs.training.config import TrainConfig
 from pipeline.decode import KEEPS, DecodeLimits, parse_aspect
-from pipeline.storage import parse_uri
+from pipeline.storage import parse_uri, uri_prefixes
 from pipeline.views import parse_views
 from pipeline.windows import parse_windows
 
@@ -220,7 +220,7 @@ class ServeConfig:
 
     @property
     def uri_prefixes(self) -> tuple[str, ...]:
-        return tuple(prefix.strip() for prefix in (self.allow_uris or "").split(",") if prefix.strip())
+        return uri_prefixes(self.allow_uris)
 
 
 EVALUATE_EXPERIMENT = "uniformerv2-evaluations"

@@ -140,6 +140,11 @@ def parse_uri(uri: str) -> Location:
     return Location("file", "", os.path.abspath(os.path.expanduser(uri)))
 
 
+def uri_prefixes(text: str | None) -> tuple[str, ...]:
+    """The prefixes of a comma-separated list (`--allow-uris`, UNIFORMER_ALLOW_URIS), blanks dropped."""
+    return tuple(prefix.strip() for prefix in (text or "").split(",") if prefix.strip())
+
+
 def uri_within(uri: str, prefixes: tuple[str, ...]) -> bool:
     """Whether `uri` names an object under one of `prefixes`: local paths compared after resolving symbolic links and
     `..`, S3 keys refused when they hold a `..` segment (stores that normalise keys would leave the prefix)."""

@@ -137,12 +137,12 @@ class UniFormerV2Classifier(PythonModel):
 
 
 def _uri_allowed(uri: str) -> bool:
-    from pipeline.storage import uri_within
+    from pipeline.storage import uri_prefixes, uri_within
 
     allowed = os.environ.get(ALLOW_URIS_ENV)
     if allowed is None:
         return True
-    return uri_within(uri, tuple(prefix.strip() for prefix in allowed.split(",") if prefix.strip()))
+    return uri_within(uri, uri_prefixes(allowed))
 
 
 def _clips(model_input) -> np.ndarray | None:
