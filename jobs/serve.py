@@ -36,6 +36,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from jobs.console import init_ray
 from jobs.credentials import adopt_mlflow_env, mlflow_env_for_workers, redact
 from jobs.options import ServeConfig
 from jobs.registry import alias_of, alias_version, resolve_model
@@ -264,8 +265,7 @@ def start(config: ServeConfig, echo: Callable[[str], None] = print) -> dict:
         # replicas read it from their environment (a local Ray hands them this process's); only a URI without
         # credentials travels with the deployment (jobs.credentials.mlflow_env_for_workers)
         os.environ["MLFLOW_TRACKING_URI"] = resolve_tracking_uri(config.tracking_uri)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
     serve.start(http_options={"host": config.host, "port": config.port})
     handle = serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     model = handle.describe.remote().result()
