@@ -283,8 +283,10 @@ def run_serve(config: ServeConfig, echo: Callable[[str], None] = print) -> dict:
     def stop(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
     summary = start(config, echo)
+    # after `start`: Ray's core worker, initialised there, installs a SIGTERM handler of its own that ends the process
+    # without shutting Serve down
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,7 +24,7 @@ import pytest
 from jobs.options import ServeConfig
 from jobs.predict import predict_videos
 from jobs.registry import log_model
-from tests.conftest import start_local_ray
+from tests.conftest import REPO_ROOT, start_local_ray
 from tests.jobs.test_predict import CARD, CLASSES, package, random_package, videos  # noqa: F401 (fixtures)
 from tests.jobs.test_serving import free_port
 
@@ -153,3 +156,31 @@ def test_moving_the_alias_swaps_versions_while_requests_keep_being_answered(
     got = answers[-1][2]["predictions"][0]["top_k"]
     assert [top["name"] for top in got] == [top["name"] for top in want]
     np.testing.assert_allclose([top["prob"] for top in got], [top["prob"] for top in want], atol=1e-6)
+
+
+def test_sigterm_shuts_the_application_down_and_the_command_exits_cleanly(package, tmp_path):  # noqa: F811
+    """As a supervisor (systemd, Kubernetes) stops it: SIGTERM reaches `run_serve`'s handler, not Ray's core worker's,
+    which ended the process with a stack dump and Serve still deployed on a cluster the command had joined."""
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a local Ray of its own
+    command = [sys.executable, "-u", "-m", "jobs.cli", "serve", "--model", str(package), "--port", str(port)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any(line.startswith("serving ") for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as response:
+            assert response.status == 200
+        process.send_signal(signal.SIGTERM)
+        returncode = process.wait(timeout=120)
+    finally:
+        process.kill()
+    reader.join(timeout=30)
+    output = "".join(lines)
+    assert returncode == 0 and "shutting down" in output, output
+    assert "SIGTERM received" not in output, output
