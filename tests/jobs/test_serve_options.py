@@ -4,13 +4,13 @@ the deployment (replicas, batching, GPUs), and malformed request bodies are refu
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from ray import cloudpickle
 from typer.testing import CliRunner
 
 from jobs.cli import app
@@ -26,7 +26,8 @@ def test_a_tracking_uri_with_a_password_never_travels_to_the_replicas(monkeypatc
     config = ServeConfig(model="models:/actions@champion", tracking_uri="http://jobs:hunter2@mlflow:5000",
                          options=ServeOptions(gpus_per_replica=0, min_replicas=2, max_replicas=5, max_batch_size=6))
     deployment = build_app(config)._bound_deployment
-    travelling = pickle.dumps((deployment.init_args, deployment.init_kwargs))
+    # serialised as Ray serialises a deployment's arguments for its replicas
+    travelling = cloudpickle.dumps((deployment.init_args, deployment.init_kwargs))
     assert b"hunter2" not in travelling
     # the replica is told to read it from its own environment, by name (other MLflow settings the process holds, which
     # earlier tests of a session leave, travel by value)
