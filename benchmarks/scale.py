@@ -233,7 +233,7 @@ def measure_ingest_plan(root: str, count: int, first_run: bool) -> dict:
     sampling = previous.sampling if previous else SamplingParams(frames=1, short_side=2, size=2)
     plan = plan_ingest(destination.uri, source.uri, listed, labelled, label_errors, "dirs", sampling, previous,
                        sources, previous_failures=failures)
-    handed = sum(1 for _ in ray_items(plan))
+    handed = sum(1 for _ in ray_items(plan, cpus=64))
     assert plan.num_pending == (count if first_run else NEW_VIDEOS), plan.num_pending
     prefix = "ingest_first_plan" if first_run else "ingest_plan"
     return {f"{prefix}_s": time.perf_counter() - started, f"{prefix}_cpu_s": time.process_time() - cpu,
@@ -268,8 +268,8 @@ def synthesize_predictions(root: Path, count: int) -> None:
 
 def measure_score_plan(root: str, count: int, first_run: bool) -> dict:
     """The score driver from listing to the items Ray Data gets (jobs.score.run_score's steps, without the model)."""
-    from jobs.score import ray_items
     from jobs.registry import ModelIdentity
+    from jobs.score import ray_items
     from jobs.scoring.results import plan_score
     from pipeline.dataset.failures import read_failures
     from pipeline.listing import list_videos

@@ -1,4 +1,5 @@
-"""Ingest reads and decodes a group's next video while it writes the current one's clips (`one_ahead`)."""
+"""How ingest keeps the CPUs busy: a group's next video is read and decoded while the current one's clips are written
+(`one_ahead`), and groups are dealt into tasks that shrink towards the end (`task_bounds`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import threading
 
 import pytest
 
-from pipeline.ingest import one_ahead
+from pipeline.ingest import one_ahead, task_bounds
 
 
 def test_the_next_item_is_computed_while_the_current_one_is_handled_and_results_keep_their_order():
@@ -37,6 +38,23 @@ def test_an_error_is_raised_where_its_result_would_have_been():
         for result in one_ahead(work, [0, 1, 2, 3]):
             handled.append(result)
     assert handled == [0, 1]
+
+
+def test_tasks_shrink_to_one_group_at_the_end_and_cover_every_group_once():
+    bounds = task_bounds(48, 1, cpus=2)
+    sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+    assert bounds[0] == 0 and bounds[-1] == 48
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] == 12  # a quarter of the groups: 2 tasks per CPU
+    assert sizes[-4:] == [1, 1, 1, 1]  # the last wave: no CPU waits long on another's task
+
+
+@pytest.mark.parametrize("groups, videos_per_group, cpus", [(10_000, 1, 2), (300, 3, 64), (7, 40, 2), (1, 1, 8)])
+def test_a_task_holds_at_most_32_videos_or_one_group(groups, videos_per_group, cpus):
+    bounds = task_bounds(groups, videos_per_group, cpus)
+    sizes = [end - start for start, end in zip(bounds, bounds[1:])]
+    assert sum(sizes) == groups and min(sizes) == 1
+    assert max(sizes) == max(1, min(32 // videos_per_group, -(-groups // (2 * cpus))))
+    assert task_bounds(0, videos_per_group, cpus) == [0]
 
 
 @pytest.mark.integration

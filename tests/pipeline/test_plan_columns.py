@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pipeline.dataset.sources import SourceTable, deleted_inputs, partition_inputs
 from pipeline.ingest import _source_record, plan_ingest, ray_items, shard_name
 from pipeline.listing import SourceVideo, VideoListing
@@ -51,8 +53,10 @@ def test_ingest_plan_groups_are_the_records_of_consecutive_pending_videos():
     for index in (0, 57, 199):
         records = [_source_record(video, plan.class_map) for video in videos[index * size : (index + 1) * size]]
         assert plan.groups[index] == {"shard": f"{SHARDS_DIR}/{shard_name(SAMPLING, records)}", "videos": records}
-    items = ray_items(plan)
-    assert len(items) == 200 and '"v003.mp4"' in items[1]["group"]
+    items = ray_items(plan, cpus=4)
+    handed = [json.loads(item["groups"]) for item in items]
+    assert [group for task in handed for group in task] == [plan.groups[index] for index in range(200)]
+    assert '"v003.mp4"' in items[0]["groups"]
 
 
 def test_a_class_list_turns_videos_of_other_classes_into_errors_in_a_columnar_plan():
