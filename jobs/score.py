@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -59,6 +61,7 @@ _VIDEOS_PER_DECODE_BATCH = 4
 _DECODER_MEMORY_BYTES = 512 * 1024 * 1024
 # Windows per model call for each video of --batch-size: a window brings one temporal view, a video the default four.
 _WINDOWS_PER_VIDEO_OF_BATCH = 4
+T = TypeVar("T")
 
 
 def actor_pool_bounds(actors: int | None, use_gpu: bool, cluster_gpus: float) -> tuple[int, int]:
@@ -427,6 +430,9 @@ def run_score(
     storage.check_access(source)
     storage.check_access(root, must_exist=False)
     with tempfile.TemporaryDirectory() as download_dir:
+        # The registry's answer and the package's download (seconds: MLflow's import, the artifact store) and the
+        # listing (seconds to minutes on a large bucket) wait on different services: each runs while the other does.
+        listing = in_background(list_videos, source, storage)
         # before anything is written: a model that cannot be resolved leaves nothing behind in the destination
         resolved = resolve_model(config.model, download_dir, config.tracking_uri)
         params = build_params(resolved.card, views, config.top_k, config.full_probs, config.short_side,
@@ -436,8 +442,8 @@ def run_score(
         echo(f"score with {resolved.identity.describe()}, views {params.views}, {params.frames} frames"
              + (f", {params.describe_unit()}" if params.windowed else ""))
         # the run record comes before any part is looked at: `uniformer gc` leaves the run's parts alone
+        listed = listing.result()
         with contextlib.nullcontext() if dry_run else RunRecord(storage, root, "score") as run:
-            listed = list_videos(source, storage)
             previous = latest_score_manifest(root, storage)
             previous_failures = read_failures(root, previous.errors, storage) if previous else {}
             plan = plan_score(root, source, listed, resolved.identity, params, previous, storage, videos_per_shard,
@@ -484,6 +490,21 @@ def run_score(
     )
     echo(format_summary(summary))
     return summary
+
+
+def in_background(function: Callable[..., T], *args) -> Future[T]:
+    """`function(*args)` in a daemon thread: a caller that fails on something else meanwhile exits without waiting
+    for it (an executor's threads are joined at exit, which would hold a failed job for the rest of a long listing)."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(function(*args))
+        except BaseException as error:  # handed to whoever asks for the result
+            future.set_exception(error)
+
+    threading.Thread(target=run, name=f"background {function.__name__}", daemon=True).start()
+    return future
 
 
 def _preview(plan: ScorePlan, echo: Callable[[str], None]) -> ScorePreview:

@@ -1,10 +1,20 @@
-"""The scoring plan over a columnar listing: one prediction per video id, items handed to Ray Data on demand."""
+"""The scoring plan over a columnar listing: one prediction per video id, items handed to Ray Data on demand; the
+model resolved while the source is listed."""
 
 from __future__ import annotations
 
-from jobs.registry import ModelIdentity
-from jobs.score import Throughput, ray_items, throughput_line
+import threading
+import time
+
+import pytest
+
+import jobs.score
+import model
+from jobs.options import ScoreConfig
+from jobs.registry import ModelIdentity, ModelReferenceError
+from jobs.score import Throughput, ray_items, run_score, throughput_line
 from jobs.scoring.results import plan_score, shard_name, source_record
+from model.package import ModelCard, save_package
 from pipeline.listing import SourceVideo, VideoListing
 from pipeline.predictions import ScoreParams
 from pipeline.storage import Storage, parse_uri
@@ -50,3 +60,51 @@ def test_the_summary_says_the_rate_after_the_first_predictions_or_that_there_was
     assert throughput_line(speed) == "  8.00 videos/s (16.00 after the first predictions, which took 3.0 s)"
     speed.finish(seconds=5.0, first_rows=40)  # every prediction in the first batch
     assert throughput_line(speed) == "  8.00 videos/s (all in the first predictions, which took 3.0 s)"
+
+
+def _watched_listing(monkeypatch, release: threading.Event | None = None) -> threading.Event:
+    """Wraps the job's listing: the event says it began; with `release`, it waits for that before listing."""
+    began, list_videos = threading.Event(), jobs.score.list_videos
+
+    def listing(*args):
+        began.set()
+        if release is not None:
+            release.wait(timeout=30)
+        return list_videos(*args)
+
+    monkeypatch.setattr(jobs.score, "list_videos", listing)
+    return began
+
+
+def test_the_model_is_resolved_while_the_source_is_listed(tmp_path, monkeypatch):
+    card = ModelCard("uniformerv2_tiny", 2, {"t_size": 8}, ["a", "b"], frames=8, crop_size=32, short_side=40)
+    save_package(model.create_model(card.model, card.num_classes, **card.overrides).eval(), card, tmp_path / "pkg")
+    (tmp_path / "src").mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / "src" / name).write_bytes(b"not decoded by a dry run")
+    listing_began = _watched_listing(monkeypatch)
+    seen_by_resolution, resolve_model = [], jobs.score.resolve_model
+
+    def resolving(*args):
+        seen_by_resolution.append(listing_began.wait(timeout=10))  # the old order listed only after resolving
+        return resolve_model(*args)
+
+    monkeypatch.setattr(jobs.score, "resolve_model", resolving)
+    config = ScoreConfig(str(tmp_path / "src"), str(tmp_path / "out"), str(tmp_path / "pkg"), views="1x1")
+    preview = run_score(config, dry_run=True, echo=lambda _: None)
+    assert seen_by_resolution == [True] and (preview.listed, preview.to_score) == (2, 2)
+
+
+def test_a_model_that_cannot_be_resolved_fails_the_job_without_waiting_for_the_listing(tmp_path, monkeypatch):
+    (tmp_path / "src").mkdir()
+    release = threading.Event()
+    listing_began = _watched_listing(monkeypatch, release)
+    config = ScoreConfig(str(tmp_path / "src"), str(tmp_path / "out"), str(tmp_path / "no-package"))
+    started = time.monotonic()
+    try:
+        with pytest.raises(ModelReferenceError):
+            run_score(config, echo=lambda _: None)
+        assert listing_began.is_set() and time.monotonic() - started < 20  # the listing is held for 30 s
+    finally:
+        release.set()
+    assert not (tmp_path / "out").exists()  # nothing written
