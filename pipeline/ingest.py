@@ -1,8 +1,8 @@
 """The ingest pipeline: plan which videos need decoding, decode them into shards with Ray Data, commit a manifest.
 
     plan_ingest      (driver)   list + labels + previous manifest -> groups of pending videos, one shard each
-    ingest_group     (any CPU)  read -> decode -> sample -> resize/crop -> one atomically written shard
-    build_dataset    (Ray Data) ingest_group over all groups, streaming and parallel across the cluster
+    ingest_groups    (any CPU)  read -> decode -> sample -> resize/crop -> one atomically written shard per group
+    build_dataset    (Ray Data) ingest_groups over all groups, streaming and parallel across the cluster
     commit_ingest    (driver)   results -> copy-on-write of changed and deleted videos' old shards -> errors table ->
                                 manifest
 
@@ -16,6 +16,7 @@ never listed by a manifest are invisible leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -191,23 +192,34 @@ def ingest_group(
     limits: DecodeLimits = DecodeLimits(),
     decoder: DecoderProcess | None = None,
 ) -> dict:
-    """Decode every video of a group into one shard. Never raises for a bad video: it becomes an error record.
-    That includes a video above `limits` and, when `decoder` (a child process, pipeline.isolation) decodes, one that
-    crashes it or runs past `limits.decode_timeout`; without `decoder` the videos are decoded in this process. The next
-    video is read and decoded while the current one's clips are written (`one_ahead`).
+    """Decode every video of a group into one shard (`ingest_groups` of one group)."""
+    (result,) = ingest_groups([group], storage, sampling, root_uri, limits, decoder)
+    return result
 
-    Returns a JSON-able result: the shard entry (None when no video gave clips), per-video clip counts, errors, and
-    whether an already published shard (from a killed run) was adopted instead of decoding again.
+
+def ingest_groups(
+    groups: list[dict],
+    storage: Storage,
+    sampling: SamplingParams,
+    root_uri: str,
+    limits: DecodeLimits = DecodeLimits(),
+    decoder: DecoderProcess | None = None,
+) -> Iterator[dict]:
+    """Decode every video of each group into the group's shard, yielding one result per group in order. Never raises
+    for a bad video: it becomes an error record. That includes a video above `limits` and, when `decoder` (a child
+    process, pipeline.isolation) decodes, one that crashes it or runs past `limits.decode_timeout`; without `decoder`
+    the videos are decoded in this process.
+
+    The next video, of this group or the next one, is read and decoded while the current one's clips are written and
+    its shard is committed (`one_ahead`): runs under 256 videos have a video per group, whose decoding otherwise waited
+    for the previous shard's compression, fsync or upload.
+
+    A result is JSON-able: the shard entry (None when no video gave clips), per-video clip counts, errors, and whether
+    an already published shard (from a killed run) was adopted instead of decoding again.
     """
     root = parse_uri(root_uri)
-    final = root.join(group["shard"])
-    if storage.exists(final):
-        adopted = published_part(storage, final, group["shard"], FOOTER_KEY)
-        if adopted is not None:
-            return adopted
-
-    writer = ShardWriter(storage, final, sampling.stored_frames, sampling.short_side, sampling.aspect_width)
-    videos, errors = [], []
+    adopted = {index: _published(storage, root, group["shard"]) for index, group in enumerate(groups)}
+    to_decode = [source for index, group in enumerate(groups) if adopted[index] is None for source in group["videos"]]
 
     def read_and_decode(source: dict) -> tuple | ErrorRecord:
         stage = "read"
@@ -233,12 +245,29 @@ def ingest_group(
                 raise
             return ErrorRecord.of(source["uri"], source["etag"], stage, error)
 
+    with contextlib.closing(one_ahead(read_and_decode, to_decode)) as decoded:
+        for index, group in enumerate(groups):
+            yield adopted[index] if adopted[index] is not None else _write_shard(group, decoded, storage, sampling, root)
+
+
+def _published(storage: Storage, root: Location, shard: str) -> dict | None:
+    """The result of a shard a killed run already published, None when there is none to adopt."""
+    final = root.join(shard)
+    return published_part(storage, final, shard, FOOTER_KEY) if storage.exists(final) else None
+
+
+def _write_shard(group: dict, decoded: Iterator, storage: Storage, sampling: SamplingParams, root: Location) -> dict:
+    """Write the clips of the group's videos, taken in order from `decoded`, into the group's shard and commit it."""
+    writer = ShardWriter(storage, root.join(group["shard"]), sampling.stored_frames, sampling.short_side,
+                         sampling.aspect_width)
+    videos, errors = [], []
     try:
-        for source, decoded in zip(group["videos"], one_ahead(read_and_decode, group["videos"])):
-            if isinstance(decoded, ErrorRecord):
-                errors.append(decoded)
+        for source in group["videos"]:
+            result = next(decoded)
+            if isinstance(result, ErrorRecord):
+                errors.append(result)
                 continue
-            clips, info = decoded
+            clips, info = result
             writer.add_video(
                 clips,
                 info.frame_indices,
@@ -324,12 +353,9 @@ def build_dataset(plan: IngestPlan, storage: Storage, limits: DecodeLimits = Dec
         node_id = ray.get_runtime_context().get_node_id()
         decoder = shared_decoder()
         decoder.start()  # a child that cannot start fails the task, rather than every video as a decoding error
-        results = []
-        for text in batch["groups"]:
-            for group in json.loads(text):
-                result = ingest_group(group, storage, sampling, root_uri, limits, decoder)
-                results.append(json.dumps({**result, "node_id": node_id}, ensure_ascii=False))
-        return {"result": results}
+        groups = [group for text in batch["groups"] for group in json.loads(text)]
+        results = ingest_groups(groups, storage, sampling, root_uri, limits, decoder)
+        return {"result": [json.dumps({**result, "node_id": node_id}, ensure_ascii=False) for result in results]}
 
     items = ray_items(plan, int(ray.cluster_resources().get("CPU", 1)))
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(

@@ -4,10 +4,15 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
-from pipeline.ingest import one_ahead, task_bounds
+import pipeline.ingest
+from pipeline.ingest import ingest_groups, one_ahead, task_bounds
+from pipeline.manifest import SamplingParams
+from pipeline.shards import ShardWriter
+from pipeline.storage import Storage
 
 
 def test_the_next_item_is_computed_while_the_current_one_is_handled_and_results_keep_their_order():
@@ -38,6 +43,36 @@ def test_an_error_is_raised_where_its_result_would_have_been():
         for result in one_ahead(work, [0, 1, 2, 3]):
             handled.append(result)
     assert handled == [0, 1]
+
+
+def test_the_next_groups_video_decodes_while_the_current_groups_shard_is_committed(tmp_path, make_videos,
+                                                                                  monkeypatch):
+    paths = sorted(Path(path) for path, _ in make_videos(tmp_path / "src", classes=("left",), num_per_class=3))
+    groups = [{"shard": f"shards/part-{index}.parquet",
+               "videos": [{"uri": str(path), "video_id": path.name, "etag": "e", "size": path.stat().st_size,
+                           "label_name": "left", "label": 0}]} for index, path in enumerate(paths)]
+    decoding = {path.name: threading.Event() for path in paths}
+    decode_clips, commit = pipeline.ingest.decode_clips, ShardWriter.commit
+
+    def watched_decode(video, **options):
+        decoding[Path(video).name].set()
+        return decode_clips(video, **options)
+
+    next_decoding_during_commit = []
+
+    def watched_commit(writer, footer):
+        shard = int(writer.final.path.rsplit("part-", 1)[1].split(".")[0])
+        if shard + 1 < len(paths):  # groups of one video: before, the next began only after this commit returned
+            next_decoding_during_commit.append(decoding[paths[shard + 1].name].wait(timeout=10))
+        return commit(writer, footer)
+
+    monkeypatch.setattr(pipeline.ingest, "decode_clips", watched_decode)
+    monkeypatch.setattr(ShardWriter, "commit", watched_commit)
+    results = list(ingest_groups(groups, Storage(), SamplingParams(frames=4, short_side=32, size=28),
+                                 str(tmp_path / "dst")))
+    assert next_decoding_during_commit == [True, True]
+    assert [result["shard"]["rows"] for result in results] == [1, 1, 1]
+    assert [result["videos"][0]["video_id"] for result in results] == [path.name for path in paths]
 
 
 def test_tasks_shrink_to_one_group_at_the_end_and_cover_every_group_once():
