@@ -18,6 +18,7 @@ from jobs.options import IngestConfig
 from jobs.report import error_lines, first_of_lines, table_lines
 from pipeline.dataset.commit import nothing_new_line
 from pipeline.dataset.failures import read_failures
+from pipeline.dataset.parts import present_parts
 from pipeline.dataset.runs import RunRecord
 from pipeline.dataset.sources import read_sources
 from pipeline.ingest import (
@@ -132,6 +133,7 @@ def run_ingest(
             return _preview(plan, echo)
         run.claim(plan.groups.names)
         storage.remove_stale_staging(root.join(SHARDS_DIR))
+        published = present_parts(storage, root, SHARDS_DIR) if plan.groups else set()  # after the claim: gc leaves them
         inputs = "segments and videos without one" if labels_mode == "segments" else "videos"
         echo(
             f"ingest {source.uri} -> {root.uri}: {len(listed)} {inputs} listed, {len(plan.already_done)} already done, "
@@ -142,7 +144,7 @@ def run_ingest(
         if plan.groups:
             init_ray()  # joins RAY_ADDRESS when set, else starts a local Ray
             decoding_started, last_report, pace = time.monotonic(), 0.0, Pace()
-            for row in build_dataset(plan, storage, config.limits).iter_rows():
+            for row in build_dataset(plan, storage, config.limits, published).iter_rows():
                 results.append(_decoded(row))
                 if time.monotonic() - last_report >= 2.0 or len(results) == len(plan.groups):
                     echo(_progress_line(results, len(plan.groups), decoding_started, pace))

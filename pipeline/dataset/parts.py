@@ -83,12 +83,17 @@ def published_part(storage: Storage, location: Location, relative: str, footer_k
     return {**json.loads(raw), "shard": shard, "adopted": True}
 
 
+def present_parts(storage: Storage, root: Location, folder: str) -> set[str]:
+    """The paths, relative to `root`, of every object in its `folder`: one listing, not a request per part."""
+    return {info.location.relative_to(root) for info in storage.list_objects(root.join(folder))}
+
+
 def check_parts_present(storage: Storage, root: Location, paths: Iterable[str], job: str) -> None:
     """Right before a manifest names them, the parts a run wrote or adopted must still be there: a leftover of a killed
     run that a `gc` listed before this run claimed it may be gone. One listing per folder, not a request per part."""
     paths = set(paths)
     folders = {path.rsplit("/", 1)[0] for path in paths}
-    present = {info.location.relative_to(root) for folder in folders for info in storage.list_objects(root.join(folder))}
+    present = set().union(*(present_parts(storage, root, folder) for folder in folders))
     missing = sorted(paths - present)
     if missing:
         raise RuntimeError(

@@ -75,6 +75,23 @@ def test_the_next_groups_video_decodes_while_the_current_groups_shard_is_committ
     assert [result["videos"][0]["video_id"] for result in results] == [path.name for path in paths]
 
 
+def test_a_task_asks_the_store_only_about_shards_the_driver_found_published(tmp_path, make_videos, monkeypatch):
+    paths = sorted(Path(path) for path, _ in make_videos(tmp_path / "src", classes=("left",), num_per_class=2))
+    groups = [{"shard": f"shards/part-{index}.parquet",
+               "videos": [{"uri": str(path), "video_id": path.name, "etag": "e", "size": path.stat().st_size,
+                           "label_name": "left", "label": 0}]} for index, path in enumerate(paths)]
+    sampling, root = SamplingParams(frames=4, short_side=32, size=28), str(tmp_path / "dst")
+    first = list(ingest_groups(groups, Storage(), sampling, root))  # no flags: asks about each (a killed run's?)
+    asked = []
+    exists = Storage.exists
+    monkeypatch.setattr(Storage, "exists", lambda self, location: asked.append(location.path) or exists(self, location))
+    flagged = [{**groups[0], "published": True}, {**groups[1], "published": False}]
+    again = list(ingest_groups(flagged, Storage(), sampling, root))
+    assert asked == [str(tmp_path / "dst" / "shards" / "part-0.parquet")]
+    assert again[0]["adopted"] and not again[1]["adopted"]  # part-1 was written again, under the same name
+    assert again[1]["shard"]["sha256"] == first[1]["shard"]["sha256"]
+
+
 def test_tasks_shrink_to_one_group_at_the_end_and_cover_every_group_once():
     bounds = task_bounds(48, 1, cpus=2)
     sizes = [end - start for start, end in zip(bounds, bounds[1:])]

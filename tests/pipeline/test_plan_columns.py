@@ -56,7 +56,9 @@ def test_ingest_plan_groups_are_the_records_of_consecutive_pending_videos():
     items = ray_items(plan, cpus=4)
     handed = [json.loads(item["groups"]) for item in items]
     assert [group for task in handed for group in task] == [plan.groups[index] for index in range(200)]
-    assert '"v003.mp4"' in items[0]["groups"]
+    assert '"v003.mp4"' in items[0]["groups"] and '"published"' not in items[0]["groups"]
+    marked = ray_items(plan, cpus=4, published={plan.groups.names[1]})
+    assert [group["published"] for group in json.loads(marked[0]["groups"])[:3]] == [False, True, False]
 
 
 def test_a_class_list_turns_videos_of_other_classes_into_errors_in_a_columnar_plan():
