@@ -20,7 +20,7 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,9 +210,11 @@ def ingest_groups(
     process, pipeline.isolation) decodes, one that crashes it or runs past `limits.decode_timeout`; without `decoder`
     the videos are decoded in this process.
 
-    The next video, of this group or the next one, is read and decoded while the current one's clips are written and
-    its shard is committed (`one_ahead`): runs under 256 videos have a video per group, whose decoding otherwise waited
-    for the previous shard's compression, fsync or upload.
+    Three stages run side by side, each a video ahead of the next (`one_ahead`), across the groups: the store's read
+    of the video after next, the decoding of the next, the writing and publishing of the current one's shard. Runs
+    under 256 videos have a video per group, whose decoding otherwise waited for the previous shard's compression,
+    fsync or upload, and a store's time to first byte is spent beside decoding instead of before it. A worker so holds
+    up to three videos' bytes at once, each at most the storage's spill threshold (larger ones wait on local disk).
 
     A result is JSON-able: the shard entry (None when no video gave clips), per-video clip counts, errors, and whether
     an already published shard (from a killed run) was adopted instead of decoding again.
@@ -223,12 +225,24 @@ def ingest_groups(
                for index, group in enumerate(groups)}
     to_decode = [source for index, group in enumerate(groups) if adopted[index] is None for source in group["videos"]]
 
-    def read_and_decode(source: dict) -> tuple | ErrorRecord:
-        stage = "read"
-        uri, segment = split_segment(source["uri"])
+    def fetch(source: dict) -> tuple[contextlib.ExitStack, Any] | ErrorRecord:
+        """The video's bytes or local path, held open by the returned stack (a spilled download's file is removed
+        when `decode` closes it)."""
+        held = contextlib.ExitStack()
         try:
-            with storage.fetched(parse_uri(uri), source["size"]) as video:
-                stage = "decode"
+            return held, held.enter_context(storage.fetched(parse_uri(split_segment(source["uri"])[0]), source["size"]))
+        except Exception as error:  # one bad input must not lose the others
+            held.close()
+            if not is_input_error("read", error):
+                raise
+            return ErrorRecord.of(source["uri"], source["etag"], "read", error)
+
+    def decode(source: dict, fetched: tuple[contextlib.ExitStack, Any] | ErrorRecord) -> tuple | ErrorRecord:
+        if isinstance(fetched, ErrorRecord):
+            return fetched
+        held, video = fetched
+        with held:
+            try:
                 return decode_clips(
                     video,
                     frames=sampling.frames,
@@ -239,17 +253,25 @@ def ingest_groups(
                     frames_per_segment=sampling.frames_per_segment,
                     limits=limits,
                     decoder=decoder,
-                    segment=segment,
+                    segment=split_segment(source["uri"])[1],
                     width=sampling.aspect_width,
                 )
-        except Exception as error:  # one bad input must not lose the others
-            if not is_input_error(stage, error):
-                raise
-            return ErrorRecord.of(source["uri"], source["etag"], stage, error)
+            except Exception as error:  # one bad input must not lose the others
+                if not is_input_error("decode", error):
+                    raise
+                return ErrorRecord.of(source["uri"], source["etag"], "decode", error)
 
-    with contextlib.closing(one_ahead(read_and_decode, to_decode)) as decoded:
+    fetched = one_ahead(fetch, to_decode, discard=_release)
+    decoded = one_ahead(lambda pair: decode(*pair), zip(to_decode, fetched))
+    with contextlib.closing(fetched), contextlib.closing(decoded):
         for index, group in enumerate(groups):
             yield adopted[index] if adopted[index] is not None else _write_shard(group, decoded, storage, sampling, root)
+
+
+def _release(fetched: tuple[contextlib.ExitStack, Any] | ErrorRecord) -> None:
+    """A fetched video that no stage will decode (the task stopped early): its download is removed."""
+    if not isinstance(fetched, ErrorRecord):
+        fetched[0].close()
 
 
 def _published(storage: Storage, root: Location, shard: str) -> dict | None:
@@ -295,17 +317,25 @@ def _write_shard(group: dict, decoded: Iterator, storage: Storage, sampling: Sam
         raise
 
 
-def one_ahead(function: Callable[[Any], Any], items: list) -> Iterator[Any]:
+def one_ahead(function: Callable[[Any], Any], items: Iterable, discard: Callable[[Any], None] | None = None
+              ) -> Iterator[Any]:
     """`function(item)` of each item in order, the next item's computed in a thread while the caller handles the
     current one's: a video is read and decoded (in the decoding child) while the previous one's clips are written.
-    An exception of `function` is raised where its result would have been."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-decode-ahead") as ahead:
-        upcoming = ahead.submit(function, items[0]) if items else None
-        for index in range(len(items)):
-            current = upcoming
-            if index + 1 < len(items):
-                upcoming = ahead.submit(function, items[index + 1])
-            yield current.result()
+    An exception of `function` is raised where its result would have been. A result computed ahead that nobody takes
+    (the caller stopped, or an earlier result raised) is handed to `discard`."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="one-ahead") as ahead:
+        upcoming = None
+        try:
+            for item in items:
+                current, upcoming = upcoming, ahead.submit(function, item)
+                if current is not None:
+                    yield current.result()
+            if upcoming is not None:
+                current, upcoming = upcoming, None
+                yield current.result()
+        finally:
+            if upcoming is not None and discard is not None and upcoming.exception() is None:
+                discard(upcoming.result())
 
 
 # A task takes a 1 / (2 x CPUs) share of the groups not yet dealt, of at most this many videos: the first tasks are

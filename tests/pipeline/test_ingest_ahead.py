@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from pathlib import Path
 
@@ -43,6 +44,40 @@ def test_an_error_is_raised_where_its_result_would_have_been():
         for result in one_ahead(work, [0, 1, 2, 3]):
             handled.append(result)
     assert handled == [0, 1]
+
+
+def test_a_result_computed_ahead_that_nobody_takes_is_discarded():
+    discarded = []
+    results = one_ahead(lambda index: index * 10, [0, 1, 2], discard=discarded.append)
+    assert next(results) == 0
+    results.close()  # the caller stopped: the second was computed ahead, the third never started
+    assert discarded == [10]
+
+
+@pytest.mark.integration
+def test_a_task_that_fails_leaves_no_video_it_fetched_ahead(tmp_path, make_videos, s3_server, monkeypatch):
+    make_videos(tmp_path / "src", classes=("left",), num_per_class=3)
+    bucket = s3_server.create_bucket("ahead")
+    keys = s3_server.upload_folder(tmp_path / "src", bucket)
+    storage = Storage(s3_server.endpoint_url, spill_threshold_bytes=0)  # every video downloaded to a local file
+    groups = [{"shard": f"shards/part-{index}.parquet",
+               "videos": [{"uri": f"s3://{bucket}/{key}", "video_id": key, "etag": "e",
+                           "size": (tmp_path / "src" / key).stat().st_size, "label_name": "left", "label": 0}]}
+              for index, key in enumerate(sorted(keys))]
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
+    held_at_failure = []
+
+    def failing_commit(writer, footer):
+        held_at_failure.append(len(list(downloads.glob("*.video"))))
+        raise ConnectionError("the store went away")
+
+    monkeypatch.setattr(ShardWriter, "commit", failing_commit)
+    with pytest.raises(ConnectionError, match="went away"):
+        list(ingest_groups(groups, storage, SamplingParams(frames=4, short_side=32, size=28), f"s3://{bucket}/dst"))
+    assert held_at_failure and held_at_failure[0] >= 1  # the next videos were fetched while the first was written
+    assert list(downloads.iterdir()) == []
 
 
 def test_the_next_groups_video_decodes_while_the_current_groups_shard_is_committed(tmp_path, make_videos,
