@@ -35,15 +35,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench_output import emit, spread  # noqa: E402
+from bench_output import emit, free_port, spread  # noqa: E402
 
 from benchmarks.ingest import FULL_CONFIGS, make_videos  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_latency_proxy(listen: int, target: int, latency_s: float) -> None:

@@ -21,7 +21,6 @@ import base64
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.bench_output import emit  # noqa: E402
+from benchmarks.bench_output import emit, free_port  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,10 +105,7 @@ def endpoint(package: Path, bodies: list[str], args: argparse.Namespace) -> dict
     from jobs.options import ServeConfig, ServeOptions
     from jobs.serve import start
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = ServeConfig(model=str(package), port=port, views=args.views,
+    config = ServeConfig(model=str(package), port=free_port(), views=args.views,
                          options=ServeOptions(max_batch_size=args.max_batch_size,
                                               cpus_per_replica=args.cpus_per_replica))
     started = time.monotonic()
