@@ -121,8 +121,10 @@ def bench_decode_only(paths: list[str], indices: dict[str, list[int]], sizes: di
     return clips / measured.wall, 1000 * measured.cpu / clips
 
 
-def bench_ingest(src: Path, dst: Path, frames: int, size: int, short_side: int) -> tuple[float, float, int]:
-    """(clips/s, CPU ms per clip of the whole job: driver, Ray's own processes, workers, clips)."""
+def bench_ingest(src: Path, dst: Path, frames: int, size: int,
+                 short_side: int) -> tuple[float, float, int, dict[str, float]]:
+    """(clips/s, CPU ms per clip of the whole job: driver, Ray's own processes, workers, clips, that CPU time per clip
+    by process role)."""
     from jobs.ingest import run_ingest
 
     # Start and warm the Ray workers (imports, first decode) as the decode-only pool is warmed before timing.
@@ -147,7 +149,8 @@ def bench_ingest(src: Path, dst: Path, frames: int, size: int, short_side: int) 
         )
     assert summary.errored == 0, summary.errors
     clips = summary.clips_written
-    return clips / measured.wall, 1000 * measured.cpu / clips, clips
+    by_role = {role: 1000 * seconds / clips for role, seconds in measured.cpu_by_role.items()}
+    return clips / measured.wall, 1000 * measured.cpu / clips, clips, by_role
 
 
 def bench_read_videos(paths: list[str], indices: dict[str, list[int]], dst: Path, frames: int, short_side: int):
@@ -238,7 +241,8 @@ class Measured:
     """Wall time and CPU time of this process tree (Ray's processes and pool workers are its descendants). A thread
     samples every process's CPU time every 200 ms, so that one that ends before the measurement does (a model actor
     when its dataset finishes) still counts up to its last sample, and one that ended before it began counts not at
-    all."""
+    all. `cpu_by_role`: the same CPU seconds split by what each process is (`process_role`), read when it is first
+    seen, since a process that has ended can no longer say."""
 
     _INTERVAL_S = 0.2
 
@@ -247,22 +251,50 @@ class Measured:
 
         self._start = _cpu_seconds_by_process(os.getpid())
         self._last = dict(self._start)
+        self._roles = {pid: process_role(pid) for pid in self._start}
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
         self.wall = time.perf_counter()
         return self
 
+    def _update(self) -> None:
+        current = _cpu_seconds_by_process(os.getpid())
+        for pid in current.keys() - self._roles.keys():
+            self._roles[pid] = process_role(pid)
+        self._last.update(current)
+
     def _sample(self) -> None:
         while not self._stop.wait(self._INTERVAL_S):
-            self._last.update(_cpu_seconds_by_process(os.getpid()))
+            self._update()
 
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self.wall
         self._stop.set()
         self._sampler.join()
-        self._last.update(_cpu_seconds_by_process(os.getpid()))
-        self.cpu = sum(seconds - self._start.get(pid, 0.0) for pid, seconds in self._last.items())
+        self._update()
+        used = {pid: seconds - self._start.get(pid, 0.0) for pid, seconds in self._last.items()}
+        self.cpu = sum(used.values())
+        self.cpu_by_role = {}
+        for pid, seconds in used.items():
+            role = self._roles[pid]
+            self.cpu_by_role[role] = self.cpu_by_role.get(role, 0.0) + seconds
+
+
+def process_role(pid: int) -> str:
+    """What a process of the measured tree is: "driver" (this process), "decoding_child" (pipeline.isolation's
+    decoder), "ray_worker" (Ray names its workers' processes "ray::..."), or "other": Ray's own processes (raylet, GCS,
+    agents) in a Ray job, the pool's workers in a decode-only one."""
+    if pid == os.getpid():
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().replace(b"\0", b" ")
+    except OSError:
+        return "other"
+    if b"pipeline.isolation" in command:
+        return "decoding_child"
+    return "ray_worker" if command.startswith(b"ray::") or b"default_worker.py" in command else "other"
 
 
 _JOB = """
@@ -350,14 +382,17 @@ def main() -> None:
         # The three alternate round by round, so that all see the same machine load; every ratio is taken within a
         # round, and reported as the median of the rounds with their min and max (a goal is judged by the median).
         rounds = {"decode_only": [], "scaled": [], "ingest": []}  # (clips/s, CPU ms per clip) per round
+        ingest_roles = []  # ingest's CPU ms per clip by process role, per round
         niceness = ray_worker_niceness()
         own_sizes = {path: {} for path in paths}
         clip_sizes = clip_decode_sizes(paths, args.short_side)
         for _ in range(args.rounds):
             rounds["decode_only"].append(bench_decode_only(paths, indices, own_sizes, args.cpus, niceness))
             rounds["scaled"].append(bench_decode_only(paths, indices, clip_sizes, args.cpus, niceness))
-            rate, cpu_ms, clips = bench_ingest(src, scratch / "ingest", args.frames, args.size, args.short_side)
+            rate, cpu_ms, clips, by_role = bench_ingest(src, scratch / "ingest", args.frames, args.size,
+                                                        args.short_side)
             rounds["ingest"].append((rate, cpu_ms))
+            ingest_roles.append(by_role)
 
         def rates(side: str) -> list[float]:
             return [rate for rate, _ in rounds[side]]
@@ -383,6 +418,13 @@ def main() -> None:
             "goal_ingest_vs_decode_only": 0.9,
             # CPU time per clip, all processes of each side: insensitive to other load on a shared machine
             "ingest_cpu_ms_per_clip": spread(cpu("ingest"), 1),
+            # where ingest's CPU goes: decoding (the children), everything else a worker does (receiving, cropping,
+            # writing and publishing shards, Ray's task machinery), the driver (listing, Ray Data's executor, the
+            # manifest) and Ray's own processes ("other")
+            "ingest_cpu_ms_per_clip_by_role": {
+                role: spread([by_role.get(role, 0.0) for by_role in ingest_roles], 1)
+                for role in ("decoding_child", "ray_worker", "driver", "other")
+            },
             "decode_only_cpu_ms_per_clip": spread(cpu("decode_only"), 1),
             "ingest_vs_decode_only_by_cpu_time": ratio(cpu("decode_only"), cpu("ingest")),
             "decode_only_at_clip_size": {"clips_per_s": spread(rates("scaled"), 2),
