@@ -33,10 +33,12 @@ import uuid
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+# The repository's packages first and this folder not at all: benchmarks/model.py would be `model` here and in the
+# Ray workers, which get the driver's script folder on their path (and its working folder: run from anywhere but
+# benchmarks/).
+sys.path[:] = [str(REPO_ROOT)] + [path for path in sys.path if Path(path or ".").resolve() != REPO_ROOT / "benchmarks"]
 
-from bench_output import emit, free_port, spread  # noqa: E402
-
+from benchmarks.bench_output import emit, free_port, spread  # noqa: E402
 from benchmarks.ingest import FULL_CONFIGS, make_videos  # noqa: E402
 
 

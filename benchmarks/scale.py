@@ -42,9 +42,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `model` is the repository's, not benchmarks/model.py
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The repository's packages first and this folder not at all: benchmarks/model.py would be `model` here and in the
+# Ray workers, which get the driver's script folder on their path (and its working folder: run from anywhere but
+# benchmarks/).
+sys.path[:] = [str(REPO_ROOT)] + [path for path in sys.path if Path(path or ".").resolve() != REPO_ROOT / "benchmarks"]
 
-from bench_output import emit, status_mb  # noqa: E402
+from benchmarks.bench_output import emit, status_mb  # noqa: E402
 
 NEW_VIDEOS = 10_000
 SHARD_VIDEOS = 160  # an 8x256x256 clip is 1.57 MB: ingest's 256 MB shards hold about 160 clips

@@ -10,18 +10,22 @@ Prints one JSON object. Figures from one run on one machine; compare ratios, not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from jobs.config import build
-from jobs.options import IngestConfig
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The repository's packages first and this folder not at all: benchmarks/model.py would be `model` here and in the
+# Ray workers, which get the driver's script folder on their path (and its working folder: run from anywhere but
+# benchmarks/).
+sys.path[:] = [str(REPO_ROOT)] + [path for path in sys.path if Path(path or ".").resolve() != REPO_ROOT / "benchmarks"]
 
-# the repository first: `import model` must find the package, not this folder's model.py
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_output import emit  # noqa: E402
+from jobs.config import build  # noqa: E402
+from jobs.options import IngestConfig  # noqa: E402
+
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on loopback only
 
 
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--model", default="uniformerv2_tiny")
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--output", help="also write the JSON here")
     args = parser.parse_args()
 
     import mlflow
@@ -70,13 +75,16 @@ def main() -> None:
         history = mlflow.MlflowClient(tracking).get_metric_history(result.mlflow_run_id, "clips_per_s_per_worker")
         waits = mlflow.MlflowClient(tracking).get_metric_history(result.mlflow_run_id, "data_wait_share")
         steady = [m.value for m in sorted(history, key=lambda m: m.step)][2:]  # skip start-up steps
+        if not steady:
+            raise SystemExit(f"the {workers}-worker run logged {len(history)} throughput figures, all of them start-up "
+                             "steps: give it more steps (--videos-per-class, --epochs)")
         results[workers] = {
             "steps": int(result.metrics["global_step"]),
             "clips_per_s_per_worker_median": statistics.median(steady),
             "data_wait_share_per_epoch": [round(m.value, 4) for m in sorted(waits, key=lambda m: m.step)],
         }
     one, two = results[1], results[2]
-    print(json.dumps({
+    emit({
         "model": args.model,
         "batch_per_worker": args.batch_size,
         "device": "cuda" if args.gpu else "cpu",
@@ -90,7 +98,7 @@ def main() -> None:
         "max_data_wait_share_later_epochs": max(
             (share for run in (one, two) for share in run["data_wait_share_per_epoch"][1:]), default=None),
         "data_wait_share_goal": 0.05,
-    }, indent=1))
+    }, args.output)
 
 
 if __name__ == "__main__":

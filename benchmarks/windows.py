@@ -30,10 +30,12 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.append(str(Path(__file__).resolve().parent))  # after the repo: benchmarks/model.py is no `model`
+# The repository's packages first and this folder not at all: benchmarks/model.py would be `model` here and in the
+# Ray workers, which get the driver's script folder on their path (and its working folder: run from anywhere but
+# benchmarks/).
+sys.path[:] = [str(REPO_ROOT)] + [path for path in sys.path if Path(path or ".").resolve() != REPO_ROOT / "benchmarks"]
 
-from bench_output import emit, status_mb  # noqa: E402
+from benchmarks.bench_output import emit, status_mb  # noqa: E402
 
 FPS, PIECE, SIZE = 8, 16, (640, 360)
 
@@ -95,8 +97,8 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 
 
 def walk_in_fresh_process(video: Path, spec: str, frames: int, crop: int, spatial: int, isolated: bool = False) -> dict:
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.append(sys.argv[1] + '/benchmarks'); "
-            "from windows import decode_only; from pathlib import Path; "
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
+            "from benchmarks.windows import decode_only; from pathlib import Path; "
             "print(json.dumps(decode_only(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), "
             "int(sys.argv[6]), sys.argv[7] == '1')))")
     out = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT), str(video), spec, str(frames), str(crop),
