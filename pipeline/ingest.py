@@ -221,9 +221,8 @@ def ingest_groups(
     """
     root = parse_uri(root_uri)
     # a group's "published" says whether its shard was there when the driver listed the folder; without it, ask
-    adopted = {index: _published(storage, root, group["shard"]) if group.get("published", True) else None
-               for index, group in enumerate(groups)}
-    to_decode = [source for index, group in enumerate(groups) if adopted[index] is None for source in group["videos"]]
+    adopted = [_published(storage, root, group["shard"]) if group.get("published", True) else None for group in groups]
+    to_decode = [source for group, result in zip(groups, adopted) if result is None for source in group["videos"]]
 
     def fetch(source: dict) -> tuple[contextlib.ExitStack, Any] | ErrorRecord:
         """The video's bytes or local path, held open by the returned stack (a spilled download's file is removed
@@ -264,8 +263,8 @@ def ingest_groups(
     fetched = one_ahead(fetch, to_decode, discard=_release)
     decoded = one_ahead(lambda pair: decode(*pair), zip(to_decode, fetched))
     with contextlib.closing(fetched), contextlib.closing(decoded):
-        for index, group in enumerate(groups):
-            yield adopted[index] if adopted[index] is not None else _write_shard(group, decoded, storage, sampling, root)
+        for group, result in zip(groups, adopted):
+            yield result if result is not None else _write_shard(group, decoded, storage, sampling, root)
 
 
 def _release(fetched: tuple[contextlib.ExitStack, Any] | ErrorRecord) -> None:
@@ -360,7 +359,7 @@ def ray_items(plan: IngestPlan, cpus: int, published: set[str] | None = None) ->
     """One item per Ray task (`task_bounds`): the JSON list of its groups, made as Ray Data reads it (`from_items`
     builds and stores one block at a time). With `published` (the shard paths in the destination's folder, listed
     after the run claimed its parts), each group says whether its shard was there, so that a task asks the store only
-    about those (to adopt a killed run's shard): a request per video less, of which each costs a store's latency."""
+    about those (to adopt a killed run's shard): a request per shard less, of which each costs a store's latency."""
     videos_per_group = len(plan.groups[0]["videos"]) if plan.groups else 1  # groups after the first hold no more
     bounds = task_bounds(len(plan.groups), videos_per_group, cpus)
 
