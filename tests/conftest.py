@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -33,6 +35,13 @@ os.environ.update(TEST_AWS_ENV)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 for _name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
     os.environ.pop(_name, None)
+
+
+def pytest_report_header(config) -> str:
+    """Free space where the tests write (pytest's folders, Ray's sessions, checkpoints): a disk that fills mid-run
+    shows only as later tests failing in set-up, so CI's log says at its top how much room the run started with."""
+    folder = tempfile.gettempdir()
+    return f"free disk in {folder}: {shutil.disk_usage(folder).free / 2**30:.1f} GiB (a full run peaks near 7 GiB)"
 
 
 # ---- S3-compatible server ---------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,7 +99,7 @@ class RayCheckpoints:
 
         checkpoint = None
         if self.rank == 0:
-            directory = tempfile.mkdtemp(prefix="uniformer-checkpoint-")  # Ray deletes it once uploaded
+            directory = ckpt.staging_directory()  # Ray deletes it once uploaded
             ckpt.save(directory, state.net, state.optimizer, state.scheduler, state.scaler, progress)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         mode = CheckpointUploadMode.SYNC if progress.finished else CheckpointUploadMode.ASYNC

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 import model
 from jobs.cli import app
 from jobs.train import final_checkpoint
+from jobs.training import checkpoint as ckpt
 from pipeline import load_manifest, write_motion_video
 from tests.jobs.test_train import finished, in_background, train_worker_pids, wait_for_checkpoint
 from tests.model.test_weights_formats import openai_archive
@@ -153,6 +154,7 @@ def test_b16_kinetics_shapes_from_an_openai_archive_through_train_resume_registe
     peak_rss.stop()
     assert not psutil.pid_exists(victims[-1])
     assert "registered k400-b16 version 1" in train_stdout
+    assert not ckpt.orphaned_staging_directories()  # 1.6 GB a kill at B/16 would otherwise leave on the node
 
     client = mlflow.MlflowClient(mlflow_server.uri)
     version = client.get_model_version("k400-b16", "1")

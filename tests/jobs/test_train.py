@@ -32,6 +32,7 @@ from jobs.train import (
     run_train,
     select_checkpoints,
 )
+from jobs.training import checkpoint as ckpt
 from jobs.training.config import TrainConfig
 from pipeline import generate_motion_dataset, iter_clips
 from tests.conftest import MlflowServer, start_local_ray, two_node_ray
@@ -278,6 +279,7 @@ def test_worker_killed_mid_run_resumes_with_exact_steps_and_weights(
     result = finished(thread, outcome)
     assert not psutil.pid_exists(victims[-1])
     assert_resumed_exactly(result, tmp_path, mlflow_server, uninterrupted_weights)
+    assert not ckpt.orphaned_staging_directories()  # a killed rank 0's local checkpoint is not left on the node
 
 
 def test_mlflow_down_at_the_end_keeps_the_checkpoint_and_register_finishes(

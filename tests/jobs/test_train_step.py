@@ -2,9 +2,14 @@
 set-up and resume placement, compiled blocks, device-side step metrics, and the validation figures."""
 
 import copy
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -253,6 +258,31 @@ def test_resumed_state_continues_exactly(tmp_path):
         one_step(state, seed=1, step=2)
     for a, b in zip(straight.net.state_dict().values(), resumed.net.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_new_checkpoint_folder_removes_those_of_killed_writers_and_keeps_the_rest(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert not psutil.pid_exists(gone.pid)  # the fault: a rank 0 that died before Ray uploaded its checkpoint
+    orphan = tmp_path / f"{ckpt.STAGING_PREFIX}{gone.pid}-a1b2"
+    orphan.mkdir()
+    (orphan / ckpt.WEIGHTS).write_bytes(bytes(1024))
+    uploading = tmp_path / f"{ckpt.STAGING_PREFIX}{os.getppid()}-c3d4"  # a live writer's: Ray may still upload it
+    uploading.mkdir()
+    unnamed = tmp_path / f"{ckpt.STAGING_PREFIX}x9y8"  # no writer in its name: nobody can tell whose it is
+    unnamed.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("kept")
+    (tmp_path / f"{ckpt.STAGING_PREFIX}{gone.pid}-link").symlink_to(elsewhere)
+    assert ckpt.orphaned_staging_directories(str(tmp_path)) == [orphan]
+
+    staged = Path(ckpt.staging_directory(str(tmp_path)))
+
+    assert not orphan.exists() and uploading.is_dir() and unnamed.is_dir()
+    assert (elsewhere / "keep").read_text() == "kept"
+    assert staged.parent == tmp_path and staged.name.startswith(f"{ckpt.STAGING_PREFIX}{os.getpid()}-")
+    assert ckpt.orphaned_staging_directories(str(tmp_path)) == []
 
 
 def test_learning_rate_warms_up_to_lr_then_follows_a_cosine_to_min_lr():
