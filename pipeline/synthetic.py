@@ -107,7 +107,10 @@ def encode_mp4(
     with av.open(str(path), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        stream.options = {"crf": "20", "preset": "veryfast", "g": str(gop or max(1, int(round(2 * fps))))}
+        # one encoder thread: x264's frame threads gave other bytes for the same frames about once in 150 encodes on
+        # a loaded machine, and a seed must give the same files
+        stream.options = {"crf": "20", "preset": "veryfast", "g": str(gop or max(1, int(round(2 * fps)))),
+                          "threads": "1"}
         time_base = Fraction(1, 90000)
         if frame_times is not None:
             stream.codec_context.time_base = time_base

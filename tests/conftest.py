@@ -41,7 +41,7 @@ def pytest_report_header(config) -> str:
     """Free space where the tests write (pytest's folders, Ray's sessions, checkpoints): a disk that fills mid-run
     shows only as later tests failing in set-up, so CI's log says at its top how much room the run started with."""
     folder = tempfile.gettempdir()
-    return f"free disk in {folder}: {shutil.disk_usage(folder).free / 2**30:.1f} GiB (a full run peaks near 7 GiB)"
+    return f"free disk in {folder}: {shutil.disk_usage(folder).free / 2**30:.1f} GiB (a full run peaks near 8.5 GiB)"
 
 
 # ---- S3-compatible server ---------------------------------------------------------------------------------------
