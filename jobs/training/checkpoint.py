@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
 PROGRESS = "progress.json"
-# rank 0's local folder for a checkpoint until Ray Train has uploaded (and deleted) it: the prefix, then the writer's pid
+# rank 0's local folder for a checkpoint until Ray Train has uploaded (and deleted) it: prefix, then the writer's pid
 STAGING_PREFIX = "uniformer-checkpoint-"
 
 
